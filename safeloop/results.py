@@ -1,0 +1,85 @@
+"""What a run reports: events, findings and the result of ``fit``.
+
+All three are frozen dataclasses whose fields are plain Python values, so a run can be written
+to JSON as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["Event", "Finding", "FitResult"]
+
+Severity = Literal["info", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something the trainer did to the run (skip, rollback, reinit, checkpoint, resume, ...).
+
+    Attributes:
+        kind (`str`): one of ``"skip"``, ``"rollback"``, ``"reinit"``, ``"checkpoint"``,
+            ``"resume"``, ``"lr_scale"``; more may be added.
+        step (`int`): the global step the event concerns.
+        detail (`dict`): JSON-able details (``"path"`` for checkpoint, resume and rollback).
+    """
+
+    kind: str
+    step: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the event as a JSON-able dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A measured, located cause of a loss that does not go down.
+
+    Attributes:
+        code (`str`): stable code listed in ``docs/diagnostics.md``.
+        severity (`str`): ``"info"``, ``"warning"`` or ``"error"``.
+        message (`str`): what was measured, where, and the number seen.
+        params (`tuple[str, ...]`): names of the parameters or modules involved.
+        step (`int | None`): the global step where it was first seen, if any.
+        suggestion (`str`): what to change in the user's code.
+    """
+
+    code: str
+    severity: Severity
+    message: str
+    params: tuple[str, ...] = ()
+    step: int | None = None
+    suggestion: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the finding as a JSON-able dict."""
+        data = asdict(self)
+        data["params"] = list(self.params)
+        return data
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What ``SafeTrainer.fit`` returns.
+
+    Attributes:
+        global_step (`int`): optimizer steps taken, skipped ones included.
+        skipped_steps (`int`): steps skipped by the NaN/Inf guard.
+        rollbacks (`int`): rollbacks performed.
+        history (`list[dict]`): one entry every ``log_every`` steps with at least ``step``,
+            ``loss``, ``lr`` and ``grad_norm``.
+        events (`list[Event]`): what the trainer did, in order.
+        findings (`list[Finding]`): diagnoses, deduplicated.
+        eval_loss (`float | None`): the last evaluation loss, or None without evaluation.
+    """
+
+    global_step: int
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    eval_loss: float | None = None

@@ -1,0 +1,285 @@
+"""``SafeTrainer``: the training loop, wired from config, batching, guards and metrics.
+
+The trainer wires and loops; it holds no thresholds. ``fit`` reads as the outline of a run,
+``_run_micro_batch`` and ``_optimizer_step`` hold the detail of one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from safeloop.batching import compute_loss
+from safeloop.callbacks import Callback, CallbackList
+from safeloop.config import TrainerConfig, build_config
+from safeloop.evaluation import evaluate
+from safeloop.guards.clipping import clip_and_measure
+from safeloop.launch import build_accelerator
+from safeloop.metrics import MetricBuffer
+from safeloop.progress import ProgressBar, planned_steps
+from safeloop.results import Event, Finding, FitResult
+
+__all__ = ["SafeTrainer"]
+
+
+class SafeTrainer:
+    """A drop-in replacement for a hand-written Accelerate training loop.
+
+    With no guard acting, ``fit`` applies exactly the updates of the equivalent hand-written
+    loop (``accumulate``, ``backward``, ``clip_grad_norm_``, ``step``, ``zero_grad``); on CPU
+    with a fixed seed the parameters are bitwise equal. The user never calls ``backward``,
+    ``step`` or ``zero_grad``.
+
+    Args:
+        model (`torch.nn.Module`): the model, not yet prepared by Accelerate.
+        optimizer (`torch.optim.Optimizer`): over the model's parameters.
+        train_dataloader (`DataLoader`): training batches (see the batch conventions).
+        loss_fn (`Callable`, *optional*): ``loss_fn(outputs, targets) -> loss``.
+        training_step (`Callable`, *optional*): ``training_step(model, batch) -> loss``; wins.
+        eval_dataloader (`DataLoader`, *optional*): evaluated at the end of each epoch.
+        lr_scheduler (`LRScheduler`, *optional*): stepped once per optimizer step.
+        max_epochs (`int`, *optional*, defaults to 1): epochs when ``max_steps`` is None.
+        max_steps (`int`, *optional*): optimizer steps in the run; wins over ``max_epochs``.
+        gradient_accumulation_steps (`int`, *optional*, defaults to 1, or the accelerator's).
+        mixed_precision (`str`, *optional*): ``"no"``, ``"fp16"`` or ``"bf16"``.
+        accelerator (`Accelerator`, *optional*): an existing Accelerator to use.
+        seed (`int`, *optional*): seeds Python, NumPy and torch on every process in ``fit``.
+        clip_grad_norm (`float`, *optional*): max global gradient norm.
+        clip_grad_value (`float`, *optional*): clamp every gradient element to ``±value``.
+        callbacks (`Sequence[Callback]`, *optional*): observers of the loop.
+        log_every (`int`, *optional*, defaults to 10): optimizer steps between metric logs.
+        progress_bar (`bool`, *optional*, defaults to True): tqdm bar on the main process.
+        log_with (`str | list`, *optional*): Accelerate trackers (``"tensorboard"``, ...) to start.
+        project_dir (`str`, *optional*): where those trackers write.
+
+    Raises:
+        ConfigError: listing every invalid argument.
+
+    Example:
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> trainer = SafeTrainer(model, optimizer, loader, loss_fn=loss_fn)  # doctest: +SKIP
+        >>> result = trainer.fit()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_dataloader: DataLoader,
+        *,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
+        training_step: Callable[[torch.nn.Module, Any], Any] | None = None,
+        eval_dataloader: DataLoader | None = None,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        max_epochs: int = 1,
+        max_steps: int | None = None,
+        gradient_accumulation_steps: int | None = None,
+        mixed_precision: str | None = None,
+        accelerator: Accelerator | None = None,
+        seed: int | None = None,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        callbacks: Sequence[Callback] = (),
+        log_every: int = 10,
+        progress_bar: bool = True,
+        log_with: str | Sequence[Any] | None = None,
+        project_dir: str | None = None,
+    ) -> None:
+        self.config: TrainerConfig
+        self.config, callback_items = build_config(
+            model, optimizer, train_dataloader,
+            loss_fn=loss_fn, training_step=training_step, eval_dataloader=eval_dataloader,
+            lr_scheduler=lr_scheduler, accelerator=accelerator, callbacks=callbacks,
+            max_epochs=max_epochs, max_steps=max_steps,
+            gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
+            seed=seed, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+            log_every=log_every, progress_bar=progress_bar, log_with=log_with, project_dir=project_dir,
+        )  # fmt: skip
+        self._callbacks = CallbackList(callback_items)
+        self._loss_fn = loss_fn
+        self._training_step = training_step
+        self._owns_accelerator = accelerator is None
+        self.accelerator = build_accelerator(self.config, accelerator)
+        # The scheduler is not prepared: Accelerate would step it once per process, and API.md
+        # promises one step per optimizer step on any number of processes.
+        self.lr_scheduler = lr_scheduler
+        objects: list[Any] = [model, optimizer, train_dataloader]
+        if eval_dataloader is not None:
+            objects.append(eval_dataloader)
+        prepared = self.accelerator.prepare(*objects)
+        self.model: torch.nn.Module = prepared[0]
+        self.optimizer: torch.optim.Optimizer = prepared[1]
+        self.train_dataloader = prepared[2]
+        self.eval_dataloader = prepared[3] if eval_dataloader is not None else None
+        self.global_step = 0
+        self.epoch = 0
+        self.checkpoint_dir: str | None = None
+        self._metrics = MetricBuffer(self.config.log_every)
+        self._window_losses: list[torch.Tensor] = []
+        self._history: list[dict[str, Any]] = []
+        self._events: list[Event] = []
+        self._findings: list[Finding] = []
+        self._eval_loss: float | None = None
+        self._bar: ProgressBar | None = None
+        self._step_lr: float = optimizer.param_groups[0]["lr"]
+        self._step_epoch = 0
+
+    # -- the outline of a run -------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        """Train until ``max_steps`` optimizer steps or ``max_epochs`` epochs.
+
+        Returns:
+            `FitResult`: steps, history, events, findings and the last evaluation loss.
+
+        Raises:
+            ConfigError: at the first batch no batch convention can read.
+        """
+        if self.config.seed is not None:
+            set_seed(self.config.seed)
+        self._start_trackers()
+        self.model.train()
+        self._callbacks.call("on_fit_start", self)
+        self._bar = ProgressBar(
+            self._planned_steps(),
+            enabled=self.config.progress_bar and self.accelerator.is_main_process,
+            initial=self.global_step,
+        )
+        try:
+            while not self._done():
+                finished_epoch = self._run_epoch()
+                if not finished_epoch and not self._done():
+                    break  # the dataloader was empty this epoch: nothing more will come
+                if self.eval_dataloader is not None:
+                    self._evaluate()
+                if finished_epoch:
+                    self.epoch += 1
+            self._log(final=True)
+        finally:
+            self._bar.close()
+        result = FitResult(
+            global_step=self.global_step,
+            history=list(self._history),
+            events=list(self._events),
+            findings=list(self._findings),
+            eval_loss=self._eval_loss,
+        )
+        self._callbacks.call("on_fit_end", self, result)
+        if self._owns_accelerator and self.config.log_with:
+            self.accelerator.end_training()
+        return result
+
+    def _done(self) -> bool:
+        if self.config.max_steps is not None:
+            return self.global_step >= self.config.max_steps
+        return self.epoch >= self.config.max_epochs
+
+    def _run_epoch(self) -> bool:
+        """Run the batches of one epoch; return True when the dataloader was exhausted."""
+        batches = iter(self.train_dataloader)
+        seen_any = False
+        try:
+            for batch_idx, batch in enumerate(batches):
+                seen_any = True
+                self._run_micro_batch(batch, batch_idx)
+                if self._done():
+                    # stopped by max_steps: the epoch is complete only if that was its last batch
+                    return bool(self.accelerator.gradient_state.end_of_dataloader)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # lets Accelerate's dataloader end its gradient-state bookkeeping
+                close()
+        return seen_any
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _loss_of(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return compute_loss(model, batch, loss_fn=self._loss_fn, training_step=self._training_step)
+
+    def _run_micro_batch(self, batch: Any, batch_idx: int) -> None:
+        self._callbacks.call("on_train_batch_start", self, batch, batch_idx)
+        stepped = False
+        with self.accelerator.accumulate(self.model):
+            loss = self._loss_of(self.model, batch)
+            self.accelerator.backward(loss)
+            self._callbacks.call("on_after_backward", self)
+            self._window_losses.append(loss.detach())
+            if self.accelerator.sync_gradients:
+                self._optimizer_step()
+                stepped = True
+        self._callbacks.call("on_train_batch_end", self, loss, batch, batch_idx)
+        if stepped:
+            self._bar.advance()  # type: ignore[union-attr]
+            if self.global_step % self.config.log_every == 0:
+                self._log()
+
+    def _optimizer_step(self) -> None:
+        grad_norm = clip_and_measure(
+            self.accelerator,
+            self.model.parameters(),
+            max_norm=self.config.clip_grad_norm,
+            max_value=self.config.clip_grad_value,
+        )
+        self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
+        self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_step += 1
+        self._step_epoch = self.epoch
+        losses = self._window_losses
+        window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        self._metrics.record(window_loss, grad_norm)
+        self._window_losses = []
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _log(self, *, final: bool = False) -> None:
+        """Read the buffered metrics on the host (every process together) and report them."""
+        record = self._metrics.collect(lambda t: self.accelerator.reduce(t, reduction="mean"))
+        if record is None:
+            return
+        lr = float(self._step_lr)
+        entry = {
+            "step": self.global_step,
+            "epoch": self._step_epoch,
+            "loss": record.loss,
+            "lr": lr,
+            "grad_norm": record.grad_norm,
+            "steps_per_sec": record.steps_per_sec,
+        }
+        self._history.append(entry)
+        self.accelerator.log(
+            {f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")},
+            step=self.global_step,
+        )
+        self._bar.show(record, lr)  # type: ignore[union-attr]
+
+    def _evaluate(self) -> None:
+        assert self.eval_dataloader is not None  # invariant: only called with one
+        self._eval_loss = evaluate(self.accelerator, self.model, self.eval_dataloader, self._loss_of)
+        self.accelerator.log({"eval/loss": self._eval_loss}, step=self.global_step)
+        self._callbacks.call("on_validation_end", self, self._eval_loss)
+
+    def _start_trackers(self) -> None:
+        if self._owns_accelerator and self.config.log_with and not self.accelerator.trackers:
+            settings = {k: v for k, v in vars(self.config).items() if isinstance(v, (int, float, str, bool))}
+            self.accelerator.init_trackers("safeloop", config=settings)
+
+    def _planned_steps(self) -> int | None:
+        try:
+            batches = len(self.train_dataloader)
+        except TypeError:
+            batches = None
+        return planned_steps(
+            max_steps=self.config.max_steps,
+            max_epochs=self.config.max_epochs,
+            batches_per_epoch=batches,
+            accumulation=self.config.gradient_accumulation_steps,
+        )
