@@ -19,28 +19,43 @@ LossFn = Callable[[Any, Any], Any]
 TrainingStep = Callable[[torch.nn.Module, Any], Any]
 
 
+_MAX_ITEMS = 4
+
+
 def _describe(value: object) -> str:
+    """Describe ``value`` for an error message without reading any tensor's data."""
     if isinstance(value, torch.Tensor):
         return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
     if isinstance(value, Mapping):
         return f"{type(value).__name__} with keys {sorted(map(str, value))}"
     if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__} of {len(value)} items"
-    return type(value).__name__
+        items = ", ".join(_describe(item) for item in value[:_MAX_ITEMS])
+        more = ", ..." if len(value) > _MAX_ITEMS else ""
+        return f"{type(value).__name__} of {len(value)} items ({items}{more})"
+    if value is None or isinstance(value, (bool, int, float, complex, str)):
+        return f"{value!r} ({type(value).__name__})"
+    if hasattr(value, "loss"):
+        return f"an object of type {type(value).__name__} whose `.loss` is {_describe(value.loss)}"  # type: ignore[attr-defined]
+    return f"an object of type {type(value).__name__}"
 
 
 def _extract_loss(value: object, where: str) -> torch.Tensor:
     """Return the loss held by ``value``: a tensor, a mapping with ``"loss"`` or ``.loss``."""
     if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping) and "loss" in value:
+        loss = value
+    elif isinstance(value, Mapping) and "loss" in value:
         loss = value["loss"]
     elif not isinstance(value, Mapping) and getattr(value, "loss", None) is not None:
         loss = value.loss  # type: ignore[attr-defined]
     else:
+        hint = ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            hint = " A Python number cannot be backpropagated: return the tensor itself (no `.item()`)."
+        elif value is None:
+            hint = " Did the function forget its `return`?"
         raise ConfigError(
             f"{where} returned {_describe(value)}, which holds no loss. Return a scalar tensor, "
-            'a mapping with key "loss", or an object with a `.loss` attribute.'
+            f'a mapping with key "loss", or an object with a `.loss` attribute.{hint}'
         )
     if not isinstance(loss, torch.Tensor):
         raise ConfigError(
@@ -54,6 +69,12 @@ def _extract_loss(value: object, where: str) -> torch.Tensor:
             'Reduce it, e.g. `loss.mean()`, or build the loss with `reduction="mean"`.'
         )
     return loss
+
+
+def _no_loss(outputs: object) -> bool:
+    if isinstance(outputs, Mapping):
+        return outputs.get("loss") is None
+    return getattr(outputs, "loss", None) is None
 
 
 def compute_loss(
@@ -72,7 +93,7 @@ def compute_loss(
         training_step (`Callable`, *optional*): ``training_step(model, batch)``; wins when given.
 
     Returns:
-        `torch.Tensor`: the loss as returned by the user's code (not yet checked for shape).
+        `torch.Tensor`: the loss as returned by the user's code, checked to hold one element.
 
     Raises:
         ConfigError: when no convention can read the batch or the result holds no loss.
@@ -83,18 +104,32 @@ def compute_loss(
         outputs = model(**batch)
         if loss_fn is not None:
             return _extract_loss(loss_fn(outputs, batch), "`loss_fn(outputs, batch)`")
-        return _extract_loss(outputs, "`model(**batch)` (no `loss_fn` given, so its `.loss` is used)")
+        where = "`model(**batch)` (no `loss_fn` given, so its `.loss` is used)"
+        if isinstance(outputs, torch.Tensor) and outputs.numel() != 1:  # metadata only: no sync
+            raise ConfigError(
+                f"{where} returned {_describe(outputs)}, not a loss: a mapping batch without "
+                '`loss_fn` reads the loss from `outputs.loss` or `outputs["loss"]`. Pass '
+                "`loss_fn=fn(outputs, batch) -> loss`, or make the model return its loss "
+                "(Hugging Face models do when the batch has `labels`)."
+            )
+        if not isinstance(outputs, torch.Tensor) and _no_loss(outputs):
+            raise ConfigError(
+                f"{where} returned {_describe(outputs)}, which holds no loss. Put `labels` in the "
+                "batch (Hugging Face models compute `.loss` only then), or pass "
+                "`loss_fn=fn(outputs, batch) -> loss`."
+            )
+        return _extract_loss(outputs, where)
     if isinstance(batch, (tuple, list)):
         if len(batch) != 2:
             raise ConfigError(
-                f"the batch is a {type(batch).__name__} of {len(batch)} items; the tuple convention "
+                f"the batch is a {_describe(batch)}; the tuple convention "
                 "reads exactly `(inputs, targets)`. Return two items from the dataset, or pass "
                 "`training_step=fn(model, batch) -> loss` to unpack it yourself."
             )
         if loss_fn is None:
             raise ConfigError(
-                "the batch is an `(inputs, targets)` pair but neither `loss_fn` nor `training_step` "
-                "was given, so the loss cannot be computed. Pass e.g. "
+                f"the batch is an `(inputs, targets)` pair, a {_describe(batch)}, but neither "
+                "`loss_fn` nor `training_step` was given, so the loss cannot be computed. Pass e.g. "
                 "`loss_fn=torch.nn.CrossEntropyLoss()` or `training_step=fn(model, batch) -> loss`."
             )
         inputs, targets = batch

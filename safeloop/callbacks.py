@@ -37,8 +37,8 @@ class Callback:
                 on_train_batch_end(trainer, outputs=loss, batch, batch_idx)
                 if a step ended and it is a log step:    # the one host read of metrics
                     history, trackers, progress bar
-            if eval_dataloader:
-                on_validation_end(trainer, eval_loss)
+            if eval_dataloader:                          # also when max_steps ends the
+                on_validation_end(trainer, eval_loss)    # run in the middle of an epoch
         on_fit_end(trainer, result)
 
     How often each fires:
@@ -48,7 +48,8 @@ class Callback:
       micro-batch, so ``gradient_accumulation_steps`` times per optimizer step (as in Lightning).
       ``outputs`` is the loss tensor; reading it on the host (``.item()``) costs a device sync.
     - ``on_before_optimizer_step``: once per optimizer step, after clipping, gradients in place.
-    - ``on_validation_end``: once per evaluation (end of each epoch with ``eval_dataloader``).
+    - ``on_validation_end``: once per evaluation: at the end of each epoch with an
+      ``eval_dataloader``, and once more when ``max_steps`` stops the run mid-epoch.
     - ``on_skip``, ``on_rollback``, ``on_checkpoint``, ``on_finding``: when the trainer learns of
       the event; a skip decided on the device is learnt at the next log step.
 

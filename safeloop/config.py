@@ -23,6 +23,7 @@ __all__ = ["TrainerConfig", "build_config", "MIXED_PRECISION_CHOICES"]
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 _MAX_LISTED = 10
+_MAX_REPR = 80
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,17 @@ class TrainerConfig:
     project_dir: str | None = None
 
 
+def _seen(value: object) -> str:
+    """Return ``repr(value)`` on one line, shortened, followed by its type name."""
+    try:
+        text = " ".join(repr(value).split())
+    except Exception:  # a broken __repr__ must not hide the real problem
+        text = f"<{type(value).__name__} object>"
+    if len(text) > _MAX_REPR:
+        text = text[: _MAX_REPR - 3] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
 def _is_int(value: object) -> bool:
     # bool is an int subclass; `max_epochs=True` is a mistake, not 1.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -67,7 +79,7 @@ def _check_count(problems: list[str], name: str, value: object, *, optional: boo
         return
     if not _is_int(value) or value < 1:  # type: ignore[operator]
         allowed = "an int >= 1" + (" or None" if optional else "")
-        problems.append(f"`{name}` must be {allowed}; got {value!r} ({type(value).__name__}).")
+        problems.append(f"`{name}` must be {allowed}; got {_seen(value)}.")
 
 
 def _check_positive_float(problems: list[str], name: str, value: object) -> None:
@@ -75,9 +87,7 @@ def _check_positive_float(problems: list[str], name: str, value: object) -> None
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
-        problems.append(
-            f"`{name}` must be a finite number > 0 or None; got {value!r} ({type(value).__name__})."
-        )
+        problems.append(f"`{name}` must be a finite number > 0 or None; got {_seen(value)}.")
 
 
 def _check_objects(
@@ -89,13 +99,13 @@ def _check_objects(
 ) -> None:
     if not isinstance(model, torch.nn.Module):
         problems.append(
-            f"`model` must be a torch.nn.Module; got {type(model).__name__}. "
+            f"`model` must be a torch.nn.Module; got {_seen(model)}. "
             "Pass the module itself, not its parameters or state_dict."
         )
     if not isinstance(optimizer, torch.optim.Optimizer):
         problems.append(
-            f"`optimizer` must be a torch.optim.Optimizer; got {type(optimizer).__name__}. "
-            "Build it as e.g. `torch.optim.AdamW(model.parameters(), lr=1e-3)`."
+            f"`optimizer` must be a torch.optim.Optimizer; got {_seen(optimizer)}. "
+            "Build it over the parameters, e.g. `torch.optim.AdamW(model.parameters(), lr=1e-3)`."
         )
     for name, loader, optional in (
         ("train_dataloader", train_dataloader, False),
@@ -105,7 +115,7 @@ def _check_objects(
             continue
         if not isinstance(loader, DataLoader):
             problems.append(
-                f"`{name}` must be a torch.utils.data.DataLoader; got {type(loader).__name__}. "
+                f"`{name}` must be a torch.utils.data.DataLoader; got {_seen(loader)}. "
                 "Wrap the dataset: `DataLoader(dataset, batch_size=...)`."
             )
             continue
@@ -115,8 +125,9 @@ def _check_objects(
             continue
         if length == 0:
             problems.append(
-                f"`{name}` yields no batch (len 0, dataset of {_dataset_len(loader)} samples, "
-                f"batch_size={loader.batch_size}, drop_last={loader.drop_last}). "
+                f"`{name}` must yield at least one batch; got a DataLoader of len 0 (dataset of "
+                f"{_dataset_len(loader)} samples, batch_size={loader.batch_size}, "
+                f"drop_last={loader.drop_last}). "
                 "Give it samples, or lower `batch_size` / set `drop_last=False`."
             )
 
@@ -130,8 +141,17 @@ def _dataset_len(loader: DataLoader) -> str:
 
 def _check_callables(problems: list[str], loss_fn: object, training_step: object) -> None:
     for name, fn in (("loss_fn", loss_fn), ("training_step", training_step)):
-        if fn is not None and not callable(fn):
-            problems.append(f"`{name}` must be callable or None; got {fn!r} ({type(fn).__name__}).")
+        if isinstance(fn, type) and issubclass(fn, torch.nn.Module):
+            # callable, but calling it builds a module instead of computing a loss
+            problems.append(
+                f"`{name}` must be a function or a module instance; got the class {fn.__name__}. "
+                f"Pass an instance: `{name}={fn.__name__}()`."
+            )
+        elif fn is not None and not callable(fn):
+            problems.append(
+                f"`{name}` must be callable or None; got {_seen(fn)}. Pass the function itself, "
+                "not the result of calling it."
+            )
 
 
 def _check_scheduler(problems: list[str], lr_scheduler: object, optimizer: object) -> None:
@@ -139,7 +159,8 @@ def _check_scheduler(problems: list[str], lr_scheduler: object, optimizer: objec
         return
     if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         problems.append(
-            "`lr_scheduler` is a ReduceLROnPlateau, which needs a metric at every step; safeloop "
+            "`lr_scheduler` must be an LRScheduler that steps without a metric, or None; got "
+            f"{_seen(lr_scheduler)}. A ReduceLROnPlateau needs a metric at every step; safeloop "
             "steps the scheduler once per optimizer step without one. Step it yourself in a "
             "`Callback.on_validation_end(trainer, eval_loss)`, and leave `lr_scheduler=None`."
         )
@@ -147,13 +168,17 @@ def _check_scheduler(problems: list[str], lr_scheduler: object, optimizer: objec
     if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
         problems.append(
             "`lr_scheduler` must be a torch.optim.lr_scheduler.LRScheduler or None; got "
-            f"{type(lr_scheduler).__name__}."
+            f"{_seen(lr_scheduler)}. Build one on the optimizer, e.g. "
+            "`torch.optim.lr_scheduler.LinearLR(optimizer)`."
         )
         return
     if isinstance(optimizer, torch.optim.Optimizer) and lr_scheduler.optimizer is not optimizer:
+        theirs = lr_scheduler.optimizer
         problems.append(
-            "`lr_scheduler` was built on another optimizer than `optimizer`; its learning rates "
-            "would never reach the parameters. Build it from the optimizer given to SafeTrainer."
+            "`lr_scheduler` was built on another optimizer than `optimizer`: its optimizer is "
+            f"{type(theirs).__name__} at {id(theirs):#x}, `optimizer` is {type(optimizer).__name__} "
+            f"at {id(optimizer):#x}; its learning rates would never reach the parameters. Build it "
+            "from the optimizer given to SafeTrainer."
         )
 
 
@@ -168,7 +193,8 @@ def _check_accelerator(
         return
     if not isinstance(accelerator, Accelerator):
         problems.append(
-            f"`accelerator` must be an accelerate.Accelerator or None; got {type(accelerator).__name__}."
+            f"`accelerator` must be an accelerate.Accelerator or None; got {_seen(accelerator)}. "
+            "Pass `accelerator=Accelerator(...)` or leave it None to let safeloop build one."
         )
         return
     own = accelerator.gradient_accumulation_steps
@@ -181,11 +207,12 @@ def _check_accelerator(
     if mixed_precision is not None and mixed_precision != accelerator.mixed_precision:
         problems.append(
             f"`mixed_precision={mixed_precision!r}` disagrees with the given accelerator's "
-            f"{accelerator.mixed_precision!r}. Set it on one of them only."
+            f"{accelerator.mixed_precision!r}. Set it on one of them only: "
+            "`Accelerator(mixed_precision=...)` or leave `accelerator=None`."
         )
     if log_with:
         problems.append(
-            "`log_with` only applies when safeloop builds the Accelerator; with `accelerator=` "
+            f"`log_with={log_with!r}` only applies when safeloop builds the Accelerator; with `accelerator=` "
             "pass `Accelerator(log_with=...)` and call `accelerator.init_trackers(...)` yourself."
         )
 
@@ -194,10 +221,13 @@ def _check_callbacks(problems: list[str], callbacks: object) -> tuple[Callback, 
     if isinstance(callbacks, Callback):
         return (callbacks,)
     if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
-        problems.append(f"`callbacks` must be a list of safeloop.Callback instances; got {callbacks!r}.")
+        problems.append(
+            f"`callbacks` must be a list of safeloop.Callback instances; got {_seen(callbacks)}. "
+            "Pass e.g. `callbacks=[MyCallback()]`."
+        )
         return ()
     items = tuple(callbacks)
-    bad = [f"[{i}] {item!r}" for i, item in enumerate(items) if not isinstance(item, Callback)]
+    bad = [_bad_callback(i, item) for i, item in enumerate(items) if not isinstance(item, Callback)]
     if bad:
         listed = ", ".join(bad[:_MAX_LISTED])
         more = f" ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
@@ -206,6 +236,12 @@ def _check_callbacks(problems: list[str], callbacks: object) -> tuple[Callback, 
             "Subclass `safeloop.Callback` and pass an instance (not the class)."
         )
     return items
+
+
+def _bad_callback(index: int, item: object) -> str:
+    if isinstance(item, type) and issubclass(item, Callback):
+        return f"[{index}] the class {item.__name__} (pass an instance: `{item.__name__}()`)"
+    return f"[{index}] {_seen(item)}"
 
 
 def _normalise_log_with(problems: list[str], log_with: object) -> tuple[Any, ...]:
@@ -260,21 +296,24 @@ def build_config(
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_CHOICES:
         problems.append(
             f"`mixed_precision` must be one of {', '.join(map(repr, MIXED_PRECISION_CHOICES))} "
-            f"or None; got {mixed_precision!r}."
+            f"or None; got {_seen(mixed_precision)}. For full precision pass 'no' (or None)."
         )
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):  # type: ignore[operator]
-        problems.append(f"`seed` must be an int in [0, 2**32) or None; got {seed!r}.")
+        problems.append(f"`seed` must be an int in [0, 2**32) or None; got {_seen(seed)}.")
     _check_positive_float(problems, "clip_grad_norm", clip_grad_norm)
     _check_positive_float(problems, "clip_grad_value", clip_grad_value)
     if clip_grad_norm is not None and clip_grad_value is not None:
         problems.append(
             f"`clip_grad_norm={clip_grad_norm!r}` and `clip_grad_value={clip_grad_value!r}` are both "
-            "set; the global norm would then be measured on already clamped gradients. Choose one."
+            "set; the global norm would then be measured on already clamped gradients. Choose one and "
+            "leave the other None."
         )
     if not isinstance(progress_bar, bool):
-        problems.append(f"`progress_bar` must be True or False; got {progress_bar!r}.")
+        problems.append(f"`progress_bar` must be True or False; got {_seen(progress_bar)}.")
     if project_dir is not None and not isinstance(project_dir, (str, os.PathLike)):
-        problems.append(f"`project_dir` must be a path or None; got {project_dir!r}.")
+        problems.append(
+            f"`project_dir` must be a path (str or os.PathLike) or None; got {_seen(project_dir)}."
+        )
     _check_accelerator(problems, accelerator, gradient_accumulation_steps, mixed_precision, log_with)
     callback_items = _check_callbacks(problems, callbacks)
     trackers = _normalise_log_with(problems, log_with)

@@ -62,9 +62,8 @@ def requested_processes(parent_cmdline: list[str] | None = None) -> int:
         except OSError:
             return 1
         parent_cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-    if not any(Path(part).name == "accelerate" for part in parent_cmdline):
-        return 1
-    if "launch" not in parent_cmdline:
+    launcher = any(Path(part).name == "accelerate" for part in parent_cmdline) and "launch" in parent_cmdline
+    if not launcher and "accelerate.commands.launch" not in parent_cmdline:
         return 1
     for i, part in enumerate(parent_cmdline):
         match = _NUM_PROCESSES.match(part)
@@ -130,12 +129,20 @@ def build_accelerator(config: TrainerConfig, accelerator: Accelerator | None) ->
     world_size = _world_size()
     script = " ".join(sys.argv)
     if accelerator is not None:
-        if world_size > 1 and accelerator.num_processes == 1:
+        if accelerator.num_processes == 1 and world_size > 1:
             raise ConfigError(
                 f"WORLD_SIZE={world_size} but the given Accelerator sees 1 process, so every "
                 "process would train alone. On a machine without a GPU build it with "
                 "`Accelerator(cpu=True)`, or launch with "
                 f"`{WORKING_CPU_COMMAND.format(n=world_size, script=script)}`."
+            )
+        wanted = requested_processes() if accelerator.num_processes == 1 and not _has_gpu() else 1
+        if wanted > 1:
+            raise ConfigError(
+                f"`accelerate launch --num_processes {wanted}` started 1 process (no GPU, no "
+                "config), and the given Accelerator was built before safeloop could start the "
+                f"others. Launch with `{WORKING_CPU_COMMAND.format(n=wanted, script=script)}`, "
+                "or leave `accelerator=None` so that safeloop starts the missing ranks."
             )
         return accelerator
     if world_size == 1 and not _has_gpu():

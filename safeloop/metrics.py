@@ -64,6 +64,10 @@ class MetricBuffer:
         self._losses.append(loss)
         self._norms.append(grad_norm)
 
+    def restart_clock(self) -> None:
+        """Start timing the next interval now (at the start of ``fit``)."""
+        self._since = time.perf_counter()
+
     def collect(self, reduce_mean: callable) -> LogRecord | None:  # type: ignore[valid-type]
         """Average the buffered values over processes and read them on the host, then clear.
 

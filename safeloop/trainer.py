@@ -104,6 +104,9 @@ class SafeTrainer:
         self._loss_fn = loss_fn
         self._training_step = training_step
         self._owns_accelerator = accelerator is None
+        if self.config.seed is not None:
+            # before prepare: Accelerate seeds its shuffling generator from torch's global RNG there
+            set_seed(self.config.seed)
         self.accelerator = build_accelerator(self.config, accelerator)
         # The scheduler is not prepared: Accelerate would step it once per process, and API.md
         # promises one step per optimizer step on any number of processes.
@@ -141,7 +144,7 @@ class SafeTrainer:
             ConfigError: at the first batch no batch convention can read.
         """
         if self.config.seed is not None:
-            set_seed(self.config.seed)
+            set_seed(self.config.seed)  # the training RNG stream starts from a known point
         self._start_trackers()
         self.model.train()
         self._callbacks.call("on_fit_start", self)
@@ -150,28 +153,29 @@ class SafeTrainer:
             enabled=self.config.progress_bar and self.accelerator.is_main_process,
             initial=self.global_step,
         )
+        self._metrics.restart_clock()
         try:
             while not self._done():
                 finished_epoch = self._run_epoch()
                 if not finished_epoch and not self._done():
-                    break  # the dataloader was empty this epoch: nothing more will come
+                    break  # the dataloader yielded nothing this epoch: nothing more will come
                 if self.eval_dataloader is not None:
                     self._evaluate()
                 if finished_epoch:
                     self.epoch += 1
-            self._log(final=True)
+            self._log()  # the steps since the last log step, if any
+            result = FitResult(
+                global_step=self.global_step,
+                history=list(self._history),
+                events=list(self._events),
+                findings=list(self._findings),
+                eval_loss=self._eval_loss,
+            )
+            self._callbacks.call("on_fit_end", self, result)
         finally:
             self._bar.close()
-        result = FitResult(
-            global_step=self.global_step,
-            history=list(self._history),
-            events=list(self._events),
-            findings=list(self._findings),
-            eval_loss=self._eval_loss,
-        )
-        self._callbacks.call("on_fit_end", self, result)
-        if self._owns_accelerator and self.config.log_with:
-            self.accelerator.end_training()
+            if self._owns_accelerator and self.config.log_with:
+                self.accelerator.end_training()
         return result
 
     def _done(self) -> bool:
@@ -240,7 +244,7 @@ class SafeTrainer:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def _log(self, *, final: bool = False) -> None:
+    def _log(self) -> None:
         """Read the buffered metrics on the host (every process together) and report them."""
         record = self._metrics.collect(lambda t: self.accelerator.reduce(t, reduction="mean"))
         if record is None:

@@ -1,0 +1,62 @@
+"""Trains a small classifier with SafeTrainer; run by the multi-process tests under a launcher.
+
+Prints one JSON line per rank: rank, world size, steps, and digests of the initial and final
+parameters. Logs to a per-rank tracker file so the test can see which ranks wrote files.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+from safeloop import SafeTrainer
+from tests.helpers.models import classification_data, mlp
+from tests.helpers.recording import JsonLinesTracker
+
+
+def digest(model: nn.Module) -> str:
+    sha = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    model = mlp(seed=0)
+    initial = digest(model)
+    rank_tag = os.environ.get("RANK", "0")
+    tracker = JsonLinesTracker(os.path.join(out_dir, f"metrics-rank{rank_tag}.jsonl"))
+    trainer = SafeTrainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        DataLoader(classification_data(n=128), batch_size=8, shuffle=True),
+        loss_fn=nn.CrossEntropyLoss(),
+        max_epochs=2,
+        log_every=4,
+        seed=0,
+        log_with=[tracker],
+        project_dir=out_dir,
+    )
+    result = trainer.fit()
+    final = digest(trainer.accelerator.unwrap_model(trainer.model))
+    record = {
+        "rank": trainer.accelerator.process_index,
+        "world_size": trainer.accelerator.num_processes,
+        "steps": result.global_step,
+        "initial": initial,
+        "final": final,
+        "last_loss": result.history[-1]["loss"],
+    }
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

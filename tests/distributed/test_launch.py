@@ -1,0 +1,89 @@
+"""Two CPU processes (gloo) through the launch commands users type."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_two_ranks.py"
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _free_port() -> str:
+    # explicit free ports: the launchers' default 29500 collides with any concurrent run
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _launch(cmd: list[str], out_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*cmd, str(SCRIPT), str(out_dir)],
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _results(proc: subprocess.CompletedProcess[str]) -> list[dict]:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return sorted((json.loads(line) for line in lines), key=lambda r: r["rank"])
+
+
+def _assert_two_ranks_trained_together(proc: subprocess.CompletedProcess[str], out_dir: Path) -> None:
+    results = _results(proc)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["world_size"] == 2 for r in results)
+    # 128 samples, batch 8, two ranks: 8 batches per rank per epoch, 2 epochs
+    assert all(r["steps"] == 16 for r in results)
+    assert results[0]["final"] == results[1]["final"], "ranks ended with different parameters"
+    assert results[0]["final"] != results[0]["initial"], "parameters did not change"
+    # the bar is drawn by rank 0 only; tqdm writes it to stderr
+    assert proc.stderr.count("16/16") >= 1
+    finished_bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "16/16" in line]
+    assert len({line.split("16/16")[0] for line in finished_bars}) == 1
+    assert sorted(p.name for p in out_dir.iterdir()) == ["metrics-rank0.jsonl"]
+
+
+def test_accelerate_launch_multi_gpu_cpu_runs_two_ranks_in_step(tmp_path):
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--main_process_port", _free_port()]
+    proc = _launch(cmd, tmp_path, ACCELERATE_USE_CPU="1")
+    _assert_two_ranks_trained_together(proc, tmp_path)
+
+
+def test_plain_accelerate_launch_two_processes_starts_the_missing_rank(tmp_path):
+    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2"]
+    proc = _launch(cmd, tmp_path)
+    _assert_two_ranks_trained_together(proc, tmp_path)
+    assert "started the other 1 (CPU, gloo)" in proc.stderr
+
+
+def test_plain_torchrun_two_processes_joins_them_over_gloo(tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port()]
+    proc = _launch(cmd, tmp_path)
+    _assert_two_ranks_trained_together(proc, tmp_path)
+
+
+def test_spawn_disabled_gives_an_error_with_the_working_command(tmp_path):
+    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "2"]
+    proc = _launch(cmd, tmp_path, SAFELOOP_SPAWN="0")
+    assert proc.returncode != 0
+    assert "ConfigError" in proc.stderr
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2" in proc.stderr

@@ -1,0 +1,61 @@
+"""Small models and data for tests, built deterministically from a seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+def classification_data(n: int = 96, features: int = 8, classes: int = 3, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=gen)
+    w = torch.randn(features, classes, generator=gen)
+    y = (x @ w).argmax(dim=1)
+    return TensorDataset(x, y)
+
+
+def mlp(features: int = 8, hidden: int = 16, classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def loader(dataset: Dataset, batch_size: int = 8, shuffle: bool = True) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class DictModel(nn.Module):
+    """A Hugging Face style model: `model(**batch)` returns an object with `.loss`."""
+
+    def __init__(self, features: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, classes))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
+        logits = self.net(input_ids)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else logits.sum() * 0
+        return Output(loss=loss, logits=logits)
+
+
+class DictDataset(Dataset):
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.base[i]
+        return {"input_ids": x, "labels": y}
+
+
+def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
