@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from safeloop.batching import batch_size_of
+from safeloop.distributed import reduce_across_processes
 
 __all__ = ["evaluate"]
 
@@ -48,6 +49,6 @@ def evaluate(
     finally:
         model.train(was_training)
     # every process reaches this reduce: each iterates its shard of the same dataloader.
-    summed = accelerator.reduce(torch.stack([total, count]), reduction="sum")
+    summed = reduce_across_processes(accelerator, torch.stack([total, count]), "sum")
     total_value, count_value = summed.tolist()  # host sync, once per evaluation
     return total_value / count_value if count_value else float("nan")

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
 from safeloop.config import TrainerConfig, build_config
+from safeloop.distributed import reduce_across_processes, settle_collectives
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
 from safeloop.launch import build_accelerator
@@ -172,6 +173,7 @@ class SafeTrainer:
                 eval_loss=self._eval_loss,
             )
             self._callbacks.call("on_fit_end", self, result)
+            settle_collectives(self.accelerator)
         finally:
             self._bar.close()
             if self._owns_accelerator and self.config.log_with:
@@ -246,7 +248,7 @@ class SafeTrainer:
 
     def _log(self) -> None:
         """Read the buffered metrics on the host (every process together) and report them."""
-        record = self._metrics.collect(lambda t: self.accelerator.reduce(t, reduction="mean"))
+        record = self._metrics.collect(lambda t: reduce_across_processes(self.accelerator, t, "mean"))
         if record is None:
             return
         lr = float(self._step_lr)

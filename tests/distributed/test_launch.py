@@ -35,7 +35,7 @@ def _launch(cmd: list[str], out_dir: Path, **env: str) -> subprocess.CompletedPr
         env=_env(**env),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=150,
         check=False,
     )
 
