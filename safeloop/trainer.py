@@ -230,7 +230,7 @@ class SafeTrainer:
             self.model.parameters(),
             max_norm=self.config.clip_grad_norm,
             max_value=self.config.clip_grad_value,
-        )
+        ).total
         self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
         self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
         self.optimizer.step()

@@ -1,44 +1,81 @@
 """Gradient clipping and the one global gradient norm of an optimizer step.
 
 The norm is measured once per optimizer step, before clipping, and kept on the device: the
-same tensor feeds logging and the guards. Nothing here reads a tensor on the host.
+same tensor feeds logging and the NaN/Inf guard. Nothing here reads a tensor on the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
-__all__ = ["global_grad_norm", "clip_and_measure"]
+__all__ = ["GradNorms", "grad_norms", "clip_and_measure"]
 
 # Under these, gradients are sharded: a local norm would be wrong, so the norm comes from
 # Accelerate's sharding-aware clip with an infinite bound (a multiply by exactly 1.0).
 _SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def global_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """Return the L2 norm of all gradients together, as a device scalar.
+@dataclass(frozen=True)
+class GradNorms:
+    """Gradient norms of one step, on the device.
+
+    Attributes:
+        total (`torch.Tensor`): the global L2 norm, 0-dim.
+        per_param (`torch.Tensor | None`): one L2 norm per parameter that has a gradient, in
+            ``names`` order; None where gradients are sharded.
+        names (`tuple[int, ...]`): positions, in the parameter list, of the measured parameters.
+    """
+
+    total: torch.Tensor
+    per_param: torch.Tensor | None = None
+    positions: tuple[int, ...] = ()
+
+
+def grad_norms(parameters: Iterable[torch.nn.Parameter]) -> GradNorms:
+    """Return the global gradient norm and the norm of each gradient.
+
+    The total is computed exactly as ``torch.nn.utils.get_total_norm`` does (same grouping by
+    device and dtype, same kernels, same summation order), so clipping with it is bitwise equal
+    to ``torch.nn.utils.clip_grad_norm_``; the per-parameter norms come for free.
 
     Args:
-        parameters (`Iterable[torch.nn.Parameter]`): parameters whose ``.grad`` to measure;
-            those without a gradient are ignored.
+        parameters (`Iterable[torch.nn.Parameter]`): parameters whose ``.grad`` to measure.
 
     Returns:
-        `torch.Tensor`: a 0-dim float tensor; 0.0 when no parameter has a gradient.
+        `GradNorms`: total 0.0 when no parameter has a gradient.
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
-        >>> global_grad_norm([p])
+        >>> grad_norms([p]).total
         tensor(5.)
     """
     params = list(parameters)
-    grads = [p.grad for p in params if p.grad is not None]
+    positions = [i for i, p in enumerate(params) if p.grad is not None]
+    grads = [params[i].grad for i in positions]
     if not grads:
-        return torch.zeros((), device=params[0].device if params else None)
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        return GradNorms(total=torch.zeros((), device=params[0].device if params else None))
+    first_device = grads[0].device
+    grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)  # type: ignore[list-item]
+    norms: list[torch.Tensor] = []
+    order: list[int] = []
+    for (device, _), ([device_grads], indices) in grouped.items():
+        if _has_foreach_support(device_grads, device):
+            norms.extend(torch._foreach_norm(device_grads, 2.0))
+        else:
+            norms.extend(torch.linalg.vector_norm(g, 2.0) for g in device_grads)
+        order.extend(indices)
+    stacked = torch.stack([norm.to(first_device) for norm in norms])
+    total = torch.linalg.vector_norm(stacked, 2.0)
+    per_param = torch.empty_like(stacked).index_copy_(
+        0, torch.tensor(order, dtype=torch.long, device=first_device), stacked
+    )
+    return GradNorms(total=total, per_param=per_param, positions=tuple(positions))
 
 
 def clip_and_measure(
@@ -47,12 +84,12 @@ def clip_and_measure(
     *,
     max_norm: float | None,
     max_value: float | None,
-) -> torch.Tensor:
+) -> GradNorms:
     """Unscale, measure and clip the gradients of one optimizer step.
 
-    With ``max_norm`` the call is exactly ``accelerator.clip_grad_norm_``, so the update is
-    bitwise the one of a hand-written Accelerate loop; the norm it returns (pre-clipping) is
-    kept. Otherwise gradients are unscaled (fp16), measured, then clamped by ``max_value``.
+    The update stays bitwise the one of a hand-written Accelerate loop calling
+    ``accelerator.clip_grad_norm_`` / ``clip_grad_value_``: gradients are unscaled (fp16), the
+    global norm is measured as torch measures it, then clipped with that norm.
 
     Args:
         accelerator (`Accelerator`): the run's accelerator (owns the fp16 scaler).
@@ -61,19 +98,19 @@ def clip_and_measure(
         max_value (`float`, *optional*): clamp for every gradient element.
 
     Returns:
-        `torch.Tensor`: the global gradient norm before clipping, on the device.
+        `GradNorms`: the norms before clipping, on the device.
     """
     params = list(parameters)
-    if max_norm is not None:
-        return _as_tensor(accelerator.clip_grad_norm_(params, max_norm))
     if accelerator.distributed_type in _SHARDED:
-        norm = _as_tensor(accelerator.clip_grad_norm_(params, float("inf")))
-    else:
-        accelerator.unscale_gradients()
-        norm = global_grad_norm(params)
+        bound = float("inf") if max_norm is None else max_norm
+        return GradNorms(total=_as_tensor(accelerator.clip_grad_norm_(params, bound)))
+    accelerator.unscale_gradients()
+    norms = grad_norms(params)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms.total)
     if max_value is not None:
         torch.nn.utils.clip_grad_value_(params, max_value)
-    return norm
+    return norms
 
 
 def _as_tensor(norm: object) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""The NaN/Inf guard: a device flag per optimizer step, and the host policy over skips.
+
+``finite_flag`` is pure and stays on the device. ``SkipTracker`` is host-side policy over plain
+numbers (learnt every step on the host-read path, every ``log_every`` steps on the fused path):
+it counts skips, builds their events, and says when a run of skips must escalate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["NAN_GUARD_CHOICES", "finite_flag", "SkipRecord", "SkipTracker", "Escalation"]
+
+NAN_GUARD_CHOICES = ("skip", "raise", "off")
+Escalation = Literal["continue", "escalate"]
+
+
+def finite_flag(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Return an int32 device scalar: 1 when the loss and the global gradient norm are finite.
+
+    The global norm is non-finite as soon as one gradient element is, so one scalar covers
+    every gradient. int32 rather than bool: NCCL cannot reduce bool tensors.
+
+    Args:
+        loss (`torch.Tensor`): the step's loss (mean over its micro-batches).
+        grad_norm (`torch.Tensor`): the global gradient norm before clipping.
+
+    Returns:
+        `torch.Tensor`: 0-dim int32, 1 (finite) or 0.
+
+    Example:
+        >>> finite_flag(torch.tensor(1.0), torch.tensor(float("inf")))
+        tensor(0, dtype=torch.int32)
+    """
+    loss_ok = torch.isfinite(loss.detach().float()).all()
+    norm_ok = torch.isfinite(grad_norm.detach().float()).all()
+    return (loss_ok & norm_ok).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    """What the host knows about one skipped step.
+
+    Attributes:
+        step (`int`): the global step that was skipped (1-based, as ``global_step`` after it).
+        loss (`float`): the step's loss (NaN/Inf, or finite when only gradients were bad).
+        grad_norm (`float`): the global gradient norm before clipping.
+        params (`tuple[str, ...]`): parameters whose gradient was not finite, when known.
+    """
+
+    step: int
+    loss: float
+    grad_norm: float
+    params: tuple[str, ...] = ()
+
+    @property
+    def cause(self) -> str:
+        """``"loss"`` when the loss was not finite, else ``"gradients"``."""
+        return "gradients" if math.isfinite(self.loss) else "loss"
+
+    def detail(self) -> dict[str, object]:
+        """The JSON-able detail of the ``"skip"`` event."""
+        return {
+            "cause": self.cause,
+            "loss": _json_float(self.loss),
+            "grad_norm": _json_float(self.grad_norm),
+            "params": list(self.params),
+        }
+
+
+def _json_float(value: float) -> float | str:
+    # JSON has no NaN/Inf; keep them readable as strings.
+    return value if math.isfinite(value) else str(value)
+
+
+@dataclass
+class SkipTracker:
+    """Counts skipped steps and decides when a run of them escalates.
+
+    Args:
+        max_consecutive_skips (`int`): more skips in a row than this escalate.
+    """
+
+    max_consecutive_skips: int
+    skipped: int = 0
+    consecutive: int = 0
+    records: list[SkipRecord] = field(default_factory=list)
+
+    def observe(self, step: int, finite: bool, record: SkipRecord | None = None) -> Escalation:
+        """Take the outcome of one step, in step order.
+
+        Args:
+            step (`int`): the global step.
+            finite (`bool`): whether the step was applied.
+            record (`SkipRecord`, *optional*): details of a skipped step.
+
+        Returns:
+            `str`: ``"escalate"`` when this skip makes the run of skips exceed the limit.
+        """
+        if finite:
+            self.consecutive = 0
+            return "continue"
+        self.skipped += 1
+        self.consecutive += 1
+        self.records.append(record or SkipRecord(step=step, loss=math.nan, grad_norm=math.nan))
+        return "escalate" if self.consecutive > self.max_consecutive_skips else "continue"
