@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from safeloop.callbacks import Callback
 from safeloop.errors import ConfigError
+from safeloop.guards.nonfinite import NAN_GUARD_CHOICES
 
 __all__ = ["TrainerConfig", "build_config", "MIXED_PRECISION_CHOICES"]
 
@@ -39,6 +40,8 @@ class TrainerConfig:
         seed (`int | None`): seeds Python, NumPy and torch on every process at the start of ``fit``.
         clip_grad_norm (`float | None`): max global gradient norm.
         clip_grad_value (`float | None`): clamp of every gradient element to ``±value``.
+        nan_guard (`str`): ``"skip"``, ``"raise"`` or ``"off"``.
+        max_consecutive_skips (`int`): more skipped steps in a row raise ``NonFiniteError``.
         log_every (`int`): optimizer steps between metric reads on the host.
         progress_bar (`bool`): show a tqdm bar on the main process.
         log_with (`tuple`): Accelerate trackers to start when safeloop builds the Accelerator.
@@ -52,6 +55,8 @@ class TrainerConfig:
     seed: int | None = None
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None
+    nan_guard: str = "skip"
+    max_consecutive_skips: int = 5
     log_every: int = 10
     progress_bar: bool = True
     log_with: tuple[Any, ...] = ()
@@ -272,6 +277,8 @@ def build_config(
     seed: object = None,
     clip_grad_norm: object = None,
     clip_grad_value: object = None,
+    nan_guard: object = "skip",
+    max_consecutive_skips: object = 5,
     log_every: object = 10,
     progress_bar: object = True,
     log_with: object = None,
@@ -308,6 +315,15 @@ def build_config(
             "set; the global norm would then be measured on already clamped gradients. Choose one and "
             "leave the other None."
         )
+    if nan_guard not in NAN_GUARD_CHOICES:
+        problems.append(
+            f"`nan_guard` must be one of {', '.join(map(repr, NAN_GUARD_CHOICES))}; got {_seen(nan_guard)}."
+        )
+    if not _is_int(max_consecutive_skips) or max_consecutive_skips < 0:  # type: ignore[operator]
+        problems.append(
+            f"`max_consecutive_skips` must be an int >= 0 (0: the first skip raises); got "
+            f"{_seen(max_consecutive_skips)}."
+        )
     if not isinstance(progress_bar, bool):
         problems.append(f"`progress_bar` must be True or False; got {_seen(progress_bar)}.")
     if project_dir is not None and not isinstance(project_dir, (str, os.PathLike)):
@@ -329,6 +345,8 @@ def build_config(
         seed=seed,  # type: ignore[arg-type]
         clip_grad_norm=None if clip_grad_norm is None else float(clip_grad_norm),  # type: ignore[arg-type]
         clip_grad_value=None if clip_grad_value is None else float(clip_grad_value),  # type: ignore[arg-type]
+        nan_guard=nan_guard,  # type: ignore[arg-type]
+        max_consecutive_skips=max_consecutive_skips,  # type: ignore[arg-type]
         log_every=log_every,  # type: ignore[arg-type]
         progress_bar=progress_bar,  # type: ignore[arg-type]
         log_with=trackers,

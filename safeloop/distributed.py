@@ -10,7 +10,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-__all__ = ["reduce_across_processes", "settle_collectives"]
+__all__ = ["reduce_across_processes", "settle_collectives", "agree_all_finite"]
 
 
 def reduce_across_processes(accelerator: Accelerator, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -44,3 +44,16 @@ def settle_collectives(accelerator: Accelerator) -> None:
         return
     accelerator.wait_for_everyone()
     time.sleep(0.05)
+
+
+def agree_all_finite(accelerator: Accelerator, flag: torch.Tensor) -> torch.Tensor:
+    """Return the minimum of an int32 0/1 flag over all processes (1 only if every rank is finite).
+
+    Every rank reaches this once per optimizer step, so all of them take the same branch: a
+    NaN on one rank makes every rank skip the same step. int32, as NCCL cannot reduce bool.
+    """
+    if accelerator.num_processes == 1:
+        return flag
+    agreed = flag.clone()
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    return agreed

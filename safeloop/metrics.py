@@ -1,18 +1,39 @@
 """Training metrics kept on the device and read on the host once per log interval.
 
-A per-step host read (``.item()``) stalls a GPU pipeline, so every step only appends two
-device scalars (loss and global gradient norm) to a buffer that holds at most ``log_every``
-entries; ``collect`` turns them into host numbers with a single read.
+A per-step host read (``.item()``) stalls a GPU pipeline, so every step only appends one small
+device row (loss, global gradient norm, and with the NaN/Inf guard its flag and which gradients
+were non-finite) to a buffer that holds at most ``log_every`` rows; ``collect`` turns them into
+host numbers with a single read.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MetricBuffer", "LogRecord"]
+__all__ = ["MetricBuffer", "LogRecord", "StepValues"]
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """Host values of one step (means over processes).
+
+    Attributes:
+        loss (`float`): the step's loss.
+        grad_norm (`float`): global gradient norm before clipping.
+        finite (`bool | None`): the guard's flag; None with the guard off.
+        bad_params (`tuple[int, ...]`): positions of measured parameters whose gradient norm
+            was not finite (empty when unknown).
+    """
+
+    loss: float
+    grad_norm: float
+    finite: bool | None = None
+    bad_params: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -20,22 +41,22 @@ class LogRecord:
     """Host-side summary of the steps since the previous log.
 
     Attributes:
-        loss (`float`): mean training loss over those steps and over all processes.
-        last_loss (`float`): mean loss over processes of the last step alone.
+        loss (`float`): mean training loss over the applied steps (NaN when none was).
         grad_norm (`float`): global gradient norm of the last step (pre-clipping).
         steps (`int`): number of steps summarised.
         steps_per_sec (`float`): optimizer steps per second over the interval.
+        per_step (`tuple[StepValues, ...]`): the values of each step, oldest first.
     """
 
     loss: float
-    last_loss: float
     grad_norm: float
     steps: int
     steps_per_sec: float
+    per_step: tuple[StepValues, ...]
 
 
 class MetricBuffer:
-    """A bounded buffer of per-step device scalars.
+    """A bounded buffer of per-step device rows.
 
     Args:
         capacity (`int`): the number of steps between two reads (``log_every``).
@@ -43,58 +64,76 @@ class MetricBuffer:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._losses: list[torch.Tensor] = []
-        self._norms: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []
+        self._has_flag = False
         self._since = time.perf_counter()
 
     def __len__(self) -> int:
-        return len(self._losses)
+        return len(self._rows)
 
-    def record(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Keep the step's loss and gradient norm, still on the device.
+    def record(
+        self,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        flag: torch.Tensor | None = None,
+        nonfinite_params: torch.Tensor | None = None,
+    ) -> None:
+        """Keep the step's values, still on the device.
 
         Args:
             loss (`torch.Tensor`): detached scalar loss of the step (mean over micro-batches).
             grad_norm (`torch.Tensor`): global gradient norm of the step.
+            flag (`torch.Tensor`, *optional*): the guard's finite flag (1 applied, 0 skipped).
+            nonfinite_params (`torch.Tensor`, *optional*): bool per measured parameter.
         """
-        if len(self._losses) >= self.capacity:
-            # collect() was not called in time; drop the oldest rather than grow without bound.
-            self._losses.pop(0)
-            self._norms.pop(0)
-        self._losses.append(loss)
-        self._norms.append(grad_norm)
+        parts = [loss.detach().float().reshape(1), grad_norm.detach().float().reshape(1).to(loss.device)]
+        self._has_flag = flag is not None
+        if flag is not None:
+            parts.append(flag.float().reshape(1).to(loss.device))
+            if nonfinite_params is not None:
+                parts.append(nonfinite_params.float().reshape(-1).to(loss.device))
+        if len(self._rows) >= self.capacity:
+            self._rows.pop(0)  # collect() was not called in time: never grow without bound
+        self._rows.append(torch.cat(parts))
 
     def restart_clock(self) -> None:
         """Start timing the next interval now (at the start of ``fit``)."""
         self._since = time.perf_counter()
 
-    def collect(self, reduce_mean: callable) -> LogRecord | None:  # type: ignore[valid-type]
-        """Average the buffered values over processes and read them on the host, then clear.
+    def collect(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> LogRecord | None:
+        """Average the buffered rows over processes and read them on the host, then clear.
 
         Args:
-            reduce_mean (`Callable[[Tensor], Tensor]`): mean over processes (e.g.
-                ``accelerator.reduce(t, "mean")``); every process must call ``collect`` together.
+            reduce_mean (`Callable[[Tensor], Tensor]`): mean over processes; every process must
+                call ``collect`` together.
 
         Returns:
             `LogRecord | None`: the summary, or None when no step was recorded.
         """
-        if not self._losses:
+        if not self._rows:
             return None
-        losses = torch.stack([t.float().reshape(()) for t in self._losses])
-        norms = torch.stack([t.float().reshape(()) for t in self._norms])
-        stacked = reduce_mean(torch.stack([losses, norms]))
+        width = max(row.numel() for row in self._rows)
+        # rows without a mask (no gradient measured) are padded so that one stack holds all
+        rows = [torch.nn.functional.pad(row, (0, width - row.numel())) for row in self._rows]
+        stacked = reduce_mean(torch.stack(rows))
         now = time.perf_counter()
         elapsed = max(now - self._since, 1e-9)
-        steps = len(self._losses)
-        # host sync, once per log_every steps: the only read of training metrics.
-        loss_values, norm_values = stacked.tolist()
-        self._losses.clear()
-        self._norms.clear()
+        values = stacked.tolist()  # host sync, once per log_every steps: the one metrics read
+        self._rows.clear()
         self._since = now
+        per_step = tuple(self._step_values(row) for row in values)
+        applied = [s.loss for s in per_step if s.finite is not False and math.isfinite(s.loss)]
         return LogRecord(
-            loss=sum(loss_values) / steps,
-            last_loss=loss_values[-1],
-            grad_norm=norm_values[-1],
-            steps=steps,
-            steps_per_sec=steps / elapsed,
+            loss=sum(applied) / len(applied) if applied else math.nan,
+            grad_norm=per_step[-1].grad_norm,
+            steps=len(per_step),
+            steps_per_sec=len(per_step) / elapsed,
+            per_step=per_step,
         )
+
+    def _step_values(self, row: list[float]) -> StepValues:
+        if not self._has_flag:
+            return StepValues(loss=row[0], grad_norm=row[1])
+        bad = tuple(i for i, v in enumerate(row[3:]) if v > 0)
+        # the flag is agreed by all ranks, so its mean over processes is exactly 0.0 or 1.0
+        return StepValues(loss=row[0], grad_norm=row[1], finite=row[2] >= 1.0, bad_params=bad)

@@ -17,13 +17,17 @@ from torch.utils.data import DataLoader
 from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
 from safeloop.config import TrainerConfig, build_config
-from safeloop.distributed import reduce_across_processes, settle_collectives
+from safeloop.distributed import agree_all_finite, reduce_across_processes, settle_collectives
+from safeloop.errors import NonFiniteError
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
+from safeloop.guards.nonfinite import SkipRecord, finite_flag
 from safeloop.launch import build_accelerator
 from safeloop.metrics import MetricBuffer
 from safeloop.progress import ProgressBar, planned_steps
 from safeloop.results import Event, Finding, FitResult
+from safeloop.skips import SkipMonitor
+from safeloop.stepping import GatedStep
 
 __all__ = ["SafeTrainer"]
 
@@ -52,6 +56,11 @@ class SafeTrainer:
         seed (`int`, *optional*): seeds Python, NumPy and torch on every process in ``fit``.
         clip_grad_norm (`float`, *optional*): max global gradient norm.
         clip_grad_value (`float`, *optional*): clamp every gradient element to ``±value``.
+        nan_guard (`str`, *optional*, defaults to ``"skip"``): a step whose loss or gradients
+            are not finite changes nothing (``"skip"``), raises ``NonFiniteError`` (``"raise"``),
+            or the guard is ``"off"``.
+        max_consecutive_skips (`int`, *optional*, defaults to 5): more skips in a row raise
+            ``NonFiniteError``.
         callbacks (`Sequence[Callback]`, *optional*): observers of the loop.
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric logs.
         progress_bar (`bool`, *optional*, defaults to True): tqdm bar on the main process.
@@ -85,6 +94,8 @@ class SafeTrainer:
         seed: int | None = None,
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
+        nan_guard: str = "skip",
+        max_consecutive_skips: int = 5,
         callbacks: Sequence[Callback] = (),
         log_every: int = 10,
         progress_bar: bool = True,
@@ -99,6 +110,7 @@ class SafeTrainer:
             max_epochs=max_epochs, max_steps=max_steps,
             gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
             seed=seed, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+            nan_guard=nan_guard, max_consecutive_skips=max_consecutive_skips,
             log_every=log_every, progress_bar=progress_bar, log_with=log_with, project_dir=project_dir,
         )  # fmt: skip
         self._callbacks = CallbackList(callback_items)
@@ -132,6 +144,16 @@ class SafeTrainer:
         self._bar: ProgressBar | None = None
         self._step_lr: float = optimizer.param_groups[0]["lr"]
         self._step_epoch = 0
+        self._guarded = self.config.nan_guard != "off"
+        self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self._skips = SkipMonitor(
+            max_consecutive_skips=self.config.max_consecutive_skips,
+            param_names=[name for name, _ in unwrapped.named_parameters()],
+            # a skip read on the host each step is replayed at once; a device-side one at the log step
+            history_steps=self.config.log_every if self._stepper.device_side else 1,
+            accumulation=self.config.gradient_accumulation_steps,
+        )
 
     # -- the outline of a run -------------------------------------------------------------
 
@@ -167,6 +189,7 @@ class SafeTrainer:
             self._log()  # the steps since the last log step, if any
             result = FitResult(
                 global_step=self.global_step,
+                skipped_steps=self._skips.tracker.skipped,
                 history=list(self._history),
                 events=list(self._events),
                 findings=list(self._findings),
@@ -209,6 +232,8 @@ class SafeTrainer:
 
     def _run_micro_batch(self, batch: Any, batch_idx: int) -> None:
         self._callbacks.call("on_train_batch_start", self, batch, batch_idx)
+        if self._guarded:
+            self._skips.remember(self.global_step + 1, batch_idx, batch)
         stepped = False
         with self.accelerator.accumulate(self.model):
             loss = self._loss_of(self.model, batch)
@@ -225,24 +250,89 @@ class SafeTrainer:
                 self._log()
 
     def _optimizer_step(self) -> None:
-        grad_norm = clip_and_measure(
+        norms = clip_and_measure(
             self.accelerator,
             self.model.parameters(),
             max_norm=self.config.clip_grad_norm,
             max_value=self.config.clip_grad_value,
-        ).total
+        )
+        losses = self._window_losses
+        window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        self._window_losses = []
+        flag = (
+            agree_all_finite(self.accelerator, finite_flag(window_loss, norms.total))
+            if self._guarded
+            else None
+        )
+        nonfinite = None if norms.per_param is None or flag is None else ~torch.isfinite(norms.per_param)
+        if self.config.nan_guard == "raise" and not bool(flag.item()):  # type: ignore[union-attr]
+            # host sync, once per optimizer step: "raise" must stop before any update
+            self._raise_nonfinite(window_loss, norms.total, nonfinite)
         self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
         self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
-        self.optimizer.step()
+        applied = self._stepper.step(flag)
         self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
         self._step_epoch = self.epoch
-        losses = self._window_losses
-        window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        self._metrics.record(window_loss, grad_norm)
-        self._window_losses = []
+        self._metrics.record(window_loss, norms.total, flag, nonfinite)
+        if applied is True:
+            self._skips.applied(self.global_step)
+        elif applied is False:  # read on the host this step: report the skip now
+            self._on_skip(self._skip_record(self.global_step, window_loss, norms.total, nonfinite))
+
+    # -- skipped steps ---------------------------------------------------------------------
+
+    def _skip_record(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor | None
+    ) -> SkipRecord:
+        # host reads, only for a step already known to be skipped
+        bad = [] if nonfinite is None else torch.nonzero(nonfinite).flatten().tolist()
+        return SkipRecord(step, float(loss), float(grad_norm), self._skips.names(bad))
+
+    def _on_skip(self, record: SkipRecord) -> None:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        outcome = self._skips.skipped(record, unwrapped, self._loss_of)
+        self._events.append(outcome.event)
+        self._callbacks.call("on_skip", self, outcome.event)
+        for finding in outcome.findings:
+            self._add_finding(finding)
+        if outcome.escalate:
+            raise NonFiniteError(
+                f"{self._skips.tracker.consecutive} optimizer steps in a row ended with a non-finite "
+                f"loss or gradients (the last at step {record.step}, loss {record.loss}, gradient "
+                f"norm {record.grad_norm}); `max_consecutive_skips={self.config.max_consecutive_skips}`. "
+                "See the findings for where the values came from; lower the learning rate, clip "
+                "gradients (`clip_grad_norm=1.0`) or clean the data.",
+                findings=self._findings,
+            )
+
+    def _raise_nonfinite(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor | None
+    ) -> None:
+        record = self._skip_record(self.global_step + 1, loss, grad_norm, nonfinite)
+        outcome = self._skips.skipped(record, self.accelerator.unwrap_model(self.model), self._loss_of)
+        for finding in outcome.findings:
+            self._add_finding(finding)
+        what = (
+            "loss"
+            if record.cause == "loss"
+            else f"gradients of {', '.join(record.params) or 'some parameters'}"
+        )
+        raise NonFiniteError(
+            f"step {record.step}: the {what} went non-finite (loss {record.loss}, gradient norm "
+            f'{record.grad_norm}) and `nan_guard="raise"`; nothing was updated. '
+            + " ".join(f.message for f in outcome.findings),
+            findings=outcome.findings,
+        )
+
+    def _add_finding(self, finding: Finding) -> None:
+        # one finding per code and place: the first occurrence is kept
+        if any(f.code == finding.code and f.params == finding.params for f in self._findings):
+            return
+        self._findings.append(finding)
+        self._callbacks.call("on_finding", self, finding)
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -251,6 +341,15 @@ class SafeTrainer:
         record = self._metrics.collect(lambda t: reduce_across_processes(self.accelerator, t, "mean"))
         if record is None:
             return
+        if self._guarded and self._stepper.device_side:
+            first = self.global_step - record.steps + 1
+            for offset, values in enumerate(record.per_step):
+                step = first + offset
+                if values.finite:
+                    self._skips.applied(step)
+                else:
+                    names = self._skips.names(values.bad_params)
+                    self._on_skip(SkipRecord(step, values.loss, values.grad_norm, names))
         lr = float(self._step_lr)
         entry = {
             "step": self.global_step,
@@ -259,6 +358,7 @@ class SafeTrainer:
             "lr": lr,
             "grad_norm": record.grad_norm,
             "steps_per_sec": record.steps_per_sec,
+            "skipped_steps": self._skips.tracker.skipped,
         }
         self._history.append(entry)
         self.accelerator.log(

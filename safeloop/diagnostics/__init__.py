@@ -1,0 +1,1 @@
+"""Diagnostics: measurements that locate why training goes wrong."""

@@ -1,0 +1,171 @@
+"""What the trainer does with a skipped step once the host knows of it.
+
+It keeps the recent micro-batches (so that a skipped step's batches can be replayed), turns a
+skip into its ``"skip"`` event and findings, and asks the guard's policy whether to escalate.
+The trainer dispatches the results; this module neither steps nor logs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from safeloop.diagnostics.localize import Localisation, locate_nonfinite
+from safeloop.guards.nonfinite import SkipRecord, SkipTracker
+from safeloop.results import Event, Finding
+
+__all__ = ["SkipMonitor", "SkipOutcome"]
+
+_MAX_NAMED = 10
+
+
+@dataclass(frozen=True)
+class SkipOutcome:
+    """The consequences of one skipped step.
+
+    Attributes:
+        event (`Event`): the ``"skip"`` event.
+        findings (`tuple[Finding, ...]`): what was measured about it.
+        escalate (`bool`): more skips in a row than ``max_consecutive_skips``.
+    """
+
+    event: Event
+    findings: tuple[Finding, ...]
+    escalate: bool
+
+
+class SkipMonitor:
+    """Tracks skips, keeps recent batches and localises non-finite values.
+
+    Args:
+        max_consecutive_skips (`int`): more skips in a row escalate.
+        param_names (`Sequence[str]`): names of the model's parameters, in ``parameters()`` order.
+        history_steps (`int`): how many optimizer steps of micro-batches to keep for a replay.
+        accumulation (`int`): micro-batches per optimizer step.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_consecutive_skips: int,
+        param_names: Sequence[str],
+        history_steps: int,
+        accumulation: int,
+    ) -> None:
+        self.tracker = SkipTracker(max_consecutive_skips=max_consecutive_skips)
+        self.param_names = tuple(param_names)
+        # references only (no copies): the batches stay alive until they leave the window
+        self._batches: deque[tuple[int, int, Any]] = deque(maxlen=history_steps * accumulation)
+
+    def remember(self, step: int, batch_idx: int, batch: Any) -> None:
+        """Keep a micro-batch of optimizer step ``step`` for a possible replay."""
+        self._batches.append((step, batch_idx, batch))
+
+    def names(self, positions: Sequence[int]) -> tuple[str, ...]:
+        """Names of the parameters at ``positions``."""
+        return tuple(self.param_names[i] for i in positions if i < len(self.param_names))
+
+    def applied(self, step: int) -> None:
+        """Record that ``step`` was applied (ends a run of skips)."""
+        self.tracker.observe(step, True)
+
+    def skipped(
+        self,
+        record: SkipRecord,
+        model: torch.nn.Module,
+        loss_of: Callable[[torch.nn.Module, Any], torch.Tensor],
+    ) -> SkipOutcome:
+        """Record a skipped step, replay its batches and describe it.
+
+        Args:
+            record (`SkipRecord`): what the host read about the step.
+            model (`torch.nn.Module`): the unwrapped model, for the replay.
+            loss_of (`Callable`): the batch conventions, ``loss_of(model, batch)``.
+
+        Returns:
+            `SkipOutcome`: the event, the findings and whether to escalate.
+        """
+        escalate = self.tracker.observe(record.step, False, record) == "escalate"
+        batches = [(idx, batch) for step, idx, batch in self._batches if step == record.step]
+        where = locate_nonfinite(model, batches, loss_of) if batches else None
+        detail = record.detail()
+        detail["consecutive"] = self.tracker.consecutive
+        if where is not None:
+            detail["origin"] = {"kind": where.kind, "batch_idx": where.batch_idx, "where": where.where}
+        event = Event("skip", record.step, detail)
+        return SkipOutcome(event, tuple(_findings(record, where)), escalate)
+
+
+def _listed(names: Sequence[str]) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:_MAX_NAMED])
+    more = f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else ""
+    return shown + more
+
+
+def _findings(record: SkipRecord, where: Localisation | None) -> list[Finding]:
+    findings = []
+    if where is not None and where.kind == "input":
+        findings.append(
+            Finding(
+                code="nonfinite-input",
+                severity="error",
+                message=(
+                    f"step {record.step}: {where.where} of batch {where.batch_idx} holds "
+                    f"{where.count} NaN/Inf values, so the loss was {record.loss}."
+                ),
+                params=(where.where,),
+                step=record.step,
+                suggestion="Clean the data: drop or impute NaN/Inf in the dataset or its transform.",
+            )
+        )
+    if record.cause == "loss":
+        origin = ""
+        params: tuple[str, ...] = ()
+        if where is not None and where.kind == "module":
+            origin = (
+                f" Replaying batch {where.batch_idx}, the first module whose output went "
+                f"non-finite is `{where.where}` ({where.count} values)."
+            )
+            params = (where.where,)
+        elif where is not None and where.kind == "loss":
+            origin = (
+                f" Replaying batch {where.batch_idx}, every module output was finite: the loss "
+                "computation itself made it."
+            )
+        if where is None or where.kind != "input":
+            findings.append(
+                Finding(
+                    code="nonfinite-loss",
+                    severity="warning",
+                    message=f"step {record.step}: the loss was {record.loss}; the step was skipped.{origin}",
+                    params=params,
+                    step=record.step,
+                    suggestion=(
+                        "Look for log/sqrt/division of values that can reach 0 or below, overflow in "
+                        "exp, or a learning rate high enough to blow the weights up."
+                    ),
+                )
+            )
+    else:
+        findings.append(
+            Finding(
+                code="nonfinite-grad",
+                severity="warning",
+                message=(
+                    f"step {record.step}: the loss was finite ({record.loss:.4g}) but the gradient "
+                    f"norm was {record.grad_norm}; non-finite gradients in "
+                    f"{_listed(record.params) or 'unknown parameters'}. The step was skipped."
+                ),
+                params=record.params,
+                step=record.step,
+                suggestion=(
+                    "Check operations with unbounded derivatives at some inputs (sqrt at 0, "
+                    "norms of zero vectors, custom backward functions), or clip gradients."
+                ),
+            )
+        )
+    return findings

@@ -1,0 +1,91 @@
+"""The optimizer step, applied or skipped on the NaN/Inf guard's device flag.
+
+Which optimizers get which path:
+
+- ``torch.optim.Adam`` / ``AdamW`` with ``fused=True``: the flag goes in as ``found_inf``, the
+  attribute GradScaler uses; the fused kernel then changes nothing (step counts included) when
+  it is set. No host read.
+- under fp16 mixed precision (a GradScaler): the flag is merged into the scaler's own
+  ``found_inf``, so the scaler skips the step as it would an overflow; no extra host read
+  beyond the one the scaler itself makes for non-fused optimizers.
+- every other optimizer: one host read of the flag per optimizer step, then ``step()`` or not.
+  An optimizer's update rule is its own code, so no device-side trick is exact for all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.optimizer import AcceleratedOptimizer
+
+__all__ = ["unwrap_optimizer", "takes_found_inf", "GatedStep"]
+
+_FOUND_INF_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Return the user's optimizer inside Accelerate's wrapper."""
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` skips its whole update on device when ``found_inf`` is set.
+
+    Only the fused Adam and AdamW kernels undo their step-count increment as well; fused SGD
+    would leave an uninitialised momentum buffer behind when its first step is skipped.
+    """
+    inner = unwrap_optimizer(optimizer)
+    return type(inner) in _FOUND_INF_OPTIMIZERS and bool(inner.defaults.get("fused"))
+
+
+class GatedStep:
+    """Runs ``optimizer.step()`` so that a step with flag 0 changes nothing.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`): the prepared optimizer.
+        scaler (`torch.amp.GradScaler`, *optional*): Accelerate's fp16 scaler.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+        self.optimizer = optimizer
+        self.inner = unwrap_optimizer(optimizer)
+        self.scaler = scaler
+        self.device_side = scaler is not None or takes_found_inf(optimizer)
+
+    def step(self, flag: torch.Tensor | None) -> bool | None:
+        """Apply the step when ``flag`` is 1 (or None, guard off).
+
+        Args:
+            flag (`torch.Tensor`, *optional*): int32 device scalar, already agreed by all ranks.
+
+        Returns:
+            `bool | None`: whether the step was applied when that was read on the host, None
+            when the decision stayed on the device.
+        """
+        if flag is None:
+            self.optimizer.step()
+            return None
+        bad = (1 - flag).to(torch.float32)
+        if self.scaler is not None:
+            self._merge_into_scaler(bad)
+            self.optimizer.step()
+            return None
+        if self.device_side:
+            self.inner.found_inf = bad  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.inner.found_inf  # type: ignore[attr-defined]
+            return None
+        applied = bool(flag.item())  # host sync, once per optimizer step (no found_inf path)
+        if applied:
+            self.optimizer.step()
+        return applied
+
+    def _merge_into_scaler(self, bad: torch.Tensor) -> None:
+        # unscale_ (called before measuring the norm) recorded found_inf per device; the guard's
+        # flag joins it, and the scaler then skips the step (and lowers its scale) as for an overflow.
+        state = self.scaler._per_optimizer_states[id(self.inner)]  # type: ignore[union-attr]
+        for device, found in state["found_inf_per_device"].items():
+            found.copy_(torch.maximum(found, bad.to(device)))
