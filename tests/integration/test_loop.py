@@ -261,3 +261,55 @@ def test_seed_makes_two_runs_identical_including_shuffling():
 
     first, second = run(), run()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_optimizers_without_found_inf_read_the_guard_flag_once_per_step(monkeypatch):
+    counter = _HostReadCounter()
+    original_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        counter.count()
+        return original_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    marks: list[int] = []
+
+    class Mark(Callback):
+        def on_train_batch_start(self, trainer, batch, batch_idx):
+            marks.append(counter.reads)
+
+    model = mlp()
+    trainer = _trainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        log_every=5,
+        max_steps=10,
+        callbacks=[Mark()],
+    )
+    with counter:
+        trainer.fit()
+    marks.append(counter.reads)
+    reads_per_step = [b - a for a, b in itertools.pairwise(marks)]
+    assert reads_per_step == [1, 1, 1, 1, 2] * 2  # the flag each step, plus the metrics on log steps
+
+
+def test_guard_off_reads_nothing_outside_log_steps_with_any_optimizer(monkeypatch):
+    counter = _HostReadCounter()
+    marks: list[int] = []
+
+    class Mark(Callback):
+        def on_train_batch_start(self, trainer, batch, batch_idx):
+            marks.append(counter.reads)
+
+    model = mlp()
+    trainer = _trainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        nan_guard="off",
+        log_every=5,
+        max_steps=10,
+        callbacks=[Mark()],
+    )
+    with counter:
+        trainer.fit()
+    assert [b - a for a, b in itertools.pairwise(marks)] == [0] * 9

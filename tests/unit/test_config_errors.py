@@ -596,3 +596,18 @@ def test_a_batch_error_is_raised_before_any_parameter_or_optimizer_state_changes
     assert not optimizer.state
     assert all(p.grad is None for p in model.parameters())
     assert trainer.global_step == 0
+
+
+def test_unknown_nan_guard_policy_is_rejected_with_the_choices():
+    with pytest.raises(ConfigError) as excinfo:
+        _trainer(nan_guard="ignore")
+    message = str(excinfo.value)
+    assert "`nan_guard`" in message and "'ignore'" in message
+    assert "'skip'" in message and "'raise'" in message and "'off'" in message
+
+
+def test_negative_max_consecutive_skips_is_rejected():
+    with pytest.raises(ConfigError) as excinfo:
+        _trainer(max_consecutive_skips=-1)
+    message = str(excinfo.value)
+    assert "`max_consecutive_skips`" in message and "-1" in message and "int >= 0" in message
