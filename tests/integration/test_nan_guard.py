@@ -218,7 +218,8 @@ def test_raise_policy_stops_before_any_update_of_the_bad_step():
     assert 'nan_guard="raise"' in str(excinfo.value)
     assert [f.code for f in excinfo.value.findings] == ["nonfinite-loss"]
     assert all(
-        torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values())
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
     )
 
 
