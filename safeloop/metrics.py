@@ -26,6 +26,7 @@ class StepValues:
         loss (`float`): the step's loss.
         grad_norm (`float`): global gradient norm before clipping.
         finite (`bool | None`): the guard's flag; None with the guard off.
+        overflow (`bool`): the fp16 GradScaler found an overflow (its own skip, not the guard's).
         bad_params (`tuple[int, ...]`): positions of measured parameters whose gradient norm
             was not finite (empty when unknown).
     """
@@ -33,6 +34,7 @@ class StepValues:
     loss: float
     grad_norm: float
     finite: bool | None = None
+    overflow: bool = False
     bad_params: tuple[int, ...] = ()
 
 
@@ -77,6 +79,7 @@ class MetricBuffer:
         grad_norm: torch.Tensor,
         flag: torch.Tensor | None = None,
         nonfinite_params: torch.Tensor | None = None,
+        overflow: torch.Tensor | None = None,
     ) -> None:
         """Keep the step's values, still on the device.
 
@@ -85,11 +88,15 @@ class MetricBuffer:
             grad_norm (`torch.Tensor`): global gradient norm of the step.
             flag (`torch.Tensor`, *optional*): the guard's finite flag (1 applied, 0 skipped).
             nonfinite_params (`torch.Tensor`, *optional*): bool per measured parameter.
+            overflow (`torch.Tensor`, *optional*): the fp16 scaler's found-inf for the step.
         """
         parts = [loss.detach().float().reshape(1), grad_norm.detach().float().reshape(1).to(loss.device)]
         self._has_flag = flag is not None
         if flag is not None:
             parts.append(flag.float().reshape(1).to(loss.device))
+            parts.append(
+                torch.zeros(1, device=loss.device) if overflow is None else overflow.float().reshape(1)
+            )
             if nonfinite_params is not None:
                 parts.append(nonfinite_params.float().reshape(-1).to(loss.device))
         if len(self._rows) >= self.capacity:
@@ -134,6 +141,8 @@ class MetricBuffer:
     def _step_values(self, row: list[float]) -> StepValues:
         if not self._has_flag:
             return StepValues(loss=row[0], grad_norm=row[1])
-        bad = tuple(i for i, v in enumerate(row[3:]) if v > 0)
-        # the flag is agreed by all ranks, so its mean over processes is exactly 0.0 or 1.0
-        return StepValues(loss=row[0], grad_norm=row[1], finite=row[2] >= 1.0, bad_params=bad)
+        bad = tuple(i for i, v in enumerate(row[4:]) if v > 0)
+        # flags are agreed by all ranks, so their means over processes are exactly 0.0 or 1.0
+        return StepValues(
+            loss=row[0], grad_norm=row[1], finite=row[2] >= 1.0, overflow=row[3] > 0, bad_params=bad
+        )

@@ -52,6 +52,7 @@ class GatedStep:
         self.inner = unwrap_optimizer(optimizer)
         self.scaler = scaler
         self.device_side = scaler is not None or takes_found_inf(optimizer)
+        self.last_overflow: torch.Tensor | None = None
 
     def step(self, flag: torch.Tensor | None) -> bool | None:
         """Apply the step when ``flag`` is 1 (or None, guard off).
@@ -68,7 +69,7 @@ class GatedStep:
             return None
         bad = (1 - flag).to(torch.float32)
         if self.scaler is not None:
-            self._merge_into_scaler(bad)
+            self.last_overflow = self._merge_into_scaler(bad)
             self.optimizer.step()
             return None
         if self.device_side:
@@ -83,9 +84,24 @@ class GatedStep:
             self.optimizer.step()
         return applied
 
-    def _merge_into_scaler(self, bad: torch.Tensor) -> None:
-        # unscale_ (called before measuring the norm) recorded found_inf per device; the guard's
-        # flag joins it, and the scaler then skips the step (and lowers its scale) as for an overflow.
+    def overflow(self) -> torch.Tensor | None:
+        """The fp16 scaler's own found-inf for this step (device, 0/1), or None without a scaler.
+
+        Valid after ``unscale_``, which the trainer calls before measuring the gradient norm.
+        """
+        if self.scaler is None:
+            return None
+        found = self._scaler_found_inf()
+        return torch.stack([value.to(found[0].device) for value in found]).amax().clamp(max=1)
+
+    def _scaler_found_inf(self) -> list[torch.Tensor]:
         state = self.scaler._per_optimizer_states[id(self.inner)]  # type: ignore[union-attr]
-        for device, found in state["found_inf_per_device"].items():
-            found.copy_(torch.maximum(found, bad.to(device)))
+        return list(state["found_inf_per_device"].values())
+
+    def _merge_into_scaler(self, bad: torch.Tensor) -> torch.Tensor | None:
+        # with the guard's flag merged into the scaler's found_inf, the scaler skips the step
+        # (and lowers its scale) as for an overflow; the overflow alone is kept for accounting
+        overflow = self.overflow()
+        for value in self._scaler_found_inf():
+            value.copy_(torch.maximum(value, bad.to(value.device)))
+        return overflow

@@ -145,6 +145,7 @@ class SafeTrainer:
         self._step_lr: float = optimizer.param_groups[0]["lr"]
         self._step_epoch = 0
         self._guarded = self.config.nan_guard != "off"
+        self._overflow_skips = 0
         self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._skips = SkipMonitor(
@@ -265,9 +266,13 @@ class SafeTrainer:
             else None
         )
         nonfinite = None if norms.per_param is None or flag is None else ~torch.isfinite(norms.per_param)
-        if self.config.nan_guard == "raise" and not bool(flag.item()):  # type: ignore[union-attr]
-            # host sync, once per optimizer step: "raise" must stop before any update
-            self._raise_nonfinite(window_loss, norms.total, nonfinite)
+        if self.config.nan_guard == "raise":
+            # host sync, once per optimizer step: "raise" must stop before any update; an fp16
+            # scaler overflow is the scaler's business (it skips and lowers its scale), not an error
+            overflow = self._stepper.overflow()
+            ok = flag if overflow is None else torch.maximum(flag, overflow.to(flag))  # type: ignore[arg-type]
+            if not bool(ok.item()):
+                self._raise_nonfinite(window_loss, norms.total, nonfinite)
         self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
         self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
         applied = self._stepper.step(flag)
@@ -276,7 +281,7 @@ class SafeTrainer:
             self.lr_scheduler.step()
         self.global_step += 1
         self._step_epoch = self.epoch
-        self._metrics.record(window_loss, norms.total, flag, nonfinite)
+        self._metrics.record(window_loss, norms.total, flag, nonfinite, self._stepper.last_overflow)
         if applied is True:
             self._skips.applied(self.global_step)
         elif applied is False:  # read on the host this step: report the skip now
@@ -345,7 +350,9 @@ class SafeTrainer:
             first = self.global_step - record.steps + 1
             for offset, values in enumerate(record.per_step):
                 step = first + offset
-                if values.finite:
+                if values.overflow:  # the fp16 scaler's own skip: expected, counted apart
+                    self._overflow_skips += 1
+                elif values.finite:
                     self._skips.applied(step)
                 else:
                     names = self._skips.names(values.bad_params)
@@ -359,6 +366,7 @@ class SafeTrainer:
             "grad_norm": record.grad_norm,
             "steps_per_sec": record.steps_per_sec,
             "skipped_steps": self._skips.tracker.skipped,
+            "overflow_skips": self._overflow_skips,
         }
         self._history.append(entry)
         self.accelerator.log(

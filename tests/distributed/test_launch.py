@@ -87,3 +87,13 @@ def test_spawn_disabled_gives_an_error_with_the_working_command(tmp_path):
     assert proc.returncode != 0
     assert "ConfigError" in proc.stderr
     assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2" in proc.stderr
+
+
+def test_nan_on_rank_one_only_makes_both_ranks_skip_the_same_step(tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port()]
+    proc = _launch(cmd, tmp_path, NAN_ON_RANK1_AT_STEP="6")
+    results = _results(proc)
+    assert [r["skipped"] for r in results] == [1, 1]
+    assert [r["skip_steps"] for r in results] == [[6], [6]]
+    assert results[0]["final"] == results[1]["final"], "ranks diverged after the skip"
+    assert results[0]["final"] != results[0]["initial"]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from safeloop import SafeTrainer
+from safeloop.testing import nonfinite_loss
 from tests.helpers.models import classification_data, mlp
 from tests.helpers.recording import JsonLinesTracker
 
@@ -34,11 +35,15 @@ def main() -> None:
     initial = digest(model)
     rank_tag = os.environ.get("RANK", "0")
     tracker = JsonLinesTracker(os.path.join(out_dir, f"metrics-rank{rank_tag}.jsonl"))
+    loss_fn = nn.CrossEntropyLoss()
+    nan_step = int(os.environ.get("NAN_ON_RANK1_AT_STEP", "0"))
+    if nan_step and rank_tag == "1":  # a NaN loss on one process only
+        loss_fn = nonfinite_loss(loss_fn, at_calls={nan_step})
     trainer = SafeTrainer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-2),
         DataLoader(classification_data(n=128), batch_size=8, shuffle=True),
-        loss_fn=nn.CrossEntropyLoss(),
+        loss_fn=loss_fn,
         max_epochs=2,
         log_every=4,
         seed=0,
@@ -54,6 +59,8 @@ def main() -> None:
         "initial": initial,
         "final": final,
         "last_loss": result.history[-1]["loss"],
+        "skipped": result.skipped_steps,
+        "skip_steps": [e.step for e in result.events if e.kind == "skip"],
     }
     print("RESULT " + json.dumps(record), flush=True)
 
