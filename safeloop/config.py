@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from safeloop.callbacks import Callback
 from safeloop.errors import ConfigError
 from safeloop.guards.nonfinite import NAN_GUARD_CHOICES
+from safeloop.guards.reinit import REINIT_CHOICES, REINIT_SCOPES
 
 __all__ = ["TrainerConfig", "build_config", "MIXED_PRECISION_CHOICES"]
 
@@ -42,6 +43,9 @@ class TrainerConfig:
         clip_grad_value (`float | None`): clamp of every gradient element to ``±value``.
         nan_guard (`str`): ``"skip"``, ``"raise"`` or ``"off"``.
         max_consecutive_skips (`int`): more skipped steps in a row raise ``NonFiniteError``.
+        reinit_zero_params (`str | None`): ``"xavier"``, ``"normal"`` or None (report only).
+        reinit_std (`float`): standard deviation of ``"normal"`` re-initialisation.
+        reinit_scope (`str`): ``"weights"`` (2-D and more) or ``"all"``.
         log_every (`int`): optimizer steps between metric reads on the host.
         progress_bar (`bool`): show a tqdm bar on the main process.
         log_with (`tuple`): Accelerate trackers to start when safeloop builds the Accelerator.
@@ -57,6 +61,9 @@ class TrainerConfig:
     clip_grad_value: float | None = None
     nan_guard: str = "skip"
     max_consecutive_skips: int = 5
+    reinit_zero_params: str | None = "xavier"
+    reinit_std: float = 0.02
+    reinit_scope: str = "weights"
     log_every: int = 10
     progress_bar: bool = True
     log_with: tuple[Any, ...] = ()
@@ -279,6 +286,9 @@ def build_config(
     clip_grad_value: object = None,
     nan_guard: object = "skip",
     max_consecutive_skips: object = 5,
+    reinit_zero_params: object = "xavier",
+    reinit_std: object = 0.02,
+    reinit_scope: object = "weights",
     log_every: object = 10,
     progress_bar: object = True,
     log_with: object = None,
@@ -324,6 +334,17 @@ def build_config(
             f"`max_consecutive_skips` must be an int >= 0 (0: the first skip raises); got "
             f"{_seen(max_consecutive_skips)}."
         )
+    if reinit_zero_params not in REINIT_CHOICES:
+        problems.append(
+            f"`reinit_zero_params` must be 'xavier', 'normal' or None; got {_seen(reinit_zero_params)}."
+        )
+    _check_positive_float(problems, "reinit_std", reinit_std)
+    if reinit_std is None:
+        problems.append("`reinit_std` must be a finite number > 0; got None.")
+    if reinit_scope not in REINIT_SCOPES:
+        problems.append(
+            f"`reinit_scope` must be one of {', '.join(map(repr, REINIT_SCOPES))}; got {_seen(reinit_scope)}."
+        )
     if not isinstance(progress_bar, bool):
         problems.append(f"`progress_bar` must be True or False; got {_seen(progress_bar)}.")
     if project_dir is not None and not isinstance(project_dir, (str, os.PathLike)):
@@ -347,6 +368,9 @@ def build_config(
         clip_grad_value=None if clip_grad_value is None else float(clip_grad_value),  # type: ignore[arg-type]
         nan_guard=nan_guard,  # type: ignore[arg-type]
         max_consecutive_skips=max_consecutive_skips,  # type: ignore[arg-type]
+        reinit_zero_params=reinit_zero_params,  # type: ignore[arg-type]
+        reinit_std=float(reinit_std),  # type: ignore[arg-type]
+        reinit_scope=reinit_scope,  # type: ignore[arg-type]
         log_every=log_every,  # type: ignore[arg-type]
         progress_bar=progress_bar,  # type: ignore[arg-type]
         log_with=trackers,

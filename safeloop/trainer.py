@@ -24,6 +24,7 @@ from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.nonfinite import SkipRecord, finite_flag
 from safeloop.launch import build_accelerator
 from safeloop.metrics import MetricBuffer
+from safeloop.preflight import check_zero_params
 from safeloop.progress import ProgressBar, planned_steps
 from safeloop.results import Event, Finding, FitResult
 from safeloop.skips import SkipMonitor
@@ -61,6 +62,12 @@ class SafeTrainer:
             or the guard is ``"off"``.
         max_consecutive_skips (`int`, *optional*, defaults to 5): more skips in a row raise
             ``NonFiniteError``.
+        reinit_zero_params (`str`, *optional*, defaults to ``"xavier"``): re-initialise
+            all-zero weights whose first gradient is all zero too (``"xavier"``, ``"normal"``),
+            or only report them (None).
+        reinit_std (`float`, *optional*, defaults to 0.02): standard deviation for ``"normal"``.
+        reinit_scope (`str`, *optional*, defaults to ``"weights"``): ``"weights"`` (2-D and
+            more) or ``"all"`` (stuck 1-D tensors too).
         callbacks (`Sequence[Callback]`, *optional*): observers of the loop.
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric logs.
         progress_bar (`bool`, *optional*, defaults to True): tqdm bar on the main process.
@@ -96,6 +103,9 @@ class SafeTrainer:
         clip_grad_value: float | None = None,
         nan_guard: str = "skip",
         max_consecutive_skips: int = 5,
+        reinit_zero_params: str | None = "xavier",
+        reinit_std: float = 0.02,
+        reinit_scope: str = "weights",
         callbacks: Sequence[Callback] = (),
         log_every: int = 10,
         progress_bar: bool = True,
@@ -111,6 +121,7 @@ class SafeTrainer:
             gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
             seed=seed, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
             nan_guard=nan_guard, max_consecutive_skips=max_consecutive_skips,
+            reinit_zero_params=reinit_zero_params, reinit_std=reinit_std, reinit_scope=reinit_scope,
             log_every=log_every, progress_bar=progress_bar, log_with=log_with, project_dir=project_dir,
         )  # fmt: skip
         self._callbacks = CallbackList(callback_items)
@@ -144,6 +155,7 @@ class SafeTrainer:
         self._bar: ProgressBar | None = None
         self._step_lr: float = optimizer.param_groups[0]["lr"]
         self._step_epoch = 0
+        self._preflight_done = False
         self._guarded = self.config.nan_guard != "off"
         self._overflow_skips = 0
         self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
@@ -251,6 +263,8 @@ class SafeTrainer:
                 self._log()
 
     def _optimizer_step(self) -> None:
+        if not self._preflight_done:
+            self._preflight()
         norms = clip_and_measure(
             self.accelerator,
             self.model.parameters(),
@@ -286,6 +300,21 @@ class SafeTrainer:
             self._skips.applied(self.global_step)
         elif applied is False:  # read on the host this step: report the skip now
             self._on_skip(self._skip_record(self.global_step, window_loss, norms.total, nonfinite))
+
+    def _preflight(self) -> None:
+        """Checks on the first step's gradients, before its update (once per trainer)."""
+        self._preflight_done = True
+        events, findings = check_zero_params(
+            self.accelerator.unwrap_model(self.model),
+            method=self.config.reinit_zero_params,
+            std=self.config.reinit_std,
+            scope=self.config.reinit_scope,
+            # the same seed on every rank: re-initialised weights agree without a broadcast
+            seed=0 if self.config.seed is None else self.config.seed,
+        )
+        self._events.extend(events)
+        for finding in findings:
+            self._add_finding(finding)
 
     # -- skipped steps ---------------------------------------------------------------------
 

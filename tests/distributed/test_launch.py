@@ -97,3 +97,12 @@ def test_nan_on_rank_one_only_makes_both_ranks_skip_the_same_step(tmp_path):
     assert [r["skip_steps"] for r in results] == [[6], [6]]
     assert results[0]["final"] == results[1]["final"], "ranks diverged after the skip"
     assert results[0]["final"] != results[0]["initial"]
+
+
+def test_reinitialised_weights_are_identical_on_both_ranks(tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port()]
+    proc = _launch(cmd, tmp_path, ZERO_INIT="1")
+    results = _results(proc)
+    assert [r["reinit"] for r in results] == [["0.weight", "2.weight"]] * 2
+    assert results[0]["final"] == results[1]["final"], "ranks hold different weights"
+    assert results[0]["final"] != results[0]["initial"]

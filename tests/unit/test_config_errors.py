@@ -611,3 +611,30 @@ def test_negative_max_consecutive_skips_is_rejected():
         _trainer(max_consecutive_skips=-1)
     message = str(excinfo.value)
     assert "`max_consecutive_skips`" in message and "-1" in message and "int >= 0" in message
+
+
+def test_unknown_reinit_method_is_rejected_with_the_choices():
+    with pytest.raises(ConfigError) as excinfo:
+        _trainer(reinit_zero_params="kaiming")
+    message = str(excinfo.value)
+    assert "`reinit_zero_params`" in message and "'kaiming'" in message
+    assert "'xavier'" in message and "'normal'" in message and "None" in message
+
+
+def test_non_positive_reinit_std_is_rejected():
+    with pytest.raises(ConfigError) as excinfo:
+        _trainer(reinit_std=0.0)
+    message = str(excinfo.value)
+    assert "`reinit_std`" in message and "0.0" in message and "> 0" in message
+
+
+def test_unknown_reinit_scope_is_rejected_with_the_choices():
+    with pytest.raises(ConfigError) as excinfo:
+        _trainer(reinit_scope="biases")
+    message = str(excinfo.value)
+    assert (
+        "`reinit_scope`" in message
+        and "'biases'" in message
+        and "'weights'" in message
+        and "'all'" in message
+    )

@@ -32,6 +32,10 @@ def digest(model: nn.Module) -> str:
 def main() -> None:
     out_dir = sys.argv[1]
     model = mlp(seed=0)
+    if os.environ.get("ZERO_INIT") == "1":  # stuck layers: safeloop re-initialises them on every rank
+        for layer in (model[0], model[2]):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
     initial = digest(model)
     rank_tag = os.environ.get("RANK", "0")
     tracker = JsonLinesTracker(os.path.join(out_dir, f"metrics-rank{rank_tag}.jsonl"))
@@ -61,8 +65,11 @@ def main() -> None:
         "last_loss": result.history[-1]["loss"],
         "skipped": result.skipped_steps,
         "skip_steps": [e.step for e in result.events if e.kind == "skip"],
+        "reinit": [e.detail["param"] for e in result.events if e.kind == "reinit"],
     }
-    print("RESULT " + json.dumps(record), flush=True)
+    # one write per line: two processes share this stdout, and print() writes the newline apart
+    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Checks made once, on the gradients of the first optimizer step, before its update.
+
+They share the first forward/backward pass with training (no extra pass) and may read tensors on
+the host: they run once per ``fit``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from safeloop.guards.reinit import ZeroParam, find_zero_params, reinit_
+from safeloop.results import Event, Finding
+
+__all__ = ["check_zero_params"]
+
+_METHOD_NAMES = {"xavier": "Xavier uniform", "normal": "a normal distribution"}
+
+
+def check_zero_params(
+    model: torch.nn.Module,
+    *,
+    method: str | None,
+    std: float,
+    scope: str,
+    seed: int,
+) -> tuple[list[Event], list[Finding]]:
+    """Find all-zero parameters, re-initialise the stuck ones, and describe what was done.
+
+    Args:
+        model (`torch.nn.Module`): the unwrapped model, gradients of the first step in place.
+        method (`str`, *optional*): ``"xavier"``, ``"normal"``, or None to report only.
+        std (`float`): standard deviation for ``"normal"`` (and for 1-D tensors under ``"all"``).
+        scope (`str`): ``"weights"`` (2-D and more) or ``"all"`` (stuck 1-D tensors too).
+        seed (`int`): seeds the generator, the same on every process.
+
+    Returns:
+        `tuple[list[Event], list[Finding]]`: a ``"reinit"`` event per re-initialised parameter
+        and a ``zero-params`` finding per zero weight worth knowing about.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    events: list[Event] = []
+    findings: list[Finding] = []
+    for zero in find_zero_params(params.items()):
+        reinit = method is not None and zero.reinit_wanted(scope)
+        if reinit:
+            reinit_(params[zero.name], method, std=std, generator=generator)  # type: ignore[arg-type]
+            detail = {"param": zero.name, "shape": list(zero.shape), "method": method}
+            if method == "normal" or not zero.is_weight:
+                detail["std"] = std
+            events.append(Event("reinit", 0, detail))
+        finding = _finding(zero, reinit=reinit, method=method, scope=scope)
+        if finding is not None:
+            findings.append(finding)
+    return events, findings
+
+
+def _finding(zero: ZeroParam, *, reinit: bool, method: str | None, scope: str) -> Finding | None:
+    shape = tuple(zero.shape)
+    if not zero.stuck:
+        if not zero.is_weight:
+            return None  # a zero bias or norm shift that receives gradient: the usual init
+        return Finding(
+            code="zero-params",
+            severity="info",
+            message=(
+                f"`{zero.name}` {shape} starts all zeros but receives gradient (norm "
+                f"{zero.grad_norm:.3g}): a deliberate zero init (LoRA `B`, zero-init residual "
+                "output, adaLN-Zero) that learns. Left as it is."
+            ),
+            params=(zero.name,),
+            step=0,
+            suggestion="Nothing to change if the zero init is intended.",
+        )
+    if not zero.is_weight and not reinit:
+        return Finding(
+            code="zero-params",
+            severity="info",
+            message=(
+                f"`{zero.name}` {shape} is all zeros and got an all-zero gradient on the first "
+                f"batch; 1-D tensors are left alone (`reinit_scope={scope!r}`)."
+            ),
+            params=(zero.name,),
+            step=0,
+            suggestion=(
+                'It usually belongs to a layer that is stuck; `reinit_scope="all"` re-initialises it too.'
+            ),
+        )
+    if reinit:
+        done = f"Re-initialised with {_METHOD_NAMES[method]} before the first update."  # type: ignore[index]
+        suggestion = (
+            f"Initialise `{zero.name}` yourself (e.g. `nn.init.xavier_uniform_`); safeloop did it "
+            "for this run."
+        )
+    else:
+        done = "Not re-initialised (`reinit_zero_params=None`): it will stay at zero."
+        suggestion = f'Initialise `{zero.name}`, or pass `reinit_zero_params="xavier"`.'
+    return Finding(
+        code="zero-params",
+        severity="warning",
+        message=(
+            f"`{zero.name}` {shape} is all zeros and its gradient on the first batch is all zeros "
+            f"too: it cannot learn. {done}"
+        ),
+        params=(zero.name,),
+        step=0,
+        suggestion=suggestion,
+    )
