@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from safeloop.diagnostics.localize import Localisation, locate_nonfinite
+from safeloop.errors import NonFiniteError
 from safeloop.guards.nonfinite import SkipRecord, SkipTracker
+from safeloop.metrics import StepValues
 from safeloop.results import Event, Finding
 
 __all__ = ["SkipMonitor", "SkipOutcome"]
@@ -58,6 +60,7 @@ class SkipMonitor:
     ) -> None:
         self.tracker = SkipTracker(max_consecutive_skips=max_consecutive_skips)
         self.param_names = tuple(param_names)
+        self.overflow_skips = 0
         # references only (no copies): the batches stay alive until they leave the window
         self._batches: deque[tuple[int, int, Any]] = deque(maxlen=history_steps * accumulation)
 
@@ -72,6 +75,56 @@ class SkipMonitor:
     def applied(self, step: int) -> None:
         """Record that ``step`` was applied (ends a run of skips)."""
         self.tracker.observe(step, True)
+
+    def record_now(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor | None
+    ) -> SkipRecord:
+        """Describe a step known to be skipped from its device values (host reads: skips only)."""
+        bad = [] if nonfinite is None else torch.nonzero(nonfinite).flatten().tolist()
+        return SkipRecord(step, float(loss), float(grad_norm), self.names(bad))
+
+    def skipped_in_log(self, last_step: int, per_step: Sequence[StepValues]) -> list[SkipRecord]:
+        """Go through the steps of a log interval read on the host, oldest first.
+
+        Applied steps end runs of skips; fp16 scaler overflows are counted apart (expected while
+        the scale settles, never escalated). Returns the records of the guard's own skips, for
+        the trainer to report in order.
+        """
+        first = last_step - len(per_step) + 1
+        records = []
+        for offset, values in enumerate(per_step):
+            if values.overflow:
+                self.overflow_skips += 1
+            elif values.finite:
+                self.applied(first + offset)
+            else:
+                records.append(
+                    SkipRecord(first + offset, values.loss, values.grad_norm, self.names(values.bad_params))
+                )
+        return records
+
+    def escalation_error(self, record: SkipRecord, findings: Sequence[Finding]) -> NonFiniteError:
+        """The error for a run of skips longer than ``max_consecutive_skips``."""
+        return NonFiniteError(
+            f"{self.tracker.consecutive} optimizer steps in a row ended with a non-finite loss or "
+            f"gradients (the last at step {record.step}, loss {record.loss}, gradient norm "
+            f"{record.grad_norm}); `max_consecutive_skips={self.tracker.max_consecutive_skips}`. "
+            "See the findings for where the values came from; lower the learning rate, clip "
+            "gradients (`clip_grad_norm=1.0`) or clean the data.",
+            findings=findings,
+        )
+
+    @staticmethod
+    def raise_policy_error(record: SkipRecord, outcome: SkipOutcome) -> NonFiniteError:
+        """The error of ``nan_guard="raise"`` at the first non-finite step."""
+        params = ", ".join(record.params) or "some parameters"
+        what = "loss" if record.cause == "loss" else f"gradients of {params}"
+        return NonFiniteError(
+            f"step {record.step}: the {what} went non-finite (loss {record.loss}, gradient norm "
+            f'{record.grad_norm}) and `nan_guard="raise"`; nothing was updated. '
+            + " ".join(f.message for f in outcome.findings),
+            findings=outcome.findings,
+        )
 
     def skipped(
         self,

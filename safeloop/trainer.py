@@ -18,7 +18,6 @@ from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
 from safeloop.config import TrainerConfig, build_config
 from safeloop.distributed import agree_all_finite, reduce_across_processes, settle_collectives
-from safeloop.errors import NonFiniteError
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.nonfinite import SkipRecord, finite_flag
@@ -157,7 +156,6 @@ class SafeTrainer:
         self._step_epoch = 0
         self._preflight_done = False
         self._guarded = self.config.nan_guard != "off"
-        self._overflow_skips = 0
         self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._skips = SkipMonitor(
@@ -286,7 +284,8 @@ class SafeTrainer:
             overflow = self._stepper.overflow()
             ok = flag if overflow is None else torch.maximum(flag, overflow.to(flag))  # type: ignore[arg-type]
             if not bool(ok.item()):
-                self._raise_nonfinite(window_loss, norms.total, nonfinite)
+                record = self._skips.record_now(self.global_step + 1, window_loss, norms.total, nonfinite)
+                self._on_skip(record, raise_policy=True)
         self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
         self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
         applied = self._stepper.step(flag)
@@ -299,7 +298,7 @@ class SafeTrainer:
         if applied is True:
             self._skips.applied(self.global_step)
         elif applied is False:  # read on the host this step: report the skip now
-            self._on_skip(self._skip_record(self.global_step, window_loss, norms.total, nonfinite))
+            self._on_skip(self._skips.record_now(self.global_step, window_loss, norms.total, nonfinite))
 
     def _preflight(self) -> None:
         """Checks on the first step's gradients, before its update (once per trainer)."""
@@ -318,48 +317,16 @@ class SafeTrainer:
 
     # -- skipped steps ---------------------------------------------------------------------
 
-    def _skip_record(
-        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor | None
-    ) -> SkipRecord:
-        # host reads, only for a step already known to be skipped
-        bad = [] if nonfinite is None else torch.nonzero(nonfinite).flatten().tolist()
-        return SkipRecord(step, float(loss), float(grad_norm), self._skips.names(bad))
-
-    def _on_skip(self, record: SkipRecord) -> None:
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        outcome = self._skips.skipped(record, unwrapped, self._loss_of)
-        self._events.append(outcome.event)
-        self._callbacks.call("on_skip", self, outcome.event)
-        for finding in outcome.findings:
-            self._add_finding(finding)
-        if outcome.escalate:
-            raise NonFiniteError(
-                f"{self._skips.tracker.consecutive} optimizer steps in a row ended with a non-finite "
-                f"loss or gradients (the last at step {record.step}, loss {record.loss}, gradient "
-                f"norm {record.grad_norm}); `max_consecutive_skips={self.config.max_consecutive_skips}`. "
-                "See the findings for where the values came from; lower the learning rate, clip "
-                "gradients (`clip_grad_norm=1.0`) or clean the data.",
-                findings=self._findings,
-            )
-
-    def _raise_nonfinite(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor | None
-    ) -> None:
-        record = self._skip_record(self.global_step + 1, loss, grad_norm, nonfinite)
+    def _on_skip(self, record: SkipRecord, *, raise_policy: bool = False) -> None:
         outcome = self._skips.skipped(record, self.accelerator.unwrap_model(self.model), self._loss_of)
         for finding in outcome.findings:
             self._add_finding(finding)
-        what = (
-            "loss"
-            if record.cause == "loss"
-            else f"gradients of {', '.join(record.params) or 'some parameters'}"
-        )
-        raise NonFiniteError(
-            f"step {record.step}: the {what} went non-finite (loss {record.loss}, gradient norm "
-            f'{record.grad_norm}) and `nan_guard="raise"`; nothing was updated. '
-            + " ".join(f.message for f in outcome.findings),
-            findings=outcome.findings,
-        )
+        if raise_policy:
+            raise self._skips.raise_policy_error(record, outcome)
+        self._events.append(outcome.event)
+        self._callbacks.call("on_skip", self, outcome.event)
+        if outcome.escalate:
+            raise self._skips.escalation_error(record, self._findings)
 
     def _add_finding(self, finding: Finding) -> None:
         # one finding per code and place: the first occurrence is kept
@@ -375,17 +342,9 @@ class SafeTrainer:
         record = self._metrics.collect(lambda t: reduce_across_processes(self.accelerator, t, "mean"))
         if record is None:
             return
-        if self._guarded and self._stepper.device_side:
-            first = self.global_step - record.steps + 1
-            for offset, values in enumerate(record.per_step):
-                step = first + offset
-                if values.overflow:  # the fp16 scaler's own skip: expected, counted apart
-                    self._overflow_skips += 1
-                elif values.finite:
-                    self._skips.applied(step)
-                else:
-                    names = self._skips.names(values.bad_params)
-                    self._on_skip(SkipRecord(step, values.loss, values.grad_norm, names))
+        if self._guarded and self._stepper.device_side:  # skips decided on the device, learnt now
+            for skip in self._skips.skipped_in_log(self.global_step, record.per_step):
+                self._on_skip(skip)
         lr = float(self._step_lr)
         entry = {
             "step": self.global_step,
@@ -395,7 +354,7 @@ class SafeTrainer:
             "grad_norm": record.grad_norm,
             "steps_per_sec": record.steps_per_sec,
             "skipped_steps": self._skips.tracker.skipped,
-            "overflow_skips": self._overflow_skips,
+            "overflow_skips": self._skips.overflow_skips,
         }
         self._history.append(entry)
         self.accelerator.log(
