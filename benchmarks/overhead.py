@@ -107,7 +107,9 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) in both loops")
     parser.add_argument("--nan-guard", default="skip", choices=["skip", "raise", "off"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     bare_loop(args), safeloop_run(args)  # warm-up: allocator, thread pools, first-call costs
     bare, safe = [], []

@@ -107,36 +107,48 @@ class MetricBuffer:
         """Start timing the next interval now (at the start of ``fit``)."""
         self._since = time.perf_counter()
 
-    def collect(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> LogRecord | None:
+    def collect(
+        self, reduce_mean: Callable[[torch.Tensor], torch.Tensor], extra: torch.Tensor | None = None
+    ) -> tuple[LogRecord | None, list[float]]:
         """Average the buffered rows over processes and read them on the host, then clear.
 
         Args:
             reduce_mean (`Callable[[Tensor], Tensor]`): mean over processes; every process must
                 call ``collect`` together.
+            extra (`torch.Tensor`, *optional*): a 1-D device vector to read in the same transfer
+                (values equal on every process, e.g. weight-health measurements).
 
         Returns:
-            `LogRecord | None`: the summary, or None when no step was recorded.
+            `tuple[LogRecord | None, list[float]]`: the summary (None when no step was
+            recorded) and the host values of ``extra``.
         """
         if not self._rows:
-            return None
+            return None, []
         width = max(row.numel() for row in self._rows)
         # rows without a mask (no gradient measured) are padded so that one stack holds all
         rows = [torch.nn.functional.pad(row, (0, width - row.numel())) for row in self._rows]
-        stacked = reduce_mean(torch.stack(rows))
+        stacked = torch.stack(rows).flatten()
+        tail = 0 if extra is None else extra.numel()
+        if extra is not None:
+            stacked = torch.cat([stacked, extra.float().to(stacked.device)])
+        reduced = reduce_mean(stacked)
         now = time.perf_counter()
         elapsed = max(now - self._since, 1e-9)
-        values = stacked.tolist()  # host sync, once per log_every steps: the one metrics read
+        flat = reduced.tolist()  # host sync, once per log_every steps: the one metrics read
+        extra_values = flat[len(flat) - tail :]
+        values = [flat[i * width : (i + 1) * width] for i in range(len(rows))]
         self._rows.clear()
         self._since = now
         per_step = tuple(self._step_values(row) for row in values)
         applied = [s.loss for s in per_step if s.finite is not False and math.isfinite(s.loss)]
-        return LogRecord(
+        record = LogRecord(
             loss=sum(applied) / len(applied) if applied else math.nan,
             grad_norm=per_step[-1].grad_norm,
             steps=len(per_step),
             steps_per_sec=len(per_step) / elapsed,
             per_step=per_step,
         )
+        return record, extra_values
 
     def _step_values(self, row: list[float]) -> StepValues:
         if not self._has_flag:

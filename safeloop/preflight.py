@@ -23,7 +23,7 @@ def check_zero_params(
     std: float,
     scope: str,
     seed: int,
-) -> tuple[list[Event], list[Finding]]:
+) -> tuple[list[Event], list[Finding], set[str]]:
     """Find all-zero parameters, re-initialise the stuck ones, and describe what was done.
 
     Args:
@@ -34,13 +34,15 @@ def check_zero_params(
         seed (`int`): seeds the generator, the same on every process.
 
     Returns:
-        `tuple[list[Event], list[Finding]]`: a ``"reinit"`` event per re-initialised parameter
-        and a ``zero-params`` finding per zero weight worth knowing about.
+        `tuple[list[Event], list[Finding], set[str]]`: a ``"reinit"`` event per re-initialised
+        parameter, a ``zero-params`` finding per zero weight worth knowing about, and the names
+        of the parameters left at zero.
     """
     generator = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     events: list[Event] = []
     findings: list[Finding] = []
+    left_zero: set[str] = set()
     for zero in find_zero_params(params.items()):
         reinit = method is not None and zero.reinit_wanted(scope)
         if reinit:
@@ -49,10 +51,12 @@ def check_zero_params(
             if method == "normal" or not zero.is_weight:
                 detail["std"] = std
             events.append(Event("reinit", 0, detail))
+        else:
+            left_zero.add(zero.name)
         finding = _finding(zero, reinit=reinit, method=method, scope=scope)
         if finding is not None:
             findings.append(finding)
-    return events, findings
+    return events, findings, left_zero
 
 
 def _finding(zero: ZeroParam, *, reinit: bool, method: str | None, scope: str) -> Finding | None:

@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
 from safeloop.config import TrainerConfig, build_config
+from safeloop.diagnostics.health import WeightHealth
 from safeloop.distributed import agree_all_finite, reduce_across_processes, settle_collectives
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
@@ -158,6 +159,9 @@ class SafeTrainer:
         self._guarded = self.config.nan_guard != "off"
         self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        # gradients of sharded models are shards: row statistics would be wrong there
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self._health = None if sharded else WeightHealth(unwrapped.named_parameters())
         self._skips = SkipMonitor(
             max_consecutive_skips=self.config.max_consecutive_skips,
             param_names=[name for name, _ in unwrapped.named_parameters()],
@@ -289,6 +293,8 @@ class SafeTrainer:
         self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
         self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
         applied = self._stepper.step(flag)
+        if self._health is not None and (self.global_step + 1) % self.config.log_every == 0:
+            self._health.capture_gradients()  # the log step's gradients, before they are freed
         self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
@@ -303,7 +309,7 @@ class SafeTrainer:
     def _preflight(self) -> None:
         """Checks on the first step's gradients, before its update (once per trainer)."""
         self._preflight_done = True
-        events, findings = check_zero_params(
+        events, findings, left_zero = check_zero_params(
             self.accelerator.unwrap_model(self.model),
             method=self.config.reinit_zero_params,
             std=self.config.reinit_std,
@@ -314,6 +320,8 @@ class SafeTrainer:
         self._events.extend(events)
         for finding in findings:
             self._add_finding(finding)
+        if self._health is not None:
+            self._health.zero_at_start = left_zero
 
     # -- skipped steps ---------------------------------------------------------------------
 
@@ -339,9 +347,15 @@ class SafeTrainer:
 
     def _log(self) -> None:
         """Read the buffered metrics on the host (every process together) and report them."""
-        record = self._metrics.collect(lambda t: reduce_across_processes(self.accelerator, t, "mean"))
+        health = None if self._health is None else self._health.measurements()
+        record, health_values = self._metrics.collect(
+            lambda t: reduce_across_processes(self.accelerator, t, "mean"), extra=health
+        )
         if record is None:
             return
+        if self._health is not None:
+            for finding in self._health.check(self.global_step, health_values):
+                self._add_finding(finding)
         if self._guarded and self._stepper.device_side:  # skips decided on the device, learnt now
             for skip in self._skips.skipped_in_log(self.global_step, record.per_step):
                 self._on_skip(skip)

@@ -184,3 +184,60 @@ def test_scope_all_also_reinitialises_stuck_biases():
     result = _fit(zero_mlp(), reinit_scope="all", max_epochs=1)
     names = [e.detail["param"] for e in result.events if e.kind == "reinit"]
     assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_a_weight_that_collapses_mid_run_is_reported_not_reinitialised():
+    from safeloop import Callback
+
+    class ZeroTheHead(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            if trainer.global_step == 7:
+                with torch.no_grad():
+                    trainer.model[2].weight.zero_()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    result = SafeTrainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),  # lr 0: the weight stays at zero
+        loader(classification_data()),
+        loss_fn=nn.CrossEntropyLoss(),
+        log_every=5,
+        callbacks=[ZeroTheHead()],
+        progress_bar=False,
+    ).fit()
+    collapsed = [f for f in result.findings if f.code == "zero-params"]
+    assert len(collapsed) == 1 and collapsed[0].params == ("2.weight",)
+    assert collapsed[0].severity == "warning" and collapsed[0].step == 10
+    assert "collapsed to all zeros" in collapsed[0].message
+    assert [e for e in result.events if e.kind == "reinit"] == []
+    assert not model[2].weight.any()
+
+
+def test_rows_that_never_get_gradient_are_reported_as_dead_units():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-10.0)  # every pre-activation negative: the ReLU never fires
+    result = SafeTrainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        loader(classification_data()),
+        loss_fn=nn.CrossEntropyLoss(),
+        max_epochs=2,
+        log_every=4,
+        progress_bar=False,
+    ).fit()
+    dead = [f for f in result.findings if f.code == "dead-units"]
+    assert [f.params for f in dead] == [("0.weight",), ("2.weight",)]
+    assert "32 of 32 rows (100%)" in dead[0].message and dead[0].step == 12
+    assert "never activate" in dead[0].message
+    assert "downstream of `0.weight`" in dead[1].message  # starved by the dead layer, not dead itself
+
+
+def test_a_healthy_run_reports_no_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    result = _fit(model, max_epochs=10, log_every=4)
+    assert [f for f in result.findings if f.severity != "info"] == []
+    assert result.history[-1]["loss"] < result.history[0]["loss"]

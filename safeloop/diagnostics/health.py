@@ -1,0 +1,134 @@
+"""Weight health during training: weights that collapse to zero, rows that get no gradient.
+
+Measured on device once per ``log_every`` steps (the gradients of the log step itself, the
+weights after its update) and read on the host in the same transfer as the training metrics.
+Nothing here changes the model: a weight that collapses mid-run is reported, not re-initialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from safeloop.results import Finding
+
+__all__ = ["WeightHealth", "DEAD_ROW_FRACTION", "DEAD_ROW_CHECKS"]
+
+# AUTOTRAINER calls a ReLU layer dying when >= 70% of its units get no gradient; requiring it at
+# 3 log checks in a row keeps one odd batch from raising it.
+DEAD_ROW_FRACTION = 0.7
+DEAD_ROW_CHECKS = 3
+
+
+class WeightHealth:
+    """Watches the trainable weights of 2 or more dims of a model.
+
+    Args:
+        named_params (`Iterable[tuple[str, Parameter]]`): the unwrapped model's parameters.
+        zero_at_start (`Iterable[str]`): names of weights that were all zeros before the first
+            update and left so on purpose (they are not reported as collapsing).
+    """
+
+    def __init__(
+        self, named_params: Iterable[tuple[str, torch.nn.Parameter]], zero_at_start: Iterable[str] = ()
+    ) -> None:
+        self.weights = [(n, p) for n, p in named_params if p.requires_grad and p.dim() >= 2 and p.numel() > 0]
+        self.zero_at_start = set(zero_at_start)
+        self._row_masks: list[torch.Tensor] | None = None
+        self._dead_streak: dict[str, int] = {}
+        self._reported: set[tuple[str, str]] = set()
+
+    def capture_gradients(self) -> None:
+        """Keep, on device, which rows of each weight received gradient this step."""
+        masks = []
+        for _, param in self.weights:
+            if param.grad is None:
+                masks.append(torch.ones(param.shape[0], dtype=torch.bool, device=param.device))
+            else:
+                masks.append(param.grad.detach().flatten(1).abs().amax(dim=1) > 0)
+        self._row_masks = masks
+
+    def measurements(self) -> torch.Tensor | None:
+        """The device vector to read at a log step: per weight "not all zero", then row masks.
+
+        The trainer reads it together with the training metrics, in the same transfer.
+        """
+        if not self.weights:
+            return None
+        device = self.weights[0][1].device
+        parts = [torch.stack([p.detach().any().to(device) for _, p in self.weights]).float()]
+        if self._row_masks is not None:
+            parts += [mask.to(device).float() for mask in self._row_masks]
+        return torch.cat(parts)
+
+    def check(self, step: int, values: list[float]) -> list[Finding]:
+        """Turn the host values of ``measurements()`` into new findings."""
+        if not self.weights:
+            return []
+        nonzero, rows = values[: len(self.weights)], values[len(self.weights) :]
+        findings = [
+            self._collapsed(name, step) for (name, _), ok in zip(self.weights, nonzero, strict=True) if not ok
+        ]
+        if self._row_masks is not None and rows:
+            offset = 0
+            upstream: str | None = None
+            for (name, param), mask in zip(self.weights, self._row_masks, strict=True):
+                alive = rows[offset : offset + mask.numel()]
+                offset += mask.numel()
+                finding = self._dead_rows(name, tuple(param.shape), alive, step, upstream)
+                findings.append(finding)
+                if finding is not None and upstream is None:
+                    upstream = name
+        self._row_masks = None
+        return [f for f in findings if f is not None]
+
+    def _collapsed(self, name: str, step: int) -> Finding | None:
+        if name in self.zero_at_start or (name, "zero") in self._reported:
+            return None
+        self._reported.add((name, "zero"))
+        return Finding(
+            code="zero-params",
+            severity="warning",
+            message=(
+                f"`{name}` collapsed to all zeros during training (seen at step {step}); it no "
+                "longer passes any signal."
+            ),
+            params=(name,),
+            step=step,
+            suggestion=(
+                "Look for an excessive weight decay or learning rate, or code that writes the "
+                "weight in place (`.data.zero_()`, masking)."
+            ),
+        )
+
+    def _dead_rows(
+        self, name: str, shape: tuple[int, ...], alive: list[float], step: int, upstream: str | None
+    ) -> Finding | None:
+        dead = sum(1 for v in alive if v == 0.0)
+        fraction = dead / max(len(alive), 1)
+        streak = self._dead_streak[name] = (
+            self._dead_streak.get(name, 0) + 1 if fraction >= DEAD_ROW_FRACTION else 0
+        )
+        if streak < DEAD_ROW_CHECKS or (name, "dead") in self._reported:
+            return None
+        self._reported.add((name, "dead"))
+        return Finding(
+            code="dead-units",
+            severity="warning",
+            message=(
+                f"`{name}` {shape}: {dead} of {len(alive)} rows ({fraction:.0%}) received no gradient "
+                f"at {DEAD_ROW_CHECKS} log steps in a row (last at step {step}): "
+                + (
+                    f"it sits downstream of `{upstream}`, whose units are dead, so its input is zero."
+                    if upstream is not None and dead == len(alive)
+                    else "their units never activate (dead ReLU) or their output is cut off."
+                )
+            ),
+            params=(name,),
+            step=step,
+            suggestion=(
+                "Lower the learning rate, use LeakyReLU/GELU, check the initialisation and bias "
+                "of the layer, or normalise its inputs."
+            ),
+        )
