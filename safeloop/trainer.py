@@ -285,7 +285,7 @@ class SafeTrainer:
         if self.config.nan_guard == "raise":
             # host sync, once per optimizer step: "raise" must stop before any update; an fp16
             # scaler overflow is the scaler's business (it skips and lowers its scale), not an error
-            overflow = self._stepper.overflow()
+            overflow = _true_overflow(self._stepper.overflow(), window_loss)
             ok = flag if overflow is None else torch.maximum(flag, overflow.to(flag))  # type: ignore[arg-type]
             if not bool(ok.item()):
                 record = self._skips.record_now(self.global_step + 1, window_loss, norms.total, nonfinite)
@@ -300,7 +300,8 @@ class SafeTrainer:
             self.lr_scheduler.step()
         self.global_step += 1
         self._step_epoch = self.epoch
-        self._metrics.record(window_loss, norms.total, flag, nonfinite, self._stepper.last_overflow)
+        overflow = _true_overflow(self._stepper.last_overflow, window_loss)
+        self._metrics.record(window_loss, norms.total, flag, nonfinite, overflow)
         if applied is True:
             self._skips.applied(self.global_step)
         elif applied is False:  # read on the host this step: report the skip now
@@ -399,3 +400,15 @@ class SafeTrainer:
             batches_per_epoch=batches,
             accumulation=self.config.gradient_accumulation_steps,
         )
+
+
+def _true_overflow(scaler_found_inf: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor | None:
+    """The fp16 scaler's skip counts as an overflow only when the loss itself was finite.
+
+    A finite loss whose scaled gradients overflow is the scaler settling its scale (expected,
+    never escalated); a NaN/Inf loss is a fault the scaler would otherwise hide forever while it
+    keeps halving its scale, so it counts as the guard's skip.
+    """
+    if scaler_found_inf is None:
+        return None
+    return scaler_found_inf * torch.isfinite(loss.detach()).all().to(scaler_found_inf.dtype)
