@@ -1,9 +1,11 @@
 """Time SafeTrainer against the bare hand-written Accelerate loop on the same model and data.
 
 Runs alternate (bare, safeloop, bare, safeloop, ...) in one process so that both see the same
-machine state. Three ratios are printed: best/best, median/median, and the median of the
-per-round ratios (each round runs both loops back to back, so it cancels slow drift in machine
-speed; the most stable of the three on noisy machines). Usage:
+machine state. Time is the process's CPU time (`time.process_time`) on one torch thread: on a
+shared virtual machine wall time also counts the time the hypervisor gives to others, which
+made best-run wall times vary by 30% here. Three ratios are printed: best/best, median/median,
+and the median of the per-round ratios (each round runs both loops back to back, so it cancels
+slow drift in machine speed; the most stable of the three on noisy machines). Usage:
 
     python benchmarks/overhead.py                 # 3x512 MLP, AdamW, 200 steps, 7 rounds
     python benchmarks/overhead.py --clip 1.0      # both loops clip the gradient norm
@@ -54,7 +56,7 @@ def bare_loop(args: argparse.Namespace) -> float:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
-    start = time.perf_counter()
+    start = time.process_time()
     while steps < args.steps:
         for inputs, targets in loader:
             with accelerator.accumulate(model):
@@ -67,7 +69,7 @@ def bare_loop(args: argparse.Namespace) -> float:
             steps += 1
             if steps >= args.steps:
                 break
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     reset()
     return elapsed
 
@@ -85,9 +87,9 @@ def safeloop_run(args: argparse.Namespace) -> float:
         nan_guard=args.nan_guard,
         progress_bar=False,
     )
-    start = time.perf_counter()
+    start = time.process_time()
     trainer.fit()
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     reset()
     return elapsed
 

@@ -180,6 +180,8 @@ class SafeTrainer:
 
         Raises:
             ConfigError: at the first batch no batch convention can read.
+            NonFiniteError: with ``nan_guard="raise"`` at the first non-finite step, or after
+                more than ``max_consecutive_skips`` skipped steps in a row.
         """
         if self.config.seed is not None:
             set_seed(self.config.seed)  # the training RNG stream starts from a known point
