@@ -120,11 +120,15 @@ class _HostReadCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_host_reads_happen_once_per_log_step_and_never_on_other_steps(monkeypatch):
+def _reads_per_step(monkeypatch, **trainer_kwargs) -> list[int]:
+    """Run a short fit and return the host reads made during each step (batch start to batch start).
+
+    `Tensor.tolist` bypasses the dispatcher, so it is counted by hand next to the dispatch mode.
+    """
     counter = _HostReadCounter()
     original_tolist = torch.Tensor.tolist
 
-    def counting_tolist(self):  # tolist bypasses the dispatcher, so count it by hand
+    def counting_tolist(self):
         counter.count()
         return original_tolist(self)
 
@@ -135,23 +139,54 @@ def test_host_reads_happen_once_per_log_step_and_never_on_other_steps(monkeypatc
         def on_train_batch_start(self, trainer, batch, batch_idx):
             marks.append(counter.reads)
 
+    trainer = _trainer(callbacks=[Mark()], **trainer_kwargs)
+    with counter:
+        trainer.fit()
+    marks.append(counter.reads)
+    return [b - a for a, b in itertools.pairwise(marks)]
+
+
+def test_host_reads_happen_once_per_log_step_and_never_on_other_steps(monkeypatch):
     model = mlp()
     # fused AdamW keeps its step counters as tensors it never reads; the for-loop variant
     # calls `.item()` on them (host tensors, yet counted by the dispatcher).
-    trainer = _trainer(
+    reads = _reads_per_step(
+        monkeypatch,
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True),
         log_every=5,
         max_steps=20,
-        callbacks=[Mark()],
         clip_grad_norm=1.0,
     )
-    with counter:
-        trainer.fit()
-    marks.append(counter.reads)
-    reads_per_step = [b - a for a, b in itertools.pairwise(marks)]
     # the first step's one extra read is the preflight (zero-weight check), once per fit
-    assert reads_per_step == [1, 0, 0, 0, 1] + [0, 0, 0, 0, 1] * 3
+    assert reads == [1, 0, 0, 0, 1] + [0, 0, 0, 0, 1] * 3
+
+
+def test_optimizers_without_found_inf_read_the_guard_flag_once_per_step(monkeypatch):
+    model = mlp()
+    reads = _reads_per_step(
+        monkeypatch,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        log_every=5,
+        max_steps=10,
+    )
+    # the flag each step, the metrics on log steps, and the preflight once on the first step
+    assert reads == [2, 1, 1, 1, 2, 1, 1, 1, 1, 2]
+
+
+def test_guard_off_reads_nothing_outside_log_steps_with_any_optimizer(monkeypatch):
+    model = mlp()
+    reads = _reads_per_step(
+        monkeypatch,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        nan_guard="off",
+        log_every=5,
+        max_steps=10,
+    )
+    # the preflight on the first step, the metrics on the log steps; nothing else
+    assert reads == [1, 0, 0, 0, 1, 0, 0, 0, 0, 1]
 
 
 def test_eval_loss_is_the_sample_weighted_mean_and_model_is_back_in_train_mode():
@@ -262,64 +297,3 @@ def test_seed_makes_two_runs_identical_including_shuffling():
 
     first, second = run(), run()
     assert all(torch.equal(first[k], second[k]) for k in first)
-
-
-def test_optimizers_without_found_inf_read_the_guard_flag_once_per_step(monkeypatch):
-    counter = _HostReadCounter()
-    original_tolist = torch.Tensor.tolist
-
-    def counting_tolist(self):
-        counter.count()
-        return original_tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-    marks: list[int] = []
-
-    class Mark(Callback):
-        def on_train_batch_start(self, trainer, batch, batch_idx):
-            marks.append(counter.reads)
-
-    model = mlp()
-    trainer = _trainer(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        log_every=5,
-        max_steps=10,
-        callbacks=[Mark()],
-    )
-    with counter:
-        trainer.fit()
-    marks.append(counter.reads)
-    reads_per_step = [b - a for a, b in itertools.pairwise(marks)]
-    # the flag each step, the metrics on log steps, and the preflight once on the first step
-    assert reads_per_step == [2, 1, 1, 1, 2, 1, 1, 1, 1, 2]
-
-
-def test_guard_off_reads_nothing_outside_log_steps_with_any_optimizer(monkeypatch):
-    counter = _HostReadCounter()
-    original_tolist = torch.Tensor.tolist
-
-    def counting_tolist(self):
-        counter.count()
-        return original_tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-    marks: list[int] = []
-
-    class Mark(Callback):
-        def on_train_batch_start(self, trainer, batch, batch_idx):
-            marks.append(counter.reads)
-
-    model = mlp()
-    trainer = _trainer(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        nan_guard="off",
-        log_every=5,
-        max_steps=10,
-        callbacks=[Mark()],
-    )
-    with counter:
-        trainer.fit()
-    # the preflight on the first step, the metrics on the log step (5); nothing else
-    assert [b - a for a, b in itertools.pairwise(marks)] == [1, 0, 0, 0, 1, 0, 0, 0, 0]
