@@ -1,0 +1,1 @@
+"""Checkpoints: training state as safetensors and JSON, written atomically and verified."""

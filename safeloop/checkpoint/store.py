@@ -1,0 +1,232 @@
+"""Checkpoint folders on disk: atomic writes, a manifest written last, verification, rotation.
+
+Layout: ``root/step-00000500/`` holds the files of one checkpoint and ``manifest.json``, which
+lists every file with its size and SHA-256 and is written last. Writes go to a hidden temporary
+folder beside the target, every file and the folder are fsynced, then the folder is renamed into
+place and the parent fsynced: a crash at any moment leaves either no folder or a complete one,
+plus at most a temporary folder that discovery ignores. Only files the manifest lists are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from safeloop.errors import CheckpointError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "checkpoint_name",
+    "write_checkpoint",
+    "verify_checkpoint",
+    "list_checkpoints",
+    "latest_valid",
+    "rotate",
+    "Verification",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+_CHUNK = 1 << 20
+
+
+def checkpoint_name(step: int) -> str:
+    """Return the folder name of the checkpoint of global step ``step``.
+
+    Example:
+        >>> checkpoint_name(500)
+        'step-00000500'
+    """
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_checkpoint(
+    root: str | os.PathLike[str], step: int, files: Mapping[str, bytes], *, meta: Mapping[str, object]
+) -> Path:
+    """Write one checkpoint atomically and return its folder.
+
+    Args:
+        root (`str | PathLike`): the checkpoint directory (created if missing).
+        step (`int`): the global step; names the folder.
+        files (`Mapping[str, bytes]`): file name -> content (safetensors or JSON bytes).
+        meta (`Mapping[str, object]`): JSON-able facts stored in the manifest (health, epoch...).
+
+    Returns:
+        `Path`: ``root/step-NNNNNNNN``, complete and durable.
+
+    Raises:
+        CheckpointError: when a file name is not a plain name, or is the manifest's.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    bad = [name for name in files if name == MANIFEST or Path(name).name != name or name.startswith(".")]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint file names must be plain names other than {MANIFEST!r}; got {bad}."
+        )
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    listed = {}
+    for name, data in files.items():
+        _write_file(tmp / name, data)
+        listed[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": listed, "meta": dict(meta)}
+    _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step: the old folder goes only once the new is whole
+        aside = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of checking one checkpoint folder.
+
+    Attributes:
+        path (`Path`): the folder.
+        complete (`bool`): it has a manifest (a folder without one is an unfinished write).
+        ok (`bool`): the manifest parses and every listed file matches its size and hash.
+        problem (`str`): what is wrong, naming the file, when not ok.
+        manifest (`dict`): the parsed manifest when it could be read.
+    """
+
+    path: Path
+    complete: bool
+    ok: bool
+    problem: str = ""
+    manifest: dict | None = None
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> Verification:
+    """Check a checkpoint folder against its manifest; never reads files it does not list."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return Verification(path, complete=False, ok=False, problem=f"{manifest_path} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+        files = manifest["files"]
+        version = manifest["format_version"]
+    except (ValueError, KeyError, TypeError) as err:
+        return Verification(path, True, False, f"{manifest_path} cannot be parsed ({err})")
+    if version != FORMAT_VERSION:
+        return Verification(
+            path, True, False, f"{manifest_path} has format_version {version!r}, expected {FORMAT_VERSION}"
+        )
+    for name, entry in sorted(files.items()):
+        file = path / name
+        if Path(name).name != name or not file.is_file():
+            return Verification(path, True, False, f"{file} is missing", manifest)
+        size = file.stat().st_size
+        if size != entry.get("size"):
+            return Verification(
+                path, True, False, f"{file} has {size} bytes, the manifest says {entry.get('size')}", manifest
+            )
+        if _sha256(file) != entry.get("sha256"):
+            return Verification(
+                path, True, False, f"{file} does not match its SHA-256 in the manifest", manifest
+            )
+    return Verification(path, True, True, "", manifest)
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Return ``(step, folder)`` for every checkpoint-named folder in ``root``, by step (by name)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _NAME.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_valid(root: str | os.PathLike[str]) -> tuple[Path | None, list[str]]:
+    """Return the valid checkpoint with the highest step, and warnings about damaged newer ones.
+
+    Returns:
+        `tuple[Path | None, list[str]]`: None when no folder has a manifest (a fresh start).
+
+    Raises:
+        CheckpointError: when checkpoints with manifests exist and none verifies.
+    """
+    warnings: list[str] = []
+    damaged: list[str] = []
+    for _, path in reversed(list_checkpoints(root)):
+        check = verify_checkpoint(path)
+        if check.ok:
+            return path, warnings
+        if check.complete:
+            damaged.append(check.problem)
+            warnings.append(f"skipping damaged checkpoint {path.name}: {check.problem}")
+    if damaged:
+        listed = "\n".join(f"  - {problem}" for problem in damaged)
+        raise CheckpointError(
+            f"{len(damaged)} checkpoints in {root} have manifests but none verifies:\n{listed}\n"
+            "Restore them from a copy, or start fresh in another checkpoint_dir; safeloop does not "
+            "restart silently over damaged state."
+        )
+    return None, warnings
+
+
+def rotate(root: str | os.PathLike[str], keep: int, protect: Iterable[Path] = ()) -> list[Path]:
+    """Delete the oldest checkpoints beyond the newest ``keep``; never those in ``protect``.
+
+    Args:
+        root (`str | PathLike`): the checkpoint directory.
+        keep (`int`): how many of the newest to keep (>= 1).
+        protect (`Iterable[Path]`): folders never deleted (the newest healthy one).
+
+    Returns:
+        `list[Path]`: the folders deleted.
+    """
+    protected = {Path(p).resolve() for p in protect}
+    ordered = list_checkpoints(root)
+    deleted = []
+    for _, path in ordered[: max(len(ordered) - keep, 0)]:
+        if path.resolve() in protected:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(path)
+    return deleted

@@ -1,0 +1,108 @@
+"""Checkpoint folders: atomic writes, manifests, verification, discovery, rotation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safeloop import CheckpointError
+from safeloop.checkpoint.store import (
+    MANIFEST,
+    checkpoint_name,
+    latest_valid,
+    list_checkpoints,
+    rotate,
+    verify_checkpoint,
+    write_checkpoint,
+)
+
+
+def _write(root, step, payload=b"weights"):
+    return write_checkpoint(
+        root, step, {"model.safetensors": payload, "state.json": b"{}"}, meta={"healthy": True}
+    )
+
+
+def test_a_written_checkpoint_verifies_and_lists_every_file_with_size_and_hash(tmp_path):
+    path = _write(tmp_path, 500)
+    assert path.name == "step-00000500" == checkpoint_name(500)
+    check = verify_checkpoint(path)
+    assert check.ok and check.complete
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["step"] == 500 and manifest["meta"] == {"healthy": True}
+    assert manifest["files"]["model.safetensors"]["size"] == len(b"weights")
+    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest", "bad-manifest", "missing-file"])
+def test_damage_is_detected_and_the_loader_falls_back_to_the_previous_checkpoint(tmp_path, damage):
+    older = _write(tmp_path, 10)
+    newer = _write(tmp_path, 20, payload=b"newer weights")
+    target = newer / "model.safetensors"
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[3] ^= 0x01
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-2])
+    elif damage == "no-manifest":
+        (newer / MANIFEST).unlink()
+    elif damage == "bad-manifest":
+        (newer / MANIFEST).write_text("{not json")
+    else:
+        target.unlink()
+    path, warnings = latest_valid(tmp_path)
+    assert path == older
+    if damage == "no-manifest":
+        assert warnings == []  # an unfinished write, not damage: ignored without a warning
+    else:
+        assert len(warnings) == 1 and "step-00000020" in warnings[0]
+        assert ("model.safetensors" in warnings[0]) or (MANIFEST in warnings[0])
+
+
+def test_no_checkpoint_with_a_manifest_means_a_fresh_start(tmp_path):
+    (tmp_path / "step-00000005").mkdir()  # a crash during the very first save
+    assert latest_valid(tmp_path) == (None, [])
+
+
+def test_checkpoints_that_all_fail_verification_raise_with_every_problem(tmp_path):
+    for step in (1, 2):
+        path = _write(tmp_path, step)
+        (path / "model.safetensors").write_bytes(b"xx")
+    with pytest.raises(CheckpointError, match=r"2 checkpoints .* none verifies") as excinfo:
+        latest_valid(tmp_path)
+    assert "step-00000001" in str(excinfo.value) and "step-00000002" in str(excinfo.value)
+
+
+def test_latest_is_chosen_by_step_in_the_name_not_by_modification_time(tmp_path):
+    newer = _write(tmp_path, 200)
+    _write(tmp_path, 100)  # written last, yet older by step
+    assert latest_valid(tmp_path)[0] == newer
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [100, 200]
+
+
+def test_files_not_in_the_manifest_are_never_read(tmp_path):
+    path = _write(tmp_path, 3)
+    (path / "extra.bin").write_bytes(b"not listed, never opened")
+    assert verify_checkpoint(path).ok
+
+
+def test_rewriting_a_step_replaces_it_whole(tmp_path):
+    _write(tmp_path, 7, payload=b"first")
+    path = _write(tmp_path, 7, payload=b"second")
+    assert (path / "model.safetensors").read_bytes() == b"second" and verify_checkpoint(path).ok
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000007"]
+
+
+def test_rotation_keeps_the_newest_and_never_deletes_a_protected_one(tmp_path):
+    paths = [_write(tmp_path, step) for step in (1, 2, 3, 4, 5)]
+    deleted = rotate(tmp_path, keep=2, protect=[paths[1]])
+    assert deleted == [paths[0], paths[2]]
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 4, 5]
+
+
+def test_file_names_that_could_escape_the_folder_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="plain names"):
+        write_checkpoint(tmp_path, 1, {"../evil": b""}, meta={})
