@@ -64,6 +64,9 @@ class TrainerConfig:
     reinit_zero_params: str | None = "xavier"
     reinit_std: float = 0.02
     reinit_scope: str = "weights"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
     log_every: int = 10
     progress_bar: bool = True
     log_with: tuple[Any, ...] = ()
@@ -289,6 +292,9 @@ def build_config(
     reinit_zero_params: object = "xavier",
     reinit_std: object = 0.02,
     reinit_scope: object = "weights",
+    checkpoint_dir: object = None,
+    checkpoint_every: object = 500,
+    keep_checkpoints: object = 3,
     log_every: object = 10,
     progress_bar: object = True,
     log_with: object = None,
@@ -345,6 +351,10 @@ def build_config(
         problems.append(
             f"`reinit_scope` must be one of {', '.join(map(repr, REINIT_SCOPES))}; got {_seen(reinit_scope)}."
         )
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        problems.append(f"`checkpoint_dir` must be a path or None; got {_seen(checkpoint_dir)}.")
+    _check_count(problems, "checkpoint_every", checkpoint_every, optional=False)
+    _check_count(problems, "keep_checkpoints", keep_checkpoints, optional=False)
     if not isinstance(progress_bar, bool):
         problems.append(f"`progress_bar` must be True or False; got {_seen(progress_bar)}.")
     if project_dir is not None and not isinstance(project_dir, (str, os.PathLike)):
@@ -371,6 +381,9 @@ def build_config(
         reinit_zero_params=reinit_zero_params,  # type: ignore[arg-type]
         reinit_std=float(reinit_std),  # type: ignore[arg-type]
         reinit_scope=reinit_scope,  # type: ignore[arg-type]
+        checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),  # type: ignore[arg-type]
+        checkpoint_every=checkpoint_every,  # type: ignore[arg-type]
+        keep_checkpoints=keep_checkpoints,  # type: ignore[arg-type]
         log_every=log_every,  # type: ignore[arg-type]
         progress_bar=progress_bar,  # type: ignore[arg-type]
         log_with=trackers,

@@ -6,7 +6,9 @@ The trainer wires and loops; it holds no thresholds. ``fit`` reads as the outlin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +18,12 @@ from torch.utils.data import DataLoader
 
 from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
+from safeloop.checkpoint.manager import CheckpointManager
+from safeloop.checkpoint.trainer_state import RngSnapshot, apply_trainer, capture_trainer
 from safeloop.config import TrainerConfig, build_config
 from safeloop.diagnostics.health import WeightHealth
 from safeloop.distributed import agree_all_finite, reduce_across_processes, settle_collectives
+from safeloop.errors import ConfigError
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.nonfinite import SkipRecord, finite_flag
@@ -68,6 +73,10 @@ class SafeTrainer:
         reinit_std (`float`, *optional*, defaults to 0.02): standard deviation for ``"normal"``.
         reinit_scope (`str`, *optional*, defaults to ``"weights"``): ``"weights"`` (2-D and
             more) or ``"all"`` (stuck 1-D tensors too).
+        checkpoint_dir (`str`, *optional*): where checkpoints go (``step-00000500/`` folders);
+            None writes none (yet: rollback will use a temporary folder).
+        checkpoint_every (`int`, *optional*, defaults to 500): global steps between checkpoints.
+        keep_checkpoints (`int`, *optional*, defaults to 3): newest checkpoints kept.
         callbacks (`Sequence[Callback]`, *optional*): observers of the loop.
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric logs.
         progress_bar (`bool`, *optional*, defaults to True): tqdm bar on the main process.
@@ -106,6 +115,9 @@ class SafeTrainer:
         reinit_zero_params: str | None = "xavier",
         reinit_std: float = 0.02,
         reinit_scope: str = "weights",
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 500,
+        keep_checkpoints: int = 3,
         callbacks: Sequence[Callback] = (),
         log_every: int = 10,
         progress_bar: bool = True,
@@ -122,6 +134,8 @@ class SafeTrainer:
             seed=seed, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
             nan_guard=nan_guard, max_consecutive_skips=max_consecutive_skips,
             reinit_zero_params=reinit_zero_params, reinit_std=reinit_std, reinit_scope=reinit_scope,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
             log_every=log_every, progress_bar=progress_bar, log_with=log_with, project_dir=project_dir,
         )  # fmt: skip
         self._callbacks = CallbackList(callback_items)
@@ -145,7 +159,25 @@ class SafeTrainer:
         self.eval_dataloader = prepared[3] if eval_dataloader is not None else None
         self.global_step = 0
         self.epoch = 0
-        self.checkpoint_dir: str | None = None
+        self.checkpoint_dir = self.config.checkpoint_dir
+        self._checkpoints = (
+            None
+            if self.config.checkpoint_dir is None
+            else CheckpointManager(
+                self.config.checkpoint_dir,
+                every=self.config.checkpoint_every,
+                keep=self.config.keep_checkpoints,
+            )
+        )
+        if self._checkpoints is not None and self.accelerator.num_processes > 1:
+            raise ConfigError(
+                f"`checkpoint_dir` is set and the run has {self.accelerator.num_processes} processes; "
+                "multi-process checkpoints are not implemented yet. Leave `checkpoint_dir=None`."
+            )
+        self._epoch_rng: RngSnapshot | None = None
+        self._batch_in_epoch = 0
+        self._resume_position: int | None = None
+        self._resume_rng: tuple[Any, Any] | None = None
         self._metrics = MetricBuffer(self.config.log_every)
         self._window_losses: list[torch.Tensor] = []
         self._history: list[dict[str, Any]] = []
@@ -172,8 +204,13 @@ class SafeTrainer:
 
     # -- the outline of a run -------------------------------------------------------------
 
-    def fit(self) -> FitResult:
+    def fit(self, resume_from: str | os.PathLike[str] | None = None) -> FitResult:
         """Train until ``max_steps`` optimizer steps or ``max_epochs`` epochs.
+
+        Args:
+            resume_from (`str`, *optional*): a checkpoint folder, or ``"latest"`` (the newest
+                valid one in ``checkpoint_dir``; none there means a fresh start). Counts and
+                limits are totals for the run, resumed or not.
 
         Returns:
             `FitResult`: steps, history, events, findings and the last evaluation loss.
@@ -182,9 +219,11 @@ class SafeTrainer:
             ConfigError: at the first batch no batch convention can read.
             NonFiniteError: with ``nan_guard="raise"`` at the first non-finite step, or after
                 more than ``max_consecutive_skips`` skipped steps in a row.
+            CheckpointError: when ``resume_from`` names no valid checkpoint.
         """
         if self.config.seed is not None:
             set_seed(self.config.seed)  # the training RNG stream starts from a known point
+        self._resume(resume_from)
         self._start_trackers()
         self.model.train()
         self._callbacks.call("on_fit_start", self)
@@ -203,7 +242,10 @@ class SafeTrainer:
                     self._evaluate()
                 if finished_epoch:
                     self.epoch += 1
+                    self._batch_in_epoch = 0
             self._log()  # the steps since the last log step, if any
+            if self._checkpoints is not None and self.global_step != self._checkpoints.last_saved_step:
+                self._save_checkpoint()  # the final one, unless the last step already has one
             result = FitResult(
                 global_step=self.global_step,
                 skipped_steps=self._skips.tracker.skipped,
@@ -227,11 +269,26 @@ class SafeTrainer:
 
     def _run_epoch(self) -> bool:
         """Run the batches of one epoch; return True when the dataloader was exhausted."""
+        skip, now_rng = 0, None
+        if self._resume_position is not None:
+            epoch_rng, now_rng = self._resume_rng  # type: ignore[misc]
+            skip, self._resume_position = self._resume_position, None
+            if skip and epoch_rng is not None:
+                # the shuffling of the interrupted epoch depends on the RNG at its start
+                RngSnapshot.restore(epoch_rng)
+            else:
+                RngSnapshot.restore(now_rng)
+        self._epoch_rng = RngSnapshot() if self._checkpoints is not None else None
         batches = iter(self.train_dataloader)
         seen_any = False
         try:
             for batch_idx, batch in enumerate(batches):
                 seen_any = True
+                self._batch_in_epoch = batch_idx + 1
+                if batch_idx < skip:
+                    if batch_idx + 1 == skip:
+                        RngSnapshot.restore(now_rng)  # the RNG as it was at the checkpoint
+                    continue
                 self._run_micro_batch(batch, batch_idx)
                 if self._done():
                     # stopped by max_steps: the epoch is complete only if that was its last batch
@@ -263,6 +320,8 @@ class SafeTrainer:
         self._callbacks.call("on_train_batch_end", self, loss, batch, batch_idx)
         if stepped:
             self._bar.advance()  # type: ignore[union-attr]
+            if self._checkpoints is not None and self._checkpoints.due(self.global_step):
+                self._save_checkpoint()
             if self.global_step % self.config.log_every == 0:
                 self._log()
 
@@ -325,6 +384,35 @@ class SafeTrainer:
             self._add_finding(finding)
         if self._health is not None:
             self._health.zero_at_start = left_zero
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        model_state, parts, state = capture_trainer(self)
+        path = self._checkpoints.save(self.global_step, model_state, parts, state)  # type: ignore[union-attr]
+        event = Event("checkpoint", self.global_step, {"path": str(path)})
+        self._events.append(event)
+        self._callbacks.call("on_checkpoint", self, event)
+
+    def _resume(self, resume_from: str | os.PathLike[str] | None) -> None:
+        if resume_from is None:
+            return
+        if self._checkpoints is None and str(resume_from) == "latest":
+            raise ConfigError('`fit(resume_from="latest")` needs `checkpoint_dir`; none was given.')
+        manager = self._checkpoints or CheckpointManager(Path(resume_from).parent, every=1, keep=1)
+        path = manager.resolve(resume_from)
+        if path is None:
+            self._add_finding(
+                Finding(
+                    "resume-fresh-start",
+                    "info",
+                    f"no complete checkpoint in {manager.directory}: starting fresh",
+                )
+            )
+            return
+        apply_trainer(self, manager.load(path))
+        manager.last_saved_step = self.global_step
+        self._events.append(Event("resume", self.global_step, {"path": str(path)}))
 
     # -- skipped steps ---------------------------------------------------------------------
 

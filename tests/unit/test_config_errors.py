@@ -638,3 +638,30 @@ def test_unknown_reinit_scope_is_rejected_with_the_choices():
         and "'weights'" in message
         and "'all'" in message
     )
+
+
+def test_zero_checkpoint_every_is_rejected():
+    with pytest.raises(ConfigError) as excinfo:
+        _trainer(checkpoint_every=0)
+    message = str(excinfo.value)
+    assert "`checkpoint_every`" in message and "0" in message and "int >= 1" in message
+
+
+def test_zero_keep_checkpoints_is_rejected():
+    with pytest.raises(ConfigError) as excinfo:
+        _trainer(keep_checkpoints=0)
+    message = str(excinfo.value)
+    assert "`keep_checkpoints`" in message and "int >= 1" in message
+
+
+def test_checkpoint_dir_of_the_wrong_type_is_rejected():
+    with pytest.raises(ConfigError) as excinfo:
+        _trainer(checkpoint_dir=42)
+    message = str(excinfo.value)
+    assert "`checkpoint_dir`" in message and "42 (int)" in message and "path or None" in message
+
+
+def test_resume_latest_without_a_checkpoint_dir_is_rejected():
+    trainer = _trainer()
+    with pytest.raises(ConfigError, match="needs `checkpoint_dir`"):
+        trainer.fit(resume_from="latest")
