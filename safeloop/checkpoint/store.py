@@ -227,6 +227,10 @@ def rotate(root: str | os.PathLike[str], keep: int, protect: Iterable[Path] = ()
     for _, path in ordered[: max(len(ordered) - keep, 0)]:
         if path.resolve() in protected:
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        # renamed first (atomic), so that a crash mid-deletion leaves a hidden folder, never a
+        # step folder with some files gone that would then look damaged
+        doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
         deleted.append(path)
     return deleted
