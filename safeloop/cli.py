@@ -1,0 +1,99 @@
+"""The ``safeloop`` command: check and look into checkpoints without loading a model.
+
+safeloop verify DIR     check every checkpoint in DIR (or one folder); exit 1 on damage
+safeloop inspect CKPT   step, health, files and sizes, tensors, optimizer hyper-parameters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors import safe_open
+
+from safeloop.checkpoint.state import JSON_FILE, MODEL_FILE, TENSORS_FILE
+from safeloop.checkpoint.store import MANIFEST, list_checkpoints, verify_checkpoint
+
+__all__ = ["main"]
+
+
+def _verify(target: Path) -> int:
+    folders = [target] if (target / MANIFEST).exists() else [path for _, path in list_checkpoints(target)]
+    if not folders:
+        print(f"no checkpoint folders (step-NNNNNNNN) in {target}")
+        return 1
+    damaged = 0
+    for folder in folders:
+        check = verify_checkpoint(folder)
+        if check.ok:
+            print(f"ok        {folder.name}")
+        elif not check.complete:
+            print(f"unfinished {folder.name}: no {MANIFEST} (an interrupted write; ignored when resuming)")
+        else:
+            damaged += 1
+            print(f"DAMAGED   {folder.name}: {check.problem}")
+    print(f"{len(folders)} checkpoints, {damaged} damaged")
+    return 1 if damaged else 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _inspect(folder: Path) -> int:
+    check = verify_checkpoint(folder)
+    if not check.ok:
+        print(f"{folder}: not a valid checkpoint: {check.problem}")
+        return 1
+    manifest = check.manifest or {}
+    document = json.loads((folder / JSON_FILE).read_bytes())
+    trainer = document["trainer"]
+    print(f"checkpoint {folder}")
+    print(
+        f"  step {manifest['step']}, epoch {trainer['epoch']}, micro-batches into the epoch {trainer['batch_in_epoch']}"
+    )
+    print(
+        f"  healthy: {manifest.get('meta', {}).get('healthy')}, skipped steps so far: {trainer['skipped_steps']}"
+    )
+    print("  files:")
+    for name, entry in sorted(manifest["files"].items()):
+        print(f"    {name:<20} {_size(entry['size']):>10}  sha256 {entry['sha256'][:16]}…")
+    for file in (MODEL_FILE, TENSORS_FILE):
+        with safe_open(str(folder / file), framework="pt") as tensors:
+            keys = list(tensors.keys())
+            print(f"  {file}: {len(keys)} tensors")
+            for key in keys[:20]:
+                piece = tensors.get_slice(key)
+                print(f"    {key:<50} {piece.get_dtype():<8} {list(piece.get_shape())}")
+            if len(keys) > 20:
+                print(f"    ... and {len(keys) - 20} more")
+    groups = (document["parts"].get("optimizer") or {}).get("param_groups", [])
+    for i, group in enumerate(groups):
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        print(f"  optimizer param_groups[{i}]: {json.dumps(hyper, sort_keys=True)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``safeloop`` command; return its exit code."""
+    parser = argparse.ArgumentParser(prog="safeloop", description="Check and inspect safeloop checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser("verify", help="check every checkpoint in a folder; exit 1 on damage")
+    verify.add_argument("path", type=Path)
+    inspect = commands.add_parser("inspect", help="describe one checkpoint folder")
+    inspect.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "verify":
+        return _verify(args.path)
+    return _inspect(args.path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
