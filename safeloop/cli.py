@@ -56,15 +56,13 @@ def _inspect(folder: Path) -> int:
     document = json.loads((folder / JSON_FILE).read_bytes())
     trainer = document["trainer"]
     print(f"checkpoint {folder}")
-    print(
-        f"  step {manifest['step']}, epoch {trainer['epoch']}, micro-batches into the epoch {trainer['batch_in_epoch']}"
-    )
-    print(
-        f"  healthy: {manifest.get('meta', {}).get('healthy')}, skipped steps so far: {trainer['skipped_steps']}"
-    )
+    position = f"micro-batches into the epoch {trainer['batch_in_epoch']}"
+    print(f"  step {manifest['step']}, epoch {trainer['epoch']}, {position}")
+    healthy = manifest.get("meta", {}).get("healthy")
+    print(f"  healthy: {healthy}, skipped steps so far: {trainer['skipped_steps']}")
     print("  files:")
     for name, entry in sorted(manifest["files"].items()):
-        print(f"    {name:<20} {_size(entry['size']):>10}  sha256 {entry['sha256'][:16]}…")
+        print(f"    {name:<20} {_size(entry['size']):>10}  sha256 {entry['sha256'][:16]}...")
     for file in (MODEL_FILE, TENSORS_FILE):
         with safe_open(str(folder / file), framework="pt") as tensors:
             keys = list(tensors.keys())
