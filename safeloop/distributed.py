@@ -10,7 +10,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-__all__ = ["reduce_across_processes", "settle_collectives", "agree_all_finite"]
+__all__ = ["reduce_across_processes", "settle_collectives", "agree_all_finite", "agree_any"]
 
 
 def reduce_across_processes(accelerator: Accelerator, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -57,3 +57,12 @@ def agree_all_finite(accelerator: Accelerator, flag: torch.Tensor) -> torch.Tens
     agreed = flag.clone()
     torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
     return agreed
+
+
+def agree_any(accelerator: Accelerator, value: bool) -> bool:
+    """Return True on every process when ``value`` is True on any (a host read: call rarely)."""
+    if accelerator.num_processes == 1:
+        return value
+    flag = torch.tensor(int(value), dtype=torch.int32, device=accelerator.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())  # host sync: once per log_every steps

@@ -6,6 +6,7 @@ The trainer wires and loops; it holds no thresholds. ``fit`` reads as the outlin
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,16 +20,18 @@ from torch.utils.data import DataLoader
 from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
 from safeloop.checkpoint.manager import CheckpointManager
+from safeloop.checkpoint.store import checkpoint_name
 from safeloop.checkpoint.trainer_state import RngSnapshot, apply_trainer, capture_trainer
 from safeloop.config import TrainerConfig, build_config
 from safeloop.diagnostics.health import WeightHealth
-from safeloop.distributed import agree_all_finite, reduce_across_processes, settle_collectives
+from safeloop.distributed import agree_all_finite, agree_any, reduce_across_processes, settle_collectives
 from safeloop.errors import ConfigError
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.nonfinite import SkipRecord, finite_flag
 from safeloop.launch import build_accelerator
 from safeloop.metrics import MetricBuffer
+from safeloop.preemption import PreemptionWatch
 from safeloop.preflight import check_zero_params
 from safeloop.progress import ProgressBar, planned_steps
 from safeloop.results import Event, Finding, FitResult
@@ -36,6 +39,8 @@ from safeloop.skips import SkipMonitor
 from safeloop.stepping import GatedStep
 
 __all__ = ["SafeTrainer"]
+
+logger = logging.getLogger("safeloop")
 
 
 class SafeTrainer:
@@ -175,6 +180,8 @@ class SafeTrainer:
                 "multi-process checkpoints are not implemented yet. Leave `checkpoint_dir=None`."
             )
         self._epoch_rng: RngSnapshot | None = None
+        self._preemption = PreemptionWatch()
+        self._preempted = False
         self._batch_in_epoch = 0
         self._resume_position: int | None = None
         self._resume_rng: tuple[Any, Any] | None = None
@@ -233,16 +240,10 @@ class SafeTrainer:
             initial=self.global_step,
         )
         self._metrics.restart_clock()
+        self._preemption = PreemptionWatch()
         try:
-            while not self._done():
-                finished_epoch = self._run_epoch()
-                if not finished_epoch and not self._done():
-                    break  # the dataloader yielded nothing this epoch: nothing more will come
-                if self.eval_dataloader is not None:
-                    self._evaluate()
-                if finished_epoch:
-                    self.epoch += 1
-                    self._batch_in_epoch = 0
+            with self._preemption:
+                self._train_epochs()
             self._log()  # the steps since the last log step, if any
             if self._checkpoints is not None and self.global_step != self._checkpoints.last_saved_step:
                 self._save_checkpoint()  # the final one, unless the last step already has one
@@ -262,7 +263,22 @@ class SafeTrainer:
                 self.accelerator.end_training()
         return result
 
+    def _train_epochs(self) -> None:
+        while not self._done():
+            finished_epoch = self._run_epoch()
+            if self._preempted:
+                return
+            if not finished_epoch and not self._done():
+                return  # the dataloader yielded nothing this epoch: nothing more will come
+            if self.eval_dataloader is not None:
+                self._evaluate()
+            if finished_epoch:
+                self.epoch += 1
+                self._batch_in_epoch = 0
+
     def _done(self) -> bool:
+        if self._preempted:
+            return True
         if self.config.max_steps is not None:
             return self.global_step >= self.config.max_steps
         return self.epoch >= self.config.max_epochs
@@ -322,6 +338,8 @@ class SafeTrainer:
             self._bar.advance()  # type: ignore[union-attr]
             if self._checkpoints is not None and self._checkpoints.due(self.global_step):
                 self._save_checkpoint()
+            if not self._preempted and self._preemption_agreed():
+                self._stop_for_preemption()
             if self.global_step % self.config.log_every == 0:
                 self._log()
 
@@ -393,6 +411,32 @@ class SafeTrainer:
         event = Event("checkpoint", self.global_step, {"path": str(path)})
         self._events.append(event)
         self._callbacks.call("on_checkpoint", self, event)
+
+    def _preemption_agreed(self) -> bool:
+        """Whether to stop for a signal now; with several processes all ranks decide together."""
+        if self.accelerator.num_processes == 1:
+            return self._preemption.received is not None
+        # ranks may get the signal at different steps: agree at log steps, which all ranks share
+        if self.global_step % self.config.log_every != 0:
+            return False
+        return agree_any(self.accelerator, self._preemption.received is not None)
+
+    def _stop_for_preemption(self) -> None:
+        """Checkpoint now (if not just done) and make the loop end after this step."""
+        self._preempted = True
+        path = None
+        if self._checkpoints is not None:
+            if self._checkpoints.last_saved_step != self.global_step:
+                self._save_checkpoint()
+            path = str(self._checkpoints.directory / checkpoint_name(self.global_step))
+        detail = {"signal": self._preemption.name or "another rank's", "path": path}
+        self._events.append(Event("preempt", self.global_step, detail))
+        logger.warning(
+            "safeloop: %s received; stopped after step %d%s",
+            self._preemption.name,
+            self.global_step,
+            f", checkpoint {path}" if path else " (no checkpoint_dir: nothing saved)",
+        )
 
     def _resume(self, resume_from: str | os.PathLike[str] | None) -> None:
         if resume_from is None:

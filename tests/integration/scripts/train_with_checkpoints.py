@@ -26,7 +26,7 @@ def main() -> None:
         nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
     )
     data = TensorDataset(torch.randn(512, 256), torch.randint(0, 10, (512,)))
-    SafeTrainer(
+    result = SafeTrainer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-3),
         DataLoader(data, batch_size=32, shuffle=True),
@@ -39,6 +39,10 @@ def main() -> None:
         callbacks=[PrintStep()],
         progress_bar=False,
     ).fit(resume_from="latest")
+    preempt = [e for e in result.events if e.kind == "preempt"]
+    detail = preempt[0].detail if preempt else {}
+    sys.stdout.write(f"DONE {result.global_step} {detail.get('signal')} {detail.get('path')}\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
