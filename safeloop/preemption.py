@@ -11,6 +11,10 @@ import threading
 from types import FrameType
 from typing import Any
 
+from accelerate import Accelerator
+
+from safeloop.distributed import agree_any
+
 __all__ = ["PreemptionWatch", "PREEMPTION_SIGNALS"]
 
 PREEMPTION_SIGNALS = tuple(
@@ -45,3 +49,16 @@ class PreemptionWatch:
     def name(self) -> str:
         """The received signal's name, e.g. ``"SIGTERM"``."""
         return signal.Signals(self.received).name if self.received is not None else ""
+
+    def agreed(self, accelerator: Accelerator, step: int, log_every: int) -> bool:
+        """Whether the run stops for a signal after ``step``; all ranks decide together.
+
+        One process stops at the next step boundary. Several processes may get the signal at
+        different steps, so they agree at log steps, which all ranks share (a tiny collective,
+        once per ``log_every`` steps).
+        """
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        if step % log_every != 0:
+            return False
+        return agree_any(accelerator, self.received is not None)

@@ -6,10 +6,8 @@ The trainer wires and loops; it holds no thresholds. ``fit`` reads as the outlin
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,13 +17,17 @@ from torch.utils.data import DataLoader
 
 from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
-from safeloop.checkpoint.manager import CheckpointManager
-from safeloop.checkpoint.store import checkpoint_name
-from safeloop.checkpoint.trainer_state import RngSnapshot, apply_trainer, capture_trainer
+from safeloop.checkpoint.lifecycle import (
+    build_manager,
+    resume,
+    save_checkpoint,
+    start_epoch,
+    stop_for_preemption,
+)
+from safeloop.checkpoint.trainer_state import RngSnapshot
 from safeloop.config import TrainerConfig, build_config
 from safeloop.diagnostics.health import WeightHealth
-from safeloop.distributed import agree_all_finite, agree_any, reduce_across_processes, settle_collectives
-from safeloop.errors import ConfigError
+from safeloop.distributed import agree_all_finite, reduce_across_processes, settle_collectives
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.nonfinite import SkipRecord, finite_flag
@@ -39,8 +41,6 @@ from safeloop.skips import SkipMonitor
 from safeloop.stepping import GatedStep
 
 __all__ = ["SafeTrainer"]
-
-logger = logging.getLogger("safeloop")
 
 
 class SafeTrainer:
@@ -165,20 +165,7 @@ class SafeTrainer:
         self.global_step = 0
         self.epoch = 0
         self.checkpoint_dir = self.config.checkpoint_dir
-        self._checkpoints = (
-            None
-            if self.config.checkpoint_dir is None
-            else CheckpointManager(
-                self.config.checkpoint_dir,
-                every=self.config.checkpoint_every,
-                keep=self.config.keep_checkpoints,
-            )
-        )
-        if self._checkpoints is not None and self.accelerator.num_processes > 1:
-            raise ConfigError(
-                f"`checkpoint_dir` is set and the run has {self.accelerator.num_processes} processes; "
-                "multi-process checkpoints are not implemented yet. Leave `checkpoint_dir=None`."
-            )
+        self._checkpoints = build_manager(self.config, self.accelerator)
         self._epoch_rng: RngSnapshot | None = None
         self._preemption = PreemptionWatch()
         self._preempted = False
@@ -230,7 +217,7 @@ class SafeTrainer:
         """
         if self.config.seed is not None:
             set_seed(self.config.seed)  # the training RNG stream starts from a known point
-        self._resume(resume_from)
+        resume(self, resume_from)
         self._start_trackers()
         self.model.train()
         self._callbacks.call("on_fit_start", self)
@@ -246,7 +233,7 @@ class SafeTrainer:
                 self._train_epochs()
             self._log()  # the steps since the last log step, if any
             if self._checkpoints is not None and self.global_step != self._checkpoints.last_saved_step:
-                self._save_checkpoint()  # the final one, unless the last step already has one
+                save_checkpoint(self)  # the final one, unless the last step already has one
             result = FitResult(
                 global_step=self.global_step,
                 skipped_steps=self._skips.tracker.skipped,
@@ -285,16 +272,7 @@ class SafeTrainer:
 
     def _run_epoch(self) -> bool:
         """Run the batches of one epoch; return True when the dataloader was exhausted."""
-        skip, now_rng = 0, None
-        if self._resume_position is not None:
-            epoch_rng, now_rng = self._resume_rng  # type: ignore[misc]
-            skip, self._resume_position = self._resume_position, None
-            if skip and epoch_rng is not None:
-                # the shuffling of the interrupted epoch depends on the RNG at its start
-                RngSnapshot.restore(epoch_rng)
-            else:
-                RngSnapshot.restore(now_rng)
-        self._epoch_rng = RngSnapshot() if self._checkpoints is not None else None
+        skip, now_rng = start_epoch(self)
         batches = iter(self.train_dataloader)
         seen_any = False
         try:
@@ -303,7 +281,7 @@ class SafeTrainer:
                 self._batch_in_epoch = batch_idx + 1
                 if batch_idx < skip:
                     if batch_idx + 1 == skip:
-                        RngSnapshot.restore(now_rng)  # the RNG as it was at the checkpoint
+                        RngSnapshot.restore(now_rng)  # type: ignore[arg-type]  # the checkpoint's RNG
                     continue
                 self._run_micro_batch(batch, batch_idx)
                 if self._done():
@@ -337,9 +315,11 @@ class SafeTrainer:
         if stepped:
             self._bar.advance()  # type: ignore[union-attr]
             if self._checkpoints is not None and self._checkpoints.due(self.global_step):
-                self._save_checkpoint()
-            if not self._preempted and self._preemption_agreed():
-                self._stop_for_preemption()
+                save_checkpoint(self)
+            if not self._preempted and self._preemption.agreed(
+                self.accelerator, self.global_step, self.config.log_every
+            ):
+                stop_for_preemption(self)
             if self.global_step % self.config.log_every == 0:
                 self._log()
 
@@ -402,61 +382,6 @@ class SafeTrainer:
             self._add_finding(finding)
         if self._health is not None:
             self._health.zero_at_start = left_zero
-
-    # -- checkpoints -----------------------------------------------------------------------
-
-    def _save_checkpoint(self) -> None:
-        model_state, parts, state = capture_trainer(self)
-        path = self._checkpoints.save(self.global_step, model_state, parts, state)  # type: ignore[union-attr]
-        event = Event("checkpoint", self.global_step, {"path": str(path)})
-        self._events.append(event)
-        self._callbacks.call("on_checkpoint", self, event)
-
-    def _preemption_agreed(self) -> bool:
-        """Whether to stop for a signal now; with several processes all ranks decide together."""
-        if self.accelerator.num_processes == 1:
-            return self._preemption.received is not None
-        # ranks may get the signal at different steps: agree at log steps, which all ranks share
-        if self.global_step % self.config.log_every != 0:
-            return False
-        return agree_any(self.accelerator, self._preemption.received is not None)
-
-    def _stop_for_preemption(self) -> None:
-        """Checkpoint now (if not just done) and make the loop end after this step."""
-        self._preempted = True
-        path = None
-        if self._checkpoints is not None:
-            if self._checkpoints.last_saved_step != self.global_step:
-                self._save_checkpoint()
-            path = str(self._checkpoints.directory / checkpoint_name(self.global_step))
-        detail = {"signal": self._preemption.name or "another rank's", "path": path}
-        self._events.append(Event("preempt", self.global_step, detail))
-        logger.warning(
-            "safeloop: %s received; stopped after step %d%s",
-            self._preemption.name,
-            self.global_step,
-            f", checkpoint {path}" if path else " (no checkpoint_dir: nothing saved)",
-        )
-
-    def _resume(self, resume_from: str | os.PathLike[str] | None) -> None:
-        if resume_from is None:
-            return
-        if self._checkpoints is None and str(resume_from) == "latest":
-            raise ConfigError('`fit(resume_from="latest")` needs `checkpoint_dir`; none was given.')
-        manager = self._checkpoints or CheckpointManager(Path(resume_from).parent, every=1, keep=1)
-        path = manager.resolve(resume_from)
-        if path is None:
-            self._add_finding(
-                Finding(
-                    "resume-fresh-start",
-                    "info",
-                    f"no complete checkpoint in {manager.directory}: starting fresh",
-                )
-            )
-            return
-        apply_trainer(self, manager.load(path))
-        manager.last_saved_step = self.global_step
-        self._events.append(Event("resume", self.global_step, {"path": str(path)}))
 
     # -- skipped steps ---------------------------------------------------------------------
 
