@@ -22,6 +22,7 @@ from safeloop.errors import CheckpointError
 
 __all__ = [
     "tensors_to_bytes",
+    "dedupe_tensors",
     "tensors_from_bytes",
     "split_state",
     "join_state",
@@ -40,6 +41,12 @@ def tensors_to_bytes(named: Mapping[str, torch.Tensor]) -> tuple[bytes, dict[str
         `tuple[bytes, dict[str, str]]`: the safetensors bytes and ``alias -> stored name`` for
         tensors that are the same view of the same storage as a stored one (tied weights).
     """
+    stored, aliases = dedupe_tensors(named)
+    return save_tensors(stored), aliases
+
+
+def dedupe_tensors(named: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Return the tensors to store (contiguous, on the CPU) and the aliases of tied ones."""
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
@@ -63,7 +70,7 @@ def tensors_to_bytes(named: Mapping[str, torch.Tensor]) -> tuple[bytes, dict[str
         storages.add(ptr)
         seen[key] = name
         stored[name] = tensor.clone().contiguous().cpu() if shared else tensor.contiguous().cpu()
-    return save_tensors(stored), aliases
+    return stored, aliases
 
 
 def tensors_from_bytes(data: bytes, aliases: Mapping[str, str] = ()) -> dict[str, torch.Tensor]:

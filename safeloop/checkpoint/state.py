@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from safeloop.checkpoint.format import (
-    join_state,
-    split_state,
-    tensors_from_bytes,
-    tensors_to_bytes,
-)
+from safeloop.checkpoint.format import dedupe_tensors, join_state, split_state, tensors_from_bytes
+from safeloop.checkpoint.store import FileContent
 
 __all__ = ["SavedState", "state_files", "read_state"]
 
@@ -47,13 +44,13 @@ class SavedState:
 
 def state_files(
     model_state: Mapping[str, torch.Tensor], parts: Mapping[str, Any], trainer: Mapping[str, Any]
-) -> dict[str, bytes]:
-    """Return the checkpoint's files as bytes.
+) -> dict[str, FileContent]:
+    """Return the checkpoint's files: JSON as bytes, tensors as writers straight to disk.
 
     Raises:
         CheckpointError: when some state is neither tensors nor JSON (named with its path).
     """
-    model_bytes, aliases = tensors_to_bytes(model_state)
+    model_tensors, aliases = dedupe_tensors(model_state)
     trees: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name, part in parts.items():
@@ -64,7 +61,7 @@ def state_files(
         trees[name] = tree
         tensors.update({f"{name}/{key}": value for key, value in part_tensors.items()})
     # keys inside each tree point at "<part>/<key>"; record the prefix so joining finds them
-    state_bytes, state_aliases = tensors_to_bytes(tensors)
+    state_tensors, state_aliases = dedupe_tensors(tensors)
     document = {
         "model_aliases": aliases,
         "state_aliases": state_aliases,
@@ -72,8 +69,8 @@ def state_files(
         "trainer": dict(trainer),
     }
     return {
-        MODEL_FILE: model_bytes,
-        TENSORS_FILE: state_bytes,
+        MODEL_FILE: lambda path: save_file(model_tensors, str(path)),
+        TENSORS_FILE: lambda path: save_file(state_tensors, str(path)),
         JSON_FILE: json.dumps(document, sort_keys=True).encode(),
     }
 

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,15 +71,20 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+FileContent = bytes | Callable[[Path], None]
+
+
 def write_checkpoint(
-    root: str | os.PathLike[str], step: int, files: Mapping[str, bytes], *, meta: Mapping[str, object]
+    root: str | os.PathLike[str], step: int, files: Mapping[str, FileContent], *, meta: Mapping[str, object]
 ) -> Path:
     """Write one checkpoint atomically and return its folder.
 
     Args:
         root (`str | PathLike`): the checkpoint directory (created if missing).
         step (`int`): the global step; names the folder.
-        files (`Mapping[str, bytes]`): file name -> content (safetensors or JSON bytes).
+        files (`Mapping[str, bytes | Callable[[Path], None]]`): file name -> its bytes, or a
+            function that writes the file at the path it is given (large tensors go straight
+            to disk this way, without a copy in memory).
         meta (`Mapping[str, object]`): JSON-able facts stored in the manifest (health, epoch...).
 
     Returns:
@@ -101,9 +106,17 @@ def write_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     listed = {}
-    for name, data in files.items():
-        _write_file(tmp / name, data)
-        listed[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for name, content in files.items():
+        target = tmp / name
+        if isinstance(content, bytes):
+            _write_file(target, content)
+            listed[name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+            continue
+        content(target)
+        with target.open("rb") as fh:
+            os.fsync(fh.fileno())
+        # hashed from the page cache, right after the write
+        listed[name] = {"size": target.stat().st_size, "sha256": _sha256(target)}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "files": listed, "meta": dict(meta)}
     _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     _fsync_dir(tmp)
