@@ -66,7 +66,9 @@ def test_sigkill_during_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_
         resumed_steps.append(state.trainer["global_step"])
 
     # the kills did land inside the write window (a temporary folder was left), not only between saves
-    assert killed_mid_write >= TRIALS // 4, f"only {killed_mid_write} of {TRIALS} kills hit a write"
+    print(f"{killed_mid_write} of {TRIALS} kills hit a write")
+    # 9 of 20 measured here; 3 keeps the chance of a false failure below 0.1%
+    assert killed_mid_write >= 3, f"only {killed_mid_write} of {TRIALS} kills hit a write"
 
     # one real resume from the last trial's leftovers: fit(resume_from="latest") continues
     proc = _start(tmp_path / f"trial{TRIALS - 1}", steps=resumed_steps[-1] + 2)
