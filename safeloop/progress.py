@@ -3,34 +3,31 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from safeloop.config import TrainerConfig
 from safeloop.metrics import LogRecord
 
 __all__ = ["ProgressBar", "planned_steps"]
 
 
-def planned_steps(
-    *, max_steps: int | None, max_epochs: int, batches_per_epoch: int | None, accumulation: int
-) -> int | None:
+def planned_steps(config: TrainerConfig, dataloader: Any) -> int | None:
     """Return the optimizer steps a run will take, or None when the length is unknown.
 
     Args:
-        max_steps (`int`, *optional*): the step budget; wins when set.
-        max_epochs (`int`): epochs to run otherwise.
-        batches_per_epoch (`int`, *optional*): micro-batches per epoch on this process.
-        accumulation (`int`): micro-batches per optimizer step; a partial last window counts.
-
-    Example:
-        >>> planned_steps(max_steps=None, max_epochs=2, batches_per_epoch=10, accumulation=4)
-        6
+        config (`TrainerConfig`): ``max_steps`` wins when set, else ``max_epochs`` epochs of
+            ``gradient_accumulation_steps`` micro-batches (a partial last window counts).
+        dataloader (`DataLoader`): the prepared training dataloader (this process's share).
     """
-    if max_steps is not None:
-        return max_steps
-    if batches_per_epoch is None:
+    if config.max_steps is not None:
+        return config.max_steps
+    try:
+        batches = len(dataloader)
+    except TypeError:
         return None
-    return max_epochs * math.ceil(batches_per_epoch / accumulation)
+    return config.max_epochs * math.ceil(batches / config.gradient_accumulation_steps)
 
 
 class ProgressBar:

@@ -27,15 +27,16 @@ from safeloop.checkpoint.lifecycle import (
 from safeloop.checkpoint.trainer_state import RngSnapshot
 from safeloop.config import TrainerConfig, build_config
 from safeloop.diagnostics.health import WeightHealth
-from safeloop.distributed import agree_all_finite, reduce_across_processes, settle_collectives
+from safeloop.distributed import agree_all_finite, settle_collectives
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
-from safeloop.guards.nonfinite import SkipRecord, finite_flag
+from safeloop.guards.nonfinite import SkipRecord, finite_flag, true_overflow
 from safeloop.launch import build_accelerator
 from safeloop.metrics import MetricBuffer
 from safeloop.preemption import PreemptionWatch
 from safeloop.preflight import check_zero_params
 from safeloop.progress import ProgressBar, planned_steps
+from safeloop.reporting import report_interval, start_trackers
 from safeloop.results import Event, Finding, FitResult
 from safeloop.skips import SkipMonitor
 from safeloop.stepping import GatedStep
@@ -218,11 +219,11 @@ class SafeTrainer:
         if self.config.seed is not None:
             set_seed(self.config.seed)  # the training RNG stream starts from a known point
         resume(self, resume_from)
-        self._start_trackers()
+        start_trackers(self)
         self.model.train()
         self._callbacks.call("on_fit_start", self)
         self._bar = ProgressBar(
-            self._planned_steps(),
+            planned_steps(self.config, self.train_dataloader),
             enabled=self.config.progress_bar and self.accelerator.is_main_process,
             initial=self.global_step,
         )
@@ -344,7 +345,7 @@ class SafeTrainer:
         if self.config.nan_guard == "raise":
             # host sync, once per optimizer step: "raise" must stop before any update; an fp16
             # scaler overflow is the scaler's business (it skips and lowers its scale), not an error
-            overflow = _true_overflow(self._stepper.overflow(), window_loss)
+            overflow = true_overflow(self._stepper.overflow(), window_loss)
             ok = flag if overflow is None else torch.maximum(flag, overflow.to(flag))  # type: ignore[arg-type]
             if not bool(ok.item()):
                 record = self._skips.record_now(self.global_step + 1, window_loss, norms.total, nonfinite)
@@ -359,7 +360,7 @@ class SafeTrainer:
             self.lr_scheduler.step()
         self.global_step += 1
         self._step_epoch = self.epoch
-        overflow = _true_overflow(self._stepper.last_overflow, window_loss)
+        overflow = true_overflow(self._stepper.last_overflow, window_loss)
         self._metrics.record(window_loss, norms.total, flag, nonfinite, overflow)
         if applied is True:
             self._skips.applied(self.global_step)
@@ -406,68 +407,10 @@ class SafeTrainer:
     # -- reporting -------------------------------------------------------------------------
 
     def _log(self) -> None:
-        """Read the buffered metrics on the host (every process together) and report them."""
-        health = None if self._health is None else self._health.measurements()
-        record, health_values = self._metrics.collect(
-            lambda t: reduce_across_processes(self.accelerator, t, "mean"), extra=health
-        )
-        if record is None:
-            return
-        if self._health is not None:
-            for finding in self._health.check(self.global_step, health_values):
-                self._add_finding(finding)
-        if self._guarded and self._stepper.device_side:  # skips decided on the device, learnt now
-            for skip in self._skips.skipped_in_log(self.global_step, record.per_step):
-                self._on_skip(skip)
-        lr = float(self._step_lr)
-        entry = {
-            "step": self.global_step,
-            "epoch": self._step_epoch,
-            "loss": record.loss,
-            "lr": lr,
-            "grad_norm": record.grad_norm,
-            "steps_per_sec": record.steps_per_sec,
-            "skipped_steps": self._skips.tracker.skipped,
-            "overflow_skips": self._skips.overflow_skips,
-        }
-        self._history.append(entry)
-        self.accelerator.log(
-            {f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")},
-            step=self.global_step,
-        )
-        self._bar.show(record, lr)  # type: ignore[union-attr]
+        report_interval(self)
 
     def _evaluate(self) -> None:
         assert self.eval_dataloader is not None  # invariant: only called with one
         self._eval_loss = evaluate(self.accelerator, self.model, self.eval_dataloader, self._loss_of)
         self.accelerator.log({"eval/loss": self._eval_loss}, step=self.global_step)
         self._callbacks.call("on_validation_end", self, self._eval_loss)
-
-    def _start_trackers(self) -> None:
-        if self._owns_accelerator and self.config.log_with and not self.accelerator.trackers:
-            settings = {k: v for k, v in vars(self.config).items() if isinstance(v, (int, float, str, bool))}
-            self.accelerator.init_trackers("safeloop", config=settings)
-
-    def _planned_steps(self) -> int | None:
-        try:
-            batches = len(self.train_dataloader)
-        except TypeError:
-            batches = None
-        return planned_steps(
-            max_steps=self.config.max_steps,
-            max_epochs=self.config.max_epochs,
-            batches_per_epoch=batches,
-            accumulation=self.config.gradient_accumulation_steps,
-        )
-
-
-def _true_overflow(scaler_found_inf: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor | None:
-    """The fp16 scaler's skip counts as an overflow only when the loss itself was finite.
-
-    A finite loss whose scaled gradients overflow is the scaler settling its scale (expected,
-    never escalated); a NaN/Inf loss is a fault the scaler would otherwise hide forever while it
-    keeps halving its scale, so it counts as the guard's skip.
-    """
-    if scaler_found_inf is None:
-        return None
-    return scaler_found_inf * torch.isfinite(loss.detach()).all().to(scaler_found_inf.dtype)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["NAN_GUARD_CHOICES", "finite_flag", "SkipRecord", "SkipTracker", "Escalation"]
+__all__ = ["NAN_GUARD_CHOICES", "finite_flag", "true_overflow", "SkipRecord", "SkipTracker", "Escalation"]
 
 NAN_GUARD_CHOICES = ("skip", "raise", "off")
 Escalation = Literal["continue", "escalate"]
@@ -39,6 +39,22 @@ def finite_flag(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
     loss_ok = torch.isfinite(loss.detach().float()).all()
     norm_ok = torch.isfinite(grad_norm.detach().float()).all()
     return (loss_ok & norm_ok).to(torch.int32)
+
+
+def true_overflow(scaler_found_inf: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor | None:
+    """The fp16 scaler's skip counts as an overflow only when the loss itself was finite.
+
+    A finite loss whose scaled gradients overflow is the scaler settling its scale (expected,
+    never escalated); a NaN/Inf loss is a fault the scaler would otherwise hide forever while it
+    keeps halving its scale, so it counts as the guard's skip.
+
+    Example:
+        >>> true_overflow(torch.tensor(1.0), torch.tensor(float("nan")))
+        tensor(0.)
+    """
+    if scaler_found_inf is None:
+        return None
+    return scaler_found_inf * torch.isfinite(loss.detach()).all().to(scaler_found_inf.dtype)
 
 
 @dataclass(frozen=True)
