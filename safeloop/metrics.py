@@ -27,8 +27,8 @@ class StepValues:
         grad_norm (`float`): global gradient norm before clipping.
         finite (`bool | None`): the guard's flag; None with the guard off.
         overflow (`bool`): the fp16 GradScaler found an overflow (its own skip, not the guard's).
-        bad_params (`tuple[int, ...]`): positions of measured parameters whose gradient norm
-            was not finite (empty when unknown).
+        bad_params (`tuple[int, ...]`): indices, in ``model.parameters()`` order, of the
+            parameters whose gradient norm was not finite (empty when unknown).
     """
 
     loss: float
@@ -87,7 +87,7 @@ class MetricBuffer:
             loss (`torch.Tensor`): detached scalar loss of the step (mean over micro-batches).
             grad_norm (`torch.Tensor`): global gradient norm of the step.
             flag (`torch.Tensor`, *optional*): the guard's finite flag (1 applied, 0 skipped).
-            nonfinite_params (`torch.Tensor`, *optional*): bool per measured parameter.
+            nonfinite_params (`torch.Tensor`, *optional*): bool per parameter of the model.
             overflow (`torch.Tensor`, *optional*): the fp16 scaler's found-inf for the step.
         """
         parts = [loss.detach().float().reshape(1), grad_norm.detach().float().reshape(1).to(loss.device)]

@@ -27,14 +27,13 @@ class GradNorms:
 
     Attributes:
         total (`torch.Tensor`): the global L2 norm, 0-dim.
-        per_param (`torch.Tensor | None`): one L2 norm per parameter that has a gradient, in
-            ``names`` order; None where gradients are sharded.
-        names (`tuple[int, ...]`): positions, in the parameter list, of the measured parameters.
+        per_param (`torch.Tensor | None`): the L2 norm of each parameter's gradient, in
+            ``parameters`` order, 0.0 for parameters without one; None where gradients are
+            sharded.
     """
 
     total: torch.Tensor
     per_param: torch.Tensor | None = None
-    positions: tuple[int, ...] = ()
 
 
 def grad_norms(parameters: Iterable[torch.nn.Parameter]) -> GradNorms:
@@ -72,10 +71,14 @@ def grad_norms(parameters: Iterable[torch.nn.Parameter]) -> GradNorms:
         order.extend(indices)
     stacked = torch.stack([norm.to(first_device) for norm in norms])
     total = torch.linalg.vector_norm(stacked, 2.0)
-    per_param = torch.empty_like(stacked).index_copy_(
-        0, torch.tensor(order, dtype=torch.long, device=first_device), stacked
-    )
-    return GradNorms(total=total, per_param=per_param, positions=tuple(positions))
+    # one slot per parameter, in `parameters` order (0.0 for those without a gradient), so that
+    # an index names the same parameter as `model.parameters()` does
+    # (a Python reordering: an index tensor built here would be a host-to-device copy per step)
+    by_param = [stacked.new_zeros(())] * len(params)
+    for k, i in enumerate(order):
+        by_param[positions[i]] = stacked[k]
+    per_param = torch.stack(by_param)
+    return GradNorms(total=total, per_param=per_param)
 
 
 def clip_and_measure(

@@ -319,3 +319,20 @@ def test_history_loss_excludes_skipped_steps_and_counts_them():
         progress_bar=False,
     ).fit()
     assert math.isfinite(result.history[0]["loss"]) and result.history[0]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused"])
+def test_the_named_parameter_is_right_when_earlier_parameters_have_no_gradient(name):
+    model = mlp()
+    model[0].requires_grad_(False)  # frozen first layer: its parameters get no gradient
+    result = SafeTrainer(
+        model,
+        OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad]),
+        loader(classification_data()),
+        loss_fn=nn.CrossEntropyLoss(),
+        callbacks=[NonFiniteGradient("2.bias", step=2)],
+        log_every=4,
+        progress_bar=False,
+    ).fit()
+    skip = next(e for e in result.events if e.kind == "skip")
+    assert skip.detail["params"] == ["2.bias"]
