@@ -46,6 +46,10 @@ class TrainerConfig:
         reinit_zero_params (`str | None`): ``"xavier"``, ``"normal"`` or None (report only).
         reinit_std (`float`): standard deviation of ``"normal"`` re-initialisation.
         reinit_scope (`str`): ``"weights"`` (2-D and more) or ``"all"``.
+        checkpoint_dir (`str | None`): where checkpoints go.
+        checkpoint_every (`int`): global steps between checkpoints.
+        keep_checkpoints (`int`): newest checkpoints kept.
+        async_checkpoint (`bool`): the main process writes checkpoints in a background thread.
         log_every (`int`): optimizer steps between metric reads on the host.
         progress_bar (`bool`): show a tqdm bar on the main process.
         log_with (`tuple`): Accelerate trackers to start when safeloop builds the Accelerator.
@@ -67,6 +71,7 @@ class TrainerConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    async_checkpoint: bool = False
     log_every: int = 10
     progress_bar: bool = True
     log_with: tuple[Any, ...] = ()
@@ -295,6 +300,7 @@ def build_config(
     checkpoint_dir: object = None,
     checkpoint_every: object = 500,
     keep_checkpoints: object = 3,
+    async_checkpoint: object = False,
     log_every: object = 10,
     progress_bar: object = True,
     log_with: object = None,
@@ -355,8 +361,9 @@ def build_config(
         problems.append(f"`checkpoint_dir` must be a path or None; got {_seen(checkpoint_dir)}.")
     _check_count(problems, "checkpoint_every", checkpoint_every, optional=False)
     _check_count(problems, "keep_checkpoints", keep_checkpoints, optional=False)
-    if not isinstance(progress_bar, bool):
-        problems.append(f"`progress_bar` must be True or False; got {_seen(progress_bar)}.")
+    for name, flag in (("progress_bar", progress_bar), ("async_checkpoint", async_checkpoint)):
+        if not isinstance(flag, bool):
+            problems.append(f"`{name}` must be True or False; got {_seen(flag)}.")
     if project_dir is not None and not isinstance(project_dir, (str, os.PathLike)):
         problems.append(
             f"`project_dir` must be a path (str or os.PathLike) or None; got {_seen(project_dir)}."
@@ -384,6 +391,7 @@ def build_config(
         checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),  # type: ignore[arg-type]
         checkpoint_every=checkpoint_every,  # type: ignore[arg-type]
         keep_checkpoints=keep_checkpoints,  # type: ignore[arg-type]
+        async_checkpoint=async_checkpoint,  # type: ignore[arg-type]
         log_every=log_every,  # type: ignore[arg-type]
         progress_bar=progress_bar,  # type: ignore[arg-type]
         log_with=trackers,

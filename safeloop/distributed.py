@@ -10,7 +10,14 @@ import time
 import torch
 from accelerate import Accelerator
 
-__all__ = ["reduce_across_processes", "settle_collectives", "agree_all_finite", "agree_any"]
+__all__ = [
+    "reduce_across_processes",
+    "settle_collectives",
+    "agree_all_finite",
+    "agree_any",
+    "broadcast_int",
+    "barrier",
+]
 
 
 def reduce_across_processes(accelerator: Accelerator, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -66,3 +73,18 @@ def agree_any(accelerator: Accelerator, value: bool) -> bool:
     flag = torch.tensor(int(value), dtype=torch.int32, device=accelerator.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())  # host sync: once per log_every steps
+
+
+def broadcast_int(accelerator: Accelerator, value: int) -> int:
+    """Return the main process's ``value`` on every process (a host read: call rarely)."""
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=accelerator.device)
+    torch.distributed.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def barrier(accelerator: Accelerator) -> None:
+    """Wait until every process reaches this point."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()

@@ -19,6 +19,8 @@ from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
 from safeloop.checkpoint.lifecycle import (
     build_manager,
+    close_checkpoints,
+    poll_checkpoints,
     resume,
     save_checkpoint,
     start_epoch,
@@ -83,6 +85,9 @@ class SafeTrainer:
             None writes none (yet: rollback will use a temporary folder).
         checkpoint_every (`int`, *optional*, defaults to 500): global steps between checkpoints.
         keep_checkpoints (`int`, *optional*, defaults to 3): newest checkpoints kept.
+        async_checkpoint (`bool`, *optional*, defaults to False): tensors are copied at the
+            step boundary and the main process writes them in a background thread (one save in
+            flight; ``on_checkpoint`` fires once it is durable; an error surfaces at the next step).
         callbacks (`Sequence[Callback]`, *optional*): observers of the loop.
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric logs.
         progress_bar (`bool`, *optional*, defaults to True): tqdm bar on the main process.
@@ -124,6 +129,7 @@ class SafeTrainer:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 500,
         keep_checkpoints: int = 3,
+        async_checkpoint: bool = False,
         callbacks: Sequence[Callback] = (),
         log_every: int = 10,
         progress_bar: bool = True,
@@ -141,7 +147,7 @@ class SafeTrainer:
             nan_guard=nan_guard, max_consecutive_skips=max_consecutive_skips,
             reinit_zero_params=reinit_zero_params, reinit_std=reinit_std, reinit_scope=reinit_scope,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints,
+            keep_checkpoints=keep_checkpoints, async_checkpoint=async_checkpoint,
             log_every=log_every, progress_bar=progress_bar, log_with=log_with, project_dir=project_dir,
         )  # fmt: skip
         self._callbacks = CallbackList(callback_items)
@@ -165,8 +171,8 @@ class SafeTrainer:
         self.eval_dataloader = prepared[3] if eval_dataloader is not None else None
         self.global_step = 0
         self.epoch = 0
-        self.checkpoint_dir = self.config.checkpoint_dir
         self._checkpoints = build_manager(self.config, self.accelerator)
+        self.checkpoint_dir = None if self._checkpoints is None else self._checkpoints.directory
         self._epoch_rng: RngSnapshot | None = None
         self._preemption = PreemptionWatch()
         self._preempted = False
@@ -235,6 +241,7 @@ class SafeTrainer:
             self._log()  # the steps since the last log step, if any
             if self._checkpoints is not None and self.global_step != self._checkpoints.last_saved_step:
                 save_checkpoint(self)  # the final one, unless the last step already has one
+            close_checkpoints(self)
             result = FitResult(
                 global_step=self.global_step,
                 skipped_steps=self._skips.tracker.skipped,
@@ -282,7 +289,7 @@ class SafeTrainer:
                 self._batch_in_epoch = batch_idx + 1
                 if batch_idx < skip:
                     if batch_idx + 1 == skip:
-                        RngSnapshot.restore(now_rng)  # type: ignore[arg-type]  # the checkpoint's RNG
+                        RngSnapshot.restore(now_rng, self.train_dataloader)  # type: ignore[arg-type]
                     continue
                 self._run_micro_batch(batch, batch_idx)
                 if self._done():
@@ -315,6 +322,7 @@ class SafeTrainer:
         self._callbacks.call("on_train_batch_end", self, loss, batch, batch_idx)
         if stepped:
             self._bar.advance()  # type: ignore[union-attr]
+            poll_checkpoints(self)
             if self._checkpoints is not None and self._checkpoints.due(self.global_step):
                 save_checkpoint(self)
             if not self._preempted and self._preemption.agreed(

@@ -45,8 +45,16 @@ def tensors_to_bytes(named: Mapping[str, torch.Tensor]) -> tuple[bytes, dict[str
     return save_tensors(stored), aliases
 
 
-def dedupe_tensors(named: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Return the tensors to store (contiguous, on the CPU) and the aliases of tied ones."""
+def dedupe_tensors(
+    named: Mapping[str, torch.Tensor], *, copy: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Return the tensors to store (contiguous, on the CPU) and the aliases of tied ones.
+
+    Args:
+        named (`Mapping[str, Tensor]`): the tensors by name.
+        copy (`bool`, *optional*, defaults to False): always copy (a snapshot that training
+            may go on changing while a background thread writes it).
+    """
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[Any, ...], str] = {}
@@ -69,7 +77,10 @@ def dedupe_tensors(named: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
         shared = tensor.numel() > 0 and ptr in storages
         storages.add(ptr)
         seen[key] = name
-        stored[name] = tensor.clone().contiguous().cpu() if shared else tensor.contiguous().cpu()
+        if shared or copy:
+            stored[name] = tensor.to("cpu", copy=True, memory_format=torch.contiguous_format)
+        else:
+            stored[name] = tensor.contiguous().cpu()
     return stored, aliases
 
 

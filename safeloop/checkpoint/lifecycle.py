@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from safeloop.checkpoint.manager import CheckpointManager
 from safeloop.checkpoint.store import checkpoint_name
@@ -23,7 +24,15 @@ from safeloop.results import Event, Finding
 if TYPE_CHECKING:
     from safeloop.trainer import SafeTrainer
 
-__all__ = ["build_manager", "save_checkpoint", "resume", "stop_for_preemption", "start_epoch"]
+__all__ = [
+    "build_manager",
+    "save_checkpoint",
+    "poll_checkpoints",
+    "close_checkpoints",
+    "resume",
+    "stop_for_preemption",
+    "start_epoch",
+]
 
 logger = logging.getLogger("safeloop")
 
@@ -32,25 +41,60 @@ def build_manager(config: TrainerConfig, accelerator: Accelerator) -> Checkpoint
     """The run's checkpoint manager, or None without ``checkpoint_dir``.
 
     Raises:
-        ConfigError: with ``checkpoint_dir`` on several processes (not implemented yet).
+        ConfigError: with ``checkpoint_dir`` under FSDP or DeepSpeed (sharded state is planned,
+            see docs/checkpoints.md).
     """
     if config.checkpoint_dir is None:
         return None
-    if accelerator.num_processes > 1:
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ConfigError(
-            f"`checkpoint_dir` is set and the run has {accelerator.num_processes} processes; "
-            "multi-process checkpoints are not implemented yet. Leave `checkpoint_dir=None`."
+            f"`checkpoint_dir` is set under {accelerator.distributed_type.value}: safeloop checkpoints "
+            "hold full (unsharded) model and optimizer state, and sharded state is not written yet. "
+            "Use DDP, or leave `checkpoint_dir=None` and save with `accelerator.save_state`."
         )
     return CheckpointManager(
-        config.checkpoint_dir, every=config.checkpoint_every, keep=config.keep_checkpoints
+        config.checkpoint_dir,
+        accelerator,
+        every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        async_save=config.async_checkpoint,
     )
 
 
 def save_checkpoint(trainer: SafeTrainer) -> None:
-    """Write the checkpoint of the current global step, then fire ``on_checkpoint``."""
-    model_state, parts, state = capture_trainer(trainer)
-    path = trainer._checkpoints.save(trainer.global_step, model_state, parts, state)  # type: ignore[union-attr]
-    event = Event("checkpoint", trainer.global_step, {"path": str(path)})
+    """Write the checkpoint of the current global step (every process together).
+
+    ``on_checkpoint`` fires once the checkpoint is durable: now, or, for an asynchronous save,
+    when :func:`poll_checkpoints` sees the write finished (on the main process).
+    """
+    manager = trainer._checkpoints
+    assert manager is not None  # invariant: only called with checkpoints on
+    path = manager.save(capture_trainer(trainer))
+    if path is not None:
+        _checkpoint_event(trainer, trainer.global_step, path)
+
+
+def poll_checkpoints(trainer: SafeTrainer) -> None:
+    """Report asynchronous saves that have become durable since the last call (no collective)."""
+    manager = trainer._checkpoints
+    if manager is not None and manager.async_save:
+        done, manager.durable = [*manager.durable, *manager.poll()], []
+        for step, path in done:
+            _checkpoint_event(trainer, step, path)
+        manager.raise_failure()
+
+
+def close_checkpoints(trainer: SafeTrainer) -> None:
+    """Wait for the last asynchronous save and report it (every process together)."""
+    manager = trainer._checkpoints
+    if manager is not None:
+        done, manager.durable = [*manager.durable, *manager.close()], []
+        for step, path in done:
+            _checkpoint_event(trainer, step, path)
+
+
+def _checkpoint_event(trainer: SafeTrainer, step: int, path: Path) -> None:
+    event = Event("checkpoint", step, {"path": str(path)})
     trainer._events.append(event)
     trainer._callbacks.call("on_checkpoint", trainer, event)
 
@@ -61,13 +105,16 @@ def resume(trainer: SafeTrainer, resume_from: str | os.PathLike[str] | None) -> 
         return
     if trainer._checkpoints is None and str(resume_from) == "latest":
         raise ConfigError('`fit(resume_from="latest")` needs `checkpoint_dir`; none was given.')
-    manager = trainer._checkpoints or CheckpointManager(Path(resume_from).parent, every=1, keep=1)
-    path = manager.resolve(resume_from)
-    if path is None:
+    manager = trainer._checkpoints or CheckpointManager(
+        Path(resume_from).parent, trainer.accelerator, every=1, keep=1
+    )
+    found = manager.resolve_and_load(resume_from)
+    if found is None:
         message = f"no complete checkpoint in {manager.directory}: starting fresh"
         trainer._add_finding(Finding("resume-fresh-start", "info", message))
         return
-    apply_trainer(trainer, manager.load(path))
+    path, saved = found
+    apply_trainer(trainer, saved)
     manager.last_saved_step = trainer.global_step
     trainer._events.append(Event("resume", trainer.global_step, {"path": str(path)}))
 
@@ -82,8 +129,10 @@ def start_epoch(trainer: SafeTrainer) -> tuple[int, dict | None]:
     if trainer._resume_position is not None:
         epoch_rng, now_rng = trainer._resume_rng  # type: ignore[misc]
         skip, trainer._resume_position = trainer._resume_position, None
-        RngSnapshot.restore(epoch_rng if skip and epoch_rng is not None else now_rng)
-    trainer._epoch_rng = RngSnapshot() if trainer._checkpoints is not None else None
+        RngSnapshot.restore(
+            epoch_rng if skip and epoch_rng is not None else now_rng, trainer.train_dataloader
+        )
+    trainer._epoch_rng = RngSnapshot(trainer.train_dataloader) if trainer._checkpoints is not None else None
     return skip, now_rng
 
 

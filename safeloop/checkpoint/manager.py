@@ -1,88 +1,326 @@
-"""When and where the trainer's checkpoints are written and found (single process for now).
+"""When and where the trainer's checkpoints are written and found, on any number of processes.
 
-The trainer hands over its state as plain values; this module decides the folder, writes it
-through the store, rotates old ones, and resolves ``resume_from``. It never reads a file that a
-verified manifest does not list.
+The trainer hands over its state as plain values (:class:`Snapshot`); this module decides the
+folder, has every process write its own file, has the main process write the shared files and
+publish the checkpoint, rotates old ones, and resolves ``resume_from``. Every public method is a
+collective: all processes call it together. It never reads a file a manifest does not list.
+
+Protocol of one save (``checkpoint_dir`` must be one folder all processes see):
+1. the main process makes the temporary folder; every process learns whether it could;
+2. every process writes and fsyncs ``rank-NNNNN.safetensors``; all agree that all did;
+3. the main process writes the shared files, lists every file in the manifest and renames the
+   folder into place (in a background thread with ``async_save``); all agree that it did.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
-from safeloop.checkpoint.state import SavedState, read_state, state_files
-from safeloop.checkpoint.store import (
-    checkpoint_name,
-    latest_valid,
-    rotate,
-    verify_checkpoint,
-    write_checkpoint,
-)
+from safeloop.checkpoint.state import SavedState, rank_file, rank_file_name, read_state, state_files
+from safeloop.checkpoint.store import CheckpointWriter, checkpoint_name, list_checkpoints, rotate
+from safeloop.distributed import agree_any, broadcast_int
 from safeloop.errors import CheckpointError
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "Snapshot"]
 
 logger = logging.getLogger("safeloop")
+
+# broadcast codes of ``resolve`` (steps are >= 0)
+_FRESH, _FAILED = -1, -2
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state of one process at a step boundary, as plain values.
+
+    Attributes:
+        step (`int`): the global step.
+        model (`dict[str, Tensor]`): the unwrapped model's state dict (shared).
+        shared (`dict[str, Any]`): optimizer, scheduler and scaler state dicts (None if absent).
+        rank (`dict[str, Any]`): this process's RNG states.
+        trainer (`dict[str, Any]`): the trainer's counters and guard state (JSON values).
+        meta (`dict[str, Any]`): facts for the manifest (``healthy``, ``epoch``).
+    """
+
+    step: int
+    model: dict[str, torch.Tensor]
+    shared: dict[str, Any]
+    rank: dict[str, Any]
+    trainer: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointManager:
     """Writes, rotates and finds the checkpoints of one run.
 
     Args:
-        directory (`str | PathLike`): ``checkpoint_dir``.
+        directory (`str | PathLike`, *optional*): ``checkpoint_dir``; None makes a temporary
+            folder, removed by :meth:`close`.
+        accelerator (`Accelerator`): the run's processes.
         every (`int`): global steps between checkpoints (counted from the run's start).
         keep (`int`): newest checkpoints kept.
+        async_save (`bool`, *optional*, defaults to False): the main process writes the shared
+            files in a background thread (one save in flight at most; an error surfaces at the
+            next save or :meth:`poll`).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, every: int, keep: int) -> None:
-        self.directory = Path(directory)
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None,
+        accelerator: Accelerator,
+        *,
+        every: int,
+        keep: int,
+        async_save: bool = False,
+    ) -> None:
+        self.accelerator = accelerator
+        self.temporary = directory is None
+        self.directory = _temporary_folder(accelerator) if directory is None else Path(directory)
         self.every = every
         self.keep = keep
+        self.async_save = async_save
         self.last_saved_step: int | None = None
+        self.protected_step: int | None = None  # the newest checkpoint known healthy: never rotated
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: tuple[int, Future[Path]] | None = None
+        self._failure = ""
+        self.durable: list[tuple[int, Path]] = []  # async saves finished inside save(), to report
 
     def due(self, step: int) -> bool:
         """Whether a periodic checkpoint is due after global step ``step``."""
         return step % self.every == 0 and step != self.last_saved_step
 
-    def save(
-        self, step: int, model_state: dict[str, torch.Tensor], parts: dict[str, Any], trainer: dict[str, Any]
-    ) -> Path:
-        """Write the checkpoint of ``step`` (durable when this returns) and rotate old ones."""
-        files = state_files(model_state, parts, trainer)
-        path = write_checkpoint(
-            self.directory, step, files, meta={"healthy": True, "epoch": trainer.get("epoch")}
-        )
-        self.last_saved_step = step
-        rotate(self.directory, self.keep, protect=[path])
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, snapshot: Snapshot) -> Path | None:
+        """Write the checkpoint of ``snapshot.step``; return its folder once it is durable.
+
+        With ``async_save`` the main process returns None at once; :meth:`poll` reports the
+        folder when the write is durable.
+
+        Raises:
+            CheckpointError: on every process, when any process failed to write its part.
+        """
+        self.durable.extend(self._finish_inflight())  # at most one save in flight
+        if self.async_save:  # a failed background write is raised before a new one starts
+            self._agree("", "finishing the previous save", snapshot.step)
+        acc = self.accelerator
+        main = acc.is_main_process
+        writer: CheckpointWriter | None = None
+        problem = ""
+        try:
+            if main:
+                writer = CheckpointWriter(self.directory, snapshot.step)
+        except OSError as err:
+            problem = f"cannot create a folder in {self.directory}: {err}"
+        self._agree(problem, "preparing the checkpoint folder", snapshot.step)
+        try:  # every process writes its own RNG file into the folder the main process made
+            writer = writer or CheckpointWriter(self.directory, snapshot.step, create=False)
+            writer.add(*rank_file(acc.process_index, snapshot.rank))
+            writer.wait()
+        except (OSError, CheckpointError) as err:
+            problem = f"process {acc.process_index} could not write its file: {err}"
+        self._agree(problem, "writing the per-process files", snapshot.step)
+        self.last_saved_step = snapshot.step
+        if not main:
+            if not self.async_save:
+                self._agree("", "publishing the checkpoint", snapshot.step)
+            return None if self.async_save else self.directory / checkpoint_name(snapshot.step)
+        files = state_files(snapshot.model, snapshot.shared, snapshot.trainer, copy=self.async_save)
+        job = _Publish(writer, files, acc.num_processes, snapshot.meta, self.keep, self._protect())
+        if self.async_save:
+            self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-save")
+            self._inflight = (snapshot.step, self._pool.submit(job.run))
+            return None
+        path = None
+        try:
+            path = job.run()
+        except (OSError, CheckpointError) as err:
+            problem = f"the main process could not publish it: {err}"
+        self._agree(problem, "publishing the checkpoint", snapshot.step)
         return path
 
-    def resolve(self, resume_from: str | os.PathLike[str] | None) -> Path | None:
-        """Turn ``resume_from`` into a verified checkpoint folder, or None for a fresh start.
+    def poll(self, wait: bool = False) -> list[tuple[int, Path]]:
+        """Return ``(step, folder)`` of an asynchronous save that has become durable.
+
+        Only the main process has saves in flight. A failed background write is kept and raised
+        by :meth:`raise_failure` (at once with one process; at the next collective call with
+        several, so that every process raises together).
+        """
+        if self._inflight is None or not (wait or self._inflight[1].done()):
+            return []
+        step, future = self._inflight
+        self._inflight = None
+        try:
+            return [(step, future.result())]
+        except (OSError, CheckpointError) as err:
+            self._failure = f"the asynchronous save of step {step} to {self.directory} failed: {err}"
+            return []
+
+    def raise_failure(self) -> None:
+        """Raise a failed asynchronous save now (single process; see :meth:`poll`)."""
+        if self._failure and self.accelerator.num_processes == 1:
+            self._agree("", "", 0)
+
+    def _finish_inflight(self) -> list[tuple[int, Path]]:
+        return self.poll(wait=True) if self._inflight is not None else []
+
+    def _protect(self) -> list[Path]:
+        if self.protected_step is None:
+            return []
+        return [self.directory / checkpoint_name(self.protected_step)]
+
+    def _agree(self, problem: str, stage: str, step: int) -> None:
+        # doubles as the barrier between stages: nobody goes on before every process got here
+        if self._failure:  # an earlier background write failed: every process raises it now
+            failure, self._failure = self._failure, ""
+            agree_any(self.accelerator, True)
+            raise CheckpointError(
+                f"{failure}. The previous checkpoints are intact; free space or fix permissions, then resume."
+            )
+        if agree_any(self.accelerator, bool(problem)):
+            raise CheckpointError(
+                f"checkpoint of step {step} failed while {stage}"
+                + (f": {problem}" if problem else " on another process (see its log)")
+                + ". The previous checkpoints are intact."
+            )
+
+    # -- finding and loading ---------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints in the folder (manifest present), oldest first."""
+        return [step for step, path in list_checkpoints(self.directory) if (path / "manifest.json").is_file()]
+
+    def resolve_and_load(self, resume_from: str | os.PathLike[str]) -> tuple[Path, SavedState] | None:
+        """Load ``resume_from`` (a folder, or ``"latest"``) on every process; None: start fresh.
+
+        The main process finds and verifies the checkpoint (falling back past damaged ones with
+        a warning naming the file) and tells the others which one; each reads its own RNG file.
 
         Raises:
             CheckpointError: an explicit folder that is not a valid checkpoint, or ``"latest"``
                 when checkpoints with manifests exist and none verifies.
         """
-        if resume_from is None:
-            return None
-        if str(resume_from) == "latest":
-            path, warnings = latest_valid(self.directory)
-            for warning in warnings:
-                logger.warning(warning)
-            return path
-        check = verify_checkpoint(resume_from)
-        if not check.ok:
-            raise CheckpointError(
-                f"`resume_from={str(resume_from)!r}` is not a valid checkpoint: {check.problem}. "
-                f'Pass a folder such as {self.directory / checkpoint_name(500)} or `resume_from="latest"`.'
+        acc = self.accelerator
+        latest = str(resume_from) == "latest"
+        found: tuple[Path, SavedState] | None = None
+        error: CheckpointError | None = None
+        if acc.is_main_process:
+            try:
+                found = self._load_latest() if latest else self._load_folder(Path(resume_from))
+            except CheckpointError as err:
+                error = err
+        code = _FAILED if error else (_FRESH if found is None else int(found[1].trainer["global_step"]))
+        code = broadcast_int(acc, code)
+        if code == _FAILED:
+            raise error or CheckpointError(
+                f"the main process found no valid checkpoint for resume_from={str(resume_from)!r}; "
+                "see its log."
             )
-        return Path(resume_from)
+        if code == _FRESH:
+            return None
+        if not acc.is_main_process:
+            path = self.directory / checkpoint_name(code) if latest else Path(resume_from)
+            found = (path, read_state(path, acc.process_index))
+        assert found is not None  # invariant: set on every branch above
+        if found[1].world_size != acc.num_processes:
+            logger.warning(
+                "safeloop: %s was written by %d processes and resumes on %d; model and optimizer "
+                "are restored, per-process RNG states are reused modulo %d (not bit for bit).",
+                found[0], found[1].world_size, acc.num_processes, found[1].world_size,
+            )  # fmt: skip
+        return found
 
-    @staticmethod
-    def load(path: Path) -> SavedState:
-        """Read a verified checkpoint."""
-        return read_state(path)
+    def load_step(self, step: int) -> SavedState:
+        """Load the checkpoint of ``step`` on every process (a rollback target already chosen)."""
+        self.durable.extend(self._finish_inflight())
+        return read_state(self.directory / checkpoint_name(step), self.accelerator.process_index)
+
+    def _load_latest(self) -> tuple[Path, SavedState] | None:
+        damaged = []
+        for _, path in reversed(list_checkpoints(self.directory)):
+            if not (path / "manifest.json").is_file():
+                continue  # an unfinished write: not damage
+            try:
+                return path, read_state(path, self.accelerator.process_index)
+            except CheckpointError as err:
+                damaged.append(str(err))
+                logger.warning("safeloop: skipping damaged checkpoint %s: %s", path.name, err)
+        if damaged:
+            listed = "\n".join(f"  - {problem}" for problem in damaged)
+            raise CheckpointError(
+                f"{len(damaged)} checkpoints in {self.directory} have manifests but none verifies:\n"
+                f"{listed}\nRestore them from a copy, or start fresh in another checkpoint_dir; "
+                "safeloop does not restart silently over damaged state."
+            )
+        return None
+
+    def _load_folder(self, path: Path) -> tuple[Path, SavedState]:
+        try:
+            return path, read_state(path, self.accelerator.process_index)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"`resume_from={str(path)!r}` is not a valid checkpoint: {err}. Pass a folder such "
+                f'as {self.directory / checkpoint_name(500)} or `resume_from="latest"`.'
+            ) from err
+
+    def close(self) -> list[tuple[int, Path]]:
+        """Finish an asynchronous save; remove a temporary folder. Returns saves made durable.
+
+        Raises:
+            CheckpointError: on every process, when the last asynchronous save failed.
+        """
+        done = self._finish_inflight()
+        self._agree("", "finishing the last save", self.last_saved_step or 0)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if self.temporary and self.accelerator.is_main_process:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        return done
+
+
+@dataclass
+class _Publish:
+    """The main process's part of a save: shared files, the manifest, rotation."""
+
+    writer: CheckpointWriter
+    files: dict[str, Any]
+    processes: int
+    meta: dict[str, Any]
+    keep: int
+    protect: list[Path]
+
+    def run(self) -> Path:
+        try:
+            for name, content in self.files.items():
+                self.writer.add(name, content)
+            for rank in range(1, self.processes):
+                self.writer.adopt(rank_file_name(rank))
+            path = self.writer.finish({**self.meta, "world_size": self.processes})
+        except BaseException:
+            self.writer.abort()
+            raise
+        rotate(self.writer.root, self.keep, protect=[path, *self.protect])
+        return path
+
+
+def _temporary_folder(accelerator: Accelerator) -> Path:
+    # the same name on every process, from a token the main process draws (no pickled broadcast);
+    # a run over several machines needs a checkpoint_dir on a filesystem they share
+    token = broadcast_int(accelerator, secrets.randbits(62) if accelerator.is_main_process else 0)
+    path = Path(tempfile.gettempdir()) / f"safeloop-{token:016x}"
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ __all__ = [
     "MANIFEST",
     "checkpoint_name",
     "write_checkpoint",
+    "CheckpointWriter",
+    "VerifiedReader",
     "verify_checkpoint",
     "list_checkpoints",
     "latest_valid",
@@ -74,10 +77,114 @@ def _write_file(path: Path, data: bytes) -> None:
 FileContent = bytes | Callable[[Path], None]
 
 
+def _check_name(name: str) -> None:
+    if name == MANIFEST or Path(name).name != name or name.startswith("."):
+        raise CheckpointError(
+            f"checkpoint file names must be plain names other than {MANIFEST!r}; got {name!r}."
+        )
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+class CheckpointWriter:
+    """One checkpoint being written: files go into a temporary folder, ``finish`` publishes it.
+
+    The temporary folder's name depends only on the step, so every process of a run finds it:
+    each writes its own files there (:meth:`add`), then one process lists the others' files
+    (:meth:`adopt`) and publishes. Each file's fsync runs in a thread while the calling thread
+    hashes it from the page cache: the disk wait hides the hashing.
+
+    Args:
+        root (`str | PathLike`): the checkpoint directory (created if missing).
+        step (`int`): the global step; names the folder.
+        create (`bool`, *optional*, defaults to True): make a fresh temporary folder (a stale one,
+            left by a killed run, is removed); False joins the folder another process made.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], step: int, *, create: bool = True) -> None:
+        self.root = Path(root)
+        self.step = step
+        self.final = self.root / checkpoint_name(step)
+        self.tmp = self.root / f".{self.final.name}.tmp"
+        self.listed: dict[str, dict[str, object]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-fsync")
+        self._syncs: list[Future[None]] = []
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+
+    def add(self, name: str, content: FileContent) -> None:
+        """Write one file: ``bytes``, or a function that writes the file at the path it gets."""
+        _check_name(name)
+        target = self.tmp / name
+        if isinstance(content, bytes):
+            with target.open("wb") as fh:
+                fh.write(content)
+            digest = hashlib.sha256(content).hexdigest()
+            self._syncs.append(self._pool.submit(_fsync_file, target))
+            self.listed[name] = {"size": len(content), "sha256": digest}
+            return
+        content(target)
+        self._syncs.append(self._pool.submit(_fsync_file, target))
+        self.listed[name] = {"size": target.stat().st_size, "sha256": _sha256(target)}
+
+    def adopt(self, name: str) -> None:
+        """List a file another process wrote (and fsynced) into the temporary folder."""
+        _check_name(name)
+        target = self.tmp / name
+        if not target.is_file():
+            raise CheckpointError(
+                f"{target} was not written by its process; the checkpoint is not published."
+            )
+        self.listed[name] = {"size": target.stat().st_size, "sha256": _sha256(target)}
+
+    def wait(self) -> None:
+        """Block until every file added so far is durable."""
+        try:
+            for sync in self._syncs:
+                sync.result()
+        finally:
+            self._syncs = []
+
+    def finish(self, meta: Mapping[str, object]) -> Path:
+        """Write the manifest, make everything durable and rename the folder into place."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "files": self.listed,
+            "meta": dict(meta),
+        }
+        _write_file(self.tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        _fsync_dir(self.tmp)
+        if self.final.exists():  # a re-save of the same step: the old folder goes only once the new is whole
+            aside = self.root / f".{self.final.name}.old-{os.getpid()}"
+            os.replace(self.final, aside)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+        _fsync_dir(self.root)
+        return self.final
+
+    def abort(self) -> None:
+        """Drop the temporary folder (after a failed write)."""
+        self._pool.shutdown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_checkpoint(
     root: str | os.PathLike[str], step: int, files: Mapping[str, FileContent], *, meta: Mapping[str, object]
 ) -> Path:
-    """Write one checkpoint atomically and return its folder.
+    """Write one checkpoint atomically (one process) and return its folder.
 
     Args:
         root (`str | PathLike`): the checkpoint directory (created if missing).
@@ -93,42 +200,16 @@ def write_checkpoint(
     Raises:
         CheckpointError: when a file name is not a plain name, or is the manifest's.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    bad = [name for name in files if name == MANIFEST or Path(name).name != name or name.startswith(".")]
-    if bad:
-        raise CheckpointError(
-            f"checkpoint file names must be plain names other than {MANIFEST!r}; got {bad}."
-        )
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    listed = {}
-    for name, content in files.items():
-        target = tmp / name
-        if isinstance(content, bytes):
-            _write_file(target, content)
-            listed[name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
-            continue
-        content(target)
-        with target.open("rb") as fh:
-            os.fsync(fh.fileno())
-        # hashed from the page cache, right after the write
-        listed[name] = {"size": target.stat().st_size, "sha256": _sha256(target)}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": listed, "meta": dict(meta)}
-    _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step: the old folder goes only once the new is whole
-        aside = root / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    return final
+    for name in files:
+        _check_name(name)
+    writer = CheckpointWriter(root, step)
+    try:
+        for name, content in files.items():
+            writer.add(name, content)
+        return writer.finish(meta)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 @dataclass(frozen=True)
@@ -150,9 +231,8 @@ class Verification:
     manifest: dict | None = None
 
 
-def verify_checkpoint(path: str | os.PathLike[str]) -> Verification:
-    """Check a checkpoint folder against its manifest; never reads files it does not list."""
-    path = Path(path)
+def _check_manifest(path: Path) -> Verification:
+    """Parse the manifest and check every listed file's presence and size (not the hashes)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return Verification(path, complete=False, ok=False, problem=f"{manifest_path} is missing")
@@ -160,13 +240,14 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Verification:
         manifest = json.loads(manifest_path.read_bytes())
         files = manifest["files"]
         version = manifest["format_version"]
-    except (ValueError, KeyError, TypeError) as err:
+        entries = sorted(files.items())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         return Verification(path, True, False, f"{manifest_path} cannot be parsed ({err})")
     if version != FORMAT_VERSION:
         return Verification(
             path, True, False, f"{manifest_path} has format_version {version!r}, expected {FORMAT_VERSION}"
         )
-    for name, entry in sorted(files.items()):
+    for name, entry in entries:
         file = path / name
         if Path(name).name != name or not file.is_file():
             return Verification(path, True, False, f"{file} is missing", manifest)
@@ -175,11 +256,68 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> Verification:
             return Verification(
                 path, True, False, f"{file} has {size} bytes, the manifest says {entry.get('size')}", manifest
             )
-        if _sha256(file) != entry.get("sha256"):
-            return Verification(
-                path, True, False, f"{file} does not match its SHA-256 in the manifest", manifest
-            )
     return Verification(path, True, True, "", manifest)
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> Verification:
+    """Check a checkpoint folder against its manifest; never reads files it does not list."""
+    path = Path(path)
+    check = _check_manifest(path)
+    if not check.ok:
+        return check
+    for name, entry in sorted(check.manifest["files"].items()):  # type: ignore[index]
+        if _sha256(path / name) != entry.get("sha256"):
+            return Verification(
+                path, True, False, f"{path / name} does not match its SHA-256 in the manifest", check.manifest
+            )
+    return check
+
+
+class VerifiedReader:
+    """Reads the files of one checkpoint once, checking each against the manifest as it goes.
+
+    A file's bytes are handed out at once and its SHA-256 runs in a thread meanwhile, so that
+    deserialising overlaps with hashing; :meth:`confirm` waits for every hash and raises on a
+    mismatch, before anything read is used. Only files the manifest lists can be read.
+
+    Args:
+        path (`str | PathLike`): the checkpoint folder.
+
+    Raises:
+        CheckpointError: the manifest is missing or unreadable, or a file's size is wrong.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        check = _check_manifest(self.path)
+        if check.manifest is None or check.problem:
+            raise CheckpointError(check.problem)
+        self.manifest: dict = check.manifest
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-verify")
+        self._hashes: dict[str, Future[str]] = {}
+
+    def read(self, name: str) -> bytes:
+        """Return a listed file's bytes; its hash is checked by :meth:`confirm`."""
+        if name not in self.manifest["files"]:
+            raise CheckpointError(f"{self.path / name} is not listed in {self.path / MANIFEST}; not read.")
+        data = (self.path / name).read_bytes()
+        self._hashes[name] = self._pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        return data
+
+    def confirm(self) -> None:
+        """Check every listed file (hashing those not read); raise on the first mismatch.
+
+        Raises:
+            CheckpointError: naming the file whose SHA-256 does not match.
+        """
+        try:
+            for name, entry in sorted(self.manifest["files"].items()):
+                future = self._hashes.get(name)
+                digest = future.result() if future is not None else _sha256(self.path / name)
+                if digest != entry.get("sha256"):
+                    raise CheckpointError(f"{self.path / name} does not match its SHA-256 in the manifest")
+        finally:
+            self._pool.shutdown()
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:

@@ -11,39 +11,82 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from safeloop.checkpoint.format import capture_rng, restore_rng
+from safeloop.checkpoint.manager import Snapshot
 from safeloop.checkpoint.state import SavedState
 
 if TYPE_CHECKING:
     from safeloop.trainer import SafeTrainer
 
-__all__ = ["capture_trainer", "apply_trainer", "RngSnapshot"]
+__all__ = ["capture_trainer", "apply_trainer", "RngSnapshot", "sampler_generator"]
+
+
+def sampler_generator(loader: Any) -> torch.Generator | None:
+    """The ``torch.Generator`` that decides a dataloader's shuffle order, if it has its own.
+
+    Under several processes Accelerate gives the sampler a generator of its own (drawn from the
+    global RNG at ``prepare``) and broadcasts rank 0's state at each ``iter``; a user may pass
+    one too. Without one, shuffling draws from the global torch RNG, which is saved anyway.
+    """
+    paths = (
+        "synchronized_generator",
+        "sampler.generator",
+        "batch_sampler.sampler.generator",
+        "batch_sampler.batch_sampler.sampler.generator",  # Accelerate's BatchSamplerShard
+        "generator",
+    )
+    candidates = (_follow(loader, path) for path in paths)
+    return next((g for g in candidates if isinstance(g, torch.Generator)), None)
+
+
+def _follow(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
 
 
 class RngSnapshot:
-    """RNG states of this process at one moment (the start of an epoch, or a checkpoint)."""
+    """RNG states of this process at one moment (the start of an epoch, or a checkpoint).
 
-    def __init__(self) -> None:
+    Args:
+        loader (`Any`, *optional*): the training dataloader, whose own shuffle generator and
+            epoch counter (Accelerate's ``iteration``) are captured too.
+    """
+
+    def __init__(self, loader: Any = None) -> None:
         self.tree, self.tensors = capture_rng()
+        generator = sampler_generator(loader)
+        if generator is not None:
+            self.tensors["sampler_generator"] = generator.get_state()
+        iteration = getattr(loader, "iteration", None)
+        if isinstance(iteration, int):
+            self.tree["loader_iteration"] = iteration
 
     def as_state(self) -> dict[str, Any]:
         """A state dict for the checkpoint format."""
         return {"tree": self.tree, "tensors": dict(self.tensors)}
 
     @staticmethod
-    def restore(state: dict[str, Any]) -> None:
-        """Put RNG states saved by :meth:`as_state` back."""
+    def restore(state: dict[str, Any], loader: Any = None) -> None:
+        """Put RNG states saved by :meth:`as_state` back (and the dataloader's, when given)."""
         restore_rng(state["tree"], state["tensors"])
+        generator = sampler_generator(loader)
+        if generator is not None and "sampler_generator" in state["tensors"]:
+            generator.set_state(state["tensors"]["sampler_generator"])
+        if loader is not None and "loader_iteration" in state["tree"] and hasattr(loader, "iteration"):
+            loader.iteration = int(state["tree"]["loader_iteration"])
 
 
-def capture_trainer(trainer: SafeTrainer) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Return the model state, the other state dicts, and the trainer's JSON state."""
+def capture_trainer(trainer: SafeTrainer, *, healthy: bool = True) -> Snapshot:
+    """Return the trainer's state at this step boundary."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     scaler = trainer.accelerator.scaler
-    parts = {
+    shared = {
         "optimizer": trainer.optimizer.state_dict(),
         "lr_scheduler": None if trainer.lr_scheduler is None else trainer.lr_scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
-        "rng": RngSnapshot().as_state(),
+    }
+    rank = {
+        "rng": RngSnapshot(trainer.train_dataloader).as_state(),
         "rng_epoch_start": trainer._epoch_rng.as_state() if trainer._epoch_rng is not None else None,
     }
     tracker = trainer._skips.tracker
@@ -60,7 +103,14 @@ def capture_trainer(trainer: SafeTrainer) -> tuple[dict[str, torch.Tensor], dict
         "eval_loss": trainer._eval_loss,
         "step_lr": trainer._step_lr,
     }
-    return dict(model.state_dict()), parts, state
+    return Snapshot(
+        step=trainer.global_step,
+        model=dict(model.state_dict()),
+        shared=shared,
+        rank=rank,
+        trainer=state,
+        meta={"healthy": healthy, "epoch": trainer.epoch},
+    )
 
 
 def apply_trainer(trainer: SafeTrainer, saved: SavedState) -> None:

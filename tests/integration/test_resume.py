@@ -44,17 +44,23 @@ def _optimizer_tensors(optimizer):
     ]
 
 
-def test_resume_after_17_of_40_steps_equals_the_straight_run_bitwise(tmp_path):
+@pytest.mark.parametrize("async_checkpoint", [False, True], ids=["sync", "async"])
+def test_resume_after_17_of_40_steps_equals_the_straight_run_bitwise(tmp_path, async_checkpoint):
     straight, straight_model, straight_opt = _trainer(max_steps=40, log_every=5)
     straight_result = straight.fit()
     _reset_accelerate()
 
-    first, _, _ = _trainer(tmp_path, max_steps=17, checkpoint_every=5, log_every=5)
-    first.fit()
+    first, _, _ = _trainer(
+        tmp_path, max_steps=17, checkpoint_every=5, log_every=5, async_checkpoint=async_checkpoint
+    )
+    first_result = first.fit()
     _reset_accelerate()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000015", "step-00000017"]
+    assert [e.step for e in first_result.events if e.kind == "checkpoint"] == [5, 10, 15, 17]
 
-    resumed, model, optimizer = _trainer(tmp_path, max_steps=40, checkpoint_every=5, log_every=5)
+    resumed, model, optimizer = _trainer(
+        tmp_path, max_steps=40, checkpoint_every=5, log_every=5, async_checkpoint=async_checkpoint
+    )
     result = resumed.fit(resume_from="latest")
 
     assert result.global_step == 40
@@ -77,7 +83,12 @@ def test_checkpoints_rotate_and_the_final_one_is_not_written_twice(tmp_path):
     saved = [e.step for e in result.events if e.kind == "checkpoint"]
     assert saved == [3, 6, 9, 12]
     manifest = json.loads((tmp_path / "step-00000012" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.safetensors", "state.safetensors", "state.json"}
+    assert set(manifest["files"]) == {
+        "model.safetensors",
+        "state.safetensors",
+        "state.json",
+        "rank-00000.safetensors",
+    }
 
 
 def test_resuming_a_checkpoint_already_at_max_steps_returns_at_once(tmp_path):
@@ -144,3 +155,24 @@ def test_a_pickle_payload_in_a_checkpoint_folder_is_never_executed(tmp_path):
     resumed, _, _ = _trainer(tmp_path, max_steps=4)
     resumed.fit(resume_from="latest")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_failed_asynchronous_save_surfaces_at_the_next_step_and_leaves_older_checkpoints(
+    tmp_path, monkeypatch
+):
+    import safeloop.checkpoint.state as state_module
+
+    real_save = state_module.save_file
+
+    def flaky_save(tensors, path, metadata=None):
+        if "step-00000004" in str(path) and path.endswith("model.safetensors"):
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(state_module, "save_file", flaky_save)
+    trainer, _, _ = _trainer(tmp_path, max_steps=12, checkpoint_every=2, async_checkpoint=True)
+    with pytest.raises(CheckpointError, match=r"asynchronous save of step 4 .*No space left on device"):
+        trainer.fit()
+    # raised at the first step boundary that sees the failed write, at the latest by the next save
+    assert 4 <= trainer.global_step <= 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]  # nothing half written

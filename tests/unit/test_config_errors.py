@@ -372,6 +372,11 @@ def test_clip_grad_norm_and_clip_grad_value_together_are_rejected_asking_to_choo
     assert "Choose one and leave the other None" in message
 
 
+def test_a_string_async_checkpoint_is_rejected_with_the_value():
+    message = _rejected(r"`async_checkpoint` must be True or False", async_checkpoint="yes")
+    assert "'yes'" in message
+
+
 def test_a_string_progress_bar_is_rejected_with_value_and_the_two_choices():
     message = _rejected(r"`progress_bar` must be True or False", progress_bar="yes")
     assert "`progress_bar`" in message

@@ -32,6 +32,8 @@ def digest(model: nn.Module) -> str:
 def main() -> None:
     out_dir = sys.argv[1]
     model = mlp(seed=0)
+    if os.environ.get("DROPOUT") == "1":  # the per-process RNG then shapes every step
+        model = nn.Sequential(model[0], model[1], nn.Dropout(0.3), model[2])
     if os.environ.get("ZERO_INIT") == "1":  # stuck layers: safeloop re-initialises them on every rank
         for layer in (model[0], model[2]):
             torch.nn.init.zeros_(layer.weight)
@@ -43,18 +45,25 @@ def main() -> None:
     nan_step = int(os.environ.get("NAN_ON_RANK1_AT_STEP", "0"))
     if nan_step and rank_tag == "1":  # a NaN loss on one process only
         loss_fn = nonfinite_loss(loss_fn, at_calls={nan_step})
+    checkpoints = {}
+    if os.environ.get("CKPT_DIR"):  # checkpoint every 3 steps; MAX_STEPS stops early; RESUME=1
+        checkpoints = {"checkpoint_dir": os.environ["CKPT_DIR"], "checkpoint_every": 3}
+        checkpoints["async_checkpoint"] = os.environ.get("ASYNC") == "1"
+    max_steps = int(os.environ["MAX_STEPS"]) if os.environ.get("MAX_STEPS") else None
     trainer = SafeTrainer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-2),
         DataLoader(classification_data(n=128), batch_size=8, shuffle=True),
         loss_fn=loss_fn,
         max_epochs=2,
+        max_steps=max_steps,
         log_every=4,
         seed=0,
         log_with=[tracker],
         project_dir=out_dir,
+        **checkpoints,
     )
-    result = trainer.fit()
+    result = trainer.fit(resume_from="latest" if os.environ.get("RESUME") == "1" else None)
     final = digest(trainer.accelerator.unwrap_model(trainer.model))
     record = {
         "rank": trainer.accelerator.process_index,
@@ -66,6 +75,8 @@ def main() -> None:
         "skipped": result.skipped_steps,
         "skip_steps": [e.step for e in result.events if e.kind == "skip"],
         "reinit": [e.detail["param"] for e in result.events if e.kind == "reinit"],
+        "checkpoints": [e.step for e in result.events if e.kind == "checkpoint"],
+        "resumed": [e.step for e in result.events if e.kind == "resume"],
     }
     # one write per line: two processes share this stdout, and print() writes the newline apart
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")
