@@ -1,0 +1,238 @@
+"""Checks of single ``SafeTrainer`` arguments; each appends its problems to a shared list.
+
+``config.build_config`` calls them all and raises one ``ConfigError`` listing every problem.
+Messages give the argument, the value seen (``_seen``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from safeloop.callbacks import Callback
+
+__all__ = [
+    "seen",
+    "is_int",
+    "check_count",
+    "check_positive_float",
+    "check_objects",
+    "check_callables",
+    "check_scheduler",
+    "check_accelerator",
+    "check_callbacks",
+    "normalise_log_with",
+]
+
+_MAX_LISTED = 10
+_MAX_REPR = 80
+
+
+def seen(value: object) -> str:
+    """Return ``repr(value)`` on one line, shortened, followed by its type name."""
+    try:
+        text = " ".join(repr(value).split())
+    except Exception:  # a broken __repr__ must not hide the real problem
+        text = f"<{type(value).__name__} object>"
+    if len(text) > _MAX_REPR:
+        text = text[: _MAX_REPR - 3] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool."""
+    # bool is an int subclass; `max_epochs=True` is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_count(problems: list[str], name: str, value: object, *, optional: bool) -> None:
+    """Require an int >= 1 (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not is_int(value) or value < 1:  # type: ignore[operator]
+        allowed = "an int >= 1" + (" or None" if optional else "")
+        problems.append(f"`{name}` must be {allowed}; got {seen(value)}.")
+
+
+def check_positive_float(problems: list[str], name: str, value: object) -> None:
+    """Require a finite number > 0, or None."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
+        problems.append(f"`{name}` must be a finite number > 0 or None; got {seen(value)}.")
+
+
+def check_objects(
+    problems: list[str],
+    model: object,
+    optimizer: object,
+    train_dataloader: object,
+    eval_dataloader: object,
+) -> None:
+    """Check the model, optimizer and dataloaders are what their names say."""
+    if not isinstance(model, torch.nn.Module):
+        problems.append(
+            f"`model` must be a torch.nn.Module; got {seen(model)}. "
+            "Pass the module itself, not its parameters or state_dict."
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        problems.append(
+            f"`optimizer` must be a torch.optim.Optimizer; got {seen(optimizer)}. "
+            "Build it over the parameters, e.g. `torch.optim.AdamW(model.parameters(), lr=1e-3)`."
+        )
+    for name, loader, optional in (
+        ("train_dataloader", train_dataloader, False),
+        ("eval_dataloader", eval_dataloader, True),
+    ):
+        if loader is None and optional:
+            continue
+        if not isinstance(loader, DataLoader):
+            problems.append(
+                f"`{name}` must be a torch.utils.data.DataLoader; got {seen(loader)}. "
+                "Wrap the dataset: `DataLoader(dataset, batch_size=...)`."
+            )
+            continue
+        try:
+            length = len(loader)
+        except TypeError:  # an IterableDataset without __len__: its length is unknown, not zero
+            continue
+        if length == 0:
+            problems.append(
+                f"`{name}` must yield at least one batch; got a DataLoader of len 0 (dataset of "
+                f"{_dataset_len(loader)} samples, batch_size={loader.batch_size}, "
+                f"drop_last={loader.drop_last}). "
+                "Give it samples, or lower `batch_size` / set `drop_last=False`."
+            )
+
+
+def _dataset_len(loader: DataLoader) -> str:
+    try:
+        return str(len(loader.dataset))  # type: ignore[arg-type]
+    except TypeError:
+        return "unknown"
+
+
+def check_callables(problems: list[str], loss_fn: object, training_step: object) -> None:
+    """Check ``loss_fn`` and ``training_step`` are callables (instances, not classes)."""
+    for name, fn in (("loss_fn", loss_fn), ("training_step", training_step)):
+        if isinstance(fn, type) and issubclass(fn, torch.nn.Module):
+            # callable, but calling it builds a module instead of computing a loss
+            problems.append(
+                f"`{name}` must be a function or a module instance; got the class {fn.__name__}. "
+                f"Pass an instance: `{name}={fn.__name__}()`."
+            )
+        elif fn is not None and not callable(fn):
+            problems.append(
+                f"`{name}` must be callable or None; got {seen(fn)}. Pass the function itself, "
+                "not the result of calling it."
+            )
+
+
+def check_scheduler(problems: list[str], lr_scheduler: object, optimizer: object) -> None:
+    """Check the scheduler is one and steps this optimizer."""
+    if lr_scheduler is None:
+        return
+    if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        problems.append(
+            "`lr_scheduler` must be an LRScheduler that steps without a metric, or None; got "
+            f"{seen(lr_scheduler)}. A ReduceLROnPlateau needs a metric at every step; safeloop "
+            "steps the scheduler once per optimizer step without one. Step it yourself in a "
+            "`Callback.on_validation_end(trainer, eval_loss)`, and leave `lr_scheduler=None`."
+        )
+        return
+    if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
+        problems.append(
+            "`lr_scheduler` must be a torch.optim.lr_scheduler.LRScheduler or None; got "
+            f"{seen(lr_scheduler)}. Build one on the optimizer, e.g. "
+            "`torch.optim.lr_scheduler.LinearLR(optimizer)`."
+        )
+        return
+    if isinstance(optimizer, torch.optim.Optimizer) and lr_scheduler.optimizer is not optimizer:
+        theirs = lr_scheduler.optimizer
+        problems.append(
+            "`lr_scheduler` was built on another optimizer than `optimizer`: its optimizer is "
+            f"{type(theirs).__name__} at {id(theirs):#x}, `optimizer` is {type(optimizer).__name__} "
+            f"at {id(optimizer):#x}; its learning rates would never reach the parameters. Build it "
+            "from the optimizer given to SafeTrainer."
+        )
+
+
+def check_accelerator(
+    problems: list[str],
+    accelerator: object,
+    gradient_accumulation_steps: object,
+    mixed_precision: object,
+    log_with: object,
+) -> None:
+    """Check an ``accelerator=`` against the arguments it makes meaningless."""
+    if accelerator is None:
+        return
+    if not isinstance(accelerator, Accelerator):
+        problems.append(
+            f"`accelerator` must be an accelerate.Accelerator or None; got {seen(accelerator)}. "
+            "Pass `accelerator=Accelerator(...)` or leave it None to let safeloop build one."
+        )
+        return
+    own = accelerator.gradient_accumulation_steps
+    if gradient_accumulation_steps is not None and gradient_accumulation_steps != own:
+        problems.append(
+            f"`gradient_accumulation_steps={gradient_accumulation_steps!r}` disagrees with the "
+            f"given accelerator's {own}. Set it on one of them only: "
+            "`Accelerator(gradient_accumulation_steps=...)` or leave `accelerator=None`."
+        )
+    if mixed_precision is not None and mixed_precision != accelerator.mixed_precision:
+        problems.append(
+            f"`mixed_precision={mixed_precision!r}` disagrees with the given accelerator's "
+            f"{accelerator.mixed_precision!r}. Set it on one of them only: "
+            "`Accelerator(mixed_precision=...)` or leave `accelerator=None`."
+        )
+    if log_with:
+        problems.append(
+            f"`log_with={log_with!r}` only applies when safeloop builds the Accelerator; with `accelerator=` "
+            "pass `Accelerator(log_with=...)` and call `accelerator.init_trackers(...)` yourself."
+        )
+
+
+def check_callbacks(problems: list[str], callbacks: object) -> tuple[Callback, ...]:
+    """Return the callbacks as a tuple, reporting every item that is not a ``Callback``."""
+    if isinstance(callbacks, Callback):
+        return (callbacks,)
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+        problems.append(
+            f"`callbacks` must be a list of safeloop.Callback instances; got {seen(callbacks)}. "
+            "Pass e.g. `callbacks=[MyCallback()]`."
+        )
+        return ()
+    items = tuple(callbacks)
+    bad = [_bad_callback(i, item) for i, item in enumerate(items) if not isinstance(item, Callback)]
+    if bad:
+        listed = ", ".join(bad[:_MAX_LISTED])
+        more = f" ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        problems.append(
+            f"`callbacks` must hold safeloop.Callback instances; these are not: {listed}{more}. "
+            "Subclass `safeloop.Callback` and pass an instance (not the class)."
+        )
+    return items
+
+
+def _bad_callback(index: int, item: object) -> str:
+    if isinstance(item, type) and issubclass(item, Callback):
+        return f"[{index}] the class {item.__name__} (pass an instance: `{item.__name__}()`)"
+    return f"[{index}] {seen(item)}"
+
+
+def normalise_log_with(problems: list[str], log_with: object) -> tuple[Any, ...]:
+    """Return ``log_with`` as a tuple of tracker names or trackers."""
+    if log_with is None:
+        return ()
+    if isinstance(log_with, (str, Sequence)):
+        items = (log_with,) if isinstance(log_with, str) else tuple(log_with)
+        return items
+    # a single tracker instance (accelerate.tracking.GeneralTracker)
+    return (log_with,)
