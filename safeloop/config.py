@@ -13,6 +13,7 @@ from typing import Any
 
 from safeloop.callbacks import Callback
 from safeloop.errors import ConfigError
+from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE
 from safeloop.guards.nonfinite import NAN_GUARD_CHOICES
 from safeloop.guards.reinit import REINIT_CHOICES, REINIT_SCOPES
 from safeloop.validation import (
@@ -51,6 +52,15 @@ class TrainerConfig:
         reinit_zero_params (`str | None`): ``"xavier"``, ``"normal"`` or None (report only).
         reinit_std (`float`): standard deviation of ``"normal"`` re-initialisation.
         reinit_scope (`str`): ``"weights"`` (2-D and more) or ``"all"``.
+        rollback (`bool`): on divergence, restore the newest healthy checkpoint and go on.
+        max_rollbacks (`int`): rollbacks allowed; one more divergence raises ``DivergenceError``.
+        rollback_lr_factor (`float`): learning rates are multiplied by it at each rollback.
+        rollback_skip_batches (`int | None`): micro-batches skipped after a rollback; None: those
+            between the checkpoint and the detection.
+        spike_zscore (`float`): running standard deviations above the running mean that count
+            as a loss spike.
+        spike_patience (`int`): consecutive spiking steps that confirm a spike.
+        spike_warmup (`int`): steps observed before a spike can be declared.
         checkpoint_dir (`str | None`): where checkpoints go.
         checkpoint_every (`int`): global steps between checkpoints.
         keep_checkpoints (`int`): newest checkpoints kept.
@@ -73,6 +83,13 @@ class TrainerConfig:
     reinit_zero_params: str | None = "xavier"
     reinit_std: float = 0.02
     reinit_scope: str = "weights"
+    rollback: bool = True
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+    rollback_skip_batches: int | None = None
+    spike_zscore: float = DEFAULT_ZSCORE
+    spike_patience: int = DEFAULT_PATIENCE
+    spike_warmup: int = DEFAULT_WARMUP
     checkpoint_dir: str | None = None
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -106,6 +123,13 @@ def build_config(
     reinit_zero_params: object = "xavier",
     reinit_std: object = 0.02,
     reinit_scope: object = "weights",
+    rollback: object = True,
+    max_rollbacks: object = 3,
+    rollback_lr_factor: object = 0.5,
+    rollback_skip_batches: object = None,
+    spike_zscore: object = DEFAULT_ZSCORE,
+    spike_patience: object = DEFAULT_PATIENCE,
+    spike_warmup: object = DEFAULT_WARMUP,
     checkpoint_dir: object = None,
     checkpoint_every: object = 500,
     keep_checkpoints: object = 3,
@@ -170,7 +194,11 @@ def build_config(
         problems.append(f"`checkpoint_dir` must be a path or None; got {seen(checkpoint_dir)}.")
     check_count(problems, "checkpoint_every", checkpoint_every, optional=False)
     check_count(problems, "keep_checkpoints", keep_checkpoints, optional=False)
-    for name, flag in (("progress_bar", progress_bar), ("async_checkpoint", async_checkpoint)):
+    _check_rollback(problems, max_rollbacks, rollback_lr_factor, rollback_skip_batches, spike_warmup)
+    check_positive_float(problems, "spike_zscore", spike_zscore, optional=False)
+    check_count(problems, "spike_patience", spike_patience, optional=False)
+    flags = (("progress_bar", progress_bar), ("async_checkpoint", async_checkpoint), ("rollback", rollback))
+    for name, flag in flags:
         if not isinstance(flag, bool):
             problems.append(f"`{name}` must be True or False; got {seen(flag)}.")
     if project_dir is not None and not isinstance(project_dir, (str, os.PathLike)):
@@ -197,6 +225,13 @@ def build_config(
         reinit_zero_params=reinit_zero_params,  # type: ignore[arg-type]
         reinit_std=float(reinit_std),  # type: ignore[arg-type]
         reinit_scope=reinit_scope,  # type: ignore[arg-type]
+        rollback=rollback,  # type: ignore[arg-type]
+        max_rollbacks=max_rollbacks,  # type: ignore[arg-type]
+        rollback_lr_factor=float(rollback_lr_factor),  # type: ignore[arg-type]
+        rollback_skip_batches=rollback_skip_batches,  # type: ignore[arg-type]
+        spike_zscore=float(spike_zscore),  # type: ignore[arg-type]
+        spike_patience=spike_patience,  # type: ignore[arg-type]
+        spike_warmup=spike_warmup,  # type: ignore[arg-type]
         checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),  # type: ignore[arg-type]
         checkpoint_every=checkpoint_every,  # type: ignore[arg-type]
         keep_checkpoints=keep_checkpoints,  # type: ignore[arg-type]
@@ -207,6 +242,25 @@ def build_config(
         project_dir=None if project_dir is None else str(project_dir),
     )
     return config, callback_items
+
+
+def _check_rollback(
+    problems: list[str], max_rollbacks: object, factor: object, skip_batches: object, warmup: object
+) -> None:
+    for name, value in (("max_rollbacks", max_rollbacks), ("spike_warmup", warmup)):
+        if not is_int(value) or value < 0:  # type: ignore[operator]
+            problems.append(f"`{name}` must be an int >= 0; got {seen(value)}.")
+    if skip_batches is not None and (not is_int(skip_batches) or skip_batches < 0):  # type: ignore[operator]
+        problems.append(
+            f"`rollback_skip_batches` must be an int >= 0 or None (the batches between the checkpoint "
+            f"and the detection); got {seen(skip_batches)}."
+        )
+    number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+    if not number or not 0 < factor <= 1:  # type: ignore[operator]
+        problems.append(
+            "`rollback_lr_factor` must be a number in (0, 1] (1 keeps the learning rate); got "
+            f"{seen(factor)}."
+        )
 
 
 def _format_problems(problems: list[str]) -> str:

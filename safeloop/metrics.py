@@ -103,6 +103,10 @@ class MetricBuffer:
             self._rows.pop(0)  # collect() was not called in time: never grow without bound
         self._rows.append(torch.cat(parts))
 
+    def clear(self) -> None:
+        """Drop the buffered rows unread (their steps were undone by a rollback)."""
+        self._rows.clear()
+
     def restart_clock(self) -> None:
         """Start timing the next interval now (at the start of ``fit``)."""
         self._since = time.perf_counter()

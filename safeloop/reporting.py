@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from safeloop.distributed import reduce_across_processes
+from safeloop.rollback import check_spikes
 
 if TYPE_CHECKING:
     from safeloop.trainer import SafeTrainer
@@ -40,6 +41,7 @@ def report_interval(trainer: SafeTrainer) -> None:
         "steps_per_sec": record.steps_per_sec,
         "skipped_steps": trainer._skips.tracker.skipped,
         "overflow_skips": trainer._skips.overflow_skips,
+        "rollbacks": trainer._rollbacks,
     }
     trainer._history.append(entry)
     trainer.accelerator.log(
@@ -47,6 +49,7 @@ def report_interval(trainer: SafeTrainer) -> None:
         step=trainer.global_step,
     )
     trainer._bar.show(record, lr)  # type: ignore[union-attr]
+    check_spikes(trainer, record)  # last: a rollback it starts leaves this interval reported
 
 
 def start_trackers(trainer: SafeTrainer) -> None:

@@ -68,6 +68,10 @@ class SkipMonitor:
         """Keep a micro-batch of optimizer step ``step`` for a possible replay."""
         self._batches.append((step, batch_idx, batch))
 
+    def forget(self) -> None:
+        """Drop the remembered batches (after a rollback they belong to an abandoned branch)."""
+        self._batches.clear()
+
     def names(self, positions: Sequence[int]) -> tuple[str, ...]:
         """Names of the parameters at ``positions``."""
         return tuple(self.param_names[i] for i in positions if i < len(self.param_names))

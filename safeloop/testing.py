@@ -3,6 +3,7 @@
 They are small and deterministic, so a test can say exactly which step goes wrong:
 
 >>> loss_fn = nonfinite_loss(torch.nn.CrossEntropyLoss(), at_calls={5})  # 5th call returns NaN
+>>> loss_fn = spiking_loss(torch.nn.MSELoss(), at_calls=range(40, 46), factor=1e4)  # a finite spike
 >>> hook = NonFiniteGradient("head.weight", step=3)   # Inf in one gradient at step 3
 >>> data = PoisonedDataset(dataset, indices={17}, value=float("nan"))  # sample 17 holds NaN
 """
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset
 
 from safeloop.callbacks import Callback
 
-__all__ = ["nonfinite_loss", "NonFiniteGradient", "PoisonedDataset"]
+__all__ = ["nonfinite_loss", "spiking_loss", "NonFiniteGradient", "PoisonedDataset"]
 
 
 def nonfinite_loss(
@@ -51,6 +52,20 @@ def nonfinite_loss(
 
     wrapped.calls = 0  # type: ignore[attr-defined]
     return wrapped
+
+
+def spiking_loss(
+    loss_fn: Callable[..., torch.Tensor], *, at_calls: Iterable[int], factor: float = 1e3
+) -> Callable[..., torch.Tensor]:
+    """Wrap ``loss_fn`` so that the given training calls return the loss times ``factor``.
+
+    A finite loss spike, with gradients scaled alike (as a bad batch or an LR excursion gives);
+    calls are counted as in :func:`nonfinite_loss`.
+
+    Example:
+        >>> loss_fn = spiking_loss(torch.nn.MSELoss(), at_calls=range(40, 46), factor=1e4)
+    """
+    return nonfinite_loss(loss_fn, at_calls=at_calls, value=factor)
 
 
 class NonFiniteGradient(Callback):

@@ -32,6 +32,7 @@ from safeloop.diagnostics.health import WeightHealth
 from safeloop.distributed import agree_all_finite, settle_collectives
 from safeloop.evaluation import evaluate
 from safeloop.guards.clipping import clip_and_measure
+from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE, SpikeDetector
 from safeloop.guards.nonfinite import SkipRecord, finite_flag, true_overflow
 from safeloop.launch import build_accelerator
 from safeloop.metrics import MetricBuffer
@@ -40,6 +41,7 @@ from safeloop.preflight import check_zero_params
 from safeloop.progress import ProgressBar, planned_steps
 from safeloop.reporting import report_interval, start_trackers
 from safeloop.results import Event, Finding, FitResult
+from safeloop.rollback import RollbackRequest, can_roll_back, roll_back
 from safeloop.skips import SkipMonitor
 from safeloop.stepping import GatedStep
 
@@ -81,8 +83,21 @@ class SafeTrainer:
         reinit_std (`float`, *optional*, defaults to 0.02): standard deviation for ``"normal"``.
         reinit_scope (`str`, *optional*, defaults to ``"weights"``): ``"weights"`` (2-D and
             more) or ``"all"`` (stuck 1-D tensors too).
+        rollback (`bool`, *optional*, defaults to True): on divergence (a sustained loss spike,
+            or more than ``max_consecutive_skips`` non-finite steps in a row) restore the newest
+            healthy checkpoint, lower the learning rates, skip the data since, and go on.
+        max_rollbacks (`int`, *optional*, defaults to 3): one more divergence raises
+            ``DivergenceError``.
+        rollback_lr_factor (`float`, *optional*, defaults to 0.5): learning rates are multiplied
+            by it at each rollback (the schedule keeps the scale).
+        rollback_skip_batches (`int`, *optional*): micro-batches skipped after a rollback; None:
+            those between the checkpoint and the detection.
+        spike_zscore (`float`, *optional*, defaults to 6.0): running standard deviations above
+            the running mean of the loss that count as a spike.
+        spike_patience (`int`, *optional*, defaults to 3): spiking steps in a row that confirm it.
+        spike_warmup (`int`, *optional*, defaults to 20): steps observed before any spike.
         checkpoint_dir (`str`, *optional*): where checkpoints go (``step-00000500/`` folders);
-            None writes none (yet: rollback will use a temporary folder).
+            None: a temporary folder removed after ``fit`` when ``rollback`` needs one, else none.
         checkpoint_every (`int`, *optional*, defaults to 500): global steps between checkpoints.
         keep_checkpoints (`int`, *optional*, defaults to 3): newest checkpoints kept.
         async_checkpoint (`bool`, *optional*, defaults to False): tensors are copied at the
@@ -126,6 +141,13 @@ class SafeTrainer:
         reinit_zero_params: str | None = "xavier",
         reinit_std: float = 0.02,
         reinit_scope: str = "weights",
+        rollback: bool = True,
+        max_rollbacks: int = 3,
+        rollback_lr_factor: float = 0.5,
+        rollback_skip_batches: int | None = None,
+        spike_zscore: float = DEFAULT_ZSCORE,
+        spike_patience: int = DEFAULT_PATIENCE,
+        spike_warmup: int = DEFAULT_WARMUP,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 500,
         keep_checkpoints: int = 3,
@@ -146,6 +168,9 @@ class SafeTrainer:
             seed=seed, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
             nan_guard=nan_guard, max_consecutive_skips=max_consecutive_skips,
             reinit_zero_params=reinit_zero_params, reinit_std=reinit_std, reinit_scope=reinit_scope,
+            rollback=rollback, max_rollbacks=max_rollbacks, rollback_lr_factor=rollback_lr_factor,
+            rollback_skip_batches=rollback_skip_batches, spike_zscore=spike_zscore,
+            spike_patience=spike_patience, spike_warmup=spike_warmup,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints, async_checkpoint=async_checkpoint,
             log_every=log_every, progress_bar=progress_bar, log_with=log_with, project_dir=project_dir,
@@ -171,19 +196,28 @@ class SafeTrainer:
         self.eval_dataloader = prepared[3] if eval_dataloader is not None else None
         self.global_step = 0
         self.epoch = 0
-        self._checkpoints = build_manager(self.config, self.accelerator)
+        self._findings: list[Finding] = []
+        self._checkpoints, note = build_manager(self.config, self.accelerator)
+        if note is not None:
+            self._findings.append(note)
+        self._spikes = SpikeDetector(
+            self.config.spike_zscore, self.config.spike_patience, self.config.spike_warmup
+        )
+        self._rollbacks = 0
+        self._lr_scale = 1.0
+        self._divergences: list[dict[str, Any]] = []
         self.checkpoint_dir = None if self._checkpoints is None else self._checkpoints.directory
         self._epoch_rng: RngSnapshot | None = None
         self._preemption = PreemptionWatch()
         self._preempted = False
         self._batch_in_epoch = 0
         self._resume_position: int | None = None
+        self._carry_skip = 0  # micro-batches a rollback still skips in the next epoch
         self._resume_rng: tuple[Any, Any] | None = None
         self._metrics = MetricBuffer(self.config.log_every)
         self._window_losses: list[torch.Tensor] = []
         self._history: list[dict[str, Any]] = []
         self._events: list[Event] = []
-        self._findings: list[Finding] = []
         self._eval_loss: float | None = None
         self._bar: ProgressBar | None = None
         self._step_lr: float = optimizer.param_groups[0]["lr"]
@@ -237,14 +271,27 @@ class SafeTrainer:
         self._preemption = PreemptionWatch()
         try:
             with self._preemption:
-                self._train_epochs()
-            self._log()  # the steps since the last log step, if any
+                manager = self._checkpoints
+                if (
+                    self.config.rollback
+                    and manager is not None
+                    and manager.last_saved_step != self.global_step
+                ):
+                    save_checkpoint(self)  # the state before the first step: a healthy rollback target
+                while True:
+                    try:
+                        self._train_epochs()
+                        self._log()  # the steps since the last log step, if any
+                        break
+                    except RollbackRequest as request:  # raised on every process at the same step
+                        roll_back(self, request)
             if self._checkpoints is not None and self.global_step != self._checkpoints.last_saved_step:
                 save_checkpoint(self)  # the final one, unless the last step already has one
             close_checkpoints(self)
             result = FitResult(
                 global_step=self.global_step,
                 skipped_steps=self._skips.tracker.skipped,
+                rollbacks=self._rollbacks,
                 history=list(self._history),
                 events=list(self._events),
                 findings=list(self._findings),
@@ -254,6 +301,8 @@ class SafeTrainer:
             settle_collectives(self.accelerator)
         finally:
             self._bar.close()
+            if self._checkpoints is not None:
+                self._checkpoints.remove_temporary()
             if self._owns_accelerator and self.config.log_with:
                 self.accelerator.end_training()
         return result
@@ -282,14 +331,14 @@ class SafeTrainer:
         """Run the batches of one epoch; return True when the dataloader was exhausted."""
         skip, now_rng = start_epoch(self)
         batches = iter(self.train_dataloader)
-        seen_any = False
+        seen = 0
         try:
             for batch_idx, batch in enumerate(batches):
-                seen_any = True
+                seen = batch_idx + 1
                 self._batch_in_epoch = batch_idx + 1
                 if batch_idx < skip:
-                    if batch_idx + 1 == skip:
-                        RngSnapshot.restore(now_rng, self.train_dataloader)  # type: ignore[arg-type]
+                    if batch_idx + 1 == skip and now_rng is not None:
+                        RngSnapshot.restore(now_rng, self.train_dataloader)
                     continue
                 self._run_micro_batch(batch, batch_idx)
                 if self._done():
@@ -299,7 +348,11 @@ class SafeTrainer:
             close = getattr(batches, "close", None)
             if close is not None:  # lets Accelerate's dataloader end its gradient-state bookkeeping
                 close()
-        return seen_any
+        if skip > seen:  # a rollback's skip runs past the epoch's end: it goes on in the next one
+            if now_rng is not None:
+                RngSnapshot.restore(now_rng, self.train_dataloader)
+            self._carry_skip = skip - seen
+        return seen > 0
 
     # -- one step --------------------------------------------------------------------------
 
@@ -403,6 +456,14 @@ class SafeTrainer:
         self._events.append(outcome.event)
         self._callbacks.call("on_skip", self, outcome.event)
         if outcome.escalate:
+            if can_roll_back(self):
+                run = self._skips.tracker.consecutive
+                text = (
+                    f"{run} non-finite steps in a row (last loss {record.loss}, grad norm {record.grad_norm})"
+                )
+                raise RollbackRequest(
+                    "nonfinite", record.step - run + 1, record.step, text, {"consecutive": run}
+                )
             raise self._skips.escalation_error(record, self._findings)
 
     def _add_finding(self, finding: Finding) -> None:

@@ -59,13 +59,14 @@ def check_count(problems: list[str], name: str, value: object, *, optional: bool
         problems.append(f"`{name}` must be {allowed}; got {seen(value)}.")
 
 
-def check_positive_float(problems: list[str], name: str, value: object) -> None:
-    """Require a finite number > 0, or None."""
-    if value is None:
+def check_positive_float(problems: list[str], name: str, value: object, *, optional: bool = True) -> None:
+    """Require a finite number > 0 (or None when ``optional``)."""
+    if value is None and optional:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type]
-        problems.append(f"`{name}` must be a finite number > 0 or None; got {seen(value)}.")
+        allowed = "a finite number > 0" + (" or None" if optional else "")
+        problems.append(f"`{name}` must be {allowed}; got {seen(value)}.")
 
 
 def check_objects(

@@ -37,28 +37,42 @@ __all__ = [
 logger = logging.getLogger("safeloop")
 
 
-def build_manager(config: TrainerConfig, accelerator: Accelerator) -> CheckpointManager | None:
-    """The run's checkpoint manager, or None without ``checkpoint_dir``.
+def build_manager(
+    config: TrainerConfig, accelerator: Accelerator
+) -> tuple[CheckpointManager | None, Finding | None]:
+    """The run's checkpoint manager (None without checkpoints) and a note about it, if any.
+
+    ``rollback`` needs checkpoints: without ``checkpoint_dir`` they go to a temporary folder.
 
     Raises:
         ConfigError: with ``checkpoint_dir`` under FSDP or DeepSpeed (sharded state is planned,
             see docs/checkpoints.md).
     """
-    if config.checkpoint_dir is None:
-        return None
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if config.checkpoint_dir is not None and sharded:
         raise ConfigError(
             f"`checkpoint_dir` is set under {accelerator.distributed_type.value}: safeloop checkpoints "
             "hold full (unsharded) model and optimizer state, and sharded state is not written yet. "
             "Use DDP, or leave `checkpoint_dir=None` and save with `accelerator.save_state`."
         )
-    return CheckpointManager(
+    if config.checkpoint_dir is None and (not config.rollback or sharded):
+        note = None
+        if config.rollback:
+            note = Finding(
+                "rollback-unavailable", "info",
+                "rollback needs checkpoints, which are not written under "
+                f"{accelerator.distributed_type.value} yet: loss spikes are reported (`loss-spike`), "
+                "non-finite runs raise NonFiniteError, and nothing is restored.",
+            )  # fmt: skip
+        return None, note
+    manager = CheckpointManager(
         config.checkpoint_dir,
         accelerator,
         every=config.checkpoint_every,
         keep=config.keep_checkpoints,
         async_save=config.async_checkpoint,
     )
+    return manager, None
 
 
 def save_checkpoint(trainer: SafeTrainer) -> None:
@@ -103,11 +117,10 @@ def resume(trainer: SafeTrainer, resume_from: str | os.PathLike[str] | None) -> 
     """Load the checkpoint ``resume_from`` names into the trainer (nothing for None)."""
     if resume_from is None:
         return
-    if trainer._checkpoints is None and str(resume_from) == "latest":
+    if trainer.config.checkpoint_dir is None and str(resume_from) == "latest":
         raise ConfigError('`fit(resume_from="latest")` needs `checkpoint_dir`; none was given.')
-    manager = trainer._checkpoints or CheckpointManager(
-        Path(resume_from).parent, trainer.accelerator, every=1, keep=1
-    )
+    manager = trainer._checkpoints if trainer.config.checkpoint_dir is not None else None
+    manager = manager or CheckpointManager(Path(resume_from).parent, trainer.accelerator, every=1, keep=1)
     found = manager.resolve_and_load(resume_from)
     if found is None:
         message = f"no complete checkpoint in {manager.directory}: starting fresh"
@@ -132,6 +145,8 @@ def start_epoch(trainer: SafeTrainer) -> tuple[int, dict | None]:
         RngSnapshot.restore(
             epoch_rng if skip and epoch_rng is not None else now_rng, trainer.train_dataloader
         )
+    elif trainer._carry_skip:  # the rest of a rollback's skip, from a fresh epoch
+        skip, trainer._carry_skip = trainer._carry_skip, 0
     trainer._epoch_rng = RngSnapshot(trainer.train_dataloader) if trainer._checkpoints is not None else None
     return skip, now_rng
 

@@ -91,6 +91,7 @@ class CheckpointManager:
         self.keep = keep
         self.async_save = async_save
         self.last_saved_step: int | None = None
+        self.saved_steps: list[int] = []  # written (or resumed from) in this run
         self.protected_step: int | None = None  # the newest checkpoint known healthy: never rotated
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: tuple[int, Future[Path]] | None = None
@@ -133,6 +134,7 @@ class CheckpointManager:
             problem = f"process {acc.process_index} could not write its file: {err}"
         self._agree(problem, "writing the per-process files", snapshot.step)
         self.last_saved_step = snapshot.step
+        self.saved_steps.append(snapshot.step)
         if not main:
             if not self.async_save:
                 self._agree("", "publishing the checkpoint", snapshot.step)
@@ -286,9 +288,18 @@ class CheckpointManager:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        if self.temporary and self.accelerator.is_main_process:
-            shutil.rmtree(self.directory, ignore_errors=True)
         return done
+
+    def remove_temporary(self) -> None:
+        """Delete the temporary folder (main process; no collective, safe on an error path)."""
+        if self.temporary and self.accelerator.is_main_process:
+            if self._inflight is not None:
+                self._inflight[1].exception()  # let a background write finish before deleting
+                self._inflight = None
+            shutil.rmtree(self.directory, ignore_errors=True)
+        if self.temporary:  # a next fit starts over in an empty folder
+            self.last_saved_step = None
+            self.saved_steps = []
 
 
 @dataclass
@@ -320,7 +331,4 @@ def _temporary_folder(accelerator: Accelerator) -> Path:
     # the same name on every process, from a token the main process draws (no pickled broadcast);
     # a run over several machines needs a checkpoint_dir on a filesystem they share
     token = broadcast_int(accelerator, secrets.randbits(62) if accelerator.is_main_process else 0)
-    path = Path(tempfile.gettempdir()) / f"safeloop-{token:016x}"
-    if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(tempfile.gettempdir()) / f"safeloop-{token:016x}"  # made by the first save

@@ -32,6 +32,7 @@ __all__ = [
     "list_checkpoints",
     "latest_valid",
     "rotate",
+    "discard_checkpoint",
     "Verification",
 ]
 
@@ -378,10 +379,15 @@ def rotate(root: str | os.PathLike[str], keep: int, protect: Iterable[Path] = ()
     for _, path in ordered[: max(len(ordered) - keep, 0)]:
         if path.resolve() in protected:
             continue
-        # renamed first (atomic), so that a crash mid-deletion leaves a hidden folder, never a
-        # step folder with some files gone that would then look damaged
-        doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        discard_checkpoint(path)
         deleted.append(path)
     return deleted
+
+
+def discard_checkpoint(path: Path) -> None:
+    """Delete one checkpoint folder safely."""
+    # renamed first (atomic), so that a crash mid-deletion leaves a hidden folder, never a
+    # step folder with some files gone that would then look damaged
+    doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)

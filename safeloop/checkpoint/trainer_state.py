@@ -102,7 +102,13 @@ def capture_trainer(trainer: SafeTrainer, *, healthy: bool = True) -> Snapshot:
         "events": [event.to_dict() for event in trainer._events],
         "eval_loss": trainer._eval_loss,
         "step_lr": trainer._step_lr,
+        "lr_scale": trainer._lr_scale,
+        "rollbacks": trainer._rollbacks,
+        "spike_detector": trainer._spikes.state_dict(),
     }
+    from safeloop.rollback import checkpoint_health
+
+    healthy = healthy and checkpoint_health(trainer)
     return Snapshot(
         step=trainer.global_step,
         model=dict(model.state_dict()),
@@ -141,3 +147,7 @@ def apply_trainer(trainer: SafeTrainer, saved: SavedState) -> None:
     trainer._events = [Event(e["kind"], e["step"], e["detail"]) for e in state["events"]]
     trainer._eval_loss = state["eval_loss"]
     trainer._step_lr = state["step_lr"]
+    trainer._lr_scale = float(state.get("lr_scale", 1.0))
+    trainer._rollbacks = int(state.get("rollbacks", 0))
+    if "spike_detector" in state:
+        trainer._spikes.load_state_dict(state["spike_detector"])

@@ -26,9 +26,9 @@ def test_two_processes_save_resume_mid_epoch_and_end_equal_to_the_straight_run(t
         )
     )
     assert [r["steps"] for r in first] == [11, 11]
-    assert first[0]["checkpoints"] == [3, 6, 9, 11]  # 8 steps per epoch: 11 is mid second epoch
+    assert first[0]["checkpoints"] == [0, 3, 6, 9, 11]  # 8 steps per epoch: 11 is mid second epoch
     if async_save == "0":
-        assert first[1]["checkpoints"] == [3, 6, 9, 11]  # every rank waits for a complete checkpoint
+        assert first[1]["checkpoints"] == [0, 3, 6, 9, 11]  # every rank waits for a complete checkpoint
     manifest = json.loads((ckpt / "step-00000011" / "manifest.json").read_text())
     assert {"rank-00000.safetensors", "rank-00001.safetensors"} <= set(manifest["files"])
     assert manifest["meta"]["world_size"] == 2 and verify_checkpoint(ckpt / "step-00000011").ok
@@ -38,3 +38,13 @@ def test_two_processes_save_resume_mid_epoch_and_end_equal_to_the_straight_run(t
     assert resumed[0]["final"] == resumed[1]["final"], "ranks hold different parameters after resuming"
     assert resumed[0]["final"] == straight[0]["final"], "the resumed run differs from the straight one"
     assert straight[0]["final"] != straight[0]["initial"]
+
+
+def test_a_spike_on_rank_one_only_rolls_both_ranks_back_to_the_same_step(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    results = _results(
+        _launch(_torchrun(), tmp_path / "run", EPOCHS="5", SPIKE_ON_RANK1_AT_STEP="25", CKPT_DIR=str(ckpt))
+    )
+    assert results[0]["rollbacks"] == results[1]["rollbacks"] == [[24, 28]]  # read at log step 28
+    assert results[0]["lr"] == results[1]["lr"] == 0.5e-2
+    assert results[0]["final"] == results[1]["final"], "ranks hold different parameters after the rollback"

@@ -56,7 +56,8 @@ def test_resume_after_17_of_40_steps_equals_the_straight_run_bitwise(tmp_path, a
     first_result = first.fit()
     _reset_accelerate()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000015", "step-00000017"]
-    assert [e.step for e in first_result.events if e.kind == "checkpoint"] == [5, 10, 15, 17]
+    # step 0: the state before the first step, kept as a rollback target
+    assert [e.step for e in first_result.events if e.kind == "checkpoint"] == [0, 5, 10, 15, 17]
 
     resumed, model, optimizer = _trainer(
         tmp_path, max_steps=40, checkpoint_every=5, log_every=5, async_checkpoint=async_checkpoint
@@ -81,7 +82,7 @@ def test_checkpoints_rotate_and_the_final_one_is_not_written_twice(tmp_path):
     result = trainer.fit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000009", "step-00000012"]
     saved = [e.step for e in result.events if e.kind == "checkpoint"]
-    assert saved == [3, 6, 9, 12]
+    assert saved == [0, 3, 6, 9, 12]
     manifest = json.loads((tmp_path / "step-00000012" / "manifest.json").read_text())
     assert set(manifest["files"]) == {
         "model.safetensors",
@@ -175,4 +176,5 @@ def test_a_failed_asynchronous_save_surfaces_at_the_next_step_and_leaves_older_c
         trainer.fit()
     # raised at the first step boundary that sees the failed write, at the latest by the next save
     assert 4 <= trainer.global_step <= 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]  # nothing half written
+    # nothing half written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000000", "step-00000002"]

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from safeloop import SafeTrainer
-from safeloop.testing import nonfinite_loss
+from safeloop.testing import nonfinite_loss, spiking_loss
 from tests.helpers.models import classification_data, mlp
 from tests.helpers.recording import JsonLinesTracker
 
@@ -45,6 +45,9 @@ def main() -> None:
     nan_step = int(os.environ.get("NAN_ON_RANK1_AT_STEP", "0"))
     if nan_step and rank_tag == "1":  # a NaN loss on one process only
         loss_fn = nonfinite_loss(loss_fn, at_calls={nan_step})
+    spike_step = int(os.environ.get("SPIKE_ON_RANK1_AT_STEP", "0"))
+    if spike_step and rank_tag == "1":  # a finite loss spike on one process only
+        loss_fn = spiking_loss(loss_fn, at_calls=range(spike_step, spike_step + 6), factor=30.0)
     checkpoints = {}
     if os.environ.get("CKPT_DIR"):  # checkpoint every 3 steps; MAX_STEPS stops early; RESUME=1
         checkpoints = {"checkpoint_dir": os.environ["CKPT_DIR"], "checkpoint_every": 3}
@@ -55,7 +58,7 @@ def main() -> None:
         torch.optim.AdamW(model.parameters(), lr=1e-2),
         DataLoader(classification_data(n=128), batch_size=8, shuffle=True),
         loss_fn=loss_fn,
-        max_epochs=2,
+        max_epochs=int(os.environ.get("EPOCHS", "2")),
         max_steps=max_steps,
         log_every=4,
         seed=0,
@@ -77,6 +80,8 @@ def main() -> None:
         "reinit": [e.detail["param"] for e in result.events if e.kind == "reinit"],
         "checkpoints": [e.step for e in result.events if e.kind == "checkpoint"],
         "resumed": [e.step for e in result.events if e.kind == "resume"],
+        "rollbacks": [(e.step, e.detail["detected_at"]) for e in result.events if e.kind == "rollback"],
+        "lr": result.history[-1]["lr"],
     }
     # one write per line: two processes share this stdout, and print() writes the newline apart
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")

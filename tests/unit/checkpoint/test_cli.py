@@ -28,7 +28,7 @@ def _checkpoints(tmp_path):
 def test_verify_passes_on_good_checkpoints_and_fails_naming_the_damaged_file(tmp_path, capsys):
     root = _checkpoints(tmp_path)
     assert main(["verify", str(root)]) == 0
-    assert "2 checkpoints, 0 damaged" in capsys.readouterr().out
+    assert "3 checkpoints, 0 damaged" in capsys.readouterr().out
     target = root / "step-00000004" / "state.json"
     target.write_bytes(target.read_bytes() + b" ")
     assert main(["verify", str(root)]) == 1
