@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from safeloop.errors import ConfigError
+from safeloop.results import Finding
 
 __all__ = ["compute_loss", "batch_size_of"]
 
@@ -64,10 +65,15 @@ def _extract_loss(value: object, where: str) -> torch.Tensor:
         )
     # numel is metadata: this check costs no device sync.
     if loss.numel() != 1:
-        raise ConfigError(
+        message = (
             f"{where} gave a loss of shape {tuple(loss.shape)}; backward needs a single number. "
             'Reduce it, e.g. `loss.mean()`, or build the loss with `reduction="mean"`.'
         )
+        finding = Finding(
+            "loss-not-scalar", "error", message, step=0,
+            suggestion='Return `loss.mean()`, or build the loss with `reduction="mean"`.',
+        )  # fmt: skip
+        raise ConfigError(message, findings=[finding])
     return loss
 
 

@@ -65,6 +65,7 @@ class TrainerConfig:
         checkpoint_every (`int`): global steps between checkpoints.
         keep_checkpoints (`int`): newest checkpoints kept.
         async_checkpoint (`bool`): the main process writes checkpoints in a background thread.
+        diagnostics (`bool`): run the checks of docs/diagnostics.md and report findings.
         log_every (`int`): optimizer steps between metric reads on the host.
         progress_bar (`bool`): show a tqdm bar on the main process.
         log_with (`tuple`): Accelerate trackers to start when safeloop builds the Accelerator.
@@ -94,6 +95,7 @@ class TrainerConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoint: bool = False
+    diagnostics: bool = True
     log_every: int = 10
     progress_bar: bool = True
     log_with: tuple[Any, ...] = ()
@@ -134,6 +136,7 @@ def build_config(
     checkpoint_every: object = 500,
     keep_checkpoints: object = 3,
     async_checkpoint: object = False,
+    diagnostics: object = True,
     log_every: object = 10,
     progress_bar: object = True,
     log_with: object = None,
@@ -197,7 +200,12 @@ def build_config(
     _check_rollback(problems, max_rollbacks, rollback_lr_factor, rollback_skip_batches, spike_warmup)
     check_positive_float(problems, "spike_zscore", spike_zscore, optional=False)
     check_count(problems, "spike_patience", spike_patience, optional=False)
-    flags = (("progress_bar", progress_bar), ("async_checkpoint", async_checkpoint), ("rollback", rollback))
+    flags = (
+        ("progress_bar", progress_bar),
+        ("async_checkpoint", async_checkpoint),
+        ("rollback", rollback),
+        ("diagnostics", diagnostics),
+    )
     for name, flag in flags:
         if not isinstance(flag, bool):
             problems.append(f"`{name}` must be True or False; got {seen(flag)}.")
@@ -236,6 +244,7 @@ def build_config(
         checkpoint_every=checkpoint_every,  # type: ignore[arg-type]
         keep_checkpoints=keep_checkpoints,  # type: ignore[arg-type]
         async_checkpoint=async_checkpoint,  # type: ignore[arg-type]
+        diagnostics=diagnostics,  # type: ignore[arg-type]
         log_every=log_every,  # type: ignore[arg-type]
         progress_bar=progress_bar,  # type: ignore[arg-type]
         log_with=trackers,

@@ -5,7 +5,9 @@ Every function here must be called by every process, in the same order.
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -17,6 +19,7 @@ __all__ = [
     "agree_any",
     "broadcast_int",
     "barrier",
+    "gather_json",
 ]
 
 
@@ -88,3 +91,24 @@ def barrier(accelerator: Accelerator) -> None:
     """Wait until every process reaches this point."""
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
+
+
+def gather_json(accelerator: Accelerator, value: Any) -> list[Any]:
+    """Return every process's JSON-able ``value``, by rank (never pickled: JSON bytes in a tensor)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=accelerator.device)
+    sizes = [
+        torch.zeros(1, dtype=torch.int64, device=accelerator.device) for _ in range(accelerator.num_processes)
+    ]
+    torch.distributed.all_gather(
+        sizes, torch.tensor([data.numel()], dtype=torch.int64, device=accelerator.device)
+    )
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.nn.functional.pad(data, (0, longest - data.numel()))
+    parts = [torch.empty_like(padded) for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather(parts, padded)
+    return [
+        json.loads(bytes(part[: int(size.item())].tolist()).decode())
+        for part, size in zip(parts, sizes, strict=True)
+    ]

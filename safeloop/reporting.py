@@ -19,15 +19,16 @@ __all__ = ["report_interval", "start_trackers"]
 
 def report_interval(trainer: SafeTrainer) -> None:
     """Read the buffered metrics on the host (every process together) and report them."""
-    health = None if trainer._health is None else trainer._health.measurements()
-    record, health_values = trainer._metrics.collect(
-        lambda t: reduce_across_processes(trainer.accelerator, t, "mean"), extra=health
+    diagnostics = trainer._diagnostics
+    extra, health_len = (None, 0) if diagnostics is None else diagnostics.measurements()
+    record, extra_values = trainer._metrics.collect(
+        lambda t: reduce_across_processes(trainer.accelerator, t, "mean"), extra=extra
     )
     if record is None:
         return
-    if trainer._health is not None:
-        for finding in trainer._health.check(trainer.global_step, health_values):
-            trainer._add_finding(finding)
+    tracked: dict[str, float] = {}
+    if diagnostics is not None:
+        tracked = diagnostics.check(trainer.global_step, extra_values, health_len, record)
     if trainer._guarded and trainer._stepper.device_side:  # skips decided on the device, learnt now
         for skip in trainer._skips.skipped_in_log(trainer.global_step, record.per_step):
             trainer._on_skip(skip)
@@ -45,7 +46,7 @@ def report_interval(trainer: SafeTrainer) -> None:
     }
     trainer._history.append(entry)
     trainer.accelerator.log(
-        {f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")},
+        {**{f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")}, **tracked},
         step=trainer.global_step,
     )
     trainer._bar.show(record, lr)  # type: ignore[union-attr]

@@ -45,6 +45,7 @@ class Finding:
         params (`tuple[str, ...]`): names of the parameters or modules involved.
         step (`int | None`): the global step where it was first seen, if any.
         suggestion (`str`): what to change in the user's code.
+        count (`int`): how many times it was seen (repeats are counted, not listed).
     """
 
     code: str
@@ -53,6 +54,7 @@ class Finding:
     params: tuple[str, ...] = ()
     step: int | None = None
     suggestion: str = ""
+    count: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Return the finding as a JSON-able dict."""
@@ -83,3 +85,11 @@ class FitResult:
     events: list[Event] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     eval_loss: float | None = None
+
+    def report(self) -> str:
+        """A short readable summary: steps, skips, rollbacks, then each finding with its fix."""
+        from safeloop.findings import report
+
+        return report(
+            self.findings, steps=self.global_step, skipped=self.skipped_steps, rollbacks=self.rollbacks
+        )

@@ -169,6 +169,8 @@ def roll_back(trainer: SafeTrainer, request: RollbackRequest) -> None:
         skip = (request.step - target) * trainer.config.gradient_accumulation_steps
     trainer._resume_position = (trainer._resume_position or 0) + skip
     trainer._metrics.clear()
+    if trainer._diagnostics is not None:
+        trainer._diagnostics.forget_interval()
     trainer._window_losses = []
     trainer._skips.forget()
     if trainer._spikes is not None:

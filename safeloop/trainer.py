@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from safeloop.batching import compute_loss
@@ -28,9 +28,10 @@ from safeloop.checkpoint.lifecycle import (
 )
 from safeloop.checkpoint.trainer_state import RngSnapshot
 from safeloop.config import TrainerConfig, build_config
-from safeloop.diagnostics.health import WeightHealth
+from safeloop.diagnostics.session import Diagnostics
 from safeloop.distributed import agree_all_finite, settle_collectives
 from safeloop.evaluation import evaluate
+from safeloop.findings import add_finding, finish_report
 from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE, SpikeDetector
 from safeloop.guards.nonfinite import SkipRecord, finite_flag, true_overflow
@@ -103,6 +104,9 @@ class SafeTrainer:
         async_checkpoint (`bool`, *optional*, defaults to False): tensors are copied at the
             step boundary and the main process writes them in a background thread (one save in
             flight; ``on_checkpoint`` fires once it is durable; an error surfaces at the next step).
+        diagnostics (`bool`, *optional*, defaults to True): run the checks of
+            ``docs/diagnostics.md`` (first batch, data, gradients, learning rate, plateau) and
+            report findings; False costs nothing.
         callbacks (`Sequence[Callback]`, *optional*): observers of the loop.
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric logs.
         progress_bar (`bool`, *optional*, defaults to True): tqdm bar on the main process.
@@ -152,6 +156,7 @@ class SafeTrainer:
         checkpoint_every: int = 500,
         keep_checkpoints: int = 3,
         async_checkpoint: bool = False,
+        diagnostics: bool = True,
         callbacks: Sequence[Callback] = (),
         log_every: int = 10,
         progress_bar: bool = True,
@@ -172,7 +177,7 @@ class SafeTrainer:
             rollback_skip_batches=rollback_skip_batches, spike_zscore=spike_zscore,
             spike_patience=spike_patience, spike_warmup=spike_warmup,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, async_checkpoint=async_checkpoint,
+            keep_checkpoints=keep_checkpoints, async_checkpoint=async_checkpoint, diagnostics=diagnostics,
             log_every=log_every, progress_bar=progress_bar, log_with=log_with, project_dir=project_dir,
         )  # fmt: skip
         self._callbacks = CallbackList(callback_items)
@@ -226,9 +231,7 @@ class SafeTrainer:
         self._guarded = self.config.nan_guard != "off"
         self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        # gradients of sharded models are shards: row statistics would be wrong there
-        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        self._health = None if sharded else WeightHealth(unwrapped.named_parameters())
+        self._diagnostics = Diagnostics(self) if self.config.diagnostics else None
         self._skips = SkipMonitor(
             max_consecutive_skips=self.config.max_consecutive_skips,
             param_names=[name for name, _ in unwrapped.named_parameters()],
@@ -267,6 +270,8 @@ class SafeTrainer:
             enabled=self.config.progress_bar and self.accelerator.is_main_process,
             initial=self.global_step,
         )
+        if self._diagnostics is not None:
+            self._diagnostics.profile_eval()
         self._metrics.restart_clock()
         self._preemption = PreemptionWatch()
         try:
@@ -288,6 +293,8 @@ class SafeTrainer:
             if self._checkpoints is not None and self.global_step != self._checkpoints.last_saved_step:
                 save_checkpoint(self)  # the final one, unless the last step already has one
             close_checkpoints(self)
+            if self._diagnostics is not None:
+                self._diagnostics.finish()
             result = FitResult(
                 global_step=self.global_step,
                 skipped_steps=self._skips.tracker.skipped,
@@ -297,6 +304,7 @@ class SafeTrainer:
                 findings=list(self._findings),
                 eval_loss=self._eval_loss,
             )
+            finish_report(self, result)
             self._callbacks.call("on_fit_end", self, result)
             settle_collectives(self.accelerator)
         finally:
@@ -364,9 +372,17 @@ class SafeTrainer:
         if self._guarded:
             self._skips.remember(self.global_step + 1, batch_idx, batch)
         stepped = False
+        diagnostics = self._diagnostics
+        if diagnostics is not None:
+            diagnostics.see_train_batch(batch)
         with self.accelerator.accumulate(self.model):
-            loss = self._loss_of(self.model, batch)
+            if diagnostics is not None and not diagnostics.first_done:
+                loss = diagnostics.first_loss(batch, lambda: self._loss_of(self.model, batch))
+            else:
+                loss = self._loss_of(self.model, batch)
             self.accelerator.backward(loss)
+            if diagnostics is not None:
+                diagnostics.after_first_backward()
             self._callbacks.call("on_after_backward", self)
             self._window_losses.append(loss.detach())
             if self.accelerator.sync_gradients:
@@ -413,9 +429,12 @@ class SafeTrainer:
                 self._on_skip(record, raise_policy=True)
         self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
         self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
-        applied = self._stepper.step(flag)
-        if self._health is not None and (self.global_step + 1) % self.config.log_every == 0:
-            self._health.capture_gradients()  # the log step's gradients, before they are freed
+        if self._diagnostics is None:
+            applied = self._stepper.step(flag)
+        else:
+            self._diagnostics.record(norms.per_param)
+            with self._diagnostics.around_update((self.global_step + 1) % self.config.log_every == 0):
+                applied = self._stepper.step(flag)
         self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
@@ -442,8 +461,8 @@ class SafeTrainer:
         self._events.extend(events)
         for finding in findings:
             self._add_finding(finding)
-        if self._health is not None:
-            self._health.zero_at_start = left_zero
+        if self._diagnostics is not None and self._diagnostics.health is not None:
+            self._diagnostics.health.zero_at_start = left_zero
 
     # -- skipped steps ---------------------------------------------------------------------
 
@@ -467,11 +486,7 @@ class SafeTrainer:
             raise self._skips.escalation_error(record, self._findings)
 
     def _add_finding(self, finding: Finding) -> None:
-        # one finding per code and place: the first occurrence is kept
-        if any(f.code == finding.code and f.params == finding.params for f in self._findings):
-            return
-        self._findings.append(finding)
-        self._callbacks.call("on_finding", self, finding)
+        add_finding(self, finding)  # once per code and place; repeats are counted
 
     # -- reporting -------------------------------------------------------------------------
 

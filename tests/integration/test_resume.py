@@ -55,7 +55,12 @@ def test_resume_after_17_of_40_steps_equals_the_straight_run_bitwise(tmp_path, a
     )
     first_result = first.fit()
     _reset_accelerate()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000015", "step-00000017"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "findings.json",  # the run's findings, written at the end of fit
+        "step-00000010",
+        "step-00000015",
+        "step-00000017",
+    ]
     # step 0: the state before the first step, kept as a rollback target
     assert [e.step for e in first_result.events if e.kind == "checkpoint"] == [0, 5, 10, 15, 17]
 
@@ -80,7 +85,7 @@ def test_resume_after_17_of_40_steps_equals_the_straight_run_bitwise(tmp_path, a
 def test_checkpoints_rotate_and_the_final_one_is_not_written_twice(tmp_path):
     trainer, _, _ = _trainer(tmp_path, max_steps=12, checkpoint_every=3, keep_checkpoints=2)
     result = trainer.fit()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000009", "step-00000012"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["findings.json", "step-00000009", "step-00000012"]
     saved = [e.step for e in result.events if e.kind == "checkpoint"]
     assert saved == [0, 3, 6, 9, 12]
     manifest = json.loads((tmp_path / "step-00000012" / "manifest.json").read_text())

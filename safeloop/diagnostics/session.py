@@ -1,0 +1,250 @@
+"""The diagnostics of one run, wired to the trainer's loop (``diagnostics=True``).
+
+A friend of ``SafeTrainer``: the trainer says *when* (first micro-batch, after its backward,
+every step, log steps, the end of ``fit``); this module calls the checks of ``first_batch``,
+``targets``, ``data``, ``training`` and ``health`` and makes every process hold the same
+findings. Per-step work is device-only (the gradient norms the clipping step measured anyway);
+host reads happen on the first batches and at log steps, in the metrics' single transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate.utils import DistributedType
+
+from safeloop.diagnostics.data import DataProfile, compare_profiles
+from safeloop.diagnostics.first_batch import (
+    ForwardWatch,
+    check_double_backward,
+    check_gradient_reach,
+    check_loss,
+    check_optimizer,
+    check_trainable,
+    raise_if_fatal,
+)
+from safeloop.diagnostics.health import WeightHealth
+from safeloop.diagnostics.targets import check_initial_loss, check_inputs, check_targets
+from safeloop.diagnostics.training import TrainingMonitor
+from safeloop.distributed import agree_any, gather_json, reduce_across_processes
+from safeloop.metrics import LogRecord
+from safeloop.results import Finding
+
+if TYPE_CHECKING:
+    from safeloop.trainer import SafeTrainer
+
+__all__ = ["Diagnostics"]
+
+
+class Diagnostics:
+    """Runs the checks of ``docs/diagnostics.md`` during one trainer's runs.
+
+    Args:
+        trainer (`SafeTrainer`): the trainer, prepared.
+    """
+
+    def __init__(self, trainer: SafeTrainer) -> None:
+        self.trainer = trainer
+        self.model = trainer.accelerator.unwrap_model(trainer.model)
+        # gradients of sharded models are shards: row and per-parameter statistics would be wrong
+        self.sharded = trainer.accelerator.distributed_type in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        )
+        self.health = None if self.sharded else WeightHealth(self.model.named_parameters())
+        self.monitor = TrainingMonitor(
+            self.model.named_parameters(), trainer.config.log_every, sharded=self.sharded
+        )
+        self.first_done = False
+        self._watch: ForwardWatch | None = None
+        self._train_profile: DataProfile | None = DataProfile()
+        self._eval_profile: DataProfile | None = None
+
+    # -- the first micro-batch -------------------------------------------------------------
+
+    def first_loss(self, batch: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Compute the first micro-batch's loss under the first-batch checks.
+
+        Raises:
+            ConfigError: on every process, when any process found a problem that makes training
+                meaningless (the findings of FINDINGS.md marked "raised").
+        """
+        self.first_done = True
+        findings = check_inputs(batch) + check_trainable(self.model)
+        findings += check_optimizer(self.model, self.trainer.optimizer)
+        had_grads = any(p.grad is not None for p in self.model.parameters())
+        loss_findings: list[Finding] = []
+        with ForwardWatch(self.model) as watch, self._checked_loss_fn(loss_findings):
+            loss = compute()
+        self._watch = watch
+        if not had_grads:  # a training_step that called backward itself left gradients behind
+            findings += check_double_backward(self.model)
+        findings += loss_findings + check_loss(loss, watch)
+        findings = self._agree(findings)
+        raise_if_fatal(findings)
+        self._report(findings)
+        return loss
+
+    def after_first_backward(self) -> None:
+        """Which trainable parameters got no gradient, and why (unused or cut off)."""
+        if self._watch is None:
+            return
+        watch, self._watch = self._watch, None
+        self._report(self._agree([] if self.sharded else check_gradient_reach(self.model, watch)))
+
+    @contextlib.contextmanager
+    def _checked_loss_fn(self, found: list[Finding]) -> Iterator[None]:
+        loss_fn = self.trainer._loss_fn
+        if loss_fn is None:
+            yield
+            return
+
+        def checked(outputs: Any, targets: Any) -> torch.Tensor:
+            problems = check_targets(loss_fn, outputs, targets)
+            found.extend(problems)
+            if any(f.severity == "error" for f in problems):
+                # the real loss would crash here (an index error, or a device-side assert on
+                # CUDA); a zero stand-in lets every process reach the agreement, then all raise
+                return _zero_like_loss(outputs)
+            loss = loss_fn(outputs, targets)
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                found.extend(check_initial_loss(loss_fn, outputs, targets, float(loss.detach())))
+            return loss
+
+        self.trainer._loss_fn = checked
+        try:
+            yield
+        finally:
+            self.trainer._loss_fn = loss_fn
+
+    # -- data ------------------------------------------------------------------------------
+
+    def profile_eval(self) -> None:
+        """Profile the first eval batches, leaving every RNG as it was (every process together)."""
+        loader = self.trainer.eval_dataloader
+        if loader is None or self._train_profile is None:
+            return
+        profile = DataProfile()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        # iterating a DataLoader draws its base seed from the global RNG: parity needs it untouched
+        with torch.random.fork_rng(devices=devices):
+            iterator = iter(loader)
+            try:
+                for batch in iterator:
+                    if not profile.add(batch):
+                        break
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+                del iterator
+        self._eval_profile = profile
+
+    def see_train_batch(self, batch: Any) -> None:
+        """Profile a training micro-batch while the profile takes batches (host copy, first ones)."""
+        if self._train_profile is not None and self._eval_profile is not None:
+            self._train_profile.add(batch)
+
+    def _compare_data(self, final: bool) -> None:
+        if self._train_profile is None or self._eval_profile is None:
+            return
+        if not final and agree_any(self.trainer.accelerator, not self._train_profile.done):
+            return  # some process still profiles its first batches
+        train = self._merged(self._train_profile)
+        evaluation = self._merged(self._eval_profile)
+        self._train_profile = self._eval_profile = None
+        self._report(compare_profiles(train, evaluation))
+
+    def _merged(self, profile: DataProfile) -> DataProfile:
+        acc = self.trainer.accelerator
+        stats = reduce_across_processes(acc, profile.stats_tensor(acc.device), "sum")
+        hashes = profile.hash_tensor(acc.process_index, acc.device)
+        if acc.num_processes > 1:
+            hashes = acc.gather(hashes)
+        return DataProfile.from_tensors(stats, hashes, feature_names=profile.feature_names)
+
+    # -- every step and log steps ----------------------------------------------------------
+
+    def record(self, per_param: torch.Tensor | None) -> None:
+        """The step's per-parameter gradient norms (device only)."""
+        self.monitor.record(per_param)
+
+    @contextlib.contextmanager
+    def around_update(self, log_step: bool) -> Iterator[None]:
+        """On a log step, measure update sizes across the optimizer step, and row masks before it."""
+        if not log_step:
+            yield
+            return
+        self.monitor.before_update()
+        yield
+        self.monitor.after_update()
+        if self.health is not None:
+            self.health.capture_gradients()  # the log step's gradients, before they are freed
+
+    def measurements(self) -> tuple[torch.Tensor | None, int]:
+        """The device vector to read with the metrics, and the length of its health part."""
+        parts = [self.health.measurements() if self.health is not None else None, self.monitor.measurements()]
+        health_len = 0 if parts[0] is None else parts[0].numel()
+        present = [p.float() for p in parts if p is not None]
+        if not present:
+            return None, 0
+        device = present[0].device
+        return torch.cat([p.to(device) for p in present]), health_len
+
+    def check(self, step: int, values: list[float], health_len: int, record: LogRecord) -> dict[str, float]:
+        """Turn a log step's host values into findings; return the tracker values."""
+        trainer = self.trainer
+        health_values, monitor_values = values[:health_len], values[health_len:]
+        if self.health is not None:
+            self._report(self.health.check(step, health_values))
+        applied = [s for s in record.per_step if s.finite is not False and not s.overflow]
+        self._report(
+            self.monitor.check(
+                step,
+                monitor_values,
+                losses=[s.loss for s in applied],
+                grad_norms=[s.grad_norm for s in applied],
+                lr=trainer._step_lr,
+                context=trainer._findings,
+            )
+        )
+        self._compare_data(final=False)
+        return self.monitor.tracker_values(monitor_values)
+
+    def finish(self) -> None:
+        """At the end of ``fit``: compare the data profiles if that has not happened yet."""
+        self._compare_data(final=True)
+
+    def forget_interval(self) -> None:
+        """Drop unread measurements (a rollback undid their steps)."""
+        self.monitor.clear()
+
+    # -- findings --------------------------------------------------------------------------
+
+    def _agree(self, findings: list[Finding]) -> list[Finding]:
+        # first-batch findings come from each process's own batch: the union, in rank order,
+        # makes every process hold (and raise on) the same ones
+        gathered = gather_json(self.trainer.accelerator, [f.to_dict() for f in findings])
+        merged: list[Finding] = []
+        seen: set[tuple[str, tuple[str, ...]]] = set()
+        for rank_findings in gathered:
+            for data in rank_findings:
+                finding = Finding(**{**data, "params": tuple(data["params"])})
+                key = (finding.code, finding.params)
+                if key not in seen:
+                    seen.add(key)
+                    merged.append(finding)
+        return merged
+
+    def _report(self, findings: list[Finding]) -> None:
+        for finding in findings:
+            self.trainer._add_finding(finding)
+
+
+def _zero_like_loss(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor) and outputs.is_floating_point():
+        return outputs.sum() * 0.0
+    return torch.zeros((), requires_grad=True)
