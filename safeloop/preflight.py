@@ -6,12 +6,17 @@ the host: they run once per ``fit``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from safeloop.guards.reinit import ZeroParam, find_zero_params, reinit_
 from safeloop.results import Event, Finding
 
-__all__ = ["check_zero_params"]
+if TYPE_CHECKING:
+    from safeloop.trainer import SafeTrainer
+
+__all__ = ["check_zero_params", "run_preflight"]
 
 _METHOD_NAMES = {"xavier": "Xavier uniform", "normal": "a normal distribution"}
 
@@ -110,3 +115,22 @@ def _finding(zero: ZeroParam, *, reinit: bool, method: str | None, scope: str) -
         step=0,
         suggestion=suggestion,
     )
+
+
+def run_preflight(trainer: SafeTrainer) -> None:
+    """The trainer's checks on the first step's gradients, before its update (once per trainer)."""
+    trainer._preflight_done = True
+    events, findings, left_zero = check_zero_params(
+        trainer.accelerator.unwrap_model(trainer.model),
+        method=trainer.config.reinit_zero_params,
+        std=trainer.config.reinit_std,
+        scope=trainer.config.reinit_scope,
+        # the same seed on every rank: re-initialised weights agree without a broadcast
+        seed=0 if trainer.config.seed is None else trainer.config.seed,
+    )
+    trainer._events.extend(events)
+    for finding in findings:
+        trainer._add_finding(finding)
+    diagnostics = trainer._diagnostics
+    if diagnostics is not None and diagnostics.health is not None:
+        diagnostics.health.zero_at_start = left_zero

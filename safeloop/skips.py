@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,7 +20,10 @@ from safeloop.guards.nonfinite import SkipRecord, SkipTracker
 from safeloop.metrics import StepValues
 from safeloop.results import Event, Finding
 
-__all__ = ["SkipMonitor", "SkipOutcome"]
+if TYPE_CHECKING:
+    from safeloop.trainer import SafeTrainer
+
+__all__ = ["handle_skip", "SkipMonitor", "SkipOutcome"]
 
 _MAX_NAMED = 10
 
@@ -226,3 +229,30 @@ def _findings(record: SkipRecord, where: Localisation | None) -> list[Finding]:
             )
         )
     return findings
+
+
+def handle_skip(trainer: SafeTrainer, record: SkipRecord, *, raise_policy: bool = False) -> None:
+    """Report a skipped step of the trainer; raise, or ask for a rollback, when the policy says.
+
+    Raises:
+        NonFiniteError: under ``nan_guard="raise"``, or past ``max_consecutive_skips`` without
+            rollback.
+        RollbackRequest: past ``max_consecutive_skips`` with rollback on.
+    """
+    from safeloop.rollback import RollbackRequest, can_roll_back
+
+    monitor = trainer._skips
+    outcome = monitor.skipped(record, trainer.accelerator.unwrap_model(trainer.model), trainer._loss_of)
+    for finding in outcome.findings:
+        trainer._add_finding(finding)
+    if raise_policy:
+        raise monitor.raise_policy_error(record, outcome)
+    trainer._events.append(outcome.event)
+    trainer._callbacks.call("on_skip", trainer, outcome.event)
+    if not outcome.escalate:
+        return
+    if can_roll_back(trainer):
+        run = monitor.tracker.consecutive
+        text = f"{run} non-finite steps in a row (last loss {record.loss}, grad norm {record.grad_norm})"
+        raise RollbackRequest("nonfinite", record.step - run + 1, record.step, text, {"consecutive": run})
+    raise monitor.escalation_error(record, trainer._findings)

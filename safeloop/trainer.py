@@ -30,7 +30,7 @@ from safeloop.checkpoint.trainer_state import RngSnapshot
 from safeloop.config import TrainerConfig, build_config
 from safeloop.diagnostics.session import Diagnostics
 from safeloop.distributed import agree_all_finite, settle_collectives
-from safeloop.evaluation import evaluate
+from safeloop.evaluation import run_evaluation
 from safeloop.findings import add_finding, finish_report
 from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE, SpikeDetector
@@ -38,12 +38,12 @@ from safeloop.guards.nonfinite import SkipRecord, finite_flag, true_overflow
 from safeloop.launch import build_accelerator
 from safeloop.metrics import MetricBuffer
 from safeloop.preemption import PreemptionWatch
-from safeloop.preflight import check_zero_params
+from safeloop.preflight import run_preflight
 from safeloop.progress import ProgressBar, planned_steps
 from safeloop.reporting import report_interval, start_trackers
 from safeloop.results import Event, Finding, FitResult
-from safeloop.rollback import RollbackRequest, can_roll_back, roll_back
-from safeloop.skips import SkipMonitor
+from safeloop.rollback import RollbackRequest, roll_back
+from safeloop.skips import SkipMonitor, handle_skip
 from safeloop.stepping import GatedStep
 
 __all__ = ["SafeTrainer"]
@@ -164,22 +164,11 @@ class SafeTrainer:
         project_dir: str | None = None,
     ) -> None:
         self.config: TrainerConfig
-        self.config, callback_items = build_config(
-            model, optimizer, train_dataloader,
-            loss_fn=loss_fn, training_step=training_step, eval_dataloader=eval_dataloader,
-            lr_scheduler=lr_scheduler, accelerator=accelerator, callbacks=callbacks,
-            max_epochs=max_epochs, max_steps=max_steps,
-            gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
-            seed=seed, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
-            nan_guard=nan_guard, max_consecutive_skips=max_consecutive_skips,
-            reinit_zero_params=reinit_zero_params, reinit_std=reinit_std, reinit_scope=reinit_scope,
-            rollback=rollback, max_rollbacks=max_rollbacks, rollback_lr_factor=rollback_lr_factor,
-            rollback_skip_batches=rollback_skip_batches, spike_zscore=spike_zscore,
-            spike_patience=spike_patience, spike_warmup=spike_warmup,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, async_checkpoint=async_checkpoint, diagnostics=diagnostics,
-            log_every=log_every, progress_bar=progress_bar, log_with=log_with, project_dir=project_dir,
-        )  # fmt: skip
+        # every keyword argument, by name, exactly as given (validated together, all problems at once)
+        arguments = {
+            k: v for k, v in locals().items() if k not in ("self", "model", "optimizer", "train_dataloader")
+        }
+        self.config, callback_items = build_config(model, optimizer, train_dataloader, **arguments)
         self._callbacks = CallbackList(callback_items)
         self._loss_fn = loss_fn
         self._training_step = training_step
@@ -448,42 +437,10 @@ class SafeTrainer:
             self._on_skip(self._skips.record_now(self.global_step, window_loss, norms.total, nonfinite))
 
     def _preflight(self) -> None:
-        """Checks on the first step's gradients, before its update (once per trainer)."""
-        self._preflight_done = True
-        events, findings, left_zero = check_zero_params(
-            self.accelerator.unwrap_model(self.model),
-            method=self.config.reinit_zero_params,
-            std=self.config.reinit_std,
-            scope=self.config.reinit_scope,
-            # the same seed on every rank: re-initialised weights agree without a broadcast
-            seed=0 if self.config.seed is None else self.config.seed,
-        )
-        self._events.extend(events)
-        for finding in findings:
-            self._add_finding(finding)
-        if self._diagnostics is not None and self._diagnostics.health is not None:
-            self._diagnostics.health.zero_at_start = left_zero
-
-    # -- skipped steps ---------------------------------------------------------------------
+        run_preflight(self)
 
     def _on_skip(self, record: SkipRecord, *, raise_policy: bool = False) -> None:
-        outcome = self._skips.skipped(record, self.accelerator.unwrap_model(self.model), self._loss_of)
-        for finding in outcome.findings:
-            self._add_finding(finding)
-        if raise_policy:
-            raise self._skips.raise_policy_error(record, outcome)
-        self._events.append(outcome.event)
-        self._callbacks.call("on_skip", self, outcome.event)
-        if outcome.escalate:
-            if can_roll_back(self):
-                run = self._skips.tracker.consecutive
-                text = (
-                    f"{run} non-finite steps in a row (last loss {record.loss}, grad norm {record.grad_norm})"
-                )
-                raise RollbackRequest(
-                    "nonfinite", record.step - run + 1, record.step, text, {"consecutive": run}
-                )
-            raise self._skips.escalation_error(record, self._findings)
+        handle_skip(self, record, raise_policy=raise_policy)
 
     def _add_finding(self, finding: Finding) -> None:
         add_finding(self, finding)  # once per code and place; repeats are counted
@@ -494,7 +451,4 @@ class SafeTrainer:
         report_interval(self)
 
     def _evaluate(self) -> None:
-        assert self.eval_dataloader is not None  # invariant: only called with one
-        self._eval_loss = evaluate(self.accelerator, self.model, self.eval_dataloader, self._loss_of)
-        self.accelerator.log({"eval/loss": self._eval_loss}, step=self.global_step)
-        self._callbacks.call("on_validation_end", self, self._eval_loss)
+        run_evaluation(self)
