@@ -15,18 +15,40 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from accelerate import Accelerator
+
+from safeloop.distributed import gather_json
 from safeloop.results import Finding, FitResult
 
 if TYPE_CHECKING:
     from safeloop.trainer import SafeTrainer
 
-__all__ = ["add_finding", "write_findings", "report", "finish_report", "FINDINGS_FILE"]
+__all__ = ["agree_findings", "add_finding", "write_findings", "report", "finish_report", "FINDINGS_FILE"]
 
 logger = logging.getLogger("safeloop")
 
 FINDINGS_FILE = "findings.json"
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def agree_findings(accelerator: Accelerator, findings: Sequence[Finding]) -> list[Finding]:
+    """The union of every process's findings, in rank order (a collective: all processes call it).
+
+    Findings measured on each process's own batch (the first batch, a skipped step's replay)
+    differ between processes; after this every process holds, and acts on, the same ones.
+    """
+    if accelerator.num_processes == 1:
+        return list(findings)
+    merged: list[Finding] = []
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    for rank_findings in gather_json(accelerator, [f.to_dict() for f in findings]):
+        for data in rank_findings:
+            finding = Finding(**{**data, "params": tuple(data["params"])})
+            if (finding.code, finding.params) not in seen:
+                seen.add((finding.code, finding.params))
+                merged.append(finding)
+    return merged
 
 
 def add_finding(trainer: SafeTrainer, finding: Finding) -> None:

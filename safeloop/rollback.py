@@ -241,10 +241,21 @@ def scale_learning_rates(
             elif isinstance(value, torch.Tensor):
                 value.mul_(factor)
     if scheduler is not None:
-        for name in ("base_lrs", "_last_lr"):
-            values = getattr(scheduler, name, None)
-            if isinstance(values, list):
-                setattr(scheduler, name, [v * factor if isinstance(v, float | int) else v for v in values])
+        _scale_scheduler(scheduler, factor)
+
+
+def _scale_scheduler(scheduler: Any, factor: float) -> None:
+    # the rates a scheduler computes from: its base rates, cyclic peaks, floors (eta_min...);
+    # SequentialLR and ChainedScheduler hold inner schedulers that compute the actual rates
+    for name in ("base_lrs", "_last_lr", "max_lrs", "min_lrs"):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list):
+            setattr(scheduler, name, [v * factor if isinstance(v, float | int) else v for v in values])
+    eta_min = getattr(scheduler, "eta_min", None)
+    if isinstance(eta_min, float | int) and not isinstance(eta_min, bool):
+        scheduler.eta_min = eta_min * factor
+    for inner in getattr(scheduler, "_schedulers", None) or ():
+        _scale_scheduler(inner, factor)
 
 
 def _choose_target(trainer: SafeTrainer, start_step: int) -> int:
@@ -283,9 +294,9 @@ def _divergence_error(trainer: SafeTrainer, why: str) -> DivergenceError:
         trainer._add_finding(finding)
     ranked = "\n".join(f"  {i}. [{f.code}] {f.message}" for i, f in enumerate(causes, 1))
     return DivergenceError(
-        f"training diverged {len(trainer._divergences)} times and {why}:\n{lines}\n"
+        f"training diverged {len(trainer._divergences)} time(s) and {why}:\n{lines}\n"
         f"Learning rates tried: {', '.join(f'{lr:.3g}' for lr in lrs)}.\nMost likely causes:\n{ranked}",
-        findings=causes + [f for f in trainer._findings if f.code in ("loss-spike", "nonfinite-input")],
+        findings=causes + [f for f in trainer._findings if f.code == "loss-spike"],
     )
 
 

@@ -239,11 +239,13 @@ def handle_skip(trainer: SafeTrainer, record: SkipRecord, *, raise_policy: bool 
             rollback.
         RollbackRequest: past ``max_consecutive_skips`` with rollback on.
     """
+    from safeloop.findings import agree_findings
     from safeloop.rollback import RollbackRequest, can_roll_back
 
     monitor = trainer._skips
     outcome = monitor.skipped(record, trainer.accelerator.unwrap_model(trainer.model), trainer._loss_of)
-    for finding in outcome.findings:
+    # every process learns of the skip at the same point; each replayed its own batch
+    for finding in agree_findings(trainer.accelerator, outcome.findings):
         trainer._add_finding(finding)
     if raise_policy:
         raise monitor.raise_policy_error(record, outcome)
@@ -253,6 +255,11 @@ def handle_skip(trainer: SafeTrainer, record: SkipRecord, *, raise_policy: bool 
         return
     if can_roll_back(trainer):
         run = monitor.tracker.consecutive
-        text = f"{run} non-finite steps in a row (last loss {record.loss}, grad norm {record.grad_norm})"
-        raise RollbackRequest("nonfinite", record.step - run + 1, record.step, text, {"consecutive": run})
+        text = (
+            f"{run} non-finite steps in a row (last loss {record.loss:.4g}, grad norm {record.grad_norm:.4g})"
+        )
+        # a skip decided on the device is learnt at the log step: the data was consumed up to now
+        raise RollbackRequest(
+            "nonfinite", record.step - run + 1, trainer.global_step, text, {"consecutive": run}
+        )
     raise monitor.escalation_error(record, trainer._findings)

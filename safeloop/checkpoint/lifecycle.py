@@ -158,7 +158,8 @@ def stop_for_preemption(trainer: SafeTrainer) -> None:
     if trainer._checkpoints is not None:
         if trainer._checkpoints.last_saved_step != trainer.global_step:
             save_checkpoint(trainer)
-        path = str(trainer._checkpoints.directory / checkpoint_name(trainer.global_step))
+        if not trainer._checkpoints.temporary:  # a temporary folder is removed when fit returns
+            path = str(trainer._checkpoints.directory / checkpoint_name(trainer.global_step))
     name = trainer._preemption.name
     trainer._events.append(
         Event("preempt", trainer.global_step, {"signal": name or "another rank's", "path": path})

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import DistributedType
+from torch.nn.parallel import DistributedDataParallel
 
 from safeloop.diagnostics.data import DataProfile, compare_profiles
 from safeloop.diagnostics.first_batch import (
@@ -29,7 +30,9 @@ from safeloop.diagnostics.first_batch import (
 from safeloop.diagnostics.health import WeightHealth
 from safeloop.diagnostics.targets import check_initial_loss, check_inputs, check_targets
 from safeloop.diagnostics.training import TrainingMonitor
-from safeloop.distributed import agree_any, gather_json, reduce_across_processes
+from safeloop.distributed import agree_any, reduce_across_processes
+from safeloop.errors import ConfigError
+from safeloop.findings import agree_findings
 from safeloop.metrics import LogRecord
 from safeloop.results import Finding
 
@@ -93,7 +96,21 @@ class Diagnostics:
         if self._watch is None:
             return
         watch, self._watch = self._watch, None
-        self._report(self._agree([] if self.sharded else check_gradient_reach(self.model, watch)))
+        findings = self._agree([] if self.sharded else check_gradient_reach(self.model, watch))
+        self._report(findings)
+        ddp = self.trainer.model
+        if findings and isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:
+            # DDP would stop at the next step with "Expected to have finished reduction ...
+            # parameter indices which did not receive grad": say which and what to do, now
+            raise ConfigError(
+                "Under DistributedDataParallel every trainable parameter must receive a gradient at "
+                "every step, and these got none on the first batch:\n"
+                + "\n".join(f"  - [{f.code}] {f.message}" for f in findings)
+                + "\nRemove or freeze them (`requires_grad_(False)`), use them in `forward`, or let DDP "
+                "skip them: `Accelerator(kwargs_handlers=[DistributedDataParallelKwargs("
+                "find_unused_parameters=True)])` passed as `accelerator=`.",
+                findings=findings,
+            )
 
     @contextlib.contextmanager
     def _checked_loss_fn(self, found: list[Finding]) -> Iterator[None]:
@@ -225,19 +242,7 @@ class Diagnostics:
     # -- findings --------------------------------------------------------------------------
 
     def _agree(self, findings: list[Finding]) -> list[Finding]:
-        # first-batch findings come from each process's own batch: the union, in rank order,
-        # makes every process hold (and raise on) the same ones
-        gathered = gather_json(self.trainer.accelerator, [f.to_dict() for f in findings])
-        merged: list[Finding] = []
-        seen: set[tuple[str, tuple[str, ...]]] = set()
-        for rank_findings in gathered:
-            for data in rank_findings:
-                finding = Finding(**{**data, "params": tuple(data["params"])})
-                key = (finding.code, finding.params)
-                if key not in seen:
-                    seen.add(key)
-                    merged.append(finding)
-        return merged
+        return agree_findings(self.trainer.accelerator, findings)
 
     def _report(self, findings: list[Finding]) -> None:
         for finding in findings:

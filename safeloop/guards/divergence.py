@@ -7,7 +7,8 @@ and of its squared deviation, updated only with steps that are not part of a sus
 that a spike cannot raise the bar it is measured against.
 
 Detection delay: a spike that starts at step ``s`` is confirmed at step ``s + patience - 1`` and
-read at the first log step after that, so at most ``patience - 1 + log_every`` steps later.
+read at the first log step at or after that: at most ``patience + log_every - 2`` steps after ``s``
+(11 with the defaults).
 """
 
 from __future__ import annotations

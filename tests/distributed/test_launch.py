@@ -106,3 +106,27 @@ def test_reinitialised_weights_are_identical_on_both_ranks(tmp_path):
     assert [r["reinit"] for r in results] == [["0.weight", "2.weight"]] * 2
     assert results[0]["final"] == results[1]["final"], "ranks hold different weights"
     assert results[0]["final"] != results[0]["initial"]
+
+
+def test_findings_are_identical_on_both_ranks_and_logged_once(tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port()]
+    proc = _launch(cmd, tmp_path, DIAG="1")
+    results = _results(proc)
+    assert results[0]["findings"] == results[1]["findings"], "the ranks hold different findings"
+    codes = {f[0]: f for f in results[0]["findings"]}
+    # only rank 1's first batch holds the NaN sample: rank 0 learns of it through the agreement
+    assert codes["nonfinite-input"][1] == "error" and "batch[0]" in codes["nonfinite-input"][4]
+    assert results[0]["skipped"] == results[1]["skipped"] == 2  # the NaN batch, once per epoch, by both
+    assert results[0]["final"] == results[1]["final"]
+    # the main process logs each finding once; the other process logs none
+    for code in codes:
+        assert proc.stderr.count(f"safeloop [{code}]") == sum(f[0] == code for f in results[0]["findings"])
+
+
+def test_a_layer_unused_under_ddp_stops_both_ranks_at_the_first_step_with_the_fix(tmp_path):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port()]
+    proc = _launch(cmd, tmp_path, UNUSED="1")
+    assert proc.returncode != 0
+    assert proc.stderr.count("ConfigError: Under DistributedDataParallel") == 2  # both ranks, same error
+    assert "`aux`" in proc.stderr and "find_unused_parameters=True" in proc.stderr
+    assert "Expected to have finished reduction" not in proc.stderr  # DDP's own error never came

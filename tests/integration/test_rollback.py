@@ -90,7 +90,7 @@ def test_rollbacks_exhausted_raise_divergence_error_with_the_spikes_and_likely_c
     with pytest.raises(DivergenceError) as excinfo:
         _fit(regressor(), 5.0, max_epochs=5, max_rollbacks=1)
     message = str(excinfo.value)
-    assert "diverged 2 times" in message and "1 rollbacks were already made" in message
+    assert "diverged 2 time(s)" in message and "1 rollbacks were already made" in message
     assert "Learning rates tried: 5, 2.5" in message
     codes = [f.code for f in excinfo.value.findings]
     assert "lr-too-high" in codes
@@ -149,7 +149,7 @@ def test_without_rollback_a_non_finite_run_still_raises_nonfinite_error():
         _fit(regressor(), 5.0, max_epochs=2, rollback=False)
 
 
-@pytest.mark.parametrize("kind", ["step", "lambda", "onecycle"])
+@pytest.mark.parametrize("kind", ["step", "lambda", "onecycle", "sequential", "cyclic", "cosine-floor"])
 def test_a_scaled_learning_rate_persists_through_the_schedule(kind):
     def build():
         param = nn.Parameter(torch.zeros(1))
@@ -158,6 +158,18 @@ def test_a_scaled_learning_rate_persists_through_the_schedule(kind):
             return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
         if kind == "lambda":
             return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+        if kind == "sequential":  # warm-up, then cosine: the inner schedulers compute the rates
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=4)
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+            return optimizer, torch.optim.lr_scheduler.SequentialLR(
+                optimizer, [warmup, cosine], milestones=[4]
+            )
+        if kind == "cyclic":
+            return optimizer, torch.optim.lr_scheduler.CyclicLR(
+                optimizer, base_lr=0.01, max_lr=0.1, step_size_up=3
+            )
+        if kind == "cosine-floor":
+            return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=5, eta_min=0.05)
         return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20)
 
     plain, plain_schedule = build()
@@ -165,6 +177,6 @@ def test_a_scaled_learning_rate_persists_through_the_schedule(kind):
     for _ in range(3):
         plain.step(), plain_schedule.step(), scaled.step(), scaled_schedule.step()
     scale_learning_rates(scaled, scaled_schedule, 0.5)
-    for _ in range(6):
+    for _ in range(12):
         plain.step(), plain_schedule.step(), scaled.step(), scaled_schedule.step()
         assert scaled.param_groups[0]["lr"] == pytest.approx(0.5 * plain.param_groups[0]["lr"])

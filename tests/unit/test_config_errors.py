@@ -383,6 +383,64 @@ def test_a_string_progress_bar_is_rejected_with_value_and_the_two_choices():
     assert "got 'yes' (str)" in message
 
 
+# -- rollback -------------------------------------------------------------------------------
+
+
+def test_negative_max_rollbacks_is_rejected_with_value_and_allowed_range():
+    message = _rejected(r"`max_rollbacks` must be an int >= 0", max_rollbacks=-1)
+    assert "got -1 (int)" in message
+
+
+def test_true_as_max_rollbacks_is_rejected_as_a_bool_not_taken_as_one():
+    message = _rejected(r"`max_rollbacks` must be an int >= 0", max_rollbacks=True)
+    assert "got True (bool)" in message
+
+
+def test_zero_rollback_lr_factor_is_rejected_with_value_and_allowed_range():
+    message = _rejected(re.escape("`rollback_lr_factor` must be a number in (0, 1]"), rollback_lr_factor=0)
+    assert "got 0 (int)" in message
+    assert "1 keeps the learning rate" in message
+
+
+def test_a_rollback_lr_factor_above_one_is_rejected_rather_than_raising_the_rate():
+    message = _rejected(re.escape("`rollback_lr_factor` must be a number in (0, 1]"), rollback_lr_factor=1.5)
+    assert "got 1.5 (float)" in message
+
+
+def test_a_string_rollback_lr_factor_is_rejected_showing_the_quoted_value():
+    message = _rejected(
+        re.escape("`rollback_lr_factor` must be a number in (0, 1]"), rollback_lr_factor="half"
+    )
+    assert "got 'half' (str)" in message
+
+
+def test_negative_rollback_skip_batches_is_rejected_with_value_and_what_none_means():
+    message = _rejected(r"`rollback_skip_batches` must be an int >= 0 or None", rollback_skip_batches=-3)
+    assert "got -3 (int)" in message
+    assert "the batches between the checkpoint and the detection" in message
+
+
+def test_zero_spike_zscore_is_rejected_with_value_and_allowed_range():
+    message = _rejected(r"`spike_zscore` must be a finite number > 0", spike_zscore=0)
+    assert "got 0 (int)" in message
+    assert "or None" not in message  # the detector always runs: None is no way to turn it off
+
+
+def test_zero_spike_patience_is_rejected_with_value_and_allowed_range():
+    message = _rejected(r"`spike_patience` must be an int >= 1", spike_patience=0)
+    assert "got 0 (int)" in message
+
+
+def test_negative_spike_warmup_is_rejected_with_value_and_allowed_range():
+    message = _rejected(r"`spike_warmup` must be an int >= 0", spike_warmup=-1)
+    assert "got -1 (int)" in message
+
+
+def test_a_string_rollback_is_rejected_with_value_and_the_two_choices():
+    message = _rejected(r"`rollback` must be True or False", rollback="yes")
+    assert "got 'yes' (str)" in message
+
+
 # -- callbacks ------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from safeloop import SafeTrainer
-from safeloop.testing import nonfinite_loss, spiking_loss
+from safeloop.testing import PoisonedDataset, nonfinite_loss, spiking_loss
 from tests.helpers.models import classification_data, mlp
 from tests.helpers.recording import JsonLinesTracker
 
@@ -29,6 +29,18 @@ def digest(model: nn.Module) -> str:
     return sha.hexdigest()
 
 
+class WithUnused(nn.Module):
+    """A model with a layer defined but never called in ``forward``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.aux = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     model = mlp(seed=0)
@@ -38,6 +50,13 @@ def main() -> None:
         for layer in (model[0], model[2]):
             torch.nn.init.zeros_(layer.weight)
             torch.nn.init.zeros_(layer.bias)
+    dataset = classification_data(n=128)
+    shuffle = True
+    if os.environ.get("UNUSED") == "1":  # a layer DDP will find no gradient for
+        model = WithUnused(model)
+    if os.environ.get("DIAG") == "1":  # a NaN sample in rank 1's first batch only
+        dataset = PoisonedDataset(dataset, indices={9}, value=float("nan"))
+        shuffle = False  # batch 0 (samples 0-7) goes to rank 0, batch 1 (8-15) to rank 1
     initial = digest(model)
     rank_tag = os.environ.get("RANK", "0")
     tracker = JsonLinesTracker(os.path.join(out_dir, f"metrics-rank{rank_tag}.jsonl"))
@@ -56,7 +75,7 @@ def main() -> None:
     trainer = SafeTrainer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-2),
-        DataLoader(classification_data(n=128), batch_size=8, shuffle=True),
+        DataLoader(dataset, batch_size=8, shuffle=shuffle),
         loss_fn=loss_fn,
         max_epochs=int(os.environ.get("EPOCHS", "2")),
         max_steps=max_steps,
@@ -82,6 +101,7 @@ def main() -> None:
         "resumed": [e.step for e in result.events if e.kind == "resume"],
         "rollbacks": [(e.step, e.detail["detected_at"]) for e in result.events if e.kind == "rollback"],
         "lr": result.history[-1]["lr"],
+        "findings": [[f.code, f.severity, list(f.params), f.step, f.message] for f in result.findings],
     }
     # one write per line: two processes share this stdout, and print() writes the newline apart
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")
