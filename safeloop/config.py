@@ -47,6 +47,8 @@ class TrainerConfig:
         seed (`int | None`): seeds Python, NumPy and torch on every process at the start of ``fit``.
         clip_grad_norm (`float | None`): max global gradient norm.
         clip_grad_value (`float | None`): clamp of every gradient element to ``±value``.
+        adaptive_clip (`float | None`): z-score above which the global gradient norm is clipped
+            against its running statistics (ZClip); None: off.
         nan_guard (`str`): ``"skip"``, ``"raise"`` or ``"off"``.
         max_consecutive_skips (`int`): more skipped steps in a row raise ``NonFiniteError``.
         reinit_zero_params (`str | None`): ``"xavier"``, ``"normal"`` or None (report only).
@@ -79,6 +81,7 @@ class TrainerConfig:
     seed: int | None = None
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None
+    adaptive_clip: float | None = None
     nan_guard: str = "skip"
     max_consecutive_skips: int = 5
     reinit_zero_params: str | None = "xavier"
@@ -120,6 +123,7 @@ def build_config(
     seed: object = None,
     clip_grad_norm: object = None,
     clip_grad_value: object = None,
+    adaptive_clip: object = None,
     nan_guard: object = "skip",
     max_consecutive_skips: object = 5,
     reinit_zero_params: object = "xavier",
@@ -167,6 +171,13 @@ def build_config(
         problems.append(f"`seed` must be an int in [0, 2**32) or None; got {seen(seed)}.")
     check_positive_float(problems, "clip_grad_norm", clip_grad_norm)
     check_positive_float(problems, "clip_grad_value", clip_grad_value)
+    check_positive_float(problems, "adaptive_clip", adaptive_clip)
+    if adaptive_clip is not None and (clip_grad_norm is not None or clip_grad_value is not None):
+        problems.append(
+            f"`adaptive_clip={adaptive_clip!r}` is set together with a fixed clip (`clip_grad_norm` or "
+            "`clip_grad_value`); the adaptive bound replaces the fixed one. Choose one and leave the "
+            "other None."
+        )
     if clip_grad_norm is not None and clip_grad_value is not None:
         problems.append(
             f"`clip_grad_norm={clip_grad_norm!r}` and `clip_grad_value={clip_grad_value!r}` are both "
@@ -228,6 +239,7 @@ def build_config(
         seed=seed,  # type: ignore[arg-type]
         clip_grad_norm=None if clip_grad_norm is None else float(clip_grad_norm),  # type: ignore[arg-type]
         clip_grad_value=None if clip_grad_value is None else float(clip_grad_value),  # type: ignore[arg-type]
+        adaptive_clip=None if adaptive_clip is None else float(adaptive_clip),  # type: ignore[arg-type]
         nan_guard=nan_guard,  # type: ignore[arg-type]
         max_consecutive_skips=max_consecutive_skips,  # type: ignore[arg-type]
         reinit_zero_params=reinit_zero_params,  # type: ignore[arg-type]

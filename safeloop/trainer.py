@@ -32,6 +32,7 @@ from safeloop.diagnostics.session import Diagnostics
 from safeloop.distributed import agree_all_finite, settle_collectives
 from safeloop.evaluation import run_evaluation
 from safeloop.findings import add_finding, finish_report
+from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE, SpikeDetector
 from safeloop.guards.nonfinite import SkipRecord, finite_flag, true_overflow
@@ -73,6 +74,8 @@ class SafeTrainer:
         seed (`int`, *optional*): seeds Python, NumPy and torch on every process in ``fit``.
         clip_grad_norm (`float`, *optional*): max global gradient norm.
         clip_grad_value (`float`, *optional*): clamp every gradient element to ``±value``.
+        adaptive_clip (`float`, *optional*): clip the global gradient norm when its z-score
+            against its running mean and deviation exceeds this (ZClip; 2.5 is ZClip's default).
         nan_guard (`str`, *optional*, defaults to ``"skip"``): a step whose loss or gradients
             are not finite changes nothing (``"skip"``), raises ``NonFiniteError`` (``"raise"``),
             or the guard is ``"off"``.
@@ -140,6 +143,7 @@ class SafeTrainer:
         seed: int | None = None,
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
+        adaptive_clip: float | None = None,
         nan_guard: str = "skip",
         max_consecutive_skips: int = 5,
         reinit_zero_params: str | None = "xavier",
@@ -221,6 +225,9 @@ class SafeTrainer:
         self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._diagnostics = Diagnostics(self) if self.config.diagnostics else None
+        self._adaptive = (
+            None if self.config.adaptive_clip is None else AdaptiveClip(self.config.adaptive_clip)
+        )
         self._skips = SkipMonitor(
             max_consecutive_skips=self.config.max_consecutive_skips,
             param_names=[name for name, _ in unwrapped.named_parameters()],
@@ -399,6 +406,8 @@ class SafeTrainer:
             max_norm=self.config.clip_grad_norm,
             max_value=self.config.clip_grad_value,
         )
+        if self._adaptive is not None:  # after the measure: the logged norm is the one before clipping
+            self._adaptive.apply(self.model.parameters(), norms.total)
         losses = self._window_losses
         window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         self._window_losses = []

@@ -105,6 +105,7 @@ def capture_trainer(trainer: SafeTrainer, *, healthy: bool = True) -> Snapshot:
         "lr_scale": trainer._lr_scale,
         "rollbacks": trainer._rollbacks,
         "spike_detector": trainer._spikes.state_dict(),
+        "adaptive_clip": None if trainer._adaptive is None else trainer._adaptive.state_dict(),
     }
     from safeloop.rollback import checkpoint_health
 
@@ -151,3 +152,5 @@ def apply_trainer(trainer: SafeTrainer, saved: SavedState) -> None:
     trainer._rollbacks = int(state.get("rollbacks", 0))
     if "spike_detector" in state:
         trainer._spikes.load_state_dict(state["spike_detector"])
+    if trainer._adaptive is not None and state.get("adaptive_clip") is not None:
+        trainer._adaptive.load_state_dict(state["adaptive_clip"], trainer.accelerator.device)

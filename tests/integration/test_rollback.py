@@ -180,3 +180,17 @@ def test_a_scaled_learning_rate_persists_through_the_schedule(kind):
     for _ in range(12):
         plain.step(), plain_schedule.step(), scaled.step(), scaled_schedule.step()
         assert scaled.param_groups[0]["lr"] == pytest.approx(0.5 * plain.param_groups[0]["lr"])
+
+
+def test_adaptive_clipping_absorbs_a_gradient_spike_that_otherwise_forces_a_rollback():
+    def spiky():
+        return spiking_loss(nn.MSELoss(), at_calls={40}, factor=300.0)
+
+    plain = _fit(regressor(), 0.01, loss_fn=spiky(), max_epochs=4)
+    _reset_accelerate()
+    clipped = _fit(regressor(), 0.01, loss_fn=spiky(), max_epochs=4, adaptive_clip=2.5)
+    _reset_accelerate()
+    clean = _fit(regressor(), 0.01, max_epochs=4)
+    assert plain.rollbacks + plain.skipped_steps >= 1, "the spike was supposed to derail the plain run"
+    assert clipped.rollbacks == 0 and clipped.skipped_steps == 0
+    assert clipped.history[-1]["loss"] == pytest.approx(clean.history[-1]["loss"], rel=0.3, abs=0.02)

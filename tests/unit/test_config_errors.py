@@ -728,3 +728,10 @@ def test_resume_latest_without_a_checkpoint_dir_is_rejected():
     trainer = _trainer()
     with pytest.raises(ConfigError, match="needs `checkpoint_dir`"):
         trainer.fit(resume_from="latest")
+
+
+def test_adaptive_clip_must_be_a_positive_number_and_not_combined_with_a_fixed_clip():
+    message = _rejected(r"`adaptive_clip` must be a finite number > 0", adaptive_clip=-1.0)
+    assert "got -1.0 (float)" in message
+    message = _rejected(r"adaptive bound replaces the fixed one", adaptive_clip=2.5, clip_grad_norm=1.0)
+    assert "`adaptive_clip=2.5`" in message
