@@ -4,9 +4,12 @@ A :class:`DataProfile` is filled from the first batches of a loader, then :func:
 compares a train and an eval profile; it runs once per ``fit``. A profile takes ``max_batches`` (8)
 batches, more (up to 32) while it has fewer than ``MIN_SAMPLES`` (64) samples, and at most
 ``max_samples`` (4096) samples; the stop rule depends only on batch count and batch sizes, so
-processes with equal batch sizes stop together. Cost: the inputs are copied to the host once; a
-64-bit BLAKE2b hash of each sample's input bytes; float64 power sums per feature. Measured on one
-CPU core: 0.25 s for 4096 CIFAR-sized samples, 0.8 s per 1024 ImageNet-sized ones (mostly hashing).
+processes with equal batch sizes stop together. One exception: a batch that only repeats samples
+of a profile whose samples were all distinct ends it (the loader began a new epoch of a set
+smaller than the profile), as those repeats would pass for natural duplicates. Cost: the inputs
+are copied to the host once; a 64-bit BLAKE2b hash of each sample's input bytes; float64 power
+sums per feature. Measured on one CPU core: 0.25 s for 4096 CIFAR-sized samples, 0.8 s per 1024
+ImageNet-sized ones (mostly hashing).
 
 Inputs are ``batch[0]`` of a tuple/list batch, every tensor but the ``LABEL_KEYS`` of a mapping
 batch, or the batch itself. Integer and bool tensors and ``*mask*`` keys are hashed, not measured.
@@ -166,10 +169,15 @@ class DataProfile:
         self._stats: torch.Tensor | None = None  # (_K, features) power sums
         self._pooled = torch.zeros(_K, dtype=torch.float64)  # every element pooled
         self._hashes: list[tuple[int, int, int, int]] = []  # hash, rank, batch, row
+        self._seen: set[int] = set()
+        self._repeats = False  # some sample repeated an earlier one
+        self._wrapped = False  # the loader started a new epoch: a set smaller than the profile
 
     @property
     def done(self) -> bool:
         """Whether the profile takes no more batches."""
+        if self._wrapped:
+            return True
         enough = self.n_samples >= MIN_SAMPLES or self.n_batches >= 4 * self.max_batches
         return self.n_samples >= self.max_samples or (self.n_batches >= self.max_batches and enough)
 
@@ -183,7 +191,18 @@ class DataProfile:
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) and tensors else None
         keep = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == tensors[0][1].shape[0]
         mask = mask[:take].detach().cpu().bool() if keep else None
+        before = len(self._hashes)
         self._hash(cpu, take, mask)
+        new = [value for value, *_ in self._hashes[before:]]
+        if before and new and not self._repeats and all(value in self._seen for value in new):
+            # every sample so far was distinct and this batch only repeats them: a training set
+            # smaller than the profile, seen again in its next epoch. Its repeats are not natural
+            # duplicates (they would turn a real eval-train overlap into an info) and add nothing.
+            del self._hashes[before:]
+            self._wrapped = True
+            return False
+        self._repeats = self._repeats or len(set(new)) < len(new) or any(v in self._seen for v in new)
+        self._seen.update(new)
         self._accumulate([(path, t) for path, t in cpu if t.is_floating_point() and "mask" not in path])
         self.n_batches += 1
         self.n_samples += take

@@ -136,6 +136,17 @@ def test_low_variety_inputs_overlap_only_as_info():
     assert "have a twin" in finding.message
 
 
+def test_a_small_train_set_in_its_second_epoch_is_not_taken_for_natural_duplicates():
+    data = torch.randn(100, 5, generator=_gen())
+    train = data[:48]  # 3 batches of 16 an epoch: the profile's 8 batches would span 3 epochs
+    epochs = torch.cat([train, train[torch.randperm(48, generator=_gen(1))], train])
+    profile = _profile(epochs, 16)
+    assert profile.done and profile.n_batches == 3 and profile.n_samples == 48  # stopped at the wrap
+    [finding] = compare_profiles(profile, _profile(torch.cat([data[48:], train[:10]]), 16))
+    assert finding.severity == "warning" and "10 of the first 62 eval samples" in finding.message
+    assert "among the first 48 train samples" in finding.message and "twin" not in finding.message
+
+
 def test_dynamic_padding_does_not_hide_a_duplicate():
     tokens = torch.randint(1, 30000, (4, 10), generator=_gen())
 
