@@ -5,12 +5,15 @@ machine state. Time is the process's CPU time (`time.process_time`) on one torch
 shared virtual machine wall time also counts the time the hypervisor gives to others, which
 made best-run wall times vary by 30% here. Three ratios are printed: best/best, median/median,
 and the median of the per-round ratios (each round runs both loops back to back, so it cancels
-slow drift in machine speed; the most stable of the three on noisy machines). Usage:
+slow drift in machine speed; the most stable of the three on noisy machines). Each round also runs
+SafeTrainer with ``diagnostics=False``, and the same three ratios compare ``diagnostics=True``
+(the default, timed as "SafeTrainer") against it: the cost of the diagnostics alone. Usage:
 
     python benchmarks/overhead.py                 # 3x512 MLP, AdamW, 200 steps, 7 rounds
     python benchmarks/overhead.py --clip 1.0      # both loops clip the gradient norm
     python benchmarks/overhead.py --fused         # AdamW(fused=True) in both loops
     python benchmarks/overhead.py --nan-guard off # SafeTrainer without the NaN/Inf guard
+    python benchmarks/overhead.py --only-diagnostics  # skip the bare loop: diagnostics on vs off
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -74,7 +78,7 @@ def bare_loop(args: argparse.Namespace) -> float:
     return elapsed
 
 
-def safeloop_run(args: argparse.Namespace) -> float:
+def safeloop_run(args: argparse.Namespace, diagnostics: bool = True) -> float:
     model = make_model(args.width, args.depth, args.classes)
     trainer = SafeTrainer(
         model,
@@ -85,6 +89,7 @@ def safeloop_run(args: argparse.Namespace) -> float:
         clip_grad_norm=args.clip,
         log_every=args.log_every,
         nan_guard=args.nan_guard,
+        diagnostics=diagnostics,
         progress_bar=False,
     )
     start = time.process_time()
@@ -110,28 +115,46 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) in both loops")
     parser.add_argument("--nan-guard", default="skip", choices=["skip", "raise", "off"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy)")
+    parser.add_argument(
+        "--only-diagnostics", action="store_true", help="time only SafeTrainer, diagnostics on and off"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    bare_loop(args), safeloop_run(args)  # warm-up: allocator, thread pools, first-call costs
-    bare, safe = [], []
-    for _ in range(args.rounds):
-        bare.append(bare_loop(args))
-        safe.append(safeloop_run(args))
+    runs: dict[str, Callable[[], float]] = {}
+    if not args.only_diagnostics:
+        runs["bare accelerate loop"] = lambda: bare_loop(args)
+    runs["SafeTrainer"] = lambda: safeloop_run(args, diagnostics=True)
+    runs["diagnostics=False"] = lambda: safeloop_run(args, diagnostics=False)
+    for run in runs.values():  # warm-up: allocator, thread pools, first-call costs
+        run()
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for round_ in range(args.rounds):
+        # the order turns each round, so that no loop always runs first (or after the same one)
+        labels = list(runs)
+        labels = labels[round_ % len(labels) :] + labels[: round_ % len(labels)]
+        for label in labels:
+            times[label].append(runs[label]())
     per_step = 1000 / args.steps
     print(f"model: {args.depth}x{args.width} MLP, batch {args.batch}, {args.steps} steps, AdamW")
     print(f"clip_grad_norm: {args.clip}, log_every: {args.log_every}, fused: {args.fused}")
-    print(f"SafeTrainer nan_guard: {args.nan_guard}")
+    print(f'SafeTrainer nan_guard: {args.nan_guard}; "SafeTrainer" has diagnostics=True (the default)')
     print(f"threads: {torch.get_num_threads()}, rounds: {args.rounds}")
-    for label, times in (("bare accelerate loop", bare), ("SafeTrainer", safe)):
-        best, median = min(times) * per_step, statistics.median(times) * per_step
+    for label, values in times.items():
+        best, median = min(values) * per_step, statistics.median(values) * per_step
         print(f"{label:<21} best {best:7.3f} ms/step  median {median:7.3f} ms/step")
-    best_ratio = min(safe) / min(bare)
-    median_ratio = statistics.median(safe) / statistics.median(bare)
-    # each round runs the two loops back to back, so the ratio within a round cancels slow drift
-    paired = statistics.median(s / b for s, b in zip(safe, bare, strict=True))
-    print(f"ratio (best/best): {best_ratio:.4f}   ratio (median/median): {median_ratio:.4f}")
-    print(f"ratio (median of per-round ratios): {paired:.4f}")
+    if not args.only_diagnostics:
+        print_ratios("SafeTrainer / bare loop", times["SafeTrainer"], times["bare accelerate loop"])
+    print_ratios("diagnostics on / off", times["SafeTrainer"], times["diagnostics=False"])
+
+
+def print_ratios(title: str, slow: list[float], base: list[float]) -> None:
+    best_ratio = min(slow) / min(base)
+    median_ratio = statistics.median(slow) / statistics.median(base)
+    # each round runs the loops back to back, so the ratio within a round cancels slow drift
+    paired = statistics.median(s / b for s, b in zip(slow, base, strict=True))
+    print(f"{title}: ratio (best/best): {best_ratio:.4f}   ratio (median/median): {median_ratio:.4f}")
+    print(f"{title}: ratio (median of per-round ratios): {paired:.4f}")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,27 @@ import torch
 
 from safeloop.results import Finding
 
-__all__ = ["WeightHealth", "DEAD_ROW_FRACTION", "DEAD_ROW_CHECKS"]
+__all__ = ["WeightHealth", "lookup_tables", "DEAD_ROW_FRACTION", "DEAD_ROW_CHECKS"]
 
 # AUTOTRAINER calls a ReLU layer dying when >= 70% of its units get no gradient; requiring it at
 # 3 log checks in a row keeps one odd batch from raising it.
 DEAD_ROW_FRACTION = 0.7
 DEAD_ROW_CHECKS = 3
+
+
+def lookup_tables(model: torch.nn.Module) -> list[str]:
+    """Names of the embedding tables of ``model`` (``nn.Embedding``, ``nn.EmbeddingBag``).
+
+    A row of such a table gets gradient only when its index is in the batch: with a vocabulary
+    larger than a batch's tokens most rows get none at every step, and rows of tokens the data
+    never holds get none ever. They are not units, so they say nothing about dead units.
+    """
+    tables = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+    }
+    return [name for name, param in model.named_parameters() if id(param) in tables]
 
 
 class WeightHealth:
@@ -28,13 +43,21 @@ class WeightHealth:
         named_params (`Iterable[tuple[str, Parameter]]`): the unwrapped model's parameters.
         zero_at_start (`Iterable[str]`): names of weights that were all zeros before the first
             update and left so on purpose (they are not reported as collapsing).
+        lookup_tables (`Iterable[str]`): names of embedding tables (see `lookup_tables`): rows
+            indexed by the batch, not units, so their rows without gradient are not dead units.
     """
 
     def __init__(
-        self, named_params: Iterable[tuple[str, torch.nn.Parameter]], zero_at_start: Iterable[str] = ()
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        zero_at_start: Iterable[str] = (),
+        lookup_tables: Iterable[str] = (),
     ) -> None:
         self.weights = [(n, p) for n, p in named_params if p.requires_grad and p.dim() >= 2 and p.numel() > 0]
         self.zero_at_start = set(zero_at_start)
+        tables = set(lookup_tables)
+        # weights whose rows are units (a Linear's outputs, a conv's channels): the dead-unit check
+        self.unit_weights = [(n, p) for n, p in self.weights if n not in tables]
         self._row_masks: list[torch.Tensor] | None = None
         self._dead_streak: dict[str, int] = {}
         self._reported: set[tuple[str, str]] = set()
@@ -42,7 +65,7 @@ class WeightHealth:
     def capture_gradients(self) -> None:
         """Keep, on device, which rows of each weight received gradient this step."""
         masks = []
-        for _, param in self.weights:
+        for _, param in self.unit_weights:
             if param.grad is None:
                 masks.append(torch.ones(param.shape[0], dtype=torch.bool, device=param.device))
             else:
@@ -73,7 +96,7 @@ class WeightHealth:
         if self._row_masks is not None and rows:
             offset = 0
             upstream: str | None = None
-            for (name, param), mask in zip(self.weights, self._row_masks, strict=True):
+            for (name, param), mask in zip(self.unit_weights, self._row_masks, strict=True):
                 alive = rows[offset : offset + mask.numel()]
                 offset += mask.numel()
                 finding = self._dead_rows(name, tuple(param.shape), alive, step, upstream)

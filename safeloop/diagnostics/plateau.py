@@ -8,6 +8,7 @@ one finding that ranks the measured causes.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -26,10 +27,13 @@ __all__ = [
     "LR_CHECKS",
     "LR_HIGH_CHECKS",
     "LR_LOW_FLAT",
+    "LR_ANNEALED",
     "PLATEAU_CHECKS",
     "PLATEAU_MIN_STEPS",
     "PLATEAU_MARGIN",
     "PLATEAU_PROGRESS",
+    "PLATEAU_PRECISION",
+    "PLATEAU_HISTORY",
     "CONTEXT_RANKS",
 ]
 
@@ -45,6 +49,11 @@ LR_CHECKS = 3
 LR_HIGH_CHECKS = 2
 # "The loss does not go down": the interval's mean loss is not 1% below the best one before it.
 LR_LOW_FLAT = 1e-2
+# Tiny updates are no fault once the schedule has annealed the lr below a tenth of its peak (the
+# end of a cosine or step schedule), nor once the loss has fallen below PLATEAU_PROGRESS of its
+# start (SGD's steps shrink with the gradient of a loss near its minimum): the loss is flat there
+# because the run converges, and "multiply the lr by 1e3" would be wrong advice.
+LR_ANNEALED = 0.1
 # FINDINGS.md "loss-plateau": no improvement over a window. A window of 5 log checks and at least
 # 100 steps keeps minibatch noise and a slow but steady descent from looking flat.
 PLATEAU_CHECKS = 5
@@ -67,6 +76,16 @@ _OTHER_RANK = 7
 # A loss already below half its starting value has learned: flat from there on is convergence
 # (or the noise floor of the data), which must not raise a warning on a healthy run.
 PLATEAU_PROGRESS = 0.5
+# "No new best" alone mistakes minibatch noise for a flat loss: the best window mean before is the
+# minimum of many noisy means, so a lucky low window sets a bar that a slow real descent (a few %
+# per window, under a noise of 5% per log check) takes long to beat. So a plateau also needs the
+# trend to be flat: the least-squares slope over the last log checks, over a horizon just long
+# enough that its standard error (from the measured noise) is at most PLATEAU_PRECISION times the
+# margin, must improve the loss by less than the margin per window. A noiseless loss needs only
+# one window; a noisy one needs more checks before a plateau can be told from a slow descent (a
+# descent of 3% per window, three margins, is then taken for flat at about 1 check in 260).
+PLATEAU_PRECISION = 0.75
+PLATEAU_HISTORY = 30  # windows of log checks kept for the trend (300 checks with the default window)
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,8 @@ class UpdateSize:
         self._ratios: dict[str, float] = {}
         self._best = math.inf  # best interval mean loss so far
         self._lrs: deque[float | None] = deque(maxlen=LR_CHECKS)
+        self._peak_lr = 0.0
+        self._first: float | None = None  # the first interval's mean loss
         self._streak = {"lr-too-high": 0, "lr-too-low": 0}
         self._reported: set[str] = set()
 
@@ -131,6 +152,8 @@ class UpdateSize:
         best_before = finite[0] if finite and self._best == math.inf else self._best
         loss = sum(finite) / len(finite) if finite else math.nan
         self._best = min(best_before, loss) if finite else self._best
+        if self._first is None and finite:
+            self._first = loss
         # no new best interval loss (by LR_LOW_FLAT): the loss does not go down, or diverges
         stalled = not loss < best_before - LR_LOW_FLAT * abs(best_before)
         self._ratios = ratios
@@ -140,10 +163,16 @@ class UpdateSize:
         # tiny updates while the lr still rises are a warm-up, not a fault
         warming = lr is not None and any(old is not None and old < lr for old in self._lrs)
         self._lrs.append(lr)
+        # ... nor once the schedule has annealed it, or the loss has converged (LR_ANNEALED)
+        annealed = lr is not None and lr < LR_ANNEALED * self._peak_lr
+        self._peak_lr = max(self._peak_lr, lr or 0.0)
+        first = self._first
+        converged = first is not None and first > 0 and self._best < PLATEAU_PROGRESS * first
+        low = self.median < LR_LOW_RATIO and not (warming or annealed or converged)
         found = []
         for code, hit, checks in (
             ("lr-too-high", self.median > LR_HIGH_RATIO, LR_HIGH_CHECKS),
-            ("lr-too-low", self.median < LR_LOW_RATIO and not warming, LR_CHECKS),
+            ("lr-too-low", low, LR_CHECKS),
         ):
             self._streak[code] = self._streak[code] + 1 if hit else 0
             # either is a fault only while the loss does not go down: large updates that still
@@ -218,6 +247,9 @@ class LossPlateau:
         self._best_before = math.inf
         self._first: float | None = None
         self._armed = True
+        # the trend: check means, and the variance of each mean measured from its steps' losses
+        self._means: deque[float] = deque(maxlen=PLATEAU_HISTORY * self.window)
+        self._variances: deque[float] = deque(maxlen=4 * self.window)
         self.summary = ""
 
     def update(self, losses: Sequence[float]) -> bool:
@@ -235,6 +267,10 @@ class LossPlateau:
         mean = sum(finite) / len(finite)
         if self._first is None:
             self._first = mean
+        self._means.append(mean)
+        if len(finite) > 1:
+            spread = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
+            self._variances.append(spread / len(finite))
         if len(self._recent) == self.window:
             self._best_before = min(self._best_before, self._recent[0])
         self._recent.append(mean)
@@ -244,16 +280,66 @@ class LossPlateau:
         if best_recent < self._best_before - self.margin * abs(self._best_before):
             self._armed = True  # a new improvement: a later plateau is news again
             return False
-        best = min(best_recent, self._best_before)
-        if not self._armed or (self._first > 0 and best < PLATEAU_PROGRESS * self._first):
+        # converged: the recent loss (not the run's best: a loss that halved, then climbed back,
+        # diverges) is below PLATEAU_PROGRESS of the start
+        if not self._armed or (self._first > 0 and best_recent < PLATEAU_PROGRESS * self._first):
             return False
+        trend = self._trend()
+        if trend is None:
+            return False  # a slow descent under the noise, or too few checks yet to tell
+        improvement, checks = trend
         self._armed = False
         self.summary = (
             f"the loss has not improved by {self.margin:.0%} over the last {self.window} log checks "
             f"(best window mean {best_recent:.4g} there, {self._best_before:.4g} before, "
-            f"{self._first:.4g} at the start)"
+            f"{self._first:.4g} at the start; trend over the last {checks} checks "
+            f"{-improvement:+.2%} per {self.window} checks)"
         )
         return True
+
+    def _noise(self) -> float:
+        """The standard deviation of one check's mean loss: the larger of two measures.
+
+        From the spread of each check's per-step losses (a check of one step says nothing), and
+        from the differences of successive check means (median, so the descent and an odd jump
+        hardly count; it also sees noise correlated across steps).
+        """
+        within = statistics.mean(self._variances) if self._variances else 0.0
+        means = list(self._means)[-4 * self.window :]
+        steps = [abs(b - a) for a, b in itertools.pairwise(means)]
+        # |a - b| of two independent N(m, s^2) has median 0.954 s
+        between = statistics.median(steps) / 0.954 if steps else 0.0
+        return max(math.sqrt(within), between)
+
+    def _trend(self) -> tuple[float, int] | None:
+        """The relative improvement per window of the least-squares trend, and its horizon.
+
+        The horizon is the shortest one whose slope is precise enough (``PLATEAU_PRECISION``);
+        None when the trend there still descends by the margin. Where no horizon is precise
+        enough yet, every kept check counts, and only a trend that is below the margin by two
+        standard errors (a loss flat or rising beyond doubt) is returned.
+        """
+        means = list(self._means)
+        level = abs(statistics.mean(means[-self.window :]))
+        if level == 0:
+            return 0.0, self.window
+        noise = self._noise() / level
+        precise, n, spread, error = False, 0, 0.0, math.inf
+        # a window's checks, at least 3 where there are (a window of 1 may have only 2)
+        for n in range(max(2, min(max(self.window, 3), len(means))), len(means) + 1):
+            spread = math.sqrt(n * (n * n - 1) / 12)  # sqrt of sum (t - mean t)^2 over n checks
+            error = noise * self.window / spread  # standard error of the improvement per window
+            if error <= PLATEAU_PRECISION * self.margin:
+                precise = True
+                break
+        if n < 2:
+            return None
+        ys = means[-n:]
+        t_mean, y_mean = (n - 1) / 2, sum(ys) / n
+        slope = sum((t - t_mean) * (y - y_mean) for t, y in enumerate(ys)) / spread**2
+        improvement = -slope * self.window / level
+        bound = improvement if precise else improvement + 2 * error
+        return None if bound >= self.margin else (improvement, n)
 
     def finding(
         self, step: int, causes: Sequence[Cause], context: Sequence[Finding] = (), *, measured: bool = True

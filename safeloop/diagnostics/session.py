@@ -27,7 +27,7 @@ from safeloop.diagnostics.first_batch import (
     check_trainable,
     raise_if_fatal,
 )
-from safeloop.diagnostics.health import WeightHealth
+from safeloop.diagnostics.health import WeightHealth, lookup_tables
 from safeloop.diagnostics.targets import check_initial_loss, check_inputs, check_targets
 from safeloop.diagnostics.training import TrainingMonitor
 from safeloop.distributed import agree_any, reduce_across_processes
@@ -57,7 +57,11 @@ class Diagnostics:
             DistributedType.FSDP,
             DistributedType.DEEPSPEED,
         )
-        self.health = None if self.sharded else WeightHealth(self.model.named_parameters())
+        self.health = (
+            None
+            if self.sharded
+            else WeightHealth(self.model.named_parameters(), lookup_tables=lookup_tables(self.model))
+        )
         self.monitor = TrainingMonitor(
             self.model.named_parameters(), trainer.config.log_every, sharded=self.sharded
         )
