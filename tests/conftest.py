@@ -63,3 +63,14 @@ def clean_process_state(tmp_path, monkeypatch):
         torch.set_rng_state(rng_before[2])
         if leaks:
             pytest.fail("test leaked state:\n" + "\n".join(leaks))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run faster without thread start-up on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Localisation", "nonfinite_inputs", "locate_nonfinite"]
+__all__ = ["Localisation", "nonfinite_inputs", "locate_nonfinite", "named_tensors"]
 
 
 @dataclass(frozen=True)
@@ -35,18 +35,19 @@ class Localisation:
     count: int = 0
 
 
-def _tensors(value: Any, path: str) -> Iterable[tuple[str, torch.Tensor]]:
+def named_tensors(value: Any, path: str) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield ``(path, tensor)`` for every tensor in a nested batch or output (``batch[0]``, ...)."""
     if isinstance(value, torch.Tensor):
         yield path, value
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _tensors(item, f"{path}[{key!r}]")
+            yield from named_tensors(item, f"{path}[{key!r}]")
     elif isinstance(value, (tuple, list)):
         for i, item in enumerate(value):
-            yield from _tensors(item, f"{path}[{i}]")
+            yield from named_tensors(item, f"{path}[{i}]")
     elif hasattr(value, "__dataclass_fields__") or hasattr(value, "__dict__"):
         for key, item in vars(value).items():
-            yield from _tensors(item, f"{path}.{key}")
+            yield from named_tensors(item, f"{path}.{key}")
 
 
 def _nonfinite_count(tensor: torch.Tensor) -> int:
@@ -63,7 +64,7 @@ def nonfinite_inputs(batch: Any) -> list[tuple[str, int]]:
         [('batch[0]', 1)]
     """
     found = []
-    for path, tensor in _tensors(batch, "batch"):
+    for path, tensor in named_tensors(batch, "batch"):
         count = _nonfinite_count(tensor)
         if count:
             found.append((path, count))
@@ -118,7 +119,7 @@ def _replay(
         def check(module: torch.nn.Module, args: Any, output: Any) -> None:
             if first:
                 return
-            for _, tensor in _tensors(output, "output"):
+            for _, tensor in named_tensors(output, "output"):
                 count = _nonfinite_count(tensor)
                 if count:
                     first.append((name or type(module).__name__, count))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from safeloop.diagnostics.first_batch import RAISED_CODES
+from safeloop.diagnostics.localize import named_tensors
 from safeloop.results import Finding
 
 __all__ = [
@@ -85,16 +86,8 @@ def _recognise(loss_fn: Any) -> _Loss | None:
 
 
 def _walk(value: Any, path: str) -> Iterable[tuple[str, torch.Tensor]]:
-    # Paths are written as ``safeloop.diagnostics.localize`` writes them, so that findings of the
-    # first batch and of a replayed batch name an input the same way.
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _walk(item, f"{path}[{key!r}]")
-    elif isinstance(value, (tuple, list)):
-        for i, item in enumerate(value):
-            yield from _walk(item, f"{path}[{i}]")
+    # the replay of a skipped batch names inputs the same way, so both findings agree
+    return named_tensors(value, path)
 
 
 def check_inputs(batch: Any) -> list[Finding]:

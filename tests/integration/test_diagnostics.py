@@ -25,6 +25,8 @@ from safeloop.testing import NonFiniteGradient, nonfinite_loss, spiking_loss
 from tests.conftest import _reset_accelerate
 from tests.helpers.models import classification_data, mlp, state_equal
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # the codes of the checks that ``diagnostics=False`` turns off: FINDINGS.md's first-batch, training
 # and data codes, and targets.py's activation-loss-mismatch (zero-params, nonfinite-* and
 # loss-spike come from the guards, which stay on)
@@ -51,17 +53,6 @@ DIAGNOSTIC_CODES = {
     "eval-train-overlap",
     "normalization-mismatch",
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the test times are less noisy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- helpers ----------------------------------------------------------------------------------

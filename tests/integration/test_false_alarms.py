@@ -22,18 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from safeloop import SafeTrainer
 from safeloop.results import FitResult
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LOG_EVERY = 10
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the test times are less noisy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -8,14 +8,7 @@ import torch
 
 from safeloop.diagnostics.data import MAX_FEATURES, MIN_SAMPLES, DataProfile, compare_profiles
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: thread start-up would cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

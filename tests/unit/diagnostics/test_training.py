@@ -18,14 +18,7 @@ from safeloop.diagnostics.training import TrainingMonitor
 from safeloop.guards.clipping import grad_norms
 from safeloop.results import Finding
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: intra-op threads only fight over a loaded CI machine's cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(model, optimizer, batches, loss_fn, steps, log_every=10, on_step=None, **options):
