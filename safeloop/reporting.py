@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from safeloop.distributed import reduce_across_processes
-from safeloop.rollback import check_spikes
+from safeloop.rollback import RollbackRequest, check_spikes
 
 if TYPE_CHECKING:
     from safeloop.trainer import SafeTrainer
@@ -29,9 +29,13 @@ def report_interval(trainer: SafeTrainer) -> None:
     tracked: dict[str, float] = {}
     if diagnostics is not None:
         tracked = diagnostics.check(trainer.global_step, extra_values, health_len, record)
+    rollback: RollbackRequest | None = None
     if trainer._guarded and trainer._stepper.device_side:  # skips decided on the device, learnt now
-        for skip in trainer._skips.skipped_in_log(trainer.global_step, record.per_step):
-            trainer._on_skip(skip)
+        try:
+            for skip in trainer._skips.skipped_in_log(trainer.global_step, record.per_step):
+                trainer._on_skip(skip)
+        except RollbackRequest as request:
+            rollback = request  # raised once this interval is in the history, as a spike's is
     lr = float(trainer._step_lr)
     entry = {
         "step": trainer.global_step,
@@ -50,6 +54,8 @@ def report_interval(trainer: SafeTrainer) -> None:
         step=trainer.global_step,
     )
     trainer._bar.show(record, lr)  # type: ignore[union-attr]
+    if rollback is not None:
+        raise rollback
     check_spikes(trainer, record)  # last: a rollback it starts leaves this interval reported
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from safeloop import Callback, DivergenceError, NonFiniteError, SafeTrainer
 from safeloop.rollback import scale_learning_rates
-from safeloop.testing import PoisonedDataset, spiking_loss
+from safeloop.testing import PoisonedDataset, nonfinite_loss, spiking_loss
 from tests.conftest import _reset_accelerate
 from tests.helpers.models import classification_data, mlp
 
@@ -194,3 +194,22 @@ def test_adaptive_clipping_absorbs_a_gradient_spike_that_otherwise_forces_a_roll
     assert plain.rollbacks + plain.skipped_steps >= 1, "the spike was supposed to derail the plain run"
     assert clipped.rollbacks == 0 and clipped.skipped_steps == 0
     assert clipped.history[-1]["loss"] == pytest.approx(clean.history[-1]["loss"], rel=0.3, abs=0.02)
+
+
+def test_a_device_side_skip_run_rolls_back_from_the_log_step_that_learnt_it():
+    # fused AdamW skips on the device: the run of NaN steps 32-39 is learnt at log step 40
+    model = regressor()
+    result = SafeTrainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+        DataLoader(regression_data(), batch_size=32, shuffle=True),
+        loss_fn=nonfinite_loss(nn.MSELoss(), at_calls=range(32, 40)),
+        max_epochs=4,
+        seed=1,
+        progress_bar=False,
+    ).fit()
+    rollback = next(e for e in result.events if e.kind == "rollback")
+    assert rollback.detail["reason"] == "nonfinite" and rollback.detail["anomaly_start"] == 32
+    assert rollback.detail["detected_at"] == 40 and rollback.detail["skipped_batches"] == 40  # from step 0
+    steps = [h["step"] for h in result.history]
+    assert steps[:4] == [10, 20, 30, 40] and steps[4] == 10  # step 40's interval is logged, then back
