@@ -1,9 +1,14 @@
 """Time safeloop's checkpoint save and load against plain safetensors on the same tensors.
 
 The model is ~100 MB of float32 weights (25M parameters) with AdamW state (two moments: another
-~200 MB). The baseline writes the same tensors with `safetensors.torch.save_file` and fsyncs
-them; safeloop adds the JSON state, a SHA-256 manifest, fsyncs of files and folders, and an atomic
-rename, and on load verifies every hash. Runs alternate; the best of each is reported. Usage:
+~200 MB). The save baseline writes the same tensors with `safetensors.torch.save_file` and
+fsyncs them; safeloop adds the JSON state, chunked SHA-256 digests, fsyncs of files and folders,
+and an atomic rename. Two load baselines bring the same tensors into memory: `load_file` with
+the pread backend (the fastest plain way) and reading the bytes then `safetensors.torch.load`;
+safeloop's load also verifies every digest. Loads are timed with the files in the page cache
+("warm", as for a rollback to a checkpoint just written) and evicted from it with
+`posix_fadvise(DONTNEED)` ("cold", as for a resume after a restart). Runs alternate; the best of
+each is reported. Usage:
 
     python benchmarks/checkpoint_io.py [--rounds 5]
 """
@@ -11,15 +16,17 @@ rename, and on load verifies every hash. Runs alternate; the best of each is rep
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from safeloop.checkpoint.format import split_state
@@ -45,10 +52,29 @@ def baseline_save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             os.fsync(fh.fileno())
 
 
-def baseline_load(folder: Path) -> None:
-    # read into memory as safeloop does: load_file alone maps the file lazily and touches nothing
-    for name in ("model.safetensors", "optimizer.safetensors"):
+_NAMES = ("model.safetensors", "optimizer.safetensors")
+
+
+def baseline_load_file(folder: Path) -> None:
+    # pread: the tensors are in memory afterwards (the default mmap backend touches nothing yet)
+    for name in _NAMES:
+        load_file(folder / name, backend="pread")
+
+
+def baseline_read_load(folder: Path) -> None:
+    for name in _NAMES:
         load_tensors((folder / name).read_bytes())
+
+
+def evict(folder: Path) -> None:
+    """Drop a folder's files from the page cache (they are clean: fsynced)."""
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def safeloop_save(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
@@ -67,7 +93,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     model, optimizer = build()
-    results: dict[str, list[float]] = {k: [] for k in ("base save", "base load", "safe save", "safe load")}
+    loads = ("load_file", "read+load", "safeloop")
+    results: dict[str, list[float]] = {"base save": [], "safe save": []}
+    results.update({f"{cache} {name}": [] for cache in ("warm", "cold") for name in loads})
     for _ in range(args.rounds):
         work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
         try:
@@ -75,23 +103,41 @@ def main() -> None:
             baseline_save(work, model, optimizer)
             results["base save"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            baseline_load(work)
-            results["base load"].append(time.perf_counter() - start)
-            start = time.perf_counter()
             path = safeloop_save(work / "run", model, optimizer)
             results["safe save"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            safeloop_load(path)
-            results["safe load"].append(time.perf_counter() - start)
+            runs = {
+                "load_file": functools.partial(baseline_load_file, work),
+                "read+load": functools.partial(baseline_read_load, work),
+                "safeloop": functools.partial(safeloop_load, path),
+            }
+            for cache in ("warm", "cold"):
+                for name, run in runs.items():
+                    if cache == "cold":
+                        evict(work)
+                        evict(path)
+                    else:
+                        run()  # fill the page cache
+                    start = time.perf_counter()
+                    run()
+                    results[f"{cache} {name}"].append(time.perf_counter() - start)
             size = sum(p.stat().st_size for p in path.iterdir())
             count = len(list(path.iterdir()))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"checkpoint: {size / 1e6:.0f} MB in {count} files, rounds: {args.rounds}")
+    print(f"checkpoint: {size / 1e6:.0f} MB in {count} files, rounds: {args.rounds}, cores: {os.cpu_count()}")
     for key, values in results.items():
-        print(f"{key:<10} best {min(values):7.3f} s")
-    print(f"save ratio (best/best): {min(results['safe save']) / min(results['base save']):.3f}")
-    print(f"load ratio (best/best): {min(results['safe load']) / min(results['base load']):.3f}")
+        print(f"{key:<15} best {min(values):7.3f} s   median {statistics.median(values):7.3f} s")
+
+    def ratio(ours: str, base: str) -> str:
+        return f"{min(results[ours]) / min(results[base]):.2f}"
+
+    print(f"save ratio (best/best): {ratio('safe save', 'base save')}")
+    for cache in ("warm", "cold"):
+        ours = f"{cache} safeloop"
+        print(
+            f"{cache} load ratio (best/best): {ratio(ours, f'{cache} load_file')} vs load_file, "
+            f"{ratio(ours, f'{cache} read+load')} vs read+load"
+        )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from safeloop.checkpoint.manifest import MANIFEST, verify_checkpoint
 from safeloop.checkpoint.state import JSON_FILE, MODEL_FILE, TENSORS_FILE
-from safeloop.checkpoint.store import MANIFEST, list_checkpoints, verify_checkpoint
+from safeloop.checkpoint.store import list_checkpoints
 
 __all__ = ["main"]
 
@@ -62,7 +63,9 @@ def _inspect(folder: Path) -> int:
     print(f"  healthy: {healthy}, skipped steps so far: {trainer['skipped_steps']}")
     print("  files:")
     for name, entry in sorted(manifest["files"].items()):
-        print(f"    {name:<20} {_size(entry['size']):>10}  sha256 {entry['sha256'][:16]}...")
+        digests = entry["sha256"]
+        chunks = f" (+{len(digests) - 1} more chunks)" if len(digests) > 1 else ""
+        print(f"    {name:<20} {_size(entry['size']):>10}  sha256 {digests[0][:16]}...{chunks}")
     for file in (MODEL_FILE, TENSORS_FILE):
         with safe_open(str(folder / file), framework="pt") as tensors:
             keys = list(tensors.keys())

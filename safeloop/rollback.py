@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints, verify_checkpoint
+from safeloop.checkpoint.manifest import verify_checkpoint
+from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints
 from safeloop.checkpoint.trainer_state import apply_trainer
 from safeloop.distributed import broadcast_int
 from safeloop.errors import DivergenceError

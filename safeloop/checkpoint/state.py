@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from safeloop.checkpoint.format import dedupe_tensors, join_state, split_state, tensors_from_bytes
-from safeloop.checkpoint.store import FileContent, VerifiedReader
+from safeloop.checkpoint.manifest import VerifiedReader
+from safeloop.checkpoint.store import FileContent
 from safeloop.errors import CheckpointError
 
 __all__ = ["SavedState", "state_files", "rank_file", "rank_file_name", "read_state", "saved_ranks"]
@@ -133,6 +134,13 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
+def _with_aliases(tensors: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    # tied weights were stored once: every alias becomes the same tensor again
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
 def saved_ranks(manifest: Mapping[str, Any]) -> int:
     """The number of processes whose files a checkpoint's manifest lists."""
     return sum(1 for name in manifest["files"] if name.startswith(_RANK_PREFIX))
@@ -149,8 +157,8 @@ def read_state(path: str | Path, rank: int = 0) -> SavedState:
     reader = VerifiedReader(path)
     try:
         document = json.loads(reader.read(JSON_FILE))
-        model = tensors_from_bytes(reader.read(MODEL_FILE), document["model_aliases"])
-        tensors = tensors_from_bytes(reader.read(TENSORS_FILE), document["state_aliases"])
+        model = _with_aliases(reader.tensors(MODEL_FILE), document["model_aliases"])
+        tensors = _with_aliases(reader.tensors(TENSORS_FILE), document["state_aliases"])
         parts = _join_parts(document["parts"], tensors)
         world_size = saved_ranks(reader.manifest)
         if world_size:

@@ -1,45 +1,45 @@
 """Checkpoint folders on disk: atomic writes, a manifest written last, verification, rotation.
 
-Layout: ``root/step-00000500/`` holds the files of one checkpoint and ``manifest.json``, which
-lists every file with its size and SHA-256 and is written last. Writes go to a hidden temporary
-folder beside the target, every file and the folder are fsynced, then the folder is renamed into
-place and the parent fsynced: a crash at any moment leaves either no folder or a complete one,
-plus at most a temporary folder that discovery ignores. Only files the manifest lists are read.
+Layout: ``root/step-00000500/`` holds the files of one checkpoint and ``manifest.json``
+(see ``manifest.py``), written last. Writes go to a hidden temporary folder beside the target,
+every file and the folder are fsynced, then the folder is renamed into place and the parent
+fsynced: a crash at any moment leaves either no folder or a complete one, plus at most a
+temporary folder that discovery ignores.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
+from safeloop.checkpoint.manifest import (
+    FORMAT_VERSION,
+    HASH_SPEC,
+    MANIFEST,
+    bytes_digests,
+    file_digests,
+    hash_pool,
+    results,
+    verify_checkpoint,
+)
 from safeloop.errors import CheckpointError
 
 __all__ = [
-    "FORMAT_VERSION",
-    "MANIFEST",
     "checkpoint_name",
     "write_checkpoint",
     "CheckpointWriter",
-    "VerifiedReader",
-    "verify_checkpoint",
     "list_checkpoints",
     "latest_valid",
     "rotate",
     "discard_checkpoint",
-    "Verification",
 ]
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
-_CHUNK = 1 << 20
 
 
 def checkpoint_name(step: int) -> str:
@@ -50,14 +50,6 @@ def checkpoint_name(step: int) -> str:
         'step-00000500'
     """
     return f"step-{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,8 +87,8 @@ class CheckpointWriter:
 
     The temporary folder's name depends only on the step, so every process of a run finds it:
     each writes its own files there (:meth:`add`), then one process lists the others' files
-    (:meth:`adopt`) and publishes. Each file's fsync runs in a thread while the calling thread
-    hashes it from the page cache: the disk wait hides the hashing.
+    (:meth:`adopt`) and publishes. A written file's fsync and the hashing of its chunks (from
+    the page cache) run in threads while the next file is written; :meth:`finish` waits for both.
 
     Args:
         root (`str | PathLike`): the checkpoint directory (created if missing).
@@ -110,8 +102,10 @@ class CheckpointWriter:
         self.step = step
         self.final = self.root / checkpoint_name(step)
         self.tmp = self.root / f".{self.final.name}.tmp"
-        self.listed: dict[str, dict[str, object]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-fsync")
+        self._sizes: dict[str, int] = {}
+        self._digests: dict[str, list[Future[str]]] = {}
+        self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-fsync")
+        self._hash_pool = hash_pool()
         self._syncs: list[Future[None]] = []
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -126,13 +120,13 @@ class CheckpointWriter:
         if isinstance(content, bytes):
             with target.open("wb") as fh:
                 fh.write(content)
-            digest = hashlib.sha256(content).hexdigest()
-            self._syncs.append(self._pool.submit(_fsync_file, target))
-            self.listed[name] = {"size": len(content), "sha256": digest}
-            return
-        content(target)
-        self._syncs.append(self._pool.submit(_fsync_file, target))
-        self.listed[name] = {"size": target.stat().st_size, "sha256": _sha256(target)}
+            self._digests[name] = bytes_digests(content, self._hash_pool)
+            self._sizes[name] = len(content)
+        else:
+            content(target)
+            self._sizes[name] = target.stat().st_size
+            self._digests[name] = file_digests(target, self._sizes[name], self._hash_pool)
+        self._syncs.append(self._sync_pool.submit(_fsync_file, target))
 
     def adopt(self, name: str) -> None:
         """List a file another process wrote (and fsynced) into the temporary folder."""
@@ -142,13 +136,23 @@ class CheckpointWriter:
             raise CheckpointError(
                 f"{target} was not written by its process; the checkpoint is not published."
             )
-        self.listed[name] = {"size": target.stat().st_size, "sha256": _sha256(target)}
+        self._sizes[name] = target.stat().st_size
+        self._digests[name] = file_digests(target, self._sizes[name], self._hash_pool)
+
+    @property
+    def listed(self) -> dict[str, dict[str, object]]:
+        """The manifest's file entries so far (waits for the hashes of the files added)."""
+        return {
+            name: {"size": self._sizes[name], "sha256": results(self._digests[name])} for name in self._sizes
+        }
 
     def wait(self) -> None:
-        """Block until every file added so far is durable."""
+        """Block until every file added so far is durable and hashed."""
         try:
             for sync in self._syncs:
                 sync.result()
+            for futures in self._digests.values():
+                results(futures)
         finally:
             self._syncs = []
 
@@ -156,12 +160,14 @@ class CheckpointWriter:
         """Write the manifest, make everything durable and rename the folder into place."""
         try:
             self.wait()
+            files = self.listed
         finally:
-            self._pool.shutdown()
+            self._shutdown()
         manifest = {
             "format_version": FORMAT_VERSION,
+            "hash": dict(HASH_SPEC),
             "step": self.step,
-            "files": self.listed,
+            "files": files,
             "meta": dict(meta),
         }
         _write_file(self.tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -178,8 +184,12 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Drop the temporary folder (after a failed write)."""
-        self._pool.shutdown()
+        self._shutdown()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _shutdown(self) -> None:
+        self._sync_pool.shutdown()
+        self._hash_pool.shutdown(cancel_futures=True)
 
 
 def write_checkpoint(
@@ -211,114 +221,6 @@ def write_checkpoint(
     except BaseException:
         writer.abort()
         raise
-
-
-@dataclass(frozen=True)
-class Verification:
-    """The result of checking one checkpoint folder.
-
-    Attributes:
-        path (`Path`): the folder.
-        complete (`bool`): it has a manifest (a folder without one is an unfinished write).
-        ok (`bool`): the manifest parses and every listed file matches its size and hash.
-        problem (`str`): what is wrong, naming the file, when not ok.
-        manifest (`dict`): the parsed manifest when it could be read.
-    """
-
-    path: Path
-    complete: bool
-    ok: bool
-    problem: str = ""
-    manifest: dict | None = None
-
-
-def _check_manifest(path: Path) -> Verification:
-    """Parse the manifest and check every listed file's presence and size (not the hashes)."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        return Verification(path, complete=False, ok=False, problem=f"{manifest_path} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_bytes())
-        files = manifest["files"]
-        version = manifest["format_version"]
-        entries = sorted(files.items())
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        return Verification(path, True, False, f"{manifest_path} cannot be parsed ({err})")
-    if version != FORMAT_VERSION:
-        return Verification(
-            path, True, False, f"{manifest_path} has format_version {version!r}, expected {FORMAT_VERSION}"
-        )
-    for name, entry in entries:
-        file = path / name
-        if Path(name).name != name or not file.is_file():
-            return Verification(path, True, False, f"{file} is missing", manifest)
-        size = file.stat().st_size
-        if size != entry.get("size"):
-            return Verification(
-                path, True, False, f"{file} has {size} bytes, the manifest says {entry.get('size')}", manifest
-            )
-    return Verification(path, True, True, "", manifest)
-
-
-def verify_checkpoint(path: str | os.PathLike[str]) -> Verification:
-    """Check a checkpoint folder against its manifest; never reads files it does not list."""
-    path = Path(path)
-    check = _check_manifest(path)
-    if not check.ok:
-        return check
-    for name, entry in sorted(check.manifest["files"].items()):  # type: ignore[index]
-        if _sha256(path / name) != entry.get("sha256"):
-            return Verification(
-                path, True, False, f"{path / name} does not match its SHA-256 in the manifest", check.manifest
-            )
-    return check
-
-
-class VerifiedReader:
-    """Reads the files of one checkpoint once, checking each against the manifest as it goes.
-
-    A file's bytes are handed out at once and its SHA-256 runs in a thread meanwhile, so that
-    deserialising overlaps with hashing; :meth:`confirm` waits for every hash and raises on a
-    mismatch, before anything read is used. Only files the manifest lists can be read.
-
-    Args:
-        path (`str | PathLike`): the checkpoint folder.
-
-    Raises:
-        CheckpointError: the manifest is missing or unreadable, or a file's size is wrong.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        check = _check_manifest(self.path)
-        if check.manifest is None or check.problem:
-            raise CheckpointError(check.problem)
-        self.manifest: dict = check.manifest
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-verify")
-        self._hashes: dict[str, Future[str]] = {}
-
-    def read(self, name: str) -> bytes:
-        """Return a listed file's bytes; its hash is checked by :meth:`confirm`."""
-        if name not in self.manifest["files"]:
-            raise CheckpointError(f"{self.path / name} is not listed in {self.path / MANIFEST}; not read.")
-        data = (self.path / name).read_bytes()
-        self._hashes[name] = self._pool.submit(lambda: hashlib.sha256(data).hexdigest())
-        return data
-
-    def confirm(self) -> None:
-        """Check every listed file (hashing those not read); raise on the first mismatch.
-
-        Raises:
-            CheckpointError: naming the file whose SHA-256 does not match.
-        """
-        try:
-            for name, entry in sorted(self.manifest["files"].items()):
-                future = self._hashes.get(name)
-                digest = future.result() if future is not None else _sha256(self.path / name)
-                if digest != entry.get("sha256"):
-                    raise CheckpointError(f"{self.path / name} does not match its SHA-256 in the manifest")
-        finally:
-            self._pool.shutdown()
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from safeloop.checkpoint.store import verify_checkpoint
+from safeloop.checkpoint.manifest import verify_checkpoint
 from tests.distributed.test_launch import BIN, _free_port, _launch, _results
 
 pytestmark = pytest.mark.slow

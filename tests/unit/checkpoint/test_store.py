@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from safeloop import CheckpointError
+from safeloop.checkpoint.manifest import CHUNK_BYTES, MANIFEST, VerifiedReader, verify_checkpoint
 from safeloop.checkpoint.store import (
-    MANIFEST,
     checkpoint_name,
     latest_valid,
     list_checkpoints,
     rotate,
-    verify_checkpoint,
     write_checkpoint,
 )
 
@@ -32,7 +34,8 @@ def test_a_written_checkpoint_verifies_and_lists_every_file_with_size_and_hash(t
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["step"] == 500 and manifest["meta"] == {"healthy": True}
     assert manifest["files"]["model.safetensors"]["size"] == len(b"weights")
-    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
+    assert manifest["files"]["model.safetensors"]["sha256"] == [hashlib.sha256(b"weights").hexdigest()]
+    assert manifest["hash"] == {"algorithm": "sha256", "chunk_bytes": CHUNK_BYTES}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
 
 
@@ -60,6 +63,47 @@ def test_damage_is_detected_and_the_loader_falls_back_to_the_previous_checkpoint
     else:
         assert len(warnings) == 1 and "step-00000020" in warnings[0]
         assert ("model.safetensors" in warnings[0]) or (MANIFEST in warnings[0])
+
+
+def test_large_files_are_hashed_in_chunks_and_a_flipped_byte_is_located(tmp_path):
+    payload = bytes(range(256)) * ((2 * CHUNK_BYTES + 1000) // 256)  # three chunks, the last short
+    tensors = {"w": torch.arange(CHUNK_BYTES // 2, dtype=torch.float32), "b": torch.ones(3)}
+
+    def write_tensors(path):
+        save_file(tensors, str(path))
+
+    path = write_checkpoint(tmp_path, 1, {"blob.bin": payload, "t.safetensors": write_tensors}, meta={})
+    entry = json.loads((path / MANIFEST).read_text())["files"]["blob.bin"]
+    expected = [
+        hashlib.sha256(payload[a : a + CHUNK_BYTES]).hexdigest() for a in range(0, len(payload), CHUNK_BYTES)
+    ]
+    assert len(expected) == 3 and entry["sha256"] == expected
+    reader = VerifiedReader(path)
+    assert reader.read("blob.bin") == payload
+    loaded = reader.tensors("t.safetensors")
+    reader.confirm()
+    assert torch.equal(loaded["w"], tensors["w"]) and torch.equal(loaded["b"], tensors["b"])
+    with (path / "blob.bin").open("r+b") as fh:  # damage the second chunk only
+        fh.seek(CHUNK_BYTES + 5)
+        fh.write(bytes([payload[CHUNK_BYTES + 5] ^ 0xFF]))
+    check = verify_checkpoint(path)
+    assert not check.ok
+    assert f"blob.bin does not match its SHA-256 in the manifest (bytes {CHUNK_BYTES}-" in check.problem
+    reader = VerifiedReader(path)
+    reader.tensors("t.safetensors")
+    with pytest.raises(CheckpointError, match=r"blob\.bin does not match"):
+        reader.confirm()  # the file not read is hashed too
+
+
+def test_a_manifest_of_another_format_or_hash_is_refused_by_name(tmp_path):
+    path = _write(tmp_path, 3)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["hash"] = {"algorithm": "md5", "chunk_bytes": CHUNK_BYTES}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert "names hash" in verify_checkpoint(path).problem and "md5" in verify_checkpoint(path).problem
+    manifest["format_version"] = 1
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert "format_version 1, expected 2" in verify_checkpoint(path).problem
 
 
 def test_no_checkpoint_with_a_manifest_means_a_fresh_start(tmp_path):
