@@ -66,10 +66,18 @@ class SkipMonitor:
         self.overflow_skips = 0
         # references only (no copies): the batches stay alive until they leave the window
         self._batches: deque[tuple[int, int, Any]] = deque(maxlen=history_steps * accumulation)
+        self._first_batch: tuple[int, int] | None = None  # (step, batch_idx) of the fit's first batch
 
     def remember(self, step: int, batch_idx: int, batch: Any) -> None:
         """Keep a micro-batch of optimizer step ``step`` for a possible replay."""
+        if self._first_batch is None:
+            self._first_batch = (step, batch_idx)
         self._batches.append((step, batch_idx, batch))
+
+    def is_first_batch(self, event: Event) -> bool:
+        """Whether a skip's replay found its origin in the fit's first batch (checked before step 1)."""
+        origin = event.detail.get("origin")
+        return origin is not None and (event.step, origin["batch_idx"]) == self._first_batch
 
     def forget(self) -> None:
         """Drop the remembered batches (after a rollback they belong to an abandoned branch)."""
@@ -244,8 +252,13 @@ def handle_skip(trainer: SafeTrainer, record: SkipRecord, *, raise_policy: bool 
 
     monitor = trainer._skips
     outcome = monitor.skipped(record, trainer.accelerator.unwrap_model(trainer.model), trainer._loss_of)
+    findings = list(outcome.findings)
+    if monitor.is_first_batch(outcome.event):
+        # the first-batch check already reported the same tensor of the same batch: not a repeat
+        known = {(f.code, f.params) for f in trainer._findings}
+        findings = [f for f in findings if f.code != "nonfinite-input" or (f.code, f.params) not in known]
     # every process learns of the skip at the same point; each replayed its own batch
-    for finding in agree_findings(trainer.accelerator, outcome.findings):
+    for finding in agree_findings(trainer.accelerator, findings):
         trainer._add_finding(finding)
     if raise_policy:
         raise monitor.raise_policy_error(record, outcome)

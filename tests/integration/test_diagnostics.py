@@ -272,6 +272,7 @@ def test_nan_in_the_first_batch_reports_nonfinite_input_naming_the_tensor():
     result = _fit(mlp(), _loader(x, y, shuffle=False))
     finding = _only(result, "nonfinite-input")  # the first-batch check and the skip replay agree
     assert finding.severity == "error" and finding.params == ("batch[0]",) and finding.step == 0
+    assert finding.count == 1  # one bad batch, seen by the first-batch check and by the replay
     assert "holds 1 non-finite values" in finding.message and "1 NaN" in finding.message
     assert result.skipped_steps == 1 and result.global_step == 4  # skipped, then trained on
 
