@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from safeloop.diagnostics.health import WeightHealth, lookup_tables
-from safeloop.diagnostics.plateau import LR_LOW_RATIO, LossPlateau, UpdateSize
+from safeloop.diagnostics.plateau import LossPlateau
+from safeloop.diagnostics.updates import LR_LOW_RATIO, Cause, UpdateSize
 
 
 def _intervals(level, checks: int, noise: float, steps: int = 10, seed: int = 0) -> list[list[float]]:
@@ -62,6 +63,34 @@ def test_a_loss_that_halved_then_climbs_back_is_reported():
     assert found and found[0] < 40
     converged = _intervals(lambda i: max(1.0 * 0.9**i, 0.3), 60, 0.05)
     assert _plateaus(converged) == []
+
+
+def _first_plateau(intervals: list[list[float]]) -> tuple[LossPlateau, int]:
+    plateau = LossPlateau(log_every=10, window=10)
+    found = [i for i, losses in enumerate(intervals) if plateau.update(losses)]
+    assert found, "no plateau found"
+    return plateau, (found[0] + 1) * 10
+
+
+def test_a_flat_loss_after_a_large_drop_with_no_measured_cause_is_convergence_not_a_warning():
+    # a noisy regression settling at its noise floor, 0.97 -> 0.64 (above half its start)
+    plateau, step = _first_plateau(_intervals(lambda i: max(0.97 * 0.95**i, 0.64), 80, 0.1))
+    finding = plateau.finding(step, [])
+    assert finding.severity == "info" and "converged" in finding.message
+    assert "fell 3" in finding.message  # by about a third
+    # the same plateau with a measured cause is a warning that names it first
+    cause = Cause(0, "lr-too-low", "median update-to-weight ratio 1e-08", ("w",), "Multiply the lr.")
+    ranked = plateau.finding(step, [cause])
+    assert ranked.severity == "warning" and "1) lr-too-low" in ranked.message
+    # ... and so is one where per-parameter statistics were not measured
+    assert plateau.finding(step, [], measured=False).severity == "warning"
+
+
+def test_a_flat_loss_that_never_fell_far_is_a_warning_even_without_a_cause():
+    # stuck near the untrained loss (the label prior): 1.4 -> 1.2 and flat
+    plateau, step = _first_plateau(_intervals(lambda i: max(1.4 * 0.98**i, 1.2), 80, 0.1))
+    finding = plateau.finding(step, [])
+    assert finding.severity == "warning" and "No measured cause" in finding.message
 
 
 # -- lr-too-low ------------------------------------------------------------------------------

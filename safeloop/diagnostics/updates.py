@@ -1,0 +1,207 @@
+"""Updates of the wrong size for the weights (lr-too-high, lr-too-low), and the causes of a flat loss.
+
+Host side only. ``TrainingMonitor`` measures on the device each weight's update-to-weight ratio
+``||dw|| / ||w||`` at log steps; ``UpdateSize`` judges those ratios against the loss. ``Cause``
+is one measured reason for a flat loss, ranked by ``CONTEXT_RANKS`` in the plateau finding.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from safeloop.results import Finding
+
+__all__ = [
+    "Cause",
+    "UpdateSize",
+    "listing",
+    "CONTEXT_RANKS",
+    "OTHER_RANK",
+    "CONVERGED",
+    "LR_HIGH_RATIO",
+    "LR_LOW_RATIO",
+    "LR_TARGET_RATIO",
+    "LR_CHECKS",
+    "LR_HIGH_CHECKS",
+    "LR_LOW_FLAT",
+    "LR_ANNEALED",
+]
+
+# FINDINGS.md "lr-too-high" / "lr-too-low" bounds on ||dw|| / ||w|| (median over the weights), and
+# the ~1e-3 that Karpathy (CS231n, "ratio of weights:updates") calls healthy, to suggest a factor.
+LR_HIGH_RATIO = 1e-1
+LR_LOW_RATIO = 1e-6
+LR_TARGET_RATIO = 1e-3
+# Log checks in a row: 3 so one odd step raises nothing; only 2 for lr-too-high, as a far too high
+# lr often kills the network (no gradient left to measure) within 3 checks, and a ratio 100x the
+# healthy one twice running is no accident.
+LR_CHECKS = 3
+LR_HIGH_CHECKS = 2
+# "The loss does not go down": the interval's mean loss is not 1% below the best one before it.
+LR_LOW_FLAT = 1e-2
+# Tiny updates are no fault once the schedule has annealed the lr below a tenth of its peak (the
+# end of a cosine or step schedule), nor once the loss has fallen below CONVERGED of its
+# start (SGD's steps shrink with the gradient of a loss near its minimum): the loss is flat there
+# because the run converges, and "multiply the lr by 1e3" would be wrong advice.
+LR_ANNEALED = 0.1
+# Where other monitors' findings rank among the measured causes (lower is more likely): weights
+# that do not move or get no gradient first, then broken structure, then updates too large.
+CONTEXT_RANKS = {
+    "lr-too-low": 0,
+    "vanishing-grad": 2,
+    "dead-units": 3,
+    "zero-params": 3,
+    "unused-params": 3,
+    "detached-params": 3,
+    "lr-too-high": 5,
+    "exploding-grad": 6,
+}
+OTHER_RANK = 7
+# A loss already below half its starting value has learned: flat from there on is convergence
+# (or the noise floor of the data), which must not raise a warning on a healthy run.
+CONVERGED = 0.5
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One measured reason for a flat loss.
+
+    Attributes:
+        rank (`int`): lower is more likely (the order of ``CONTEXT_RANKS``).
+        code (`str`): the finding code the cause stands for.
+        text (`str`): what was measured, with names and numbers.
+        params (`tuple[str, ...]`): the parameters or modules involved.
+        fix (`str`): what to change.
+    """
+
+    rank: int
+    code: str
+    text: str
+    params: tuple[str, ...] = ()
+    fix: str = ""
+
+
+def listing(items: Sequence[tuple[str, float]], limit: int = 4) -> str:
+    """Names with their values, the first ``limit`` of them, and how many more (for messages)."""
+    text = ", ".join(f"`{name}` {value:.2g}" for name, value in items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _factor(median: float) -> float:
+    """The power of ten that brings ``median`` nearest to ``LR_TARGET_RATIO``."""
+    return 10.0 ** round(math.log10(LR_TARGET_RATIO / median))
+
+
+class UpdateSize:
+    """Judges the update-to-weight ratios of each log step: lr-too-high and lr-too-low."""
+
+    def __init__(self) -> None:
+        self.median: float | None = None  # of the last log step, None when nothing was measured
+        self._ratios: dict[str, float] = {}
+        self._best = math.inf  # best interval mean loss so far
+        self._lrs: deque[float | None] = deque(maxlen=LR_CHECKS)
+        self._peak_lr = 0.0
+        self._first: float | None = None  # the first interval's mean loss
+        self._streak = {"lr-too-high": 0, "lr-too-low": 0}
+        self._reported: set[str] = set()
+
+    def judge(
+        self, step: int, ratios: dict[str, float], losses: Sequence[float], lr: float | None
+    ) -> list[Finding]:
+        """Judge one log step's ratios; findings are new ones only.
+
+        Args:
+            step (`int`): the global step of the check.
+            ratios (`dict[str, float]`): ``||dw|| / ||w||`` by weight name, of weights that got
+                a gradient and an update (a skipped step or a frozen group measures nothing).
+            losses (`Sequence[float]`): the interval's per-step losses.
+            lr (`float`, *optional*): the current learning rate.
+
+        Returns:
+            `list[Finding]`: at most one lr-too-high and one lr-too-low finding per run.
+        """
+        finite = [v for v in losses if math.isfinite(v)]
+        # the run's first loss is the reference of the first check: a loss that rose from the
+        # start (divergence) is not a descent
+        best_before = finite[0] if finite and self._best == math.inf else self._best
+        loss = sum(finite) / len(finite) if finite else math.nan
+        self._best = min(best_before, loss) if finite else self._best
+        if self._first is None and finite:
+            self._first = loss
+        # no new best interval loss (by LR_LOW_FLAT): the loss does not go down, or diverges
+        stalled = not loss < best_before - LR_LOW_FLAT * abs(best_before)
+        self._ratios = ratios
+        self.median = statistics.median(ratios.values()) if ratios else None
+        if self.median is None:
+            return []
+        # tiny updates while the lr still rises are a warm-up, not a fault
+        warming = lr is not None and any(old is not None and old < lr for old in self._lrs)
+        self._lrs.append(lr)
+        # ... nor once the schedule has annealed it, or the loss has converged (LR_ANNEALED)
+        annealed = lr is not None and lr < LR_ANNEALED * self._peak_lr
+        self._peak_lr = max(self._peak_lr, lr or 0.0)
+        first = self._first
+        converged = first is not None and first > 0 and self._best < CONVERGED * first
+        low = self.median < LR_LOW_RATIO and not (warming or annealed or converged)
+        found = []
+        for code, hit, checks in (
+            ("lr-too-high", self.median > LR_HIGH_RATIO, LR_HIGH_CHECKS),
+            ("lr-too-low", low, LR_CHECKS),
+        ):
+            self._streak[code] = self._streak[code] + 1 if hit else 0
+            # either is a fault only while the loss does not go down: large updates that still
+            # make fast progress, or tiny ones in a steady descent, are left alone
+            if self._streak[code] >= checks and code not in self._reported and stalled:
+                self._reported.add(code)
+                found.append(self._finding(code, step, checks, lr))
+        return found
+
+    def _off(self, high: bool) -> list[tuple[str, float]]:
+        """The weights beyond the bound, worst first."""
+        if high:
+            return sorted(((n, r) for n, r in self._ratios.items() if r > LR_HIGH_RATIO), key=lambda t: -t[1])
+        return sorted(((n, r) for n, r in self._ratios.items() if r < LR_LOW_RATIO), key=lambda t: t[1])
+
+    def _finding(self, code: str, step: int, checks: int, lr: float | None) -> Finding:
+        high, median = code == "lr-too-high", self.median
+        assert median is not None  # invariant: judged only with a median
+        off, factor = self._off(high), _factor(median)
+        at_lr = f", lr {lr:.3g}" if lr is not None else ""
+        bound = f"above {LR_HIGH_RATIO:g}" if high else f"below {LR_LOW_RATIO:g}"
+        effect = (
+            "Each update rewrites a large part of the weights, so training oscillates or diverges."
+            if high
+            else "The weights barely move and the loss is flat."
+        )
+        target = f" (from {lr:.3g} to about {lr * factor:.1g})" if lr is not None else ""
+        return Finding(
+            code=code,
+            severity="warning",
+            message=(
+                f"The median update-to-weight ratio ||dw||/||w|| over {len(self._ratios)} weights was "
+                f"{median:.2g} at {checks} log checks in a row (last at step {step}{at_lr}); {bound}, a "
+                f"healthy ratio is about {LR_TARGET_RATIO:g}. "
+                + (f"Most off: {listing(off)}. " if off else "")
+                + effect
+            ),
+            params=tuple(name for name, _ in off),
+            step=step,
+            suggestion=f"Multiply the learning rate by about {factor:.0e}{target} so the ratio nears "
+            f"{LR_TARGET_RATIO:g}" + ("; add warm-up or gradient clipping." if high else "."),
+        )
+
+    def causes(self, lr: float | None) -> list[Cause]:
+        """The update size of the last log step as a cause of a flat loss, if it is one."""
+        median = self.median
+        if median is None or LR_LOW_RATIO <= median <= LR_HIGH_RATIO:
+            return []
+        high = median > LR_HIGH_RATIO
+        at_lr = f" at lr {lr:.3g}" if lr is not None else ""
+        text = f"median update-to-weight ratio {median:.2g}{at_lr}, healthy ~{LR_TARGET_RATIO:g}"
+        fix = f"Multiply the learning rate by about {_factor(median):.0e}."
+        code = "lr-too-high" if high else "lr-too-low"
+        return [Cause(CONTEXT_RANKS[code], code, text, tuple(n for n, _ in self._off(high)), fix)]
