@@ -128,7 +128,11 @@ def resume(trainer: SafeTrainer, resume_from: str | os.PathLike[str] | None) -> 
         return
     path, saved = found
     apply_trainer(trainer, saved)
-    manager.last_saved_step = trainer.global_step
+    own = trainer._checkpoints
+    if own is not None and path.parent.resolve() == own.directory.resolve():
+        own.last_saved_step = trainer.global_step
+    # else: a checkpoint from elsewhere; the trainer's folder gets one of the resume step when fit
+    # starts (with rollback on), so that a spike before the first periodic save has a target
     trainer._events.append(Event("resume", trainer.global_step, {"path": str(path)}))
 
 

@@ -117,6 +117,19 @@ def test_resuming_a_checkpoint_already_at_max_steps_returns_at_once(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the checkpoint loaded
 
 
+def test_resuming_from_another_folder_writes_the_resume_step_into_checkpoint_dir(tmp_path):
+    first, _, _ = _trainer(tmp_path / "old", max_steps=6, checkpoint_every=100)
+    first.fit()
+    _reset_accelerate()
+    again, _, _ = _trainer(tmp_path / "new", max_steps=8, checkpoint_every=100)
+    result = again.fit(resume_from=str(tmp_path / "old" / "step-00000006"))
+    # the rollback target before the first periodic save: the resume step, in the new folder
+    kinds = [e.kind for e in result.events]
+    resumed = kinds.index("resume")  # the events before it were restored with the first run's state
+    assert [e.step for e in result.events[resumed:] if e.kind == "checkpoint"] == [6, 8]
+    assert (tmp_path / "new" / "step-00000006" / "manifest.json").is_file()
+
+
 def test_latest_with_no_complete_checkpoint_starts_fresh_with_an_info_finding(tmp_path):
     (tmp_path / "step-00000004").mkdir()  # a crash during the first save: no manifest
     trainer, _, _ = _trainer(tmp_path, max_steps=2)
