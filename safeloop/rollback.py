@@ -2,8 +2,8 @@
 
 A friend of ``SafeTrainer``. Divergence is decided from values every process agrees on (the
 reduced metrics of a log step, or the agreed NaN/Inf flags), so every process raises
-`RollbackRequest` at the same step boundary; ``fit`` catches it and calls :func:`roll_back` on
-every process together.
+`RollbackRequest` at the same step boundary; ``run_loop.run_epochs`` catches it and calls
+:func:`roll_back` on every process together.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ _NONE = -1
 
 @dataclass
 class RollbackRequest(Exception):
-    """Raised inside the loop when the run diverged; caught by ``fit``.
+    """Raised inside the loop when the run diverged; caught by ``run_loop.run_epochs``.
 
     Attributes:
         reason (`str`): ``"loss-spike"`` or ``"nonfinite"``.

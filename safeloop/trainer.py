@@ -1,7 +1,9 @@
 """``SafeTrainer``: the training loop, wired from config, batching, guards and metrics.
 
-The trainer wires and loops; it holds no thresholds. ``fit`` reads as the outline of a run,
-``_run_micro_batch`` and ``_optimizer_step`` hold the detail of one step.
+The trainer wires; it holds no thresholds. ``fit`` reads as the outline of a run (set up, run the
+loop, finish) and ``_optimizer_step`` holds the detail of one optimizer step. The iteration itself
+(epochs, micro-batches, step boundaries, rollback restarts, preemption stops) is in
+``safeloop.run_loop``.
 """
 
 from __future__ import annotations
@@ -17,15 +19,7 @@ from torch.utils.data import DataLoader
 
 from safeloop.batching import compute_loss
 from safeloop.callbacks import Callback, CallbackList
-from safeloop.checkpoint.lifecycle import (
-    build_manager,
-    close_checkpoints,
-    poll_checkpoints,
-    resume,
-    save_checkpoint,
-    start_epoch,
-    stop_for_preemption,
-)
+from safeloop.checkpoint.lifecycle import build_manager, close_checkpoints, resume, save_checkpoint
 from safeloop.checkpoint.trainer_state import RngSnapshot
 from safeloop.config import TrainerConfig, build_config
 from safeloop.diagnostics.session import Diagnostics
@@ -43,7 +37,7 @@ from safeloop.preflight import run_preflight
 from safeloop.progress import ProgressBar, planned_steps
 from safeloop.reporting import report_interval, start_trackers
 from safeloop.results import Event, Finding, FitResult
-from safeloop.rollback import RollbackRequest, roll_back
+from safeloop.run_loop import run_epochs
 from safeloop.skips import SkipMonitor, handle_skip
 from safeloop.stepping import GatedStep
 
@@ -271,21 +265,7 @@ class SafeTrainer:
         self._metrics.restart_clock()
         self._preemption = PreemptionWatch()
         try:
-            with self._preemption:
-                manager = self._checkpoints
-                if (
-                    self.config.rollback
-                    and manager is not None
-                    and manager.last_saved_step != self.global_step
-                ):
-                    save_checkpoint(self)  # the state before the first step: a healthy rollback target
-                while True:
-                    try:
-                        self._train_epochs()
-                        self._log()  # the steps since the last log step, if any
-                        break
-                    except RollbackRequest as request:  # raised on every process at the same step
-                        roll_back(self, request)
+            run_epochs(self)  # epochs, rollback restarts, preemption stop
             if self._checkpoints is not None and self.global_step != self._checkpoints.last_saved_step:
                 save_checkpoint(self)  # the final one, unless the last step already has one
             close_checkpoints(self)
@@ -311,91 +291,10 @@ class SafeTrainer:
                 self.accelerator.end_training()
         return result
 
-    def _train_epochs(self) -> None:
-        while not self._done():
-            finished_epoch = self._run_epoch()
-            if self._preempted:
-                return
-            if not finished_epoch and not self._done():
-                return  # the dataloader yielded nothing this epoch: nothing more will come
-            if self.eval_dataloader is not None:
-                self._evaluate()
-            if finished_epoch:
-                self.epoch += 1
-                self._batch_in_epoch = 0
-
-    def _done(self) -> bool:
-        if self._preempted:
-            return True
-        if self.config.max_steps is not None:
-            return self.global_step >= self.config.max_steps
-        return self.epoch >= self.config.max_epochs
-
-    def _run_epoch(self) -> bool:
-        """Run the batches of one epoch; return True when the dataloader was exhausted."""
-        skip, now_rng = start_epoch(self)
-        batches = iter(self.train_dataloader)
-        seen = 0
-        try:
-            for batch_idx, batch in enumerate(batches):
-                seen = batch_idx + 1
-                self._batch_in_epoch = batch_idx + 1
-                if batch_idx < skip:
-                    if batch_idx + 1 == skip and now_rng is not None:
-                        RngSnapshot.restore(now_rng, self.train_dataloader)
-                    continue
-                self._run_micro_batch(batch, batch_idx)
-                if self._done():
-                    # stopped by max_steps: the epoch is complete only if that was its last batch
-                    return bool(self.accelerator.gradient_state.end_of_dataloader)
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:  # lets Accelerate's dataloader end its gradient-state bookkeeping
-                close()
-        if skip > seen:  # a rollback's skip runs past the epoch's end: it goes on in the next one
-            if now_rng is not None:
-                RngSnapshot.restore(now_rng, self.train_dataloader)
-            self._carry_skip = skip - seen
-        return seen > 0
-
     # -- one step --------------------------------------------------------------------------
 
     def _loss_of(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return compute_loss(model, batch, loss_fn=self._loss_fn, training_step=self._training_step)
-
-    def _run_micro_batch(self, batch: Any, batch_idx: int) -> None:
-        self._callbacks.call("on_train_batch_start", self, batch, batch_idx)
-        if self._guarded:
-            self._skips.remember(self.global_step + 1, batch_idx, batch)
-        stepped = False
-        diagnostics = self._diagnostics
-        if diagnostics is not None:
-            diagnostics.see_train_batch(batch)
-        with self.accelerator.accumulate(self.model):
-            if diagnostics is not None and not diagnostics.first_done:
-                loss = diagnostics.first_loss(batch, lambda: self._loss_of(self.model, batch))
-            else:
-                loss = self._loss_of(self.model, batch)
-            self.accelerator.backward(loss)
-            if diagnostics is not None:
-                diagnostics.after_first_backward()
-            self._callbacks.call("on_after_backward", self)
-            self._window_losses.append(loss.detach())
-            if self.accelerator.sync_gradients:
-                self._optimizer_step()
-                stepped = True
-        self._callbacks.call("on_train_batch_end", self, loss, batch, batch_idx)
-        if stepped:
-            self._bar.advance()  # type: ignore[union-attr]
-            poll_checkpoints(self)
-            if self._checkpoints is not None and self._checkpoints.due(self.global_step):
-                save_checkpoint(self)
-            if not self._preempted and self._preemption.agreed(
-                self.accelerator, self.global_step, self.config.log_every
-            ):
-                stop_for_preemption(self)
-            if self.global_step % self.config.log_every == 0:
-                self._log()
 
     def _optimizer_step(self) -> None:
         if not self._preflight_done:
