@@ -178,9 +178,12 @@ def run_micro_batch(trainer: SafeTrainer, batch: Any, batch_idx: int) -> None:
 def after_step(trainer: SafeTrainer) -> None:
     """The step boundary after an optimizer step: progress, checkpoints, preemption, logging.
 
-    Called on every process at the same boundary. The order matters: a due checkpoint is written
-    before a preemption stop (which then needs no second one), and both before the log step,
-    whose spike check may raise `RollbackRequest`.
+    Called on every process at the same boundary. The order matters: the log step comes first,
+    so that a checkpoint of this step holds its history entry and the spike detector's view of
+    its interval (a resumed run then logs what an uninterrupted one does), and so that a
+    divergence it confirms (`RollbackRequest`) leaves no checkpoint of the diverging step and
+    pre-empts a preemption stop (the signal is still honoured at a later boundary). A due
+    checkpoint is written before a preemption stop, which then needs no second one.
 
     Args:
         trainer (`SafeTrainer`): the trainer that just took an optimizer step.
@@ -190,6 +193,8 @@ def after_step(trainer: SafeTrainer) -> None:
     """
     trainer._bar.advance()  # type: ignore[union-attr]
     poll_checkpoints(trainer)
+    if trainer.global_step % trainer.config.log_every == 0:
+        trainer._log()
     if trainer._checkpoints is not None and trainer._checkpoints.due(trainer.global_step):
         save_checkpoint(trainer)
     # the signal is agreed across processes (at log steps under several), so all stop together
@@ -197,5 +202,3 @@ def after_step(trainer: SafeTrainer) -> None:
         trainer.accelerator, trainer.global_step, trainer.config.log_every
     ):
         stop_for_preemption(trainer)
-    if trainer.global_step % trainer.config.log_every == 0:
-        trainer._log()

@@ -117,6 +117,20 @@ def test_resuming_a_checkpoint_already_at_max_steps_returns_at_once(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the checkpoint loaded
 
 
+def test_a_run_resumed_from_a_periodic_checkpoint_logs_what_the_straight_run_logs(tmp_path):
+    straight, _, _ = _trainer(max_steps=20, log_every=5)
+    expected = straight.fit().history
+    _reset_accelerate()
+    first, _, _ = _trainer(tmp_path, max_steps=12, log_every=5, checkpoint_every=10)
+    first.fit()
+    _reset_accelerate()
+    again, _, _ = _trainer(tmp_path, max_steps=20, log_every=5, checkpoint_every=10)
+    history = again.fit(resume_from=str(tmp_path / "step-00000010")).history
+    # the checkpoint of step 10 holds the log entry of steps 6-10 (it was logged before the save)
+    assert [h["step"] for h in history] == [5, 10, 15, 20]
+    assert [h["loss"] for h in history] == [h["loss"] for h in expected]
+
+
 def test_resuming_from_another_folder_writes_the_resume_step_into_checkpoint_dir(tmp_path):
     first, _, _ = _trainer(tmp_path / "old", max_steps=6, checkpoint_every=100)
     first.fit()
