@@ -20,6 +20,7 @@ __all__ = [
     "broadcast_int",
     "barrier",
     "gather_json",
+    "sum_over_group",
 ]
 
 
@@ -112,3 +113,14 @@ def gather_json(accelerator: Accelerator, value: Any) -> list[Any]:
         json.loads(bytes(part[: int(size.item())].tolist()).decode())
         for part, size in zip(parts, sizes, strict=True)
     ]
+
+
+def sum_over_group(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum ``tensor`` in place over the processes of ``group`` and return it.
+
+    For sharded (DTensor) parameters, whose shards live on the processes of one mesh dimension's
+    group (``device_mesh.get_group(dim)``), which may be fewer than the run's processes (HSDP).
+    Every process of ``group`` must call it, in the same order.
+    """
+    torch.distributed.all_reduce(tensor, group=group)
+    return tensor

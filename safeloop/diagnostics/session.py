@@ -5,16 +5,17 @@ every step, log steps, the end of ``fit``); this module calls the checks of ``fi
 ``targets``, ``data``, ``training`` and ``health`` and makes every process hold the same
 findings. Per-step work is device-only (the gradient norms the clipping step measured anyway);
 host reads happen on the first batches and at log steps, in the metrics' single transfer.
+Sharded runs: see ``sharded.py`` for what is measured under FSDP2, FSDP1 and DeepSpeed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import DistributedType
 from torch.nn.parallel import DistributedDataParallel
 
 from safeloop.diagnostics.data import DataProfile, compare_profiles
@@ -28,6 +29,7 @@ from safeloop.diagnostics.first_batch import (
     raise_if_fatal,
 )
 from safeloop.diagnostics.health import WeightHealth, lookup_tables
+from safeloop.diagnostics.sharded import shard_layout
 from safeloop.diagnostics.targets import check_initial_loss, check_inputs, check_targets
 from safeloop.diagnostics.training import TrainingMonitor
 from safeloop.distributed import agree_any, reduce_across_processes
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Diagnostics"]
 
+logger = logging.getLogger("safeloop")
+
 
 class Diagnostics:
     """Runs the checks of ``docs/diagnostics.md`` during one trainer's runs.
@@ -52,18 +56,25 @@ class Diagnostics:
     def __init__(self, trainer: SafeTrainer) -> None:
         self.trainer = trainer
         self.model = trainer.accelerator.unwrap_model(trainer.model)
-        # gradients of sharded models are shards: row and per-parameter statistics would be wrong
-        self.sharded = trainer.accelerator.distributed_type in (
-            DistributedType.FSDP,
-            DistributedType.DEEPSPEED,
-        )
+        self.layout = shard_layout(trainer.accelerator, self.model.parameters())
+        self.sharded = self.layout.sharded
+        if self.layout.reason is not None and trainer.accelerator.is_main_process:
+            logger.info(
+                "safeloop diagnostics under %s: %s", trainer.accelerator.distributed_type, self.layout.reason
+            )
+        # weight health needs whole rows (units) of a weight: not under any sharding yet
         self.health = (
             None
             if self.sharded
             else WeightHealth(self.model.named_parameters(), lookup_tables=lookup_tables(self.model))
         )
+        # FSDP2: per-parameter statistics from this process's shards, summed over processes by
+        # the metrics all-reduce of the log step (training.py); FSDP1/DeepSpeed: global norm only
         self.monitor = TrainingMonitor(
-            self.model.named_parameters(), trainer.config.log_every, sharded=self.sharded
+            self.model.named_parameters(),
+            trainer.config.log_every,
+            sharded=not self.layout.per_param,
+            shard_count=self.layout.shard_count,
         )
         self.first_done = False
         self._watch: ForwardWatch | None = None
@@ -99,8 +110,13 @@ class Diagnostics:
         """Which trainable parameters got no gradient, and why (unused or cut off)."""
         if self._watch is None:
             return
+        if self.layout.sharded and self.layout.gradient_reach and not self.trainer.accelerator.sync_gradients:
+            # FSDP2 sets a parameter's (sharded) `.grad` only when the window's reduce-scatter ran:
+            # at an accumulating micro-batch every `.grad` is still None; wait for the window's end
+            return
         watch, self._watch = self._watch, None
-        findings = self._agree([] if self.sharded else check_gradient_reach(self.model, watch))
+        reach = self.layout.gradient_reach
+        findings = self._agree(check_gradient_reach(self.model, watch) if reach else [])
         self._report(findings)
         ddp = self.trainer.model
         if findings and isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:

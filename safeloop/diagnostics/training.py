@@ -8,6 +8,14 @@ device (two small kernels, no host read). On log steps only, ``before_update`` a
 read, into findings. The update sizes are judged, and a flat loss is reported with these
 measurements as its causes, in ``plateau.py``. ``check`` is deterministic: every process sees the
 same means and decides the same. Nothing here changes the model.
+
+Sharded parameters (FSDP2, ``shard_count``): each process holds a shard of every parameter and
+of its reduce-scattered gradient, so it measures squared norms of its shards. It keeps one such
+row per step of the interval on the device (the square root of a sum over processes cannot be
+taken before the sum), and the trainer's one all-reduce of the log step sums the rows over
+processes (a mean, multiplied back here): no collective of its own, no per-step host read. The
+interval's gradient norm is then the mean of the step norms, as without sharding, so a sharded
+run reports the same values and findings as an unsharded one.
 """
 
 from __future__ import annotations
@@ -65,8 +73,15 @@ class TrainingMonitor:
         named_params (`Iterable[tuple[str, Parameter]]`): the unwrapped model's parameters, in
             ``model.parameters()`` order (the order of ``GradNorms.per_param``).
         log_every (`int`, *optional*, defaults to 10): optimizer steps between two checks.
-        sharded (`bool`, *optional*, defaults to False): parameters are FSDP/DeepSpeed shards;
-            only the global-norm and plateau checks run.
+        sharded (`bool`, *optional*, defaults to False): parameters are flat shards (FSDP1,
+            DeepSpeed) that say nothing about one parameter; only the global-norm and plateau
+            checks run.
+        shard_count (`int`, *optional*): parameters are DTensors sharded over this many
+            processes (FSDP2): ``record`` takes the norms of this process's gradient shards,
+            ``measurements`` holds squared norms of shards (one row of gradient norms per step
+            of the interval), and the values given back to
+            ``check`` / ``tracker_values`` must be their mean over the ``shard_count``
+            processes (what the trainer's metrics all-reduce computes).
         measure_updates (`bool`, *optional*, defaults to True): measure ``||dw|| / ||w||`` on log
             steps (a copy of the weights of 2+ dims lives from ``before_update`` to
             ``after_update``).
@@ -83,10 +98,14 @@ class TrainingMonitor:
         log_every: int = 10,
         *,
         sharded: bool = False,
+        shard_count: int | None = None,
         measure_updates: bool = True,
         plateau_window: int | None = None,
     ) -> None:
         named = list(named_params)
+        # a DTensor's shape and numel are those of the whole parameter: the same on every process,
+        # so every process builds the same vector layout even where its own shard is empty
+        self._shard_count = shard_count
         self.names = [name for name, _ in named]
         self._params = [param for _, param in named]
         self._trainable = [i for i, p in enumerate(self._params) if p.requires_grad and p.numel() > 0]
@@ -95,6 +114,7 @@ class TrainingMonitor:
         self._measure_updates = measure_updates
         self._plateau = LossPlateau(log_every, plateau_window)
         self._sum: torch.Tensor | None = None
+        self._rows: list[torch.Tensor] = []  # sharded: squared shard norms, one row per step
         self._count = 0
         self._snapshot: list[torch.Tensor] | None = None
         self._update: torch.Tensor | None = None
@@ -112,10 +132,11 @@ class TrainingMonitor:
     # -- device side -----------------------------------------------------------------------
 
     def record(self, per_param: torch.Tensor | None, total: torch.Tensor | None = None) -> None:
-        """Add one optimizer step's gradient norms to the running sum, on the device.
+        """Add one optimizer step's gradient norms to the interval's measurements, on the device.
 
         Args:
-            per_param (`torch.Tensor | None`): ``GradNorms.per_param``; None where sharded.
+            per_param (`torch.Tensor | None`): ``GradNorms.per_param`` (norms of this process's
+                shards with ``shard_count``); None where per-parameter norms are not available.
             total (`torch.Tensor`, *optional*): the global norm; not used, because the trainer's
                 metrics buffer already reads every step's global norm.
         """
@@ -123,74 +144,107 @@ class TrainingMonitor:
         if per_param is None or not self._per_param:
             return
         if per_param.numel() != len(self._params):  # not the parameters given: degrade, never misname
-            self._per_param, self._sum = False, None
+            self._per_param, self._sum, self._rows = False, None, []
             return
         # a skipped step's NaN/Inf norms would poison the whole interval; they count as 0 here
         clean = per_param.detach().float().nan_to_num(0.0, 0.0, 0.0)
-        self._sum = clean if self._sum is None else self._sum.add_(clean)
         self._count += 1
+        if self._shard_count is not None:
+            # shard norms add up over processes only as squares, and a step's norm is the root of
+            # that sum: keep the step's row (measurements(), every log_every steps, empties the list)
+            self._rows.append(clean * clean)
+            return
+        self._sum = clean if self._sum is None else self._sum.add_(clean)
 
     def clear(self) -> None:
         """Drop the interval's unread measurements (its steps were undone by a rollback)."""
         self._sum, self._count, self._snapshot, self._update = None, 0, None, None
+        self._rows = []
 
     def before_update(self) -> None:
         """Copy the weights of 2+ dims before ``optimizer.step()`` (log steps only)."""
         if self._measure_updates and self._per_param and self._weights:
-            self._snapshot = [self._params[i].detach().clone() for i in self._weights]
+            self._snapshot = [self._local(i).clone() for i in self._weights]
 
     def after_update(self) -> None:
         """Measure ``||dw||`` of each weight from the copy; the copy is freed, weights untouched."""
         if self._snapshot is None:
             return
         with torch.no_grad():
-            torch._foreach_sub_(self._snapshot, [self._params[i].detach() for i in self._weights])
+            torch._foreach_sub_(self._snapshot, [self._local(i) for i in self._weights])
             norms = torch._foreach_norm(self._snapshot)
-        device = self._params[self._weights[0]].device
-        self._update = torch.stack([n.float().to(device) for n in norms])
+        device = self._local(self._weights[0]).device
+        self._update = self._squared_if_sharded(torch.stack([n.float().to(device) for n in norms]))
         self._snapshot = None
 
     def measurements(self) -> torch.Tensor | None:
         """The device vector to read at a log step, then the interval restarts.
 
         Layout: summed gradient norm per parameter, norm of each weight of 2+ dims, its last
-        ``||dw||`` (NaN when not measured). None where per-parameter norms are not available.
+        ``||dw||`` (NaN when not measured). With ``shard_count``, the first part is one row of
+        gradient norms per step of the interval, and every entry is the square of this
+        process's shard's norm, to be summed over processes. None where per-parameter norms
+        are not available.
         """
-        count, summed, update = self._count, self._sum, self._update
-        self._count, self._sum, self._update = 0, None, None
+        count, summed, rows, update = self._count, self._sum, self._rows, self._update
+        self._count, self._sum, self._rows, self._update = 0, None, [], None
         if not self._per_param:
             self._pending = None
             return None
         self._pending = count
-        device = self._params[self._trainable[0]].device
+        device = self._local(self._trainable[0]).device
         nan = float("nan")
+        if self._shard_count is not None:
+            summed = torch.cat(rows) if rows else None
         parts = [
             torch.full((len(self._params),), nan, device=device) if summed is None else summed.to(device)
         ]
         if self._weights:
             with torch.no_grad():
-                norms = torch._foreach_norm([self._params[i].detach() for i in self._weights])
-            parts.append(torch.stack([n.float().to(device) for n in norms]))
+                norms = torch._foreach_norm([self._local(i) for i in self._weights])
+            parts.append(self._squared_if_sharded(torch.stack([n.float().to(device) for n in norms])))
             parts.append(torch.full((len(self._weights),), nan, device=device) if update is None else update)
         return torch.cat(parts)
+
+    def _local(self, index: int) -> torch.Tensor:
+        """This process's part of a parameter (its shard under FSDP2), detached."""
+        param = self._params[index].detach()
+        return param.to_local() if self._shard_count is not None else param  # type: ignore[attr-defined]
+
+    def _squared_if_sharded(self, norms: torch.Tensor) -> torch.Tensor:
+        return norms * norms if self._shard_count is not None else norms
 
     # -- host side -------------------------------------------------------------------------
 
     def _decode(self, values: Sequence[float]) -> _Window | None:
-        n, w = len(self._params), len(self._weights)
-        if not self._pending or len(values) != n + 2 * w:
+        n, w, steps = len(self._params), len(self._weights), self._pending
+        if not steps:
             return None
-        grads = [v / self._pending for v in values[:n]]
-        norms = dict(zip(self._weights, values[n : n + w], strict=True))
-        return _Window(grads, norms, dict(zip(self._weights, values[n + w :], strict=True)))
+        if self._shard_count is not None:
+            if len(values) != n * steps + 2 * w:
+                return None
+            # the values are means over processes of squared shard norms: times the shard count
+            # they are squared norms of whole tensors (exact for 2, 4, 8... processes)
+            k = self._shard_count
+            whole = [v if math.isnan(v) else math.sqrt(max(v, 0.0) * k) for v in values]
+            grads = [sum(whole[s * n + i] for s in range(steps)) / steps for i in range(n)]
+            values = whole[n * steps :]
+        else:
+            if len(values) != n + 2 * w:
+                return None
+            grads = [v / steps for v in values[:n]]
+            values = values[n:]
+        norms = dict(zip(self._weights, values[:w], strict=True))
+        return _Window(grads, norms, dict(zip(self._weights, values[w:], strict=True)))
 
     def tracker_values(self, values: Sequence[float]) -> dict[str, float]:
         """Tracker entries for ``accelerator.log``, from the host values of ``measurements()``.
 
         Returns:
-            `dict[str, float]`: ``grad_norm/<name>`` (mean over the interval) for every trainable
-            parameter and ``update_ratio/<name>`` (``||dw|| / ||w||`` of the log step) for every
-            weight of 2+ dims whose update was measured; empty without per-parameter values.
+            `dict[str, float]`: ``grad_norm/<name>`` (mean over the interval) for every
+            trainable parameter and ``update_ratio/<name>``
+            (``||dw|| / ||w||`` of the log step) for every weight of 2+ dims whose update was
+            measured; empty without per-parameter values.
         """
         window = self._decode(values)
         if window is None:

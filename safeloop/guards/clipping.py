@@ -2,6 +2,8 @@
 
 The norm is measured once per optimizer step, before clipping, and kept on the device: the
 same tensor feeds logging and the NaN/Inf guard. Nothing here reads a tensor on the host.
+Under FSDP2 the per-parameter norms are those of this process's shard of each gradient (the
+reduce-scattered gradient the optimizer uses); the diagnostics combine them over processes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
-__all__ = ["GradNorms", "grad_norms", "clip_and_measure"]
+try:
+    from torch.distributed.tensor import DTensor
+
+    _DTENSOR: tuple[type, ...] = (DTensor,)
+except ImportError:  # a torch built without distributed support has no sharded tensors
+    _DTENSOR = ()
+
+__all__ = ["GradNorms", "grad_norms", "shard_grad_norms", "clip_and_measure"]
 
 # Under these, gradients are sharded: a local norm would be wrong, so the norm comes from
 # Accelerate's sharding-aware clip with an infinite bound (a multiply by exactly 1.0).
@@ -28,8 +37,9 @@ class GradNorms:
     Attributes:
         total (`torch.Tensor`): the global L2 norm, 0-dim.
         per_param (`torch.Tensor | None`): the L2 norm of each parameter's gradient, in
-            ``parameters`` order, 0.0 for parameters without one; None where gradients are
-            sharded.
+            ``parameters`` order, 0.0 for parameters without one. Under FSDP2 the norm of this
+            process's shard of each gradient (see :func:`shard_grad_norms`); None under FSDP1 and
+            DeepSpeed, whose parameters are flattened.
     """
 
     total: torch.Tensor
@@ -81,6 +91,45 @@ def grad_norms(parameters: Iterable[torch.nn.Parameter]) -> GradNorms:
     return GradNorms(total=total, per_param=per_param)
 
 
+def shard_grad_norms(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
+    """Return the L2 norm of this process's shard of each gradient, without a collective.
+
+    Under FSDP2 every parameter and its gradient are DTensors, and the local part of the
+    gradient is this process's shard after the reduce-scatter: the gradient its optimizer uses.
+    The squares of these norms add up over processes to the squared norm of the whole gradient.
+
+    Args:
+        parameters (`Iterable[torch.nn.Parameter]`): parameters whose ``.grad`` to measure.
+
+    Returns:
+        `torch.Tensor | None`: one norm per parameter, in ``parameters`` order, 0.0 for those
+        without a gradient (an empty shard too); None when the parameters are not all DTensors
+        (FSDP1's flat parameters, DeepSpeed), where a shard says nothing about one parameter.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> shard_grad_norms([p]) is None  # not a DTensor
+        True
+    """
+    params = list(parameters)
+    if not params or not all(isinstance(p, _DTENSOR) for p in params):
+        return None
+    positions = [i for i, p in enumerate(params) if p.grad is not None]
+    device = params[0].to_local().device  # type: ignore[attr-defined]
+    if not positions:
+        return torch.zeros(len(params), device=device)
+    grads = [_local(params[i].grad) for i in positions]  # type: ignore[arg-type]
+    if _has_foreach_support(grads, device) and len({g.dtype for g in grads}) == 1:
+        norms = list(torch._foreach_norm(grads, 2.0))
+    else:
+        norms = [torch.linalg.vector_norm(g, 2.0) for g in grads]
+    # a Python reordering, as in grad_norms: an index tensor would be a host-to-device copy per step
+    by_param = [torch.zeros((), device=device)] * len(params)
+    for k, i in enumerate(positions):
+        by_param[i] = norms[k].float().to(device)
+    return torch.stack(by_param)
+
+
 def clip_and_measure(
     accelerator: Accelerator,
     parameters: Iterable[torch.nn.Parameter],
@@ -105,8 +154,10 @@ def clip_and_measure(
     """
     params = list(parameters)
     if accelerator.distributed_type in _SHARDED:
+        # before the clip: the per-parameter norms are, as without sharding, those before clipping
+        per_param = shard_grad_norms(params)
         bound = float("inf") if max_norm is None else max_norm
-        return GradNorms(total=_as_tensor(accelerator.clip_grad_norm_(params, bound)))
+        return GradNorms(total=_as_tensor(accelerator.clip_grad_norm_(params, bound)), per_param=per_param)
     accelerator.unscale_gradients()
     norms = grad_norms(params)
     if max_norm is not None:
@@ -116,7 +167,16 @@ def clip_and_measure(
     return norms
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, _DTENSOR) else tensor  # type: ignore[attr-defined]
+
+
 def _as_tensor(norm: object) -> torch.Tensor:
+    if isinstance(norm, _DTENSOR):
+        # FSDP2: torch's clip hands back the total norm as a DTensor, which the finite-flag
+        # all-reduce rejects ("c10d.allreduce_ ... no sharding strategy"); a replicated one is
+        # already whole here, a partial one needs its (one, 0-dim) reduction, once per step
+        return norm.full_tensor()  # type: ignore[attr-defined]
     # DeepSpeed hands back a float (or None before its first step) instead of a tensor.
     if isinstance(norm, torch.Tensor):
         return norm

@@ -1,0 +1,139 @@
+"""Trains a deep sigmoid MLP whose first layers' gradients vanish, under FSDP2 or DDP, on CPU ranks.
+
+Run by ``tests/distributed/test_fsdp.py`` under torchrun (2 processes, gloo). ``MODE=fsdp2``
+shards the model with Accelerate's ``FullyShardedDataParallelPlugin(fsdp_version=2)``;
+``MODE=ddp`` is the unsharded reference. Each rank prints one ``RESULT`` JSON line: findings,
+and, per optimizer step, each parameter's whole gradient norm measured by a callback (a full
+gather under FSDP2: test-only cost). Rank 0's tracker writes every ``accelerator.log`` call to
+``<out_dir>/metrics.jsonl``.
+
+Accelerate 1.15 ignores an FSDP plugin on CPU (``AcceleratorState`` only sets FSDP for GPU-like
+distributed types), while ``fully_shard`` itself runs on a gloo CPU mesh; the script sets the
+distributed type itself, in both shared states (``AcceleratorState`` copies ``PartialState``'s
+when it is built again during ``prepare``). It exits with code 3 and a ``SKIP`` line when FSDP2
+cannot be set up here.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+from safeloop import Callback, ConfigError, SafeTrainer
+from tests.helpers.models import classification_data
+from tests.helpers.recording import JsonLinesTracker
+
+SKIP_CODE = 3
+
+
+def deep_sigmoid_mlp() -> nn.Module:
+    """20 Linear layers with sigmoids between them: the first layers' gradients vanish."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(8, 16), nn.Sigmoid()]
+    for _ in range(18):
+        layers += [nn.Linear(16, 16), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(16, 3))
+
+
+class WithUnused(nn.Module):
+    """A model with a layer defined but never called in ``forward``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.aux = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+class StepNorms(Callback):
+    """Each step's whole gradient norm per parameter (before the update; nothing is clipped)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        norms = {}
+        for name, param in trainer.accelerator.unwrap_model(trainer.model).named_parameters():
+            grad = param.grad
+            if hasattr(grad, "full_tensor"):  # an FSDP2 shard: gather it (every rank calls this)
+                grad = grad.full_tensor()
+            norms[name] = float(grad.norm()) if grad is not None else 0.0
+        self.steps.append(norms)
+
+
+def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
+    options = {
+        "cpu": True,
+        "log_with": [tracker],
+        "gradient_accumulation_steps": int(os.environ.get("ACCUM", "1")),
+    }
+    if mode == "ddp":
+        return Accelerator(**options)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    accelerator = Accelerator(fsdp_plugin=plugin, **options)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+
+def main() -> None:
+    out_dir, mode = sys.argv[1], os.environ.get("MODE", "fsdp2")
+    # MODE: fsdp2 or ddp; UNUSED=1: a layer never called; ACCUM: gradient accumulation steps
+    tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
+    accelerator = build_accelerator(mode, tracker)
+    accelerator.init_trackers("fsdp-test")
+    model = deep_sigmoid_mlp()
+    if os.environ.get("UNUSED") == "1":  # the first-batch gradient-reach check must name `aux`
+        model = WithUnused(model)
+    x, y = classification_data(n=128).tensors
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    norms = StepNorms()
+    try:
+        trainer = SafeTrainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            loader,
+            loss_fn=nn.CrossEntropyLoss(),
+            max_steps=int(os.environ.get("MAX_STEPS", "20")),
+            log_every=5,
+            seed=0,
+            accelerator=accelerator,
+            callbacks=[norms],
+            progress_bar=False,
+        )
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, NotImplementedError) as error:  # fully_shard refused here
+        sys.stdout.write(f"SKIP FSDP2 could not shard the model on CPU: {error!r}\n")
+        sys.stdout.flush()
+        sys.exit(SKIP_CODE)
+    result = trainer.fit()
+    record = {
+        "rank": accelerator.process_index,
+        "distributed_type": str(accelerator.distributed_type),
+        "param_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+        "steps": result.global_step,
+        "losses": [h["loss"] for h in result.history],
+        "findings": [[f.code, f.severity, list(f.params), f.step] for f in result.findings],
+        "step_norms": norms.steps,
+    }
+    accelerator.end_training()
+    # one write per line: two processes share this stdout, and print() writes the newline apart
+    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
