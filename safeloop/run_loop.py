@@ -126,7 +126,7 @@ def run_epoch(trainer: SafeTrainer) -> bool:
                 return bool(trainer.accelerator.gradient_state.end_of_dataloader)
     finally:
         close = getattr(batches, "close", None)
-        if close is not None:  # lets Accelerate's dataloader end its gradient-state bookkeeping
+        if close is not None:  # ends the loader's iterator (and its workers) now, not at collection
             close()
     if skip > seen:  # a rollback's skip runs past the epoch's end: it goes on in the next one
         if now_rng is not None:

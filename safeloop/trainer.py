@@ -251,6 +251,7 @@ class SafeTrainer:
         """
         if self.config.seed is not None:
             set_seed(self.config.seed)  # the training RNG stream starts from a known point
+        self._preempted = False  # a fit after a preempted one goes on (the signal was handled)
         resume(self, resume_from)
         start_trackers(self)
         self.model.train()

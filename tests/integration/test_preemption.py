@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 import pytest
+import torch
+from torch import nn
 
+from safeloop import Callback, SafeTrainer
 from safeloop.checkpoint.store import latest_valid
 from tests.integration.test_sigkill import _start, _wait_for_saves
 
@@ -30,3 +34,30 @@ def test_a_preemption_signal_saves_and_exits_cleanly_then_resume_goes_on(tmp_pat
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0
     assert f"SAVED {int(step) + 1}" in out and f"DONE {int(step) + 1} None None" in out
+
+
+def test_fit_after_a_preempted_fit_goes_on_to_max_steps(tmp_path):
+    from tests.helpers.models import classification_data, loader, mlp
+
+    class SignalAtStep(Callback):
+        def on_before_optimizer_step(self, trainer, optimizer):
+            if trainer.global_step == 2 and not sent:  # step 3 is being taken
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    sent: list[bool] = []
+    model = mlp(seed=0)
+    trainer = SafeTrainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader(classification_data(n=64), batch_size=8),
+        loss_fn=nn.CrossEntropyLoss(),
+        max_steps=10,
+        checkpoint_dir=str(tmp_path),
+        callbacks=[SignalAtStep()],
+        progress_bar=False,
+    )
+    first = trainer.fit()
+    assert first.global_step == 3 and [e.kind for e in first.events].count("preempt") == 1
+    second = trainer.fit()  # the same trainer, in the same process: it continues
+    assert second.global_step == 10
