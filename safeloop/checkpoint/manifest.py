@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load, load_file
+from safetensors import safe_open
+from safetensors.torch import load
 
 from safeloop.errors import CheckpointError
 
@@ -81,6 +84,54 @@ def bytes_digests(data: bytes, pool: ThreadPoolExecutor) -> list[Future[str]]:
 def results(futures: list[Future[str]]) -> list[str]:
     """Wait for digests started by :func:`file_digests` or :func:`bytes_digests`."""
     return [future.result() for future in futures]
+
+
+class _ChunkFeeder:
+    """Hashes a file's chunks from pieces of memory handed in file order, without copying them.
+
+    A chunk may span pieces (the header and several tensors): its digest runs in ``pool`` as
+    soon as its last byte arrives, over views of the pieces, which the task keeps alive.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._pending: list[memoryview] = []
+        self._filled = 0
+        self.total = 0
+        self.futures: list[Future[str]] = []
+
+    def add(self, buffer: Any) -> None:
+        view = memoryview(buffer).cast("B")
+        self.total += len(view)
+        while len(view):
+            take = min(CHUNK_BYTES - self._filled, len(view))
+            self._pending.append(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == CHUNK_BYTES:
+                self._submit()
+
+    def finish(self) -> list[Future[str]]:
+        if self._pending or not self.futures:  # an empty file has one digest, of no bytes
+            self._submit()
+        return self.futures
+
+    def _submit(self) -> None:
+        pieces, self._pending, self._filled = self._pending, [], 0
+
+        def digest() -> str:
+            sha = hashlib.sha256()
+            for piece in pieces:
+                sha.update(piece)
+            return sha.hexdigest()
+
+        self.futures.append(self._pool.submit(digest))
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> Any:
+    # the tensor's own memory as bytes (numpy: accelerate depends on it); on a little-endian host
+    # these are the bytes of the file, which safetensors stores little-endian
+    return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
 @dataclass(frozen=True)
@@ -168,11 +219,8 @@ class VerifiedReader:
 
     Every chunk's SHA-256 runs in a pool of threads while the calling thread deserialises, and
     :meth:`confirm` waits for them all and raises on a mismatch, before anything read is used.
-    Small files (:meth:`read`) are hashed from the very bytes returned. Tensor files
-    (:meth:`tensors`) are read twice from the page cache, by safetensors and by the hashing
-    threads: the digests protect against damage at rest, not against a process rewriting the
-    file during the load (who can write the files can write the manifest too). Only files the
-    manifest lists can be read.
+    What is hashed is what will be used: the bytes returned by :meth:`read`, and the header and
+    the tensors' own memory for :meth:`tensors`. Only files the manifest lists can be read.
 
     Args:
         path (`str | PathLike`): the checkpoint folder.
@@ -203,14 +251,42 @@ class VerifiedReader:
         return data
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Return a listed safetensors file's tensors (in memory); checked by :meth:`confirm`."""
+        """Return a listed safetensors file's tensors (in memory); checked by :meth:`confirm`.
+
+        The digests are computed from the header as read and from the loaded tensors' own
+        memory, chunk by chunk while the next tensors load: the very bytes that will be used,
+        read from disk once.
+        """
         entry = self._entry(name)
-        self._digests[name] = file_digests(self.path / name, entry["size"], self._pool)
+        path = self.path / name
+        if sys.byteorder != "little":  # memory bytes differ from the file's: hash the file
+            self._digests[name] = file_digests(path, entry["size"], self._pool)
+            return load(path.read_bytes())
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            header_bytes = prefix + fh.read(int.from_bytes(prefix, "little"))
+        header = json.loads(header_bytes[8:])
+        # the data section is the tensors back to back, in the order of their offsets
+        order = sorted(
+            (info["data_offsets"][0], key) for key, info in header.items() if key != "__metadata__"
+        )
+        feeder = _ChunkFeeder(self._pool)
+        feeder.add(header_bytes)
+        loaded: dict[str, torch.Tensor] = {}
         try:
             # pread: the tensors own their memory (no mapping of a file that rotation may delete)
-            return load_file(self.path / name, backend="pread")
+            opened = safe_open(str(path), framework="pt", backend="pread")
         except TypeError:  # safetensors before "backend": read, then deserialise (one more copy)
-            return load((self.path / name).read_bytes())
+            data = path.read_bytes()
+            self._digests[name] = bytes_digests(data, self._pool)
+            return load(data)
+        with opened as tensors:
+            for _, key in order:
+                loaded[key] = tensors.get_tensor(key)
+                if loaded[key].numel():
+                    feeder.add(_tensor_bytes(loaded[key]))
+        self._digests[name] = feeder.finish()
+        return loaded
 
     def confirm(self) -> None:
         """Check every listed file (hashing those not read); raise on the first mismatch.

@@ -95,6 +95,31 @@ def test_large_files_are_hashed_in_chunks_and_a_flipped_byte_is_located(tmp_path
         reader.confirm()  # the file not read is hashed too
 
 
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_tensors_are_checked_against_the_manifest_from_their_own_memory(tmp_path, where):
+    tensors = {"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(2, 3).half(), "e": torch.zeros(0)}
+
+    def write_tensors(path):
+        save_file(tensors, str(path))
+
+    path = write_checkpoint(tmp_path, 1, {"t.safetensors": write_tensors}, meta={})
+    reader = VerifiedReader(path)
+    loaded = reader.tensors("t.safetensors")
+    reader.confirm()
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    data = bytearray((path / "t.safetensors").read_bytes())
+    if where == "data":
+        data[-1] ^= 0x01  # the last tensor's last byte: still loads, with a wrong value
+    else:
+        at = data.index(b'"dtype":"F32"')  # a valid header that reads the same bytes as int32
+        data[at : at + 13] = b'"dtype":"I32"'
+    (path / "t.safetensors").write_bytes(bytes(data))
+    reader = VerifiedReader(path)
+    reader.tensors("t.safetensors")
+    with pytest.raises(CheckpointError, match=r"t\.safetensors does not match its SHA-256"):
+        reader.confirm()
+
+
 def test_a_manifest_of_another_format_or_hash_is_refused_by_name(tmp_path):
     path = _write(tmp_path, 3)
     manifest = json.loads((path / MANIFEST).read_text())
