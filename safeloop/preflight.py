@@ -6,9 +6,11 @@ the host: they run once per ``fit``.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
+from accelerate.utils import DistributedType
 
 from safeloop.guards.reinit import ZeroParam, find_zero_params, reinit_
 from safeloop.results import Event, Finding
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
     from safeloop.trainer import SafeTrainer
 
 __all__ = ["check_zero_params", "run_preflight"]
+
+logger = logging.getLogger("safeloop")
 
 _METHOD_NAMES = {"xavier": "Xavier uniform", "normal": "a normal distribution"}
 
@@ -120,8 +124,18 @@ def _finding(zero: ZeroParam, *, reinit: bool, method: str | None, scope: str) -
 def run_preflight(trainer: SafeTrainer) -> None:
     """The trainer's checks on the first step's gradients, before its update (once per trainer)."""
     trainer._preflight_done = True
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if _flat_shards(trainer, model):
+        # FSDP1's parameters are flat slices of a rank's shard: a slice of zeros says nothing
+        # of the weight, and re-initialising it on one rank would split the ranks apart
+        if trainer.accelerator.is_main_process:
+            logger.info(
+                "safeloop: the all-zero weight check is off under FSDP1 (flat parameter shards); "
+                "initialise weights before wrapping, or use FSDP2 (fsdp_version=2) to have it."
+            )
+        return
     events, findings, left_zero = check_zero_params(
-        trainer.accelerator.unwrap_model(trainer.model),
+        model,
         method=trainer.config.reinit_zero_params,
         std=trainer.config.reinit_std,
         scope=trainer.config.reinit_scope,
@@ -134,3 +148,14 @@ def run_preflight(trainer: SafeTrainer) -> None:
     diagnostics = trainer._diagnostics
     if diagnostics is not None and diagnostics.health is not None:
         diagnostics.health.zero_at_start = left_zero
+
+
+def _flat_shards(trainer: SafeTrainer, model: torch.nn.Module) -> bool:
+    """FSDP1: parameters are flat shards (FSDP2's DTensors are handled by the check itself)."""
+    if trainer.accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch without distributed support has no FSDP
+        return True
+    return not all(isinstance(p, DTensor) for p in model.parameters())

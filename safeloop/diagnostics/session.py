@@ -29,7 +29,7 @@ from safeloop.diagnostics.first_batch import (
     raise_if_fatal,
 )
 from safeloop.diagnostics.health import WeightHealth, lookup_tables
-from safeloop.diagnostics.sharded import shard_layout
+from safeloop.diagnostics.sharded import shard_layout, unwrapped_name
 from safeloop.diagnostics.targets import check_initial_loss, check_inputs, check_targets
 from safeloop.diagnostics.training import TrainingMonitor
 from safeloop.distributed import agree_any, reduce_across_processes
@@ -56,7 +56,7 @@ class Diagnostics:
     def __init__(self, trainer: SafeTrainer) -> None:
         self.trainer = trainer
         self.model = trainer.accelerator.unwrap_model(trainer.model)
-        self.layout = shard_layout(trainer.accelerator, self.model.parameters())
+        self.layout = shard_layout(trainer.accelerator, self.model.parameters(), trainer.model)
         self.sharded = self.layout.sharded
         if self.layout.reason is not None and trainer.accelerator.is_main_process:
             logger.info(
@@ -68,13 +68,16 @@ class Diagnostics:
             if self.sharded
             else WeightHealth(self.model.named_parameters(), lookup_tables=lookup_tables(self.model))
         )
-        # FSDP2: per-parameter statistics from this process's shards, summed over processes by
-        # the metrics all-reduce of the log step (training.py); FSDP1/DeepSpeed: global norm only
+        # FSDP2 and FSDP1 (`use_orig_params=True`): per-parameter statistics from this process's
+        # shards, summed over processes by the metrics all-reduce of the log step (training.py);
+        # FSDP1 with flat parameters, DeepSpeed: global norm only. Names as the unwrapped model
+        # gives them: FSDP1's auto-wrapped submodules would add `_fsdp_wrapped_module.` to them
         self.monitor = TrainingMonitor(
-            self.model.named_parameters(),
+            [(unwrapped_name(name), param) for name, param in self.model.named_parameters()],
             trainer.config.log_every,
             sharded=not self.layout.per_param,
             shard_count=self.layout.shard_count,
+            shapes=self.layout.shapes,
         )
         self.first_done = False
         self._watch: ForwardWatch | None = None

@@ -4,8 +4,15 @@ Under FSDP2 (``fully_shard``) every parameter is a DTensor: each process holds a
 and, after the backward's reduce-scatter, the matching shard of its gradient: exactly the
 gradient its optimizer uses. Squared norms of shards add up to the squared norm of the whole
 tensor, so per-parameter gradient norms and update ratios can be had from local shards and one
-sum over processes. FSDP1 and DeepSpeed flatten parameters into flat buffers whose shards say
-nothing about one parameter: there, per-parameter statistics stay off and the reason is logged.
+sum over processes.
+
+FSDP1 with ``use_orig_params=True`` keeps the original parameters, but each is a flat view of
+its slice of its rank's shard of a ``FlatParameter`` (possibly empty), and so is its ``.grad``
+after the reduce-scatter. The slices of one parameter over the processes of a shard group
+partition it, so the same sum of squares restores its norms; its whole shape (a weight or not,
+how many elements) comes from the ``FlatParameter`` that holds it, read once here. FSDP1 with
+``use_orig_params=False`` exposes only the ``FlatParameter`` s, and DeepSpeed keeps gradients in
+its engine: there per-parameter statistics stay off and the reason is logged.
 Nothing here runs a collective or reads a tensor on the host.
 """
 
@@ -20,13 +27,20 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 try:
+    from torch.distributed.fsdp import FlatParameter, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
     from torch.distributed.tensor import DTensor, Shard
 
     _DTENSOR: tuple[type, ...] = (DTensor,)
+    _FLAT: tuple[type, ...] = (FlatParameter,)
 except ImportError:  # a torch built without distributed support has no sharded tensors
-    _DTENSOR = ()
+    _DTENSOR = _FLAT = ()
 
-__all__ = ["ShardLayout", "shard_layout"]
+__all__ = ["ShardLayout", "shard_layout", "unwrapped_name"]
+
+# the attribute under which FSDP1 holds the module it wraps: it stays in the parameter names of
+# modules wrapped inside the root (auto-wrap), which `unwrap_model` does not strip
+_FSDP1_PREFIX = "_fsdp_wrapped_module."
 
 _OFF = (
     "per-parameter gradient norms, update ratios, weight health and the first-batch gradient-reach "
@@ -40,12 +54,15 @@ class ShardLayout:
 
     Attributes:
         sharded (`bool`): parameters are shards (FSDP or DeepSpeed).
-        shard_count (`int | None`): FSDP2: the number of shards of each parameter. The mean over
-            all processes of a squared shard norm, times this, is the squared norm of the whole
-            tensor. None when parameters are not DTensor shards.
+        shard_count (`int | None`): FSDP2 and FSDP1 with ``use_orig_params=True``: the number of
+            shards of each parameter. The mean over all processes of a squared shard norm, times
+            this, is the squared norm of the whole tensor. None when parameters are not shards.
         per_param (`bool`): per-parameter gradient norms and update ratios can be measured.
         gradient_reach (`bool`): ``.grad is None`` means "no gradient" on every process alike.
         reason (`str | None`): why per-parameter statistics are off, for the log.
+        shapes (`tuple[torch.Size, ...] | None`): FSDP1: the whole shape of every parameter, in
+            ``params`` order, where a parameter's own shape is that of its local flat slice.
+            None where a parameter's own shape is whole (DTensors, unsharded runs).
     """
 
     sharded: bool
@@ -53,18 +70,24 @@ class ShardLayout:
     per_param: bool = True
     gradient_reach: bool = True
     reason: str | None = None
+    shapes: tuple[torch.Size, ...] | None = None
 
 
-def shard_layout(accelerator: Accelerator, params: Iterable[torch.nn.Parameter]) -> ShardLayout:
+def shard_layout(
+    accelerator: Accelerator, params: Iterable[torch.nn.Parameter], model: torch.nn.Module | None = None
+) -> ShardLayout:
     """Return what the diagnostics can measure on ``params`` under ``accelerator``.
 
     Args:
         accelerator (`Accelerator`): the run's accelerator, after ``prepare``.
         params (`Iterable[torch.nn.Parameter]`): the unwrapped model's parameters.
+        model (`torch.nn.Module`, *optional*): the prepared model. FSDP1 needs it: the whole
+            shapes of the parameters are in the ``FlatParameter`` s of its FSDP modules.
 
     Returns:
         `ShardLayout`: unsharded for DDP and single-process runs; per-parameter statistics
-        from shards under FSDP2; off, with the reason, under FSDP1 and DeepSpeed.
+        from shards under FSDP2 and FSDP1 with ``use_orig_params=True``; off, with the reason,
+        under FSDP1 with ``use_orig_params=False`` and DeepSpeed.
 
     Example:
         >>> layout = shard_layout(trainer.accelerator, model.parameters())  # FSDP2, 2 processes
@@ -79,13 +102,18 @@ def shard_layout(accelerator: Accelerator, params: Iterable[torch.nn.Parameter])
         # `deepspeed.utils.safe_get_full_grad` would gather every full gradient (one collective
         # per parameter per read), and no DeepSpeed run can test it here
         return _off(f"DeepSpeed ZeRO keeps gradients in its engine's partitioned buffers: {_OFF}.")
+    params = list(params)
     trainable = [p for p in params if p.requires_grad]
-    if not trainable or not all(isinstance(p, _DTENSOR) for p in trainable):
+    if trainable and any(isinstance(p, _FLAT) for p in params):
         return _off(
-            "FSDP1 flattens each wrapped module's parameters into one FlatParameter (with "
-            "`use_orig_params=True` each parameter is a flat, possibly empty, slice of its rank's "
-            f"shard): {_OFF}. FSDP2 (`FullyShardedDataParallelPlugin(fsdp_version=2)`) has them all."
+            "FSDP1 with `use_orig_params=False` flattens each wrapped module's parameters into one "
+            f"FlatParameter: {_OFF}. `FullyShardedDataParallelPlugin(use_orig_params=True)` or "
+            "FSDP2 (`fsdp_version=2`) has them all."
         )
+    if trainable and not any(isinstance(p, _DTENSOR) for p in trainable):
+        return _fsdp1_layout(params, model)
+    if not trainable or not all(isinstance(p, _DTENSOR) for p in trainable):
+        return _off(f"some trainable parameters are DTensor shards and some are not: {_OFF}.")
     counts = {_shard_count(p) for p in trainable}
     if len(counts) != 1:
         return _off(
@@ -99,6 +127,55 @@ def _shard_count(param: torch.nn.Parameter) -> int:
     """How many distinct shards the mesh cuts ``param`` into (replicated mesh dims copy them)."""
     mesh, placements = param.device_mesh, param.placements  # type: ignore[attr-defined]
     return math.prod(mesh.size(d) for d, p in enumerate(placements) if isinstance(p, Shard))
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without FSDP1's wrapper attributes: the name the unwrapped model gives the parameter.
+
+    Example:
+        >>> unwrapped_name("0._fsdp_wrapped_module.weight")
+        '0.weight'
+    """
+    return name.replace(_FSDP1_PREFIX, "")
+
+
+def _fsdp1_layout(params: list[torch.nn.Parameter], model: torch.nn.Module | None) -> ShardLayout:
+    """FSDP1 with ``use_orig_params=True``: each parameter is its rank's flat slice of it."""
+    if model is None or not _FLAT:
+        return _off(f"FSDP1 parameters without the prepared model to read their shapes from: {_OFF}.")
+    shapes: dict[int, torch.Size] = {}
+    counts: set[int] = set()
+    for module in FSDP1.fsdp_modules(model):
+        # `_flat_param`, `_params` and `_shapes` are private to torch's FSDP1 (as read in torch
+        # 2.13, unpromised): anything unexpected turns the statistics off, never misnames them
+        flat = getattr(module, "_flat_param", None)
+        if flat is None:  # an FSDP module that manages no parameters of its own
+            continue
+        originals, whole = getattr(flat, "_params", None), getattr(flat, "_shapes", None)
+        strategy, group = getattr(module, "sharding_strategy", None), getattr(module, "process_group", None)
+        if originals is None or whole is None or len(originals) != len(whole) or strategy is None:
+            return _off(f"this torch's FSDP1 does not say which parameters its FlatParameters hold: {_OFF}.")
+        shapes.update((id(p), torch.Size(s)) for p, s in zip(originals, whole, strict=True))
+        # the gradient is reduce-scattered over the shard group (within a node under HYBRID_SHARD,
+        # whose replicas then hold equal copies); NO_SHARD leaves every process a whole copy
+        counts.add(1 if strategy == ShardingStrategy.NO_SHARD or group is None else group.size())
+    missing = [p for p in params if p.requires_grad and id(p) not in shapes]
+    if missing:
+        return _off(
+            f"{len(missing)} trainable parameters are outside FSDP1's FlatParameters (`ignored_modules`), "
+            f"so their gradients are not reduced over processes: {_OFF}."
+        )
+    if len(counts) != 1:
+        return _off(
+            f"the parameters are sharded over different numbers of processes ({sorted(counts)}), "
+            f"so one sum over processes cannot restore their norms: {_OFF}."
+        )
+    # a frozen parameter of an ignored module keeps its whole shape
+    whole_shapes = tuple(shapes.get(id(p), p.shape) for p in params)
+    if any(p.numel() > s.numel() for p, s in zip(params, whole_shapes, strict=True)):
+        return _off(f"FSDP1's recorded shapes do not fit its parameters' slices: {_OFF}.")
+    # a process whose slice of a parameter is empty holds `.grad = None` for it: not "no gradient"
+    return ShardLayout(sharded=True, shard_count=counts.pop(), gradient_reach=False, shapes=whole_shapes)
 
 
 def _off(reason: str) -> ShardLayout:

@@ -9,8 +9,9 @@ read, into findings. The update sizes are judged, and a flat loss is reported wi
 measurements as its causes, in ``plateau.py``. ``check`` is deterministic: every process sees the
 same means and decides the same. Nothing here changes the model.
 
-Sharded parameters (FSDP2, ``shard_count``): each process holds a shard of every parameter and
-of its reduce-scattered gradient, so it measures squared norms of its shards. It keeps one such
+Sharded parameters (FSDP2, or FSDP1 with ``use_orig_params=True``: ``shard_count``): each process
+holds a shard of every parameter and of its reduce-scattered gradient (under FSDP1 a flat slice,
+whose whole shape comes in ``shapes``), so it measures squared norms of its shards. It keeps one such
 row per step of the interval on the device (the square root of a sum over processes cannot be
 taken before the sum), and the trainer's one all-reduce of the log step sums the rows over
 processes (a mean, multiplied back here): no collective of its own, no per-step host read. The
@@ -76,12 +77,16 @@ class TrainingMonitor:
         sharded (`bool`, *optional*, defaults to False): parameters are flat shards (FSDP1,
             DeepSpeed) that say nothing about one parameter; only the global-norm and plateau
             checks run.
-        shard_count (`int`, *optional*): parameters are DTensors sharded over this many
-            processes (FSDP2): ``record`` takes the norms of this process's gradient shards,
+        shard_count (`int`, *optional*): parameters are sharded over this many processes
+            (FSDP2's DTensors, FSDP1's flat slices): ``record`` takes the norms of this
+            process's gradient shards,
             ``measurements`` holds squared norms of shards (one row of gradient norms per step
             of the interval), and the values given back to
             ``check`` / ``tracker_values`` must be their mean over the ``shard_count``
             processes (what the trainer's metrics all-reduce computes).
+        shapes (`Sequence[torch.Size]`, *optional*): the whole shape of each parameter, in
+            ``named_params`` order, where a parameter's own shape is that of its local slice
+            (FSDP1 with ``use_orig_params=True``, see ``ShardLayout.shapes``).
         measure_updates (`bool`, *optional*, defaults to True): measure ``||dw|| / ||w||`` on log
             steps (a copy of the weights of 2+ dims lives from ``before_update`` to
             ``after_update``).
@@ -99,17 +104,24 @@ class TrainingMonitor:
         *,
         sharded: bool = False,
         shard_count: int | None = None,
+        shapes: Sequence[torch.Size] | None = None,
         measure_updates: bool = True,
         plateau_window: int | None = None,
     ) -> None:
         named = list(named_params)
-        # a DTensor's shape and numel are those of the whole parameter: the same on every process,
-        # so every process builds the same vector layout even where its own shard is empty
+        # whole shapes: a DTensor's own, FSDP1's given ones. The same on every process, so every
+        # process builds the same vector layout even where its own shard is empty
         self._shard_count = shard_count
         self.names = [name for name, _ in named]
         self._params = [param for _, param in named]
-        self._trainable = [i for i, p in enumerate(self._params) if p.requires_grad and p.numel() > 0]
-        self._weights = [i for i in self._trainable if self._params[i].dim() >= 2]
+        if shapes is None:
+            self._numels, dims = [p.numel() for p in self._params], [p.dim() for p in self._params]
+        elif len(shapes) != len(self._params):
+            raise ValueError(f"{len(shapes)} shapes for {len(self._params)} parameters")
+        else:
+            self._numels, dims = [torch.Size(s).numel() for s in shapes], [len(s) for s in shapes]
+        self._trainable = [i for i, p in enumerate(self._params) if p.requires_grad and self._numels[i] > 0]
+        self._weights = [i for i in self._trainable if dims[i] >= 2]
         self._per_param = not sharded and bool(self._trainable)
         self._measure_updates = measure_updates
         self._plateau = LossPlateau(log_every, plateau_window)
@@ -207,9 +219,9 @@ class TrainingMonitor:
         return torch.cat(parts)
 
     def _local(self, index: int) -> torch.Tensor:
-        """This process's part of a parameter (its shard under FSDP2), detached."""
+        """This process's part of a parameter (its shard under FSDP2; FSDP1's is the parameter), detached."""
         param = self._params[index].detach()
-        return param.to_local() if self._shard_count is not None else param  # type: ignore[attr-defined]
+        return param.to_local() if hasattr(param, "to_local") else param
 
     def _squared_if_sharded(self, norms: torch.Tensor) -> torch.Tensor:
         return norms * norms if self._shard_count is not None else norms
@@ -406,8 +418,8 @@ class TrainingMonitor:
         """Causes of a flat loss measured at this check; ``LossPlateau.finding`` ranks them."""
         causes = self._updates.causes(lr)
         if self._no_grad:
-            total = sum(self._params[i].numel() for i in self._trainable)
-            share = sum(self._params[i].numel() for i in self._no_grad) / total
+            total = sum(self._numels[i] for i in self._trainable)
+            share = sum(self._numels[i] for i in self._no_grad) / total
             names = tuple(self.names[i] for i in self._no_grad)
             text = (
                 f"{len(names)} trainable parameters ({share:.0%} of the elements) got no gradient this "

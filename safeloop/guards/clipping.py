@@ -2,8 +2,9 @@
 
 The norm is measured once per optimizer step, before clipping, and kept on the device: the
 same tensor feeds logging and the NaN/Inf guard. Nothing here reads a tensor on the host.
-Under FSDP2 the per-parameter norms are those of this process's shard of each gradient (the
-reduce-scattered gradient the optimizer uses); the diagnostics combine them over processes.
+Under FSDP2, and FSDP1 with ``use_orig_params=True``, the per-parameter norms are those of this
+process's shard (or flat slice) of each gradient (the reduce-scattered gradient the optimizer
+uses); the diagnostics combine them over processes.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from accelerate.utils import DistributedType
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
 try:
+    from torch.distributed.fsdp import FlatParameter
     from torch.distributed.tensor import DTensor
 
     _DTENSOR: tuple[type, ...] = (DTensor,)
+    _FLAT: tuple[type, ...] = (FlatParameter,)
 except ImportError:  # a torch built without distributed support has no sharded tensors
-    _DTENSOR = ()
+    _DTENSOR = _FLAT = ()
 
 __all__ = ["GradNorms", "grad_norms", "shard_grad_norms", "clip_and_measure"]
 
@@ -37,8 +40,9 @@ class GradNorms:
     Attributes:
         total (`torch.Tensor`): the global L2 norm, 0-dim.
         per_param (`torch.Tensor | None`): the L2 norm of each parameter's gradient, in
-            ``parameters`` order, 0.0 for parameters without one. Under FSDP2 the norm of this
-            process's shard of each gradient (see :func:`shard_grad_norms`); None under FSDP1 and
+            ``parameters`` order, 0.0 for parameters without one. Under FSDP2 and FSDP1 with
+            ``use_orig_params=True`` the norm of this process's shard of each gradient (see
+            :func:`shard_grad_norms`); None under FSDP1 with ``use_orig_params=False`` and
             DeepSpeed, whose parameters are flattened.
     """
 
@@ -96,26 +100,30 @@ def shard_grad_norms(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor |
 
     Under FSDP2 every parameter and its gradient are DTensors, and the local part of the
     gradient is this process's shard after the reduce-scatter: the gradient its optimizer uses.
-    The squares of these norms add up over processes to the squared norm of the whole gradient.
+    Under FSDP1 with ``use_orig_params=True`` a parameter's ``.grad`` is already this process's
+    flat slice of that gradient (None where the slice is empty). Either way the squares of these
+    norms add up over processes to the squared norm of the whole gradient.
 
     Args:
-        parameters (`Iterable[torch.nn.Parameter]`): parameters whose ``.grad`` to measure.
+        parameters (`Iterable[torch.nn.Parameter]`): the prepared model's parameters.
 
     Returns:
         `torch.Tensor | None`: one norm per parameter, in ``parameters`` order, 0.0 for those
-        without a gradient (an empty shard too); None when the parameters are not all DTensors
-        (FSDP1's flat parameters, DeepSpeed), where a shard says nothing about one parameter.
+        without a gradient (an empty shard too); None for FSDP1's ``FlatParameter`` s
+        (``use_orig_params=False``), whose shards say nothing about one parameter, and when
+        only some parameters are DTensors.
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
-        >>> shard_grad_norms([p]) is None  # not a DTensor
-        True
+        >>> shard_grad_norms([p])  # an FSDP1 slice is a plain tensor: its own norm
+        tensor([5.])
     """
     params = list(parameters)
-    if not params or not all(isinstance(p, _DTENSOR) for p in params):
+    dtensors = sum(isinstance(p, _DTENSOR) for p in params)
+    if not params or 0 < dtensors < len(params) or any(isinstance(p, _FLAT) for p in params):
         return None
     positions = [i for i, p in enumerate(params) if p.grad is not None]
-    device = params[0].to_local().device  # type: ignore[attr-defined]
+    device = _local(params[0]).device
     if not positions:
         return torch.zeros(len(params), device=device)
     grads = [_local(params[i].grad) for i in positions]  # type: ignore[arg-type]
@@ -154,8 +162,10 @@ def clip_and_measure(
     """
     params = list(parameters)
     if accelerator.distributed_type in _SHARDED:
-        # before the clip: the per-parameter norms are, as without sharding, those before clipping
-        per_param = shard_grad_norms(params)
+        # before the clip: the per-parameter norms are, as without sharding, those before clipping;
+        # DeepSpeed's `.grad` is not this process's share of the gradient (its engine holds that)
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        per_param = shard_grad_norms(params) if fsdp else None
         bound = float("inf") if max_norm is None else max_norm
         return GradNorms(total=_as_tensor(accelerator.clip_grad_norm_(params, bound)), per_param=per_param)
     accelerator.unscale_gradients()

@@ -1,8 +1,9 @@
-"""Per-parameter diagnostics under FSDP2 on two CPU processes (gloo), against an unsharded DDP run.
+"""Per-parameter diagnostics under FSDP2 and FSDP1 on two CPU processes (gloo), against an unsharded DDP run.
 
-Under FSDP2 each process holds a shard of every gradient after the reduce-scatter; the
-diagnostics combine the shards' squared norms in the log step's one all-reduce. The per-layer
-values logged to the trackers and the findings must be those of the same run under DDP.
+Under FSDP2 each process holds a shard of every gradient after the reduce-scatter, and under
+FSDP1 with ``use_orig_params=True`` a flat slice of it; the diagnostics combine the shards'
+squared norms in the log step's one all-reduce. The per-layer values logged to the trackers and
+the findings must be those of the same run under DDP.
 """
 
 from __future__ import annotations
@@ -68,11 +69,15 @@ def _warnings(result: dict) -> list[tuple[str, list[str], int]]:
     return [(code, params, step) for code, severity, params, step in result["findings"] if severity != "info"]
 
 
-def test_fsdp2_logs_the_same_per_layer_gradient_norms_and_vanishing_layers_as_ddp(tmp_path):
-    fsdp = _run(tmp_path / "fsdp", MODE="fsdp2")
-    ddp = _run(tmp_path / "ddp", MODE="ddp")
-    # the model really was sharded, on both ranks, and both runs took the same steps
-    assert [r["param_types"] for r in fsdp] == [["DTensor"], ["DTensor"]]
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[list[dict], Path]:
+    """The unsharded reference run, shared by the FSDP2 and FSDP1 comparisons."""
+    out_dir = tmp_path_factory.mktemp("reference") / "ddp"
+    return _run(out_dir, MODE="ddp"), out_dir
+
+
+def _assert_same_as_ddp(fsdp: list[dict], fsdp_dir: Path, ddp: list[dict], ddp_dir: Path) -> None:
+    """Same steps, findings and tracker values (per-layer norms and update ratios) as under DDP."""
     assert all(r["distributed_type"] == "DistributedType.FSDP" for r in fsdp)
     assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=RTOL)
 
@@ -81,7 +86,7 @@ def test_fsdp2_logs_the_same_per_layer_gradient_norms_and_vanishing_layers_as_dd
     vanishing = [params for code, params, _ in _warnings(fsdp[0]) if code == "vanishing-grad"]
     assert vanishing and vanishing[0][:3] == ["0.weight", "2.weight", "4.weight"]
 
-    logged_fsdp, logged_ddp = _logged(tmp_path / "fsdp"), _logged(tmp_path / "ddp")
+    logged_fsdp, logged_ddp = _logged(fsdp_dir), _logged(ddp_dir)
     assert sorted(logged_fsdp) == sorted(logged_ddp) == [5, 10, 15, 20]
     for step in logged_fsdp:
         fsdp_values, ddp_values = logged_fsdp[step], logged_ddp[step]
@@ -98,6 +103,34 @@ def test_fsdp2_logs_the_same_per_layer_gradient_norms_and_vanishing_layers_as_dd
         for key in ratios:
             assert fsdp_values[key] == pytest.approx(ddp_values[key], rel=RTOL, abs=1e-12), (step, key)
     assert grads["0.weight"] < 1e-12 < grads["38.weight"]  # the values span the vanishing range
+
+
+def test_fsdp2_logs_the_same_per_layer_gradient_norms_and_vanishing_layers_as_ddp(tmp_path, ddp_run):
+    fsdp = _run(tmp_path / "fsdp", MODE="fsdp2")
+    # the model really was sharded, on both ranks
+    assert [r["param_types"] for r in fsdp] == [["DTensor"], ["DTensor"]]
+    _assert_same_as_ddp(fsdp, tmp_path / "fsdp", *ddp_run)
+
+
+def test_fsdp1_with_original_parameters_logs_the_same_per_layer_values_as_ddp(tmp_path, ddp_run):
+    # FSDP1 (`use_orig_params=True`, one FSDP module per 16x16 layer): each parameter and its
+    # `.grad` are this rank's flat slice, uneven or empty; whole shapes come from FlatParameters
+    fsdp = _run(tmp_path / "fsdp", MODE="fsdp1")
+    assert [(r["shard_count"], r["per_param"]) for r in fsdp] == [(2, True), (2, True)]
+    slices = [r["local_numels"] for r in fsdp]
+    for name, numel in [("0.weight", 128), ("0.bias", 16), ("2.weight", 256), ("38.weight", 48)]:
+        # the slices partition the parameter, and they are flat: not its 2-D shape
+        assert slices[0][name] + slices[1][name] == numel, name
+    assert 0 in slices[0].values() and slices[0]["0.weight"] != slices[1]["0.weight"]
+    _assert_same_as_ddp(fsdp, tmp_path / "fsdp", *ddp_run)
+
+
+def test_fsdp1_with_flat_parameters_runs_with_per_layer_statistics_off(tmp_path):
+    results = _run(tmp_path / "run", MODE="fsdp1", ORIG="0", MAX_STEPS="5")
+    assert [(r["shard_count"], r["per_param"], r["steps"]) for r in results] == [(None, False, 5)] * 2
+    logged = _logged(tmp_path / "run")
+    assert list(logged) == [5] and "train/grad_norm" in logged[5]
+    assert not [k for k in logged[5] if k.startswith(("grad_norm/", "update_ratio/"))]
 
 
 def test_fsdp2_names_an_unused_layer_on_the_first_batch_under_gradient_accumulation(tmp_path):
@@ -144,3 +177,13 @@ def test_fsdp2_reinitialises_a_stuck_zero_weight_as_an_unsharded_run_does(tmp_pa
         assert result["collectives"] == 1
     assert ddp[0]["collectives"] == 0
     assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=RTOL)
+
+
+def test_fsdp1_leaves_the_zero_weight_check_off_instead_of_splitting_the_ranks(tmp_path, monkeypatch):
+    # FSDP1's parameters are flat slices: one rank's all-zero slice says nothing of the weight,
+    # and re-initialising it there alone would make the ranks train different models
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", REINIT_SCRIPT)
+    results = _run(tmp_path / "fsdp1", MODE="fsdp1", ORIG="1")
+    for result in results:
+        assert result["events"] == [] and result["findings"] == []
+    assert results[0]["losses"] == results[1]["losses"]

@@ -1,17 +1,26 @@
-"""Trains a deep sigmoid MLP whose first layers' gradients vanish, under FSDP2 or DDP, on CPU ranks.
+"""Trains a deep sigmoid MLP whose first layers' gradients vanish, under FSDP2, FSDP1 or DDP, on CPU ranks.
 
 Run by ``tests/distributed/test_fsdp.py`` under torchrun (2 processes, gloo). ``MODE=fsdp2``
 shards the model with Accelerate's ``FullyShardedDataParallelPlugin(fsdp_version=2)``;
+``MODE=fsdp1`` with ``fsdp_version=1`` and ``use_orig_params=True``, each 16x16 layer in its own
+FSDP module and the first and last layers in the root's; ``ORIG=0`` wraps the model in FSDP1
+with ``use_orig_params=False`` itself, before building the optimizer on its FlatParameters
+(Accelerate 1.15 does not move an optimizer built before ``prepare`` onto them, so the
+first-batch check would refuse the run);
 ``MODE=ddp`` is the unsharded reference. Each rank prints one ``RESULT`` JSON line: findings,
 and, per optimizer step, each parameter's whole gradient norm measured by a callback (a full
-gather under FSDP2: test-only cost). Rank 0's tracker writes every ``accelerator.log`` call to
-``<out_dir>/metrics.jsonl``.
+gather under FSDP2, an all-reduce of squared slice norms under FSDP1: test-only cost). Rank 0's
+tracker writes every ``accelerator.log`` call to ``<out_dir>/metrics.jsonl``.
 
 Accelerate 1.15 ignores an FSDP plugin on CPU (``AcceleratorState`` only sets FSDP for GPU-like
 distributed types), while ``fully_shard`` itself runs on a gloo CPU mesh; the script sets the
 distributed type itself, in both shared states (``AcceleratorState`` copies ``PartialState``'s
-when it is built again during ``prepare``). It exits with code 3 and a ``SKIP`` line when FSDP2
-cannot be set up here.
+when it is built again during ``prepare``). FSDP1 also needs the device without an index: for
+a CPU process group Accelerate's device is ``cpu:0`` (``torch.device("cpu", local_rank %
+torch.cpu.device_count())``), which it passes to FSDP1 as ``device_id``, while FSDP1 takes its
+compute device from ``torch.cpu.current_device()``, plain ``cpu``, and refuses the pair
+("Inconsistent compute device and `device_id`"). It exits with code 3 and a ``SKIP`` line when
+FSDP cannot be set up here.
 """
 
 import json
@@ -27,6 +36,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch import distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from safeloop import Callback, ConfigError, SafeTrainer
 from tests.helpers.models import classification_data
@@ -64,12 +75,31 @@ class StepNorms(Callback):
 
     def on_before_optimizer_step(self, trainer, optimizer) -> None:
         norms = {}
-        for name, param in trainer.accelerator.unwrap_model(trainer.model).named_parameters():
+        named = list(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+        if os.environ.get("MODE") == "fsdp1":
+            # flat slices of each gradient, empty ones with `.grad = None`: their squares sum up
+            squares = torch.stack(
+                [
+                    torch.zeros(()) if p.grad is None else p.grad.detach().float().square().sum()
+                    for _, p in named
+                ]
+            )
+            dist.all_reduce(squares)
+            self.steps.append(
+                {unwrapped(n): float(s) ** 0.5 for (n, _), s in zip(named, squares.tolist(), strict=True)}
+            )
+            return
+        for name, param in named:
             grad = param.grad
             if hasattr(grad, "full_tensor"):  # an FSDP2 shard: gather it (every rank calls this)
                 grad = grad.full_tensor()
             norms[name] = float(grad.norm()) if grad is not None else 0.0
         self.steps.append(norms)
+
+
+def unwrapped(name: str) -> str:
+    """A parameter's name in the model as built (FSDP1's auto-wrapped layers add a component)."""
+    return name.replace("_fsdp_wrapped_module.", "")
 
 
 def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
@@ -80,23 +110,49 @@ def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
     }
     if mode == "ddp":
         return Accelerator(**options)
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    if mode == "fsdp1":
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=1,
+            use_orig_params=os.environ.get("ORIG", "1") == "1",
+            # each 16x16 layer (272 elements) in its own FSDP module; the first (144) and last
+            # (51) layers are left to the root's: nested FlatParameters and uneven slices
+            auto_wrap_policy="size_based_wrap",
+            min_num_params=200,
+        )
+        plugin.set_auto_wrap_policy(None)  # the callable, for a model wrapped by hand (ORIG=0)
+    else:
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     accelerator = Accelerator(fsdp_plugin=plugin, **options)
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if mode == "fsdp1":
+        # FSDP1 compares its CPU compute device, `cpu`, with the `device_id` Accelerate passes
+        # (its state's device, `cpu:0` for a CPU process group): the same device without the index
+        cpu = torch.device("cpu")
+        accelerator.state.device = cpu
+        PartialState._shared_state["device"] = cpu
     return accelerator
 
 
 def main() -> None:
     out_dir, mode = sys.argv[1], os.environ.get("MODE", "fsdp2")
-    # MODE: fsdp2 or ddp; UNUSED=1: a layer never called; ACCUM: gradient accumulation steps
+    # MODE: fsdp2, fsdp1 or ddp; ORIG=0: FSDP1 with use_orig_params=False;
+    # UNUSED=1: a layer never called; ACCUM: gradient accumulation steps
     tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
     accelerator = build_accelerator(mode, tracker)
     accelerator.init_trackers("fsdp-test")
     model = deep_sigmoid_mlp()
     if os.environ.get("UNUSED") == "1":  # the first-batch gradient-reach check must name `aux`
         model = WithUnused(model)
+    if mode == "fsdp1" and os.environ.get("ORIG") == "0":
+        # the plugin's wrap policy, applied here (Accelerate leaves an FSDP model as it is)
+        model = FSDP1(
+            model,
+            auto_wrap_policy=accelerator.state.fsdp_plugin.auto_wrap_policy,
+            use_orig_params=False,
+            device_id=accelerator.device,
+        )
     x, y = classification_data(n=128).tensors
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     norms = StepNorms()
@@ -116,7 +172,7 @@ def main() -> None:
     except ConfigError:
         raise
     except (RuntimeError, ValueError, NotImplementedError) as error:  # fully_shard refused here
-        sys.stdout.write(f"SKIP FSDP2 could not shard the model on CPU: {error!r}\n")
+        sys.stdout.write(f"SKIP {mode} could not shard the model on CPU: {error!r}\n")
         sys.stdout.flush()
         sys.exit(SKIP_CODE)
     result = trainer.fit()
@@ -128,6 +184,10 @@ def main() -> None:
         "losses": [h["loss"] for h in result.history],
         "findings": [[f.code, f.severity, list(f.params), f.step] for f in result.findings],
         "step_norms": norms.steps,
+        # what the diagnostics measure, and this rank's slice of each parameter (FSDP1: flat)
+        "shard_count": trainer._diagnostics.layout.shard_count,
+        "per_param": trainer._diagnostics.layout.per_param,
+        "local_numels": {unwrapped(n): p.numel() for n, p in trainer.model.named_parameters()},
     }
     accelerator.end_training()
     # one write per line: two processes share this stdout, and print() writes the newline apart
