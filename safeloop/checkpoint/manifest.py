@@ -76,9 +76,9 @@ def file_digests(path: Path, size: int, pool: ThreadPoolExecutor) -> list[Future
 
 def bytes_digests(data: bytes, pool: ThreadPoolExecutor) -> list[Future[str]]:
     """Start hashing the chunks of bytes held in memory (the very bytes that will be used)."""
-    view = memoryview(data)
-    starts = range(0, len(data), CHUNK_BYTES) if data else [0]
-    return [pool.submit(lambda a: hashlib.sha256(view[a : a + CHUNK_BYTES]).hexdigest(), a) for a in starts]
+    feeder = _ChunkFeeder(pool)
+    feeder.add(data)
+    return feeder.finish()
 
 
 def results(futures: list[Future[str]]) -> list[str]:
@@ -97,12 +97,10 @@ class _ChunkFeeder:
         self._pool = pool
         self._pending: list[memoryview] = []
         self._filled = 0
-        self.total = 0
         self.futures: list[Future[str]] = []
 
     def add(self, buffer: Any) -> None:
         view = memoryview(buffer).cast("B")
-        self.total += len(view)
         while len(view):
             take = min(CHUNK_BYTES - self._filled, len(view))
             self._pending.append(view[:take])
