@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from safeloop.diagnostics.data import DataProfile, compare_profiles
+from safeloop.diagnostics.data import DataProfile
+from safeloop.diagnostics.data_compare import compare_profiles
 from safeloop.diagnostics.first_batch import (
     ForwardWatch,
     check_double_backward,

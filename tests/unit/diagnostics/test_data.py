@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safeloop.diagnostics.data import MAX_FEATURES, MIN_SAMPLES, DataProfile, compare_profiles
+from safeloop.diagnostics.data import MAX_FEATURES, MIN_SAMPLES, DataProfile
+from safeloop.diagnostics.data_compare import compare_profiles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
