@@ -70,7 +70,7 @@ class Diagnostics:
             else WeightHealth(self.model.named_parameters(), lookup_tables=lookup_tables(self.model))
         )
         # FSDP2 and FSDP1 (`use_orig_params=True`): per-parameter statistics from this process's
-        # shards, summed over processes by the metrics all-reduce of the log step (training.py);
+        # shards, summed over processes by the metrics all-reduce of the log step (gradient_stats.py);
         # FSDP1 with flat parameters, DeepSpeed: global norm only. Names as the unwrapped model
         # gives them: FSDP1's auto-wrapped submodules would add `_fsdp_wrapped_module.` to them
         self.monitor = TrainingMonitor(

@@ -1,8 +1,9 @@
 """Updates of the wrong size for the weights (lr-too-high, lr-too-low), and the causes of a flat loss.
 
-Host side only. ``TrainingMonitor`` measures on the device each weight's update-to-weight ratio
-``||dw|| / ||w||`` at log steps; ``UpdateSize`` judges those ratios against the loss. ``Cause``
-is one measured reason for a flat loss, ranked by ``CONTEXT_RANKS`` in the plateau finding.
+Host side only. ``GradientStats`` (gradient_stats.py) measures on the device each weight's
+update-to-weight ratio ``||dw|| / ||w||`` at log steps; ``UpdateSize`` judges those ratios
+against the loss. ``Cause`` is one measured reason for a flat loss, ranked by ``CONTEXT_RANKS``
+in the plateau finding.
 """
 
 from __future__ import annotations
