@@ -12,7 +12,7 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 
-from safeloop.diagnostics.updates import CONTEXT_RANKS, CONVERGED, OTHER_RANK, Cause, UpdateSize, listing
+from safeloop.diagnostics.updates import CONTEXT_RANKS, CONVERGED, OTHER_RANK, Cause
 from safeloop.results import Finding
 
 __all__ = [
@@ -24,11 +24,6 @@ __all__ = [
     "PLATEAU_LEARNED",
     "PLATEAU_PRECISION",
     "PLATEAU_HISTORY",
-    # re-exported for training.py until its imports move to updates.py
-    "Cause",
-    "CONTEXT_RANKS",
-    "UpdateSize",
-    "listing",
 ]
 
 # FINDINGS.md "loss-plateau": no improvement over a window. A window of 5 log checks and at least

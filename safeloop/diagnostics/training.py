@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from safeloop.diagnostics.gradient_stats import GradientStats, GradientWindow
-from safeloop.diagnostics.plateau import CONTEXT_RANKS, Cause, LossPlateau, UpdateSize, listing
+from safeloop.diagnostics.plateau import LossPlateau
+from safeloop.diagnostics.updates import CONTEXT_RANKS, Cause, UpdateSize, listing
 from safeloop.results import Finding
 
 __all__ = [
