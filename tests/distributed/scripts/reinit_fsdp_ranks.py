@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
-from safeloop import Callback, ConfigError, SafeTrainer
+from safeloop import Callback
 from safeloop.guards.reinit import find_zero_params
-from tests.distributed.scripts.train_fsdp_ranks import SKIP_CODE, build_accelerator
+from tests.distributed.scripts.train_fsdp_ranks import build_accelerator, sharded_trainer
 from tests.helpers.models import classification_data
 from tests.helpers.recording import JsonLinesTracker
 
@@ -80,25 +80,7 @@ def main() -> None:
     x, y = classification_data(n=64).tensors
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     first = FirstStep()
-    try:
-        trainer = SafeTrainer(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            loader,
-            loss_fn=nn.CrossEntropyLoss(),
-            max_steps=4,
-            log_every=2,
-            seed=0,
-            accelerator=accelerator,
-            callbacks=[first],
-            progress_bar=False,
-        )
-    except ConfigError:
-        raise
-    except (RuntimeError, ValueError, NotImplementedError) as error:  # fully_shard refused here
-        sys.stdout.write(f"SKIP FSDP2 could not shard the model on CPU: {error!r}\n")
-        sys.stdout.flush()
-        sys.exit(SKIP_CODE)
+    trainer = sharded_trainer(mode, model, loader, accelerator, max_steps=4, log_every=2, callbacks=[first])
     result = trainer.fit()
     record = {
         "rank": accelerator.process_index,

@@ -26,6 +26,7 @@ FSDP cannot be set up here.
 import json
 import os
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,6 +136,29 @@ def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
     return accelerator
 
 
+def sharded_trainer(
+    mode: str, model: nn.Module, loader: DataLoader, accelerator: Accelerator, **kwargs: Any
+) -> SafeTrainer:
+    """A SafeTrainer (SGD 0.1, cross-entropy, seed 0) on ``accelerator``; exit SKIP_CODE if FSDP refuses."""
+    try:
+        return SafeTrainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            loader,
+            loss_fn=nn.CrossEntropyLoss(),
+            seed=0,
+            accelerator=accelerator,
+            progress_bar=False,
+            **kwargs,
+        )
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, NotImplementedError) as error:  # fully_shard refused here
+        sys.stdout.write(f"SKIP {mode} could not shard the model on CPU: {error!r}\n")
+        sys.stdout.flush()
+        sys.exit(SKIP_CODE)
+
+
 def main() -> None:
     out_dir, mode = sys.argv[1], os.environ.get("MODE", "fsdp2")
     # MODE: fsdp2, fsdp1 or ddp; ORIG=0: FSDP1 with use_orig_params=False;
@@ -156,25 +180,15 @@ def main() -> None:
     x, y = classification_data(n=128).tensors
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     norms = StepNorms()
-    try:
-        trainer = SafeTrainer(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            loader,
-            loss_fn=nn.CrossEntropyLoss(),
-            max_steps=int(os.environ.get("MAX_STEPS", "20")),
-            log_every=5,
-            seed=0,
-            accelerator=accelerator,
-            callbacks=[norms],
-            progress_bar=False,
-        )
-    except ConfigError:
-        raise
-    except (RuntimeError, ValueError, NotImplementedError) as error:  # fully_shard refused here
-        sys.stdout.write(f"SKIP {mode} could not shard the model on CPU: {error!r}\n")
-        sys.stdout.flush()
-        sys.exit(SKIP_CODE)
+    trainer = sharded_trainer(
+        mode,
+        model,
+        loader,
+        accelerator,
+        max_steps=int(os.environ.get("MAX_STEPS", "20")),
+        log_every=5,
+        callbacks=[norms],
+    )
     result = trainer.fit()
     record = {
         "rank": accelerator.process_index,
