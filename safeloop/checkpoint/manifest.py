@@ -163,6 +163,12 @@ def check_manifest(path: Path) -> Verification:
         entries = sorted(files.items())
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         return Verification(path, True, False, f"{manifest_path} cannot be parsed ({err})")
+    if version == 1:
+        return Verification(
+            path, True, False,
+            f"{manifest_path} was written by an older safeloop (manifest format 1; this one reads "
+            f"format {FORMAT_VERSION}): resume it with the safeloop that wrote it, or start fresh",
+        )  # fmt: skip
     if version != FORMAT_VERSION:
         return Verification(
             path, True, False, f"{manifest_path} has format_version {version!r}, expected {FORMAT_VERSION}"
@@ -171,6 +177,13 @@ def check_manifest(path: Path) -> Verification:
         return Verification(
             path, True, False, f"{manifest_path} names hash {manifest.get('hash')!r}, expected {HASH_SPEC}"
         )
+    # a manifest that parses but has the wrong shape is damage, never an exception later (on the
+    # main process alone, an exception would leave the others waiting in a collective)
+    if not entries:
+        return Verification(path, True, False, f"{manifest_path} lists no files")
+    for name, entry in entries:
+        if not _valid_entry(entry):
+            return Verification(path, True, False, f"{manifest_path} has a malformed entry for {name!r}")
     for name, entry in entries:
         file = path / name
         if Path(name).name != name or not file.is_file():
@@ -181,6 +194,19 @@ def check_manifest(path: Path) -> Verification:
                 path, True, False, f"{file} has {size} bytes, the manifest says {entry.get('size')}", manifest
             )
     return Verification(path, True, True, "", manifest)
+
+
+def _valid_entry(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    size, digests = entry.get("size"), entry.get("sha256")
+    return (
+        type(size) is int
+        and size >= 0
+        and isinstance(digests, list)
+        and len(digests) == max(1, -(-size // CHUNK_BYTES))
+        and all(isinstance(d, str) for d in digests)
+    )
 
 
 def _mismatch(path: Path, name: str, expected: object, found: list[str]) -> str | None:
@@ -255,11 +281,12 @@ class VerifiedReader:
         memory, chunk by chunk while the next tensors load: the very bytes that will be used,
         read from disk once.
         """
-        entry = self._entry(name)
+        self._entry(name)
         path = self.path / name
-        if sys.byteorder != "little":  # memory bytes differ from the file's: hash the file
-            self._digests[name] = file_digests(path, entry["size"], self._pool)
-            return load(path.read_bytes())
+        if sys.byteorder != "little":  # memory bytes differ from the file's: hash the bytes read
+            data = path.read_bytes()
+            self._digests[name] = bytes_digests(data, self._pool)
+            return load(data)
         with path.open("rb") as fh:
             prefix = fh.read(8)
             header_bytes = prefix + fh.read(int.from_bytes(prefix, "little"))
@@ -279,12 +306,25 @@ class VerifiedReader:
             self._digests[name] = bytes_digests(data, self._pool)
             return load(data)
         with opened as tensors:
+            if sorted(tensors.keys()) != sorted(key for _, key in order):
+                raise CheckpointError(f"{path} changed while it was read (its tensor names differ)")
             for _, key in order:
+                piece = tensors.get_slice(key)
+                # what safetensors parsed is what was hashed: the file was not swapped in between
+                if (
+                    piece.get_dtype() != header[key]["dtype"]
+                    or list(piece.get_shape()) != header[key]["shape"]
+                ):
+                    raise CheckpointError(f"{path} changed while it was read (`{key}` differs)")
                 loaded[key] = tensors.get_tensor(key)
                 if loaded[key].numel():
                     feeder.add(_tensor_bytes(loaded[key]))
         self._digests[name] = feeder.finish()
         return loaded
+
+    def close(self) -> None:
+        """Stop the hashing threads (after :meth:`confirm`, or when reading was interrupted)."""
+        self._pool.shutdown(cancel_futures=True)
 
     def confirm(self) -> None:
         """Check every listed file (hashing those not read); raise on the first mismatch.

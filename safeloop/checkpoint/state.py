@@ -156,18 +156,23 @@ def read_state(path: str | Path, rank: int = 0) -> SavedState:
     """
     reader = VerifiedReader(path)
     try:
-        document = json.loads(reader.read(JSON_FILE))
-        model = _with_aliases(reader.tensors(MODEL_FILE), document["model_aliases"])
-        tensors = _with_aliases(reader.tensors(TENSORS_FILE), document["state_aliases"])
-        parts = _join_parts(document["parts"], tensors)
-        world_size = saved_ranks(reader.manifest)
-        if world_size:
-            data = reader.read(rank_file_name(rank % world_size))
-            metadata = _safetensors_metadata(data)
-            rank_tensors = tensors_from_bytes(data, json.loads(metadata["aliases"]))
-            parts.update(_join_parts(json.loads(metadata["parts"]), rank_tensors))
-    except Exception as err:
-        reader.confirm()  # a damaged file is named by its hash first
-        raise CheckpointError(f"{path} verifies but cannot be read ({type(err).__name__}: {err})") from err
-    reader.confirm()  # nothing read is used before every hash matched
+        try:
+            document = json.loads(reader.read(JSON_FILE))
+            model = _with_aliases(reader.tensors(MODEL_FILE), document["model_aliases"])
+            tensors = _with_aliases(reader.tensors(TENSORS_FILE), document["state_aliases"])
+            parts = _join_parts(document["parts"], tensors)
+            world_size = saved_ranks(reader.manifest)
+            if world_size:
+                data = reader.read(rank_file_name(rank % world_size))
+                metadata = _safetensors_metadata(data)
+                rank_tensors = tensors_from_bytes(data, json.loads(metadata["aliases"]))
+                parts.update(_join_parts(json.loads(metadata["parts"]), rank_tensors))
+        except Exception as err:
+            reader.confirm()  # a damaged file is named by its hash first
+            raise CheckpointError(
+                f"{path} verifies but cannot be read ({type(err).__name__}: {err})"
+            ) from err
+        reader.confirm()  # nothing read is used before every hash matched
+    finally:
+        reader.close()  # also when interrupted (KeyboardInterrupt): no hashing thread left running
     return SavedState(model=model, parts=parts, trainer=document["trainer"], world_size=max(world_size, 1))

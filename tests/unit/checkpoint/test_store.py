@@ -128,7 +128,47 @@ def test_a_manifest_of_another_format_or_hash_is_refused_by_name(tmp_path):
     assert "names hash" in verify_checkpoint(path).problem and "md5" in verify_checkpoint(path).problem
     manifest["format_version"] = 1
     (path / MANIFEST).write_text(json.dumps(manifest))
-    assert "format_version 1, expected 2" in verify_checkpoint(path).problem
+    assert "written by an older safeloop (manifest format 1" in verify_checkpoint(path).problem
+    manifest["format_version"] = 7
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert "format_version 7, expected 2" in verify_checkpoint(path).problem
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {},
+        {"model.safetensors": "7"},
+        {"model.safetensors": {"size": 7.0, "sha256": ["0" * 64]}},
+        {"model.safetensors": {"size": 7, "sha256": "0" * 64}},
+        {"model.safetensors": {"size": 7, "sha256": []}},
+    ],
+    ids=["no-files", "not-a-dict", "float-size", "digest-not-a-list", "no-digest"],
+)
+def test_a_manifest_of_the_wrong_shape_is_damage_not_an_exception(tmp_path, files):
+    path = _write(tmp_path, 3)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"] = files
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    check = verify_checkpoint(path)
+    assert not check.ok and check.complete
+    assert "lists no files" in check.problem or "malformed entry for 'model.safetensors'" in check.problem
+
+
+def test_a_tensor_file_swapped_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    import safeloop.checkpoint.manifest as manifest_module
+
+    def write_tensors(path):
+        save_file({"a": torch.arange(4, dtype=torch.float32)}, str(path))
+
+    path = write_checkpoint(tmp_path / "run", 1, {"t.safetensors": write_tensors}, meta={})
+    swapped = tmp_path / "swapped.safetensors"  # the same bytes, read as int32
+    swapped.write_bytes((path / "t.safetensors").read_bytes().replace(b'"F32"', b'"I32"'))
+    opener = manifest_module.safe_open
+    # the header is read from the checkpoint, then safetensors opens the swapped file
+    monkeypatch.setattr(manifest_module, "safe_open", lambda _name, **kw: opener(str(swapped), **kw))
+    with pytest.raises(CheckpointError, match=r"changed while it was read \(`a` differs\)"):
+        VerifiedReader(path).tensors("t.safetensors")
 
 
 def test_no_checkpoint_with_a_manifest_means_a_fresh_start(tmp_path):
