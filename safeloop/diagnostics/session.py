@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch.nn.parallel import DistributedDataParallel
 
 from safeloop.diagnostics.data import DataProfile
@@ -96,7 +97,10 @@ class Diagnostics:
         """
         self.first_done = True
         findings = check_inputs(batch) + check_trainable(self.model)
-        findings += check_optimizer(self.model, self.trainer.optimizer)
+        if self.trainer.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            # DeepSpeed's optimizer holds its own flat partitions, not the model's parameters:
+            # comparing them by identity would raise a false optimizer-foreign-params
+            findings += check_optimizer(self.model, self.trainer.optimizer)
         had_grads = any(p.grad is not None for p in self.model.parameters())
         loss_findings: list[Finding] = []
         with ForwardWatch(self.model) as watch, self._checked_loss_fn(loss_findings):

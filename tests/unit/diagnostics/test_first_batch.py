@@ -419,3 +419,25 @@ def test_raise_if_fatal_on_a_real_first_batch():
     codes = [f.code for f in excinfo.value.findings]
     assert codes == ["no-trainable-params", "loss-not-scalar", "loss-not-differentiable"]
     assert "Fix: Reduce it, e.g. `loss.mean()`" in str(excinfo.value)
+
+
+def test_under_deepspeed_the_optimizer_is_not_compared_with_the_model(monkeypatch):
+    # ZeRO's optimizer holds flat partitions of the parameters, never the model's own tensors
+    from accelerate.utils import DistributedType
+
+    from safeloop import SafeTrainer
+    from safeloop.diagnostics.session import Diagnostics
+    from tests.helpers.models import classification_data, loader
+
+    model = mlp()
+    partition = [nn.Parameter(torch.zeros(366))]  # what a ZeRO optimizer's param_groups hold
+    data = loader(classification_data(n=32), batch_size=8)
+    trainer = SafeTrainer(
+        model, torch.optim.SGD(partition, lr=0.1), data, loss_fn=nn.CrossEntropyLoss(), progress_bar=False
+    )
+    x, y = next(iter(data))
+    with pytest.raises(ConfigError, match="optimizer-foreign-params"):  # not under DeepSpeed
+        Diagnostics(trainer).first_loss((x, y), lambda: F.cross_entropy(model(x), y))
+    monkeypatch.setattr(trainer.accelerator.state, "distributed_type", DistributedType.DEEPSPEED)
+    loss = Diagnostics(trainer).first_loss((x, y), lambda: F.cross_entropy(model(x), y))
+    assert loss.requires_grad
