@@ -266,8 +266,8 @@ def _choose_target(trainer: SafeTrainer, start_step: int) -> int:
     target = _NONE
     if trainer.accelerator.is_main_process:
         for step, path in reversed(list_checkpoints(manager.directory)):
-            if step >= start_step:
-                continue
+            if step >= start_step or not manager.in_lineage(step):
+                continue  # after the anomaly, or another run's (a stale folder in checkpoint_dir)
             check = verify_checkpoint(path)
             if check.ok and (check.manifest or {}).get("meta", {}).get("healthy", True):
                 target = step

@@ -131,6 +131,7 @@ def resume(trainer: SafeTrainer, resume_from: str | os.PathLike[str] | None) -> 
     own = trainer._checkpoints
     if own is not None and path.parent.resolve() == own.directory.resolve():
         own.last_saved_step = trainer.global_step
+        own.resumed_step = trainer.global_step  # it and the checkpoints before it: this run's past
     # else: a checkpoint from elsewhere; the trainer's folder gets one of the resume step when fit
     # starts (with rollback on), so that a spike before the first periodic save has a target
     trainer._events.append(Event("resume", trainer.global_step, {"path": str(path)}))

@@ -91,12 +91,21 @@ class CheckpointManager:
         self.keep = keep
         self.async_save = async_save
         self.last_saved_step: int | None = None
-        self.saved_steps: list[int] = []  # written (or resumed from) in this run
+        self.saved_steps: list[int] = []  # written in this run
+        self.resumed_step: int | None = None  # the checkpoint of this folder the run resumed from
         self.protected_step: int | None = None  # the newest checkpoint known healthy: never rotated
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: tuple[int, Future[Path]] | None = None
         self._failure = ""
         self.durable: list[tuple[int, Path]] = []  # async saves finished inside save(), to report
+
+    def in_lineage(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` in this folder belongs to this run's history.
+
+        Those written by this run, and those up to the one it resumed from (its past). Others
+        (another run's, or a branch beyond the resumed step) must never be restored.
+        """
+        return step in self.saved_steps or (self.resumed_step is not None and step <= self.resumed_step)
 
     def due(self, step: int) -> bool:
         """Whether a periodic checkpoint is due after global step ``step``."""
@@ -300,6 +309,7 @@ class CheckpointManager:
         if self.temporary:  # a next fit starts over in an empty folder
             self.last_saved_step = None
             self.saved_steps = []
+            self.resumed_step = None
 
 
 @dataclass

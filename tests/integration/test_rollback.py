@@ -144,6 +144,18 @@ def test_a_finite_spike_rolls_back_to_the_newest_healthy_checkpoint_before_it(tm
     assert result.rollbacks == 1 and result.global_step == 44
 
 
+def test_a_rollback_never_restores_another_runs_checkpoint_left_in_the_folder(tmp_path):
+    _fit(regressor(), 0.01, max_steps=35, checkpoint_dir=tmp_path, checkpoint_every=35)  # another run
+    assert (tmp_path / "step-00000035").is_dir()  # healthy, and newer than this run's step 30
+    loss_fn = spiking_loss(nn.MSELoss(), at_calls=range(40, 46), factor=30.0)
+    result = _fit(
+        regressor(), 0.002, loss_fn=loss_fn, max_epochs=4, checkpoint_dir=tmp_path, checkpoint_every=15
+    )
+    rollback = next(e for e in result.events if e.kind == "rollback")
+    assert rollback.step == 30 and rollback.detail["anomaly_start"] == 40
+    assert result.global_step == 44  # as without the stale folder
+
+
 def test_without_rollback_a_non_finite_run_still_raises_nonfinite_error():
     with pytest.raises(NonFiniteError):
         _fit(regressor(), 5.0, max_epochs=2, rollback=False)
