@@ -201,4 +201,6 @@ def after_step(trainer: SafeTrainer) -> None:
     if not trainer._preempted and trainer._preemption.agreed(
         trainer.accelerator, trainer.global_step, trainer.config.log_every
     ):
+        if trainer.global_step % trainer.config.log_every:
+            trainer._log()  # the partial interval, so that the checkpoint's history holds it
         stop_for_preemption(trainer)

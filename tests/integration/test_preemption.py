@@ -61,3 +61,37 @@ def test_fit_after_a_preempted_fit_goes_on_to_max_steps(tmp_path):
     assert first.global_step == 3 and [e.kind for e in first.events].count("preempt") == 1
     second = trainer.fit()  # the same trainer, in the same process: it continues
     assert second.global_step == 10
+
+
+def test_a_preemption_between_log_steps_logs_the_partial_interval_before_its_checkpoint(tmp_path):
+    from tests.conftest import _reset_accelerate
+    from tests.helpers.models import classification_data, loader, mlp
+
+    class SignalAtStep(Callback):
+        def on_before_optimizer_step(self, trainer, optimizer):
+            if trainer.global_step == 2 and not sent:  # step 3, not a log step, is being taken
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    def trainer_for(callbacks):
+        model = mlp(seed=0)
+        return SafeTrainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            loader(classification_data(n=64), batch_size=8),
+            loss_fn=nn.CrossEntropyLoss(),
+            max_steps=6,
+            log_every=2,
+            checkpoint_dir=str(tmp_path),
+            callbacks=callbacks,
+            progress_bar=False,
+        )
+
+    sent: list[bool] = []
+    first = trainer_for([SignalAtStep()]).fit()
+    assert first.global_step == 3 and [h["step"] for h in first.history] == [2, 3]
+    _reset_accelerate()
+    resumed = trainer_for([]).fit(resume_from="latest")
+    # the checkpoint of step 3 holds the entry of step 3: the resumed history lacks nothing
+    assert [h["step"] for h in resumed.history] == [2, 3, 4, 6]
+    assert resumed.history[1] == first.history[1]
