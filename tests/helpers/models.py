@@ -57,5 +57,17 @@ class DictDataset(Dataset):
         return {"input_ids": x, "labels": y}
 
 
+class WithUnused(nn.Module):
+    """A model with a layer (``aux``) defined but never called in ``forward``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.aux = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

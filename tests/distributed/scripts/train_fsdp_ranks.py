@@ -41,7 +41,7 @@ from torch import distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from safeloop import Callback, ConfigError, SafeTrainer
-from tests.helpers.models import classification_data
+from tests.helpers.models import WithUnused, classification_data
 from tests.helpers.recording import JsonLinesTracker
 
 SKIP_CODE = 3
@@ -54,18 +54,6 @@ def deep_sigmoid_mlp() -> nn.Module:
     for _ in range(18):
         layers += [nn.Linear(16, 16), nn.Sigmoid()]
     return nn.Sequential(*layers, nn.Linear(16, 3))
-
-
-class WithUnused(nn.Module):
-    """A model with a layer defined but never called in ``forward``."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.aux = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
 
 
 class StepNorms(Callback):

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from safeloop import SafeTrainer
 from safeloop.testing import PoisonedDataset, nonfinite_loss, spiking_loss
-from tests.helpers.models import classification_data, mlp
+from tests.helpers.models import WithUnused, classification_data, mlp
 from tests.helpers.recording import JsonLinesTracker
 
 
@@ -27,18 +27,6 @@ def digest(model: nn.Module) -> str:
         sha.update(name.encode())
         sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return sha.hexdigest()
-
-
-class WithUnused(nn.Module):
-    """A model with a layer defined but never called in ``forward``."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.aux = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
 
 
 def main() -> None:
