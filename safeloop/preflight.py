@@ -125,14 +125,10 @@ def run_preflight(trainer: SafeTrainer) -> None:
     """The trainer's checks on the first step's gradients, before its update (once per trainer)."""
     trainer._preflight_done = True
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if _flat_shards(trainer, model):
-        # FSDP1's parameters are flat slices of a rank's shard: a slice of zeros says nothing
-        # of the weight, and re-initialising it on one rank would split the ranks apart
+    reason = _zero_check_off(trainer, model)
+    if reason is not None:
         if trainer.accelerator.is_main_process:
-            logger.info(
-                "safeloop: the all-zero weight check is off under FSDP1 (flat parameter shards); "
-                "initialise weights before wrapping, or use FSDP2 (fsdp_version=2) to have it."
-            )
+            logger.info("safeloop: the all-zero weight check is off: %s", reason)
         return
     events, findings, left_zero = check_zero_params(
         model,
@@ -150,12 +146,27 @@ def run_preflight(trainer: SafeTrainer) -> None:
         diagnostics.health.zero_at_start = left_zero
 
 
-def _flat_shards(trainer: SafeTrainer, model: torch.nn.Module) -> bool:
-    """FSDP1: parameters are flat shards (FSDP2's DTensors are handled by the check itself)."""
+def _zero_check_off(trainer: SafeTrainer, model: torch.nn.Module) -> str | None:
+    """Why the all-zero weight check cannot run on this run's parameters, or None when it can."""
+    zero = trainer._zero
+    if zero is not None and zero.partitioned:
+        # ZeRO's optimizer steps fp32 partitions the module's parameters are copies of (or, under
+        # ZeRO-3, empty placeholders for): a re-initialised copy would be overwritten at the step
+        return (
+            f"under DeepSpeed ZeRO-{zero.stage} the weights the optimizer steps are partitions "
+            "outside the module; initialise weights before `prepare`."
+        )
     if trainer.accelerator.distributed_type != DistributedType.FSDP:
-        return False
+        return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - a torch without distributed support has no FSDP
-        return True
-    return not all(isinstance(p, DTensor) for p in model.parameters())
+        DTensor = None
+    if DTensor is not None and all(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    # FSDP1's parameters are flat slices of a rank's shard: a slice of zeros says nothing of the
+    # weight, and re-initialising it on one rank would split the ranks apart
+    return (
+        "under FSDP1 the parameters are flat shards; initialise weights before wrapping, or use "
+        "FSDP2 (fsdp_version=2) to have it."
+    )

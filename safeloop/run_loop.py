@@ -162,7 +162,7 @@ def run_micro_batch(trainer: SafeTrainer, batch: Any, batch_idx: int) -> None:
             loss = diagnostics.first_loss(batch, lambda: trainer._loss_of(trainer.model, batch))
         else:
             loss = trainer._loss_of(trainer.model, batch)
-        trainer.accelerator.backward(loss)
+        trainer._backward(loss)
         if diagnostics is not None:
             diagnostics.after_first_backward()
         trainer._callbacks.call("on_after_backward", trainer)

@@ -40,6 +40,7 @@ from safeloop.results import Event, Finding, FitResult
 from safeloop.run_loop import run_epochs
 from safeloop.skips import SkipMonitor, handle_skip
 from safeloop.stepping import GatedStep
+from safeloop.zero import check_deepspeed_clipping, zero_engine
 
 __all__ = ["SafeTrainer"]
 
@@ -217,6 +218,10 @@ class SafeTrainer:
         self._preflight_done = False
         self._guarded = self.config.nan_guard != "off"
         self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
+        # under DeepSpeed the engine's backward and step are called apart (see zero.py)
+        self._zero = zero_engine(self.accelerator, self.model)
+        if self._zero is not None:
+            check_deepspeed_clipping(self.config, self._zero)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._diagnostics = Diagnostics(self) if self.config.diagnostics else None
         self._adaptive = (
@@ -226,7 +231,7 @@ class SafeTrainer:
             max_consecutive_skips=self.config.max_consecutive_skips,
             param_names=[name for name, _ in unwrapped.named_parameters()],
             # a skip read on the host each step is replayed at once; a device-side one at the log step
-            history_steps=self.config.log_every if self._stepper.device_side else 1,
+            history_steps=self.config.log_every if self._stepper.device_side and self._zero is None else 1,
             accumulation=self.config.gradient_accumulation_steps,
         )
 
@@ -297,15 +302,24 @@ class SafeTrainer:
     def _loss_of(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return compute_loss(model, batch, loss_fn=self._loss_fn, training_step=self._training_step)
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._zero is not None:  # Accelerate's would also take DeepSpeed's step, unguarded
+            self._zero.backward(loss, sync=self.accelerator.sync_gradients)
+        else:
+            self.accelerator.backward(loss)
+
     def _optimizer_step(self) -> None:
         if not self._preflight_done:
             self._preflight()
-        norms = clip_and_measure(
-            self.accelerator,
-            self.model.parameters(),
-            max_norm=self.config.clip_grad_norm,
-            max_value=self.config.clip_grad_value,
-        )
+        if self._zero is not None:  # DeepSpeed clips inside its step, with its own config
+            norms = self._zero.grad_norms()
+        else:
+            norms = clip_and_measure(
+                self.accelerator,
+                self.model.parameters(),
+                max_norm=self.config.clip_grad_norm,
+                max_value=self.config.clip_grad_value,
+            )
         if self._adaptive is not None:  # after the measure: the logged norm is the one before clipping
             self._adaptive.apply(self.model.parameters(), norms.total)
         losses = self._window_losses
@@ -328,22 +342,30 @@ class SafeTrainer:
         self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
         self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
         if self._diagnostics is None:
-            applied = self._stepper.step(flag)
+            applied = self._apply(flag)
         else:
             self._diagnostics.record(norms.per_param)
             with self._diagnostics.around_update((self.global_step + 1) % self.config.log_every == 0):
-                applied = self._stepper.step(flag)
+                applied = self._apply(flag)
         self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_step += 1
         self._step_epoch = self.epoch
         overflow = true_overflow(self._stepper.last_overflow, window_loss)
+        if self._zero is not None and self._zero.overflowed:
+            # DeepSpeed refused the step on its own (an fp16 overflow: its loss scaler's business)
+            overflow = torch.ones((), device=window_loss.device)
         self._metrics.record(window_loss, norms.total, flag, nonfinite, overflow)
         if applied is True:
             self._skips.applied(self.global_step)
         elif applied is False:  # read on the host this step: report the skip now
             self._on_skip(self._skips.record_now(self.global_step, window_loss, norms.total, nonfinite))
+
+    def _apply(self, flag: torch.Tensor | None) -> bool | None:
+        if self._zero is not None:
+            return self._zero.step(flag)
+        return self._stepper.step(flag)
 
     def _preflight(self) -> None:
         run_preflight(self)

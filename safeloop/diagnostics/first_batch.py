@@ -20,6 +20,7 @@ from safeloop.errors import ConfigError
 from safeloop.results import Finding
 
 __all__ = [
+    "GradientReach",
     "RAISED_CODES",
     "ForwardWatch",
     "check_trainable",
@@ -106,6 +107,40 @@ class ForwardWatch:
         if _requires_grad(output):
             self.grad_output.add(name)
             self.last_grad_output = name
+
+
+class GradientReach:
+    """Records which trainable parameters a backward reaches, from gradient accumulation hooks.
+
+    For engines that never leave a gradient in ``.grad`` (DeepSpeed ZeRO moves it into its
+    partitions): a parameter's post-accumulate-grad hook fires when autograd accumulates a
+    gradient into it, before the engine takes it away. Hooks are on from construction to
+    :meth:`close`; they only add a name to a set.
+
+    Args:
+        model (`torch.nn.Module`): the unwrapped model.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.reached: set[str] = set()
+        self._handles: list[RemovableHandle] = []
+        try:
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    self._handles.append(param.register_post_accumulate_grad_hook(partial(self._hook, name)))
+        except BaseException:
+            self.close()
+            raise
+
+    def _hook(self, name: str, param: torch.Tensor) -> None:
+        self.reached.add(name)
+
+    def close(self) -> set[str]:
+        """Remove the hooks; return the names of the parameters that got a gradient."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.reached
 
 
 def _requires_grad(value: Any, depth: int = 0) -> bool:
@@ -330,14 +365,24 @@ def _not_differentiable(loss: torch.Tensor, watch: ForwardWatch) -> Finding:
     return _found("loss-not-differentiable", "error", message, " ".join(_FIXES[k] for _, k in causes), params)
 
 
-def check_gradient_reach(model: torch.nn.Module, watch: ForwardWatch) -> list[Finding]:
+def check_gradient_reach(
+    model: torch.nn.Module, watch: ForwardWatch, reached: set[str] | None = None
+) -> list[Finding]:
     """After the first backward: trainable parameters without gradient, by whether their module ran.
 
     A gradient that exists but is zero is not reported here (``zero-params``).
+
+    Args:
+        model (`torch.nn.Module`): the unwrapped model.
+        watch (`ForwardWatch`): the first forward's record of which modules ran.
+        reached (`set[str]`, *optional*): names of the parameters the backward reached
+            (:class:`GradientReach`), where ``.grad`` does not say it (DeepSpeed ZeRO).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    missing = [n for n, p in named if p.grad is None]
-    got_grad = {_owner(n) for n, p in named if p.grad is not None}
+    if reached is None:
+        reached = {n for n, p in named if p.grad is not None}
+    missing = [n for n, _ in named if n not in reached]
+    got_grad = {_owner(n) for n, _ in named if n in reached}
     sizes = {n: p.numel() for n, p in named}
     unused = [n for n in missing if _owner(n) not in watch.ran]
     detached = [n for n in missing if _owner(n) in watch.ran]

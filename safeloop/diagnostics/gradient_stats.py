@@ -20,7 +20,7 @@ run reports the same values and findings as an unsharded one. See ``sharded.py``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +60,10 @@ class GradientStats:
             trainer's metrics all-reduce computes).
         shapes (`Sequence[torch.Size]`, *optional*): the whole shape of each parameter, in
             ``named_params`` order, where a parameter's own shape is that of its local slice
-            (FSDP1 with ``use_orig_params=True``, see ``ShardLayout.shapes``).
+            (FSDP1 with ``use_orig_params=True``, DeepSpeed ZeRO; see ``ShardLayout.shapes``).
+        local (`Callable`, *optional*): this process's part of a parameter's weight, where it
+            is neither the parameter nor its DTensor's local shard (DeepSpeed ZeRO's fp32 master
+            partition, see ``ShardLayout.local``).
         measure_updates (`bool`, *optional*, defaults to True): measure ``||dw||`` on log steps (a
             copy of the weights of 2+ dims lives from ``before_update`` to ``after_update``).
 
@@ -81,12 +84,14 @@ class GradientStats:
         sharded: bool = False,
         shard_count: int | None = None,
         shapes: Sequence[torch.Size] | None = None,
+        local: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
         measure_updates: bool = True,
     ) -> None:
         named = list(named_params)
         # whole shapes: a DTensor's own, FSDP1's given ones. The same on every process, so every
         # process builds the same vector layout even where its own shard is empty
         self._shard_count = shard_count
+        self._local_part = local
         self.names = [name for name, _ in named]
         self._params = [param for _, param in named]
         if shapes is None:
@@ -182,6 +187,8 @@ class GradientStats:
 
     def _local(self, index: int) -> torch.Tensor:
         """This process's part of a parameter (its shard under FSDP2; FSDP1's is the parameter), detached."""
+        if self._local_part is not None:  # DeepSpeed ZeRO: the fp32 master partition
+            return self._local_part(self._params[index]).detach()
         param = self._params[index].detach()
         return param.to_local() if hasattr(param, "to_local") else param
 

@@ -23,6 +23,7 @@ from safeloop.diagnostics.data import DataProfile
 from safeloop.diagnostics.data_compare import compare_profiles
 from safeloop.diagnostics.first_batch import (
     ForwardWatch,
+    GradientReach,
     check_double_backward,
     check_gradient_reach,
     check_loss,
@@ -58,7 +59,7 @@ class Diagnostics:
     def __init__(self, trainer: SafeTrainer) -> None:
         self.trainer = trainer
         self.model = trainer.accelerator.unwrap_model(trainer.model)
-        self.layout = shard_layout(trainer.accelerator, self.model.parameters(), trainer.model)
+        self.layout = shard_layout(trainer.accelerator, self.model.parameters(), trainer.model, trainer._zero)
         self.sharded = self.layout.sharded
         if self.layout.reason is not None and trainer.accelerator.is_main_process:
             logger.info(
@@ -70,18 +71,20 @@ class Diagnostics:
             if self.sharded
             else WeightHealth(self.model.named_parameters(), lookup_tables=lookup_tables(self.model))
         )
-        # FSDP2 and FSDP1 (`use_orig_params=True`): per-parameter statistics from this process's
-        # shards, summed over processes by the metrics all-reduce of the log step (gradient_stats.py);
-        # FSDP1 with flat parameters, DeepSpeed: global norm only. Names as the unwrapped model
-        # gives them: FSDP1's auto-wrapped submodules would add `_fsdp_wrapped_module.` to them
+        # FSDP2, FSDP1 (`use_orig_params=True`) and ZeRO-1/2/3: per-parameter statistics from this
+        # process's shards, summed over processes by the metrics all-reduce of the log step
+        # (gradient_stats.py); FSDP1 with flat parameters: global norm only. Names as the unwrapped
+        # model gives them: FSDP1's auto-wrapped submodules would add `_fsdp_wrapped_module.` to them
         self.monitor = TrainingMonitor(
             [(unwrapped_name(name), param) for name, param in self.model.named_parameters()],
             trainer.config.log_every,
             sharded=not self.layout.per_param,
             shard_count=self.layout.shard_count,
             shapes=self.layout.shapes,
+            local=self.layout.local,
         )
         self.first_done = False
+        self._reach: GradientReach | None = None
         self._watch: ForwardWatch | None = None
         self._train_profile: DataProfile | None = DataProfile()
         self._eval_profile: DataProfile | None = None
@@ -112,6 +115,8 @@ class Diagnostics:
         findings = self._agree(findings)
         raise_if_fatal(findings)
         self._report(findings)
+        if self.layout.reach_hooks:  # ZeRO: which parameters the coming backward reaches
+            self._reach = GradientReach(self.model)
         return loss
 
     def after_first_backward(self) -> None:
@@ -123,8 +128,11 @@ class Diagnostics:
             # at an accumulating micro-batch every `.grad` is still None; wait for the window's end
             return
         watch, self._watch = self._watch, None
-        reach = self.layout.gradient_reach
-        findings = self._agree(check_gradient_reach(self.model, watch) if reach else [])
+        reached = None
+        if self._reach is not None:
+            reached, self._reach = self._reach.close(), None
+        reach = self.layout.gradient_reach or reached is not None
+        findings = self._agree(check_gradient_reach(self.model, watch, reached) if reach else [])
         self._report(findings)
         ddp = self.trainer.model
         if findings and isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:

@@ -11,16 +11,23 @@ its slice of its rank's shard of a ``FlatParameter`` (possibly empty), and so is
 after the reduce-scatter. The slices of one parameter over the processes of a shard group
 partition it, so the same sum of squares restores its norms; its whole shape (a weight or not,
 how many elements) comes from the ``FlatParameter`` that holds it, read once here. FSDP1 with
-``use_orig_params=False`` exposes only the ``FlatParameter`` s, and DeepSpeed keeps gradients in
-its engine: there per-parameter statistics stay off and the reason is logged.
+``use_orig_params=False`` exposes only the ``FlatParameter`` s: there per-parameter statistics
+stay off and the reason is logged.
+
+DeepSpeed ZeRO-1/2/3 partitions each reduced gradient and each fp32 master weight over the
+data-parallel processes; ``safeloop.zero`` reads this process's partitions (``ShardLayout.local``),
+and the same sum of squares restores whole norms. ``.grad`` is not where ZeRO keeps gradients, so
+the first-batch gradient-reach check watches gradient accumulation with hooks instead
+(``reach_hooks``). ZeRO stage 0 keeps whole parameters and reduced ``.grad`` s: unsharded.
 Nothing here runs a collective or reads a tensor on the host.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +42,9 @@ try:
     _FLAT: tuple[type, ...] = (FlatParameter,)
 except ImportError:  # a torch built without distributed support has no sharded tensors
     _DTENSOR = _FLAT = ()
+
+if TYPE_CHECKING:
+    from safeloop.zero import ZeroEngine
 
 __all__ = ["ShardLayout", "shard_layout", "unwrapped_name"]
 
@@ -60,9 +70,15 @@ class ShardLayout:
         per_param (`bool`): per-parameter gradient norms and update ratios can be measured.
         gradient_reach (`bool`): ``.grad is None`` means "no gradient" on every process alike.
         reason (`str | None`): why per-parameter statistics are off, for the log.
-        shapes (`tuple[torch.Size, ...] | None`): FSDP1: the whole shape of every parameter, in
-            ``params`` order, where a parameter's own shape is that of its local flat slice.
-            None where a parameter's own shape is whole (DTensors, unsharded runs).
+        shapes (`tuple[torch.Size, ...] | None`): FSDP1 and DeepSpeed ZeRO: the whole shape of
+            every parameter, in ``params`` order, where a parameter's own shape is that of its
+            local slice (or a placeholder). None where a parameter's own shape is whole
+            (DTensors, unsharded runs).
+        local (`Callable | None`): DeepSpeed ZeRO: this process's part of a parameter's fp32
+            master weight (flat, possibly empty); None where the parameter itself (or its
+            DTensor's local shard) is that part.
+        reach_hooks (`bool`): ``.grad`` is never set, but gradient accumulation hooks fire on
+            every process for the parameters its backward reached (DeepSpeed ZeRO).
     """
 
     sharded: bool
@@ -71,10 +87,15 @@ class ShardLayout:
     gradient_reach: bool = True
     reason: str | None = None
     shapes: tuple[torch.Size, ...] | None = None
+    local: Callable[[torch.nn.Parameter], torch.Tensor] | None = None
+    reach_hooks: bool = False
 
 
 def shard_layout(
-    accelerator: Accelerator, params: Iterable[torch.nn.Parameter], model: torch.nn.Module | None = None
+    accelerator: Accelerator,
+    params: Iterable[torch.nn.Parameter],
+    model: torch.nn.Module | None = None,
+    zero: ZeroEngine | None = None,
 ) -> ShardLayout:
     """Return what the diagnostics can measure on ``params`` under ``accelerator``.
 
@@ -83,11 +104,12 @@ def shard_layout(
         params (`Iterable[torch.nn.Parameter]`): the unwrapped model's parameters.
         model (`torch.nn.Module`, *optional*): the prepared model. FSDP1 needs it: the whole
             shapes of the parameters are in the ``FlatParameter`` s of its FSDP modules.
+        zero (`ZeroEngine`, *optional*): the trainer's DeepSpeed engine (DeepSpeed needs it).
 
     Returns:
-        `ShardLayout`: unsharded for DDP and single-process runs; per-parameter statistics
-        from shards under FSDP2 and FSDP1 with ``use_orig_params=True``; off, with the reason,
-        under FSDP1 with ``use_orig_params=False`` and DeepSpeed.
+        `ShardLayout`: unsharded for DDP, single-process runs and ZeRO stage 0; per-parameter
+        statistics from shards under FSDP2, FSDP1 with ``use_orig_params=True`` and ZeRO-1/2/3;
+        off, with the reason, under FSDP1 with ``use_orig_params=False``.
 
     Example:
         >>> layout = shard_layout(trainer.accelerator, model.parameters())  # FSDP2, 2 processes
@@ -98,10 +120,7 @@ def shard_layout(
     if kind not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return ShardLayout(sharded=False)
     if kind == DistributedType.DEEPSPEED:
-        # ZeRO partitions gradients inside its engine and `.grad` is not populated in time;
-        # `deepspeed.utils.safe_get_full_grad` would gather every full gradient (one collective
-        # per parameter per read), and no DeepSpeed run can test it here
-        return _off(f"DeepSpeed ZeRO keeps gradients in its engine's partitioned buffers: {_OFF}.")
+        return _zero_layout(accelerator, zero)
     params = list(params)
     trainable = [p for p in params if p.requires_grad]
     if trainable and any(isinstance(p, _FLAT) for p in params):
@@ -176,6 +195,29 @@ def _fsdp1_layout(params: list[torch.nn.Parameter], model: torch.nn.Module | Non
         return _off(f"FSDP1's recorded shapes do not fit its parameters' slices: {_OFF}.")
     # a process whose slice of a parameter is empty holds `.grad = None` for it: not "no gradient"
     return ShardLayout(sharded=True, shard_count=counts.pop(), gradient_reach=False, shapes=whole_shapes)
+
+
+def _zero_layout(accelerator: Accelerator, zero: ZeroEngine | None) -> ShardLayout:
+    """DeepSpeed: partitions of every parameter over the data-parallel processes (ZeRO-1/2/3)."""
+    if zero is None:
+        return _off(f"DeepSpeed without the trainer's engine to read its partitions from: {_OFF}.")
+    if not zero.partitioned:
+        return ShardLayout(sharded=False)
+    processes = int(getattr(zero.engine, "dp_world_size", accelerator.num_processes))
+    if processes != accelerator.num_processes:
+        # the diagnostics sum over all processes; partitions cover a parameter once per data-parallel group
+        return _off(
+            f"ZeRO partitions over {processes} data-parallel processes of {accelerator.num_processes}, "
+            f"so one sum over all processes cannot restore the norms: {_OFF}."
+        )
+    return ShardLayout(
+        sharded=True,
+        shard_count=processes,
+        gradient_reach=False,
+        shapes=zero.whole_shapes(),
+        local=zero.local_param,
+        reach_hooks=True,
+    )
 
 
 def _off(reason: str) -> ShardLayout:

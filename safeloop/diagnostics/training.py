@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -91,6 +91,7 @@ class TrainingMonitor:
         sharded: bool = False,
         shard_count: int | None = None,
         shapes: Sequence[torch.Size] | None = None,
+        local: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
         measure_updates: bool = True,
         plateau_window: int | None = None,
     ) -> None:
@@ -99,6 +100,7 @@ class TrainingMonitor:
             sharded=sharded,
             shard_count=shard_count,
             shapes=shapes,
+            local=local,
             measure_updates=measure_updates,
         )
         self.names = self._stats.names  # the parameter names the findings quote

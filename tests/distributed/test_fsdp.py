@@ -33,11 +33,19 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def _run(out_dir: Path, **env: str) -> list[dict]:
-    """Launch the script on 2 CPU ranks; its per-rank results, or a skip when FSDP2 cannot run."""
+def _run(out_dir: Path, script: Path | None = None, **env: str) -> list[dict]:
+    """Launch ``script`` (SCRIPT) on 2 CPU ranks; its per-rank results, or a skip when it cannot run."""
     out_dir.mkdir()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))}
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", _free_port(), str(SCRIPT), str(out_dir)]
+    cmd = [
+        str(TORCHRUN),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        _free_port(),
+        str(script or SCRIPT),
+        str(out_dir),
+    ]
     proc = subprocess.run(
         cmd,
         env={**clean, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env},
@@ -76,13 +84,18 @@ def ddp_run(tmp_path_factory) -> tuple[list[dict], Path]:
     return _run(out_dir, MODE="ddp"), out_dir
 
 
-def _assert_same_as_ddp(fsdp: list[dict], fsdp_dir: Path, ddp: list[dict], ddp_dir: Path) -> None:
+def _assert_same_as_ddp(
+    fsdp: list[dict], fsdp_dir: Path, ddp: list[dict], ddp_dir: Path, kind: str = "FSDP"
+) -> None:
     """Same steps, findings and tracker values (per-layer norms and update ratios) as under DDP."""
-    assert all(r["distributed_type"] == "DistributedType.FSDP" for r in fsdp)
+    assert all(r["distributed_type"] == f"DistributedType.{kind}" for r in fsdp)
     assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=RTOL)
 
     # the same vanishing-grad findings, naming the same first layers, on every rank
-    assert _warnings(fsdp[0]) == _warnings(fsdp[1]) == _warnings(ddp[0])
+    assert _warnings(fsdp[0]) == _warnings(fsdp[1]) == _warnings(ddp[0]), (
+        _warnings(fsdp[0]),
+        _warnings(ddp[0]),
+    )
     vanishing = [params for code, params, _ in _warnings(fsdp[0]) if code == "vanishing-grad"]
     assert vanishing and vanishing[0][:3] == ["0.weight", "2.weight", "4.weight"]
 

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from safeloop.diagnostics.first_batch import (
     RAISED_CODES,
     ForwardWatch,
+    GradientReach,
     check_double_backward,
     check_gradient_reach,
     check_loss,
@@ -441,3 +442,51 @@ def test_under_deepspeed_the_optimizer_is_not_compared_with_the_model(monkeypatc
     monkeypatch.setattr(trainer.accelerator.state, "distributed_type", DistributedType.DEEPSPEED)
     loss = Diagnostics(trainer).first_loss((x, y), lambda: F.cross_entropy(model(x), y))
     assert loss.requires_grad
+
+
+# -- gradient reach from hooks (DeepSpeed ZeRO never leaves a `.grad`) --------------------
+
+
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp()
+        self.aux = nn.Linear(3, 3)  # never called
+        self.cut = nn.Linear(8, 8)  # called, output detached
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x + self.cut(x).detach())
+
+
+def test_gradient_hooks_tell_unused_from_detached_where_grad_is_taken_away():
+    model = Unused()
+    reach = GradientReach(model)
+    with ForwardWatch(model) as watch:
+        loss = default_loss(model)
+    # an engine that moves each gradient out of `.grad` as soon as it is accumulated (ZeRO)
+    handles = [
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in model.parameters()
+    ]
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    assert all(p.grad is None for p in model.parameters())
+    reached = reach.close()
+    assert reached == {n for n, _ in model.named_parameters() if n.startswith("body.")}
+    findings = check_gradient_reach(model, watch, reached)
+    assert [(f.code, f.params) for f in findings] == [
+        ("unused-params", ("aux.weight", "aux.bias")),
+        ("detached-params", ("cut.weight", "cut.bias")),
+    ]
+    # without the hooks' record, `.grad` would call every parameter unused or cut off
+    assert {p for f in check_gradient_reach(model, watch) for p in f.params} == {
+        n for n, _ in model.named_parameters()
+    }
+
+
+def test_gradient_reach_hooks_are_removed_on_close():
+    model = mlp()
+    reach = GradientReach(model)
+    assert reach.close() == set()
+    default_loss(model).backward()
+    assert reach.reached == set()  # no hook fired after close

@@ -1,0 +1,262 @@
+"""DeepSpeed: the optimizer step taken apart from the backward, and this process's part of each parameter.
+
+Accelerate's ``backward`` under DeepSpeed runs the engine's ``backward`` and then, at the end of
+an accumulation window, its ``step`` at once: the update is applied before anything can look at
+the reduced gradients or refuse a non-finite step. ``ZeroEngine`` makes the two calls itself, so
+that the trainer measures the gradients, agrees on the NaN/Inf flag, and only then steps.
+
+Between the engine's ``backward`` at a window's end and its ``step``, each process holds its
+partition of every reduced gradient (ZeRO-1/2: the fragment of each parameter in its optimizer
+partition; ZeRO-3: ``deepspeed.utils.safe_get_local_grad``), exactly what its optimizer uses.
+The partitions of one parameter cover it once over the processes, so squared local norms summed
+over processes are squared whole norms: the same arithmetic as FSDP's shards (``shard_count``).
+The fp32 master weights are partitioned the same way, which gives update sizes.
+
+A step the NaN/Inf guard refuses goes down DeepSpeed's own overflow path (what it does for an
+fp16 overflow: gradients dropped, optimizer state untouched, ``was_step_applied()`` False): this
+process writes a NaN into one element of its gradient partition, and the engine's overflow check
+(an all-reduce over the data-parallel group) sees it on every process. Without ZeRO (stage 0)
+there is no such check: the wrapped optimizer's ``step`` is left out for that one call.
+
+What is read here beyond DeepSpeed's public ``safe_get_local_*`` functions: ZeRO-1/2's
+``param._hp_mapping`` (the fragment map those public functions use themselves); its absence means
+"no part of this parameter in this process's partition". Checked with DeepSpeed 0.19.8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from safeloop.errors import ConfigError
+from safeloop.guards.clipping import GradNorms
+
+if TYPE_CHECKING:
+    from safeloop.config import TrainerConfig
+
+__all__ = ["ZeroEngine", "check_deepspeed_clipping", "zero_engine"]
+
+
+def zero_engine(accelerator: Accelerator, model: torch.nn.Module) -> ZeroEngine | None:
+    """The DeepSpeed engine of a prepared model, wrapped for the trainer; None when not under DeepSpeed.
+
+    Args:
+        accelerator (`Accelerator`): the run's accelerator, after ``prepare``.
+        model (`torch.nn.Module`): the prepared model (a ``DeepSpeedEngine`` under DeepSpeed).
+
+    Returns:
+        `ZeroEngine | None`: None unless ``accelerator.distributed_type`` is DeepSpeed.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return ZeroEngine(model, list(accelerator.unwrap_model(model).parameters()))
+
+
+def check_deepspeed_clipping(config: TrainerConfig, zero: ZeroEngine) -> None:
+    """Refuse the trainer's clipping arguments that DeepSpeed's engine would not apply.
+
+    DeepSpeed clips inside its step (its config's ``gradient_clipping``), on gradients safeloop
+    only sees in partitions; ``clip_grad_norm`` equal to that value asks for what DeepSpeed does.
+
+    Raises:
+        ConfigError: ``clip_grad_value`` or ``adaptive_clip`` set, or ``clip_grad_norm`` that
+            differs from the DeepSpeed config's ``gradient_clipping``.
+    """
+    engine_clip = float(zero.engine.gradient_clipping() or 0.0)  # type: ignore[operator]
+    problems = []
+    if config.clip_grad_norm is not None and config.clip_grad_norm != engine_clip:
+        problems.append(
+            f"clip_grad_norm={config.clip_grad_norm!r}, while the DeepSpeed config's gradient_clipping is "
+            f"{engine_clip!r}. DeepSpeed clips inside its own step, with its config's value. Fix: set "
+            f"`gradient_clipping: {config.clip_grad_norm}` in the DeepSpeed config (or "
+            f"`DeepSpeedPlugin(gradient_clipping={config.clip_grad_norm})`) and drop clip_grad_norm."
+        )
+    for name, value in (("clip_grad_value", config.clip_grad_value), ("adaptive_clip", config.adaptive_clip)):
+        if value is not None:
+            problems.append(
+                f"{name}={value!r}: DeepSpeed's engine steps its partitioned gradients itself and has "
+                f"no such clipping. Fix: drop {name}; clip by norm with the DeepSpeed config's "
+                "`gradient_clipping`."
+            )
+    if problems:
+        raise ConfigError(
+            f"SafeTrainer under DeepSpeed (ZeRO-{zero.stage}): clipping the engine cannot do:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+class ZeroEngine:
+    """One DeepSpeed engine's backward and step, called apart, and its partitions of each parameter.
+
+    Args:
+        engine (`torch.nn.Module`): the ``deepspeed.DeepSpeedEngine`` that ``prepare`` returned.
+        params (`Sequence[torch.nn.Parameter]`): the unwrapped model's parameters, in order.
+
+    Attributes:
+        stage (`int`): the ZeRO stage (0: no partitioning).
+        partitioned (`bool`): gradients and fp32 weights are partitioned over processes (stage 1-3).
+        overflowed (`bool`): the engine refused the last step on its own (not the guard's decision).
+    """
+
+    def __init__(self, engine: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
+        self.engine = engine
+        self.params = list(params)
+        self.stage = int(engine.zero_optimization_stage())  # type: ignore[operator]
+        self.partitioned = self.stage > 0
+        device = engine.device if isinstance(getattr(engine, "device", None), torch.device) else None
+        self._empty = torch.zeros(0, device=device)
+        self.overflowed = False  # the engine refused the last step on its own
+
+    # -- the two halves of Accelerate's backward -------------------------------------------
+
+    def backward(self, loss: torch.Tensor, *, sync: bool) -> None:
+        """The engine's backward, without its step: what ``accelerator.backward`` does before stepping.
+
+        Args:
+            loss (`torch.Tensor`): the micro-batch's loss (the engine divides it by its accumulation).
+            sync (`bool`): this micro-batch ends the accumulation window (``sync_gradients``).
+        """
+        self.engine.set_gradient_accumulation_boundary(is_boundary=sync)  # type: ignore[operator]
+        self.engine.backward(loss)  # type: ignore[operator]
+
+    def step(self, flag: torch.Tensor | None) -> bool | None:
+        """Take the engine's step, or refuse it when ``flag`` is 0.
+
+        Args:
+            flag (`torch.Tensor`, *optional*): the NaN/Inf guard's device flag, agreed by all
+                processes (1: apply); None with the guard off.
+
+        Returns:
+            `bool | None`: as ``GatedStep.step``: True applied, False refused by the guard, None
+            with the guard off or when the engine refused the step on its own (an fp16 loss-scale
+            overflow, or non-finite gradients with the guard off): ``overflowed`` says so.
+
+        Raises:
+            RuntimeError: the engine applied a step the guard refused (a DeepSpeed whose overflow
+                path this module does not know): never silently.
+        """
+        # one host read per step: DeepSpeed's own overflow check reads a flag on the host anyway
+        refuse = flag is not None and not bool(flag.item())
+        self.overflowed = False
+        if not refuse:
+            self.engine.step()  # type: ignore[operator]
+            self.overflowed = not self.engine.was_step_applied()  # type: ignore[operator]
+            return None if flag is None or self.overflowed else True
+        if self.partitioned:
+            self._poison_partition()
+            with _overflow_checked(self.engine.optimizer):  # type: ignore[arg-type]
+                self.engine.step()  # type: ignore[operator]
+        else:
+            with _without_optimizer_step(self.engine.optimizer):  # type: ignore[arg-type]
+                self.engine.step()  # type: ignore[operator]
+            return False
+        if self.engine.was_step_applied():  # type: ignore[operator]
+            raise RuntimeError(
+                "safeloop refused a DeepSpeed step (non-finite loss or gradient), but the engine applied "
+                f"it: this DeepSpeed's ZeRO-{self.stage} did not take the overflow path. Report it with "
+                "your DeepSpeed version; meanwhile train with `nan_guard='off'`."
+            )
+        return False
+
+    # -- this process's partitions ---------------------------------------------------------
+
+    def local_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """This process's part of ``param``'s reduced gradient (flat; empty when it holds none).
+
+        Valid between the backward that ends a window and the step, as DeepSpeed documents.
+        """
+        if not self.partitioned:
+            return param.grad if param.grad is not None else self._empty
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            grad = safe_get_local_grad(param) if param.requires_grad else None
+            return self._empty if grad is None else grad
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return self._empty
+        return mapping.get_lp_grad_fragment(param._index_in_param_group)  # type: ignore[attr-defined]
+
+    def local_param(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """This process's part of ``param``'s fp32 master weight, what its optimizer updates (flat)."""
+        if not self.partitioned:
+            return param.detach()
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            value = safe_get_local_fp32_param(param) if param.requires_grad else None
+            return self._empty if value is None else value
+        mapping = getattr(param, "_hp_mapping", None)
+        return self._empty if mapping is None else mapping.get_hp_fragment()
+
+    def whole_shapes(self) -> tuple[torch.Size, ...]:
+        """Every parameter's whole shape (ZeRO-3 leaves an empty placeholder in the module)."""
+        return tuple(torch.Size(getattr(p, "ds_shape", p.shape)) for p in self.params)
+
+    def grad_norms(self) -> GradNorms:
+        """The step's gradient norms, from this process's partitions, before DeepSpeed clips.
+
+        Returns:
+            `GradNorms`: ``total`` is the global norm (one all-reduce of a scalar when partitioned),
+            ``per_param`` the norm of this process's part of each gradient (the diagnostics sum
+            their squares over processes). Divided by the fp16 loss scale, if any.
+        """
+        grads = [self.local_grad(p).detach() for p in self.params]
+        device = next((g.device for g in grads if g.numel()), self._empty.device)
+        nonempty = [g for g in grads if g.numel()]
+        norms = iter(torch._foreach_norm([g.float() for g in nonempty], 2.0) if nonempty else [])
+        per_param = torch.stack(
+            [next(norms).to(device) if g.numel() else torch.zeros((), device=device) for g in grads]
+        )
+        scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)  # type: ignore[union-attr]
+        if scale != 1.0:
+            per_param = per_param / scale
+        squares = per_param.square().sum()
+        if self.partitioned and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squares)
+        return GradNorms(total=squares.sqrt(), per_param=per_param)
+
+    def _poison_partition(self) -> None:
+        # one NaN in this process's gradient partition: DeepSpeed's overflow check (MAX over the
+        # data-parallel group) then refuses the step on every process and drops the gradients
+        for param in self.params:
+            grad = self.local_grad(param)
+            if not grad.numel():
+                continue
+            if self.stage == 3:  # the local gradient it hands out may be an fp32 copy: set it back
+                from deepspeed.utils import safe_set_local_grad
+
+                poisoned = grad.clone()
+                poisoned.view(-1)[0] = float("nan")
+                safe_set_local_grad(param, poisoned)
+            else:  # ZeRO-1/2's fragment is a view of the partition its optimizer steps with
+                grad.view(-1)[0] = float("nan")
+            return
+
+
+@contextlib.contextmanager
+def _overflow_checked(optimizer: object) -> Iterator[None]:
+    """ZeRO-1/2's overflow check on for one step (bf16 runs may have it off: a NaN would be applied)."""
+    before = getattr(optimizer, "check_grad_overflow", None)
+    if before is not None:
+        optimizer.check_grad_overflow = True  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if before is not None:
+            optimizer.check_grad_overflow = before  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _without_optimizer_step(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The engine's step with its optimizer's ``step`` left out: zero_grad and counters still run."""
+    optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del optimizer.step

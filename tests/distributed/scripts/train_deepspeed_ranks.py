@@ -1,0 +1,182 @@
+"""Trains the deep sigmoid MLP under DeepSpeed ZeRO-0/1/2/3 or DDP on CPU ranks, with optional faults.
+
+Run by ``tests/distributed/test_deepspeed.py`` under torchrun (2 processes, gloo). ``MODE=ds``
+with ``STAGE`` 0-3 prepares the model through Accelerate's ``DeepSpeedPlugin``; ``MODE=ddp`` is
+the reference. ``FAULT=nanloss`` adds a detached NaN to the loss of training call 3 (the gradients
+stay finite, so only safeloop's guard can refuse the step); ``FAULT=nangrad`` multiplies that
+loss by NaN (the gradients go non-finite too). ``GUARD`` is the ``nan_guard``; ``UNUSED=1`` adds a
+layer the forward never calls. Each rank writes ``<out_dir>/result_<rank>.json`` (named on a
+``RESULT`` line): findings, events, losses, each step's whole gradient norm per parameter (read
+by a callback before the step: ``safe_get_full_grad`` under DeepSpeed, a test-only collective),
+and the final fp32 weights.
+Rank 0's tracker writes every ``accelerator.log`` call to ``<out_dir>/metrics.jsonl``.
+
+Accelerate 1.15 sets the DeepSpeed distributed type for GPU-like devices only; on CPU the script
+sets it itself (as the FSDP script does), with the plugin marked selected (``select`` would need
+``transformers`` for a ZeRO-3 init hook these plain modules do not use). It exits with code 3 and
+a ``SKIP`` line when DeepSpeed is not installed or cannot start here.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+from safeloop import Callback, NonFiniteError, SafeTrainer
+from tests.distributed.scripts.train_fsdp_ranks import deep_sigmoid_mlp
+from tests.helpers.models import WithUnused, classification_data
+from tests.helpers.recording import JsonLinesTracker
+
+SKIP_CODE = 3
+MICRO_BATCH = 16
+
+
+def skip(reason: str) -> None:
+    sys.stdout.write(f"SKIP {reason}\n")
+    sys.stdout.flush()
+    sys.exit(SKIP_CODE)
+
+
+def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
+    if mode == "ddp":
+        return Accelerator(cpu=True, log_with=[tracker])
+    try:
+        import deepspeed  # noqa: F401
+        from accelerate import DeepSpeedPlugin
+    except ImportError as error:
+        skip(f"deepspeed is not installed: {error!r}")
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": int(os.environ["STAGE"])},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": float(os.environ.get("DS_CLIP", "0")),
+    }
+    plugin = DeepSpeedPlugin(hf_ds_config=config)
+    accelerator = Accelerator(cpu=True, deepspeed_plugin=plugin, log_with=[tracker])
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    plugin.set_mixed_precision("no")
+    plugin._set_selected(True)
+    accelerator.state.deepspeed_plugins = plugin
+    accelerator.state._mixed_precision = "no"
+    return accelerator
+
+
+def whole(param: torch.Tensor, attribute: str) -> torch.Tensor | None:
+    """A parameter's whole gradient or fp32 weight: gathered under DeepSpeed (every rank calls it)."""
+    if os.environ["MODE"] == "ds":
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+        value = (safe_get_full_grad if attribute == "grad" else safe_get_full_fp32_param)(param)
+        if value is not None or os.environ["STAGE"] != "0":
+            return value
+    # DDP, and ZeRO stage 0 (whole parameters and reduced `.grad`, which DeepSpeed hands back as None)
+    return param.grad if attribute == "grad" else param.detach()
+
+
+class StepNorms(Callback):
+    """Each step's whole gradient norm per parameter, before the step (nothing is clipped)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        norms = {}
+        for name, param in model.named_parameters():
+            grad = whole(param, "grad")
+            norms[name] = 0.0 if grad is None else float(grad.float().norm())
+        self.steps.append(norms)
+
+
+def loss_function(fault: str):
+    base, calls = nn.CrossEntropyLoss(), [0]
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = base(outputs, targets)
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 3 and fault == "nanloss":
+                loss = loss + torch.tensor(float("nan"))  # detached: the gradients stay finite
+            elif calls[0] == 3 and fault == "nangrad":
+                loss = loss * float("nan")
+        return loss
+
+    return loss_fn
+
+
+def main() -> None:
+    out_dir, mode = sys.argv[1], os.environ["MODE"]
+    tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
+    accelerator = build_accelerator(mode, tracker)
+    accelerator.init_trackers("deepspeed-test")
+    model = deep_sigmoid_mlp()
+    if os.environ.get("UNUSED") == "1":
+        model = WithUnused(model)
+    x, y = classification_data(n=128).tensors
+    loader = DataLoader(TensorDataset(x, y), batch_size=MICRO_BATCH, shuffle=True)
+    norms = StepNorms()
+    options = {}
+    if "CLIP" in os.environ:
+        options["clip_grad_norm"] = float(os.environ["CLIP"])
+    try:
+        trainer = SafeTrainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            loader,
+            loss_fn=loss_function(os.environ.get("FAULT", "")),
+            seed=0,
+            accelerator=accelerator,
+            progress_bar=False,
+            max_steps=int(os.environ.get("MAX_STEPS", "20")),
+            log_every=5,
+            nan_guard=os.environ.get("GUARD", "skip"),
+            callbacks=[norms],
+            **options,
+        )
+    except RuntimeError as error:  # DeepSpeed refused to start on this machine
+        if "ConfigError" in type(error).__name__:
+            raise
+        skip(f"DeepSpeed could not start on CPU: {error!r}")
+    record = {"rank": accelerator.process_index, "distributed_type": str(accelerator.distributed_type)}
+    try:
+        result = trainer.fit()
+        record.update(
+            steps=result.global_step,
+            skipped=result.skipped_steps,
+            losses=[h["loss"] for h in result.history],
+            findings=[[f.code, f.severity, list(f.params), f.step] for f in result.findings],
+            events=[[e.kind, e.step] for e in result.events],
+        )
+    except NonFiniteError as error:
+        record.update(error=type(error).__name__, steps=trainer.global_step)
+    unwrapped = accelerator.unwrap_model(trainer.model)
+    record["weights"] = {
+        n: whole(p, "weight").float().reshape(-1).tolist() for n, p in unwrapped.named_parameters()
+    }
+    record["step_norms"] = norms.steps
+    layout = trainer._diagnostics.layout
+    record["layout"] = [layout.shard_count, layout.per_param, layout.reach_hooks]
+    accelerator.end_training()
+    # the record (the weights) is longer than one atomic pipe write: to a file, named on stdout
+    path = os.path.join(out_dir, f"result_{accelerator.process_index}.json")
+    with open(path, "w") as fh:
+        json.dump(record, fh)
+    sys.stdout.write("RESULT " + json.dumps({"rank": accelerator.process_index, "file": path}) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""SafeTrainer under DeepSpeed ZeRO-0/1/2/3 on two CPU processes (gloo), against the same run under DDP.
+
+safeloop calls the engine's backward and step apart (Accelerate's ``backward`` runs both at
+once), so the per-parameter statistics come from each process's partition of the reduced
+gradients, before the step, and the NaN/Inf guard decides before DeepSpeed updates anything.
+Skipped where DeepSpeed is not installed (it is in the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.test_fsdp import _assert_same_as_ddp, _run, _warnings
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_deepspeed_ranks.py"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
+]
+
+
+def _launch(out_dir: Path, **env: str) -> list[dict]:
+    """Run the script on 2 ranks; each rank's record (written to a file: it holds the weights)."""
+    records = []
+    for line in _run(out_dir, SCRIPT, **env):
+        with open(line["file"]) as fh:
+            records.append(json.load(fh))
+    return records
+
+
+def _ds(out_dir: Path, stage: int, **env: str) -> list[dict]:
+    return _launch(out_dir, MODE="ds", STAGE=str(stage), **env)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[list[dict], Path]:
+    out_dir = tmp_path_factory.mktemp("reference") / "ddp"
+    return _launch(out_dir, MODE="ddp"), out_dir
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_logs_the_per_layer_norms_update_ratios_and_findings_of_ddp(tmp_path, ddp_run, stage):
+    ddp, ddp_dir = ddp_run
+    results = _ds(tmp_path / "ds", stage)
+    # statistics from this process's partitions, summed over the 2 processes
+    assert [r["layout"] for r in results] == [[2, True, True]] * 2
+    _assert_same_as_ddp(results, tmp_path / "ds", ddp, ddp_dir, kind="DEEPSPEED")
+    # the updates themselves are DDP's, bit for bit (taking the step apart from the backward
+    # changes nothing), and so are the losses
+    assert results[0]["weights"] == ddp[0]["weights"]
+    assert results[0]["losses"] == ddp[0]["losses"]
+
+
+def test_zero_stage_0_is_measured_as_an_unsharded_run(tmp_path, ddp_run):
+    ddp, ddp_dir = ddp_run
+    results = _ds(tmp_path / "ds", 0)
+    assert [r["layout"] for r in results] == [[None, True, False]] * 2
+    _assert_same_as_ddp(results, tmp_path / "ds", ddp, ddp_dir, kind="DEEPSPEED")
+
+
+@pytest.fixture(scope="module")
+def ddp_nan_loss(tmp_path_factory) -> list[dict]:
+    return _launch(tmp_path_factory.mktemp("reference") / "ddp", MODE="ddp", FAULT="nanloss", MAX_STEPS="6")
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_nan_loss_with_finite_gradients_is_skipped_before_deepspeed_applies_it(
+    tmp_path, ddp_nan_loss, stage
+):
+    # DeepSpeed's own overflow check looks at gradients only: it would apply this step
+    results = _ds(tmp_path / "ds", stage, FAULT="nanloss", MAX_STEPS="6")
+    for result in results:
+        assert (result["steps"], result["skipped"]) == (6, 1)
+        assert ["skip", 3] in result["events"]
+    # the skipped step changed nothing: the weights are those of DDP, whose guard skipped it too
+    assert results[0]["weights"] == ddp_nan_loss[0]["weights"]
+
+
+def test_non_finite_gradients_are_skipped_and_counted_once(tmp_path, ddp_nan_loss):
+    results = _ds(tmp_path / "ds", 2, FAULT="nangrad", MAX_STEPS="6")
+    for result in results:
+        assert (result["steps"], result["skipped"]) == (6, 1)
+        assert ["skip", 3] in result["events"]
+    assert results[0]["weights"] == ddp_nan_loss[0]["weights"]
+
+
+def test_nan_guard_raise_stops_before_deepspeed_updates_anything(tmp_path):
+    ddp = _launch(tmp_path / "ddp", MODE="ddp", FAULT="nanloss", GUARD="raise")
+    results = _ds(tmp_path / "ds", 3, FAULT="nanloss", GUARD="raise")
+    for result in results + ddp:
+        assert (result["error"], result["steps"]) == ("NonFiniteError", 2)
+    # the weights after step 2: the refused step 3 left them alone, as under DDP
+    assert results[0]["weights"] == ddp[0]["weights"]
+
+
+def test_zero_3_names_an_unused_layer_from_gradient_hooks(tmp_path):
+    # `.grad` stays None for every parameter under ZeRO: hooks on gradient accumulation tell
+    results = _ds(tmp_path / "ds", 3, UNUSED="1", MAX_STEPS="2")
+    for result in results:
+        assert ("unused-params", ["aux.weight", "aux.bias"], 0) in _warnings(result)
+
+
+def test_clipping_that_deepspeed_would_not_apply_is_a_config_error(tmp_path):
+    with pytest.raises(
+        AssertionError, match=r"clip_grad_norm=1\.0, while the DeepSpeed config's gradient_clipping"
+    ):
+        _ds(tmp_path / "ds", 2, CLIP="1.0", MAX_STEPS="2")
+    # the same value in the DeepSpeed config: DeepSpeed clips, and the run goes on
+    results = _ds(tmp_path / "ok", 2, CLIP="1.0", DS_CLIP="1.0", MAX_STEPS="2")
+    assert [r["steps"] for r in results] == [2, 2]
