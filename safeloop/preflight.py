@@ -17,6 +17,7 @@ from safeloop.results import Event, Finding
 
 if TYPE_CHECKING:
     from safeloop.trainer import SafeTrainer
+    from safeloop.zero import ZeroEngine
 
 __all__ = ["check_zero_params", "run_preflight"]
 
@@ -32,6 +33,8 @@ def check_zero_params(
     std: float,
     scope: str,
     seed: int,
+    zero_engine: ZeroEngine | None = None,
+    reached: set[str] | None = None,
 ) -> tuple[list[Event], list[Finding], set[str]]:
     """Find all-zero parameters, re-initialise the stuck ones, and describe what was done.
 
@@ -41,6 +44,9 @@ def check_zero_params(
         std (`float`): standard deviation for ``"normal"`` (and for 1-D tensors under ``"all"``).
         scope (`str`): ``"weights"`` (2-D and more) or ``"all"`` (stuck 1-D tensors too).
         seed (`int`): seeds the generator, the same on every process.
+        zero_engine (`ZeroEngine`, *optional*): under DeepSpeed ZeRO the weights and gradients
+            are read from, and written to, this process's partitions.
+        reached (`set[str]`, *optional*): ZeRO: the parameters the first backward reached.
 
     Returns:
         `tuple[list[Event], list[Finding], set[str]]`: a ``"reinit"`` event per re-initialised
@@ -52,10 +58,17 @@ def check_zero_params(
     events: list[Event] = []
     findings: list[Finding] = []
     left_zero: set[str] = set()
-    for zero in find_zero_params(params.items()):
+    partitioned = zero_engine is not None and zero_engine.partitioned
+    found = (
+        zero_engine.find_zero_params(list(params.items()), reached)  # type: ignore[union-attr]
+        if partitioned
+        else find_zero_params(params.items())
+    )
+    for zero in found:
         reinit = method is not None and zero.reinit_wanted(scope)
         if reinit:
-            reinit_(params[zero.name], method, std=std, generator=generator)  # type: ignore[arg-type]
+            draw = zero_engine.reinit_ if partitioned else reinit_  # type: ignore[union-attr]
+            draw(params[zero.name], method, std=std, generator=generator)  # type: ignore[arg-type]
             detail = {"param": zero.name, "shape": list(zero.shape), "method": method}
             if method == "normal" or not zero.is_weight:
                 detail["std"] = std
@@ -137,6 +150,8 @@ def run_preflight(trainer: SafeTrainer) -> None:
         scope=trainer.config.reinit_scope,
         # the same seed on every rank: re-initialised weights agree without a broadcast
         seed=0 if trainer.config.seed is None else trainer.config.seed,
+        zero_engine=trainer._zero,
+        reached=None if trainer._diagnostics is None else trainer._diagnostics.reached,
     )
     trainer._events.extend(events)
     for finding in findings:
@@ -148,14 +163,6 @@ def run_preflight(trainer: SafeTrainer) -> None:
 
 def _zero_check_off(trainer: SafeTrainer, model: torch.nn.Module) -> str | None:
     """Why the all-zero weight check cannot run on this run's parameters, or None when it can."""
-    zero = trainer._zero
-    if zero is not None and zero.partitioned:
-        # ZeRO's optimizer steps fp32 partitions the module's parameters are copies of (or, under
-        # ZeRO-3, empty placeholders for): a re-initialised copy would be overwritten at the step
-        return (
-            f"under DeepSpeed ZeRO-{zero.stage} the weights the optimizer steps are partitions "
-            "outside the module; initialise weights before `prepare`."
-        )
     if trainer.accelerator.distributed_type != DistributedType.FSDP:
         return None
     try:

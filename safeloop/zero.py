@@ -35,6 +35,7 @@ from accelerate.utils import DistributedType
 
 from safeloop.errors import ConfigError
 from safeloop.guards.clipping import GradNorms
+from safeloop.guards.reinit import ZeroParam, initial_values
 
 if TYPE_CHECKING:
     from safeloop.config import TrainerConfig
@@ -176,7 +177,7 @@ class ZeroEngine:
             from deepspeed.utils import safe_get_local_grad
 
             grad = safe_get_local_grad(param) if param.requires_grad else None
-            return self._empty if grad is None else grad
+            return self._empty if grad is None else _without_padding(param, grad)
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:
             return self._empty
@@ -190,7 +191,7 @@ class ZeroEngine:
             from deepspeed.utils import safe_get_local_fp32_param
 
             value = safe_get_local_fp32_param(param) if param.requires_grad else None
-            return self._empty if value is None else value
+            return self._empty if value is None else _without_padding(param, value)
         mapping = getattr(param, "_hp_mapping", None)
         return self._empty if mapping is None else mapping.get_hp_fragment()
 
@@ -221,22 +222,99 @@ class ZeroEngine:
             torch.distributed.all_reduce(squares)
         return GradNorms(total=squares.sqrt(), per_param=per_param)
 
+    # -- all-zero weights at the first step (the reinit_zero_params guard) -------------------
+
+    def find_zero_params(
+        self, named_params: Sequence[tuple[str, torch.nn.Parameter]], reached: set[str] | None = None
+    ) -> list[ZeroParam]:
+        """``guards.reinit.find_zero_params`` from this process's partitions (one all-reduce).
+
+        Args:
+            named_params (`Sequence[tuple[str, Parameter]]`): the unwrapped model's parameters.
+            reached (`set[str]`, *optional*): the parameters the first backward reached (the
+                diagnostics' gradient hooks); without it every trainable parameter counts, as a
+                ZeRO gradient partition says nothing of whether a gradient came.
+
+        Returns:
+            `list[ZeroParam]`: in parameter order, with whole shapes.
+        """
+        shapes = dict(zip(self.params, self.whole_shapes(), strict=True))
+        candidates = [
+            (name, param)
+            for name, param in named_params
+            if param.requires_grad and shapes[param].numel() > 0 and (reached is None or name in reached)
+        ]
+        if not candidates:
+            return []
+        parts = [self.local_param(param).detach() for _, param in candidates]
+        grads = [self.local_grad(param).detach() for _, param in candidates]
+        device = parts[0].device
+        # per parameter: does this process's part hold a nonzero value, and its gradient's squares
+        stats = torch.stack(
+            [
+                torch.stack([part.any().float().to(device), grad.float().square().sum().to(device)])
+                for part, grad in zip(parts, grads, strict=True)
+            ],
+            dim=1,
+        )
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)  # once per fit
+        nonzero, squares = stats.tolist()  # host read, once per fit
+        return [
+            ZeroParam(name, tuple(shapes[param]), stuck=squares[i] == 0.0, grad_norm=squares[i] ** 0.5)
+            for i, (name, param) in enumerate(candidates)
+            if nonzero[i] == 0.0
+        ]
+
+    def reinit_(
+        self, param: torch.nn.Parameter, method: str, *, std: float, generator: torch.Generator
+    ) -> None:
+        """``guards.reinit.reinit_`` on partitions: each process draws the whole tensor, keeps its part."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        shape = torch.Size(getattr(param, "ds_shape", param.shape))
+        values = initial_values(shape, method, std=std, generator=generator)
+        # the fp32 master partition is what the optimizer steps (and what refills the module's copy)
+        safe_set_full_fp32_param(param, values.to(self._empty.device))
+        if self.stage < 3:  # ZeRO-1/2 also keep a whole module copy, used by the next forward
+            with torch.no_grad():
+                param.copy_(values.to(device=param.device, dtype=param.dtype))
+
     def _poison_partition(self) -> None:
         # one NaN in this process's gradient partition: DeepSpeed's overflow check (MAX over the
         # data-parallel group) then refuses the step on every process and drops the gradients
         for param in self.params:
-            grad = self.local_grad(param)
-            if not grad.numel():
-                continue
-            if self.stage == 3:  # the local gradient it hands out may be an fp32 copy: set it back
-                from deepspeed.utils import safe_set_local_grad
+            if self.stage == 3:  # the whole partition (padding too): the size DeepSpeed sets back
+                from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
+                grad = safe_get_local_grad(param) if param.requires_grad else None
+                if grad is None or not grad.numel():
+                    continue
+                # the local gradient it hands out may be an fp32 copy: set it back
                 poisoned = grad.clone()
                 poisoned.view(-1)[0] = float("nan")
                 safe_set_local_grad(param, poisoned)
-            else:  # ZeRO-1/2's fragment is a view of the partition its optimizer steps with
+                return
+            grad = self.local_grad(param)
+            if grad.numel():  # ZeRO-1/2's fragment is a view of the partition its optimizer steps
                 grad.view(-1)[0] = float("nan")
-            return
+                return
+
+
+def _without_padding(param: torch.nn.Parameter, part: torch.Tensor) -> torch.Tensor:
+    """ZeRO-3: this process's partition without the padding that evens out the last ones.
+
+    Partition ``r`` holds elements ``[r * n, (r + 1) * n)`` of the flattened parameter padded to a
+    multiple of the process count; the padding is not initialised (seen nonzero here), so it must
+    not count in a norm or an all-zero test.
+    """
+    group = getattr(param, "ds_process_group", None)
+    total = getattr(param, "ds_numel", None)
+    if total is None or not torch.distributed.is_initialized():
+        return part
+    rank = torch.distributed.get_rank(group=group)
+    valid = max(0, min(part.numel(), total - rank * part.numel()))
+    return part.reshape(-1)[:valid]
 
 
 @contextlib.contextmanager

@@ -22,8 +22,6 @@ from torch.nn.parallel import DistributedDataParallel
 from safeloop.diagnostics.data import DataProfile
 from safeloop.diagnostics.data_compare import compare_profiles
 from safeloop.diagnostics.first_batch import (
-    ForwardWatch,
-    GradientReach,
     check_double_backward,
     check_gradient_reach,
     check_loss,
@@ -35,6 +33,7 @@ from safeloop.diagnostics.health import WeightHealth, lookup_tables
 from safeloop.diagnostics.sharded import shard_layout, unwrapped_name
 from safeloop.diagnostics.targets import check_initial_loss, check_inputs, check_targets
 from safeloop.diagnostics.training import TrainingMonitor
+from safeloop.diagnostics.watch import ForwardWatch, GradientReach
 from safeloop.distributed import agree_any, reduce_across_processes
 from safeloop.errors import ConfigError
 from safeloop.findings import agree_findings
@@ -85,6 +84,8 @@ class Diagnostics:
         )
         self.first_done = False
         self._reach: GradientReach | None = None
+        # ZeRO: the parameters the first backward reached (hooks), for the all-zero weight check
+        self.reached: set[str] | None = None
         self._watch: ForwardWatch | None = None
         self._train_profile: DataProfile | None = DataProfile()
         self._eval_profile: DataProfile | None = None
@@ -131,6 +132,7 @@ class Diagnostics:
         reached = None
         if self._reach is not None:
             reached, self._reach = self._reach.close(), None
+            self.reached = reached
         reach = self.layout.gradient_reach or reached is not None
         findings = self._agree(check_gradient_reach(self.model, watch, reached) if reach else [])
         self._report(findings)

@@ -13,7 +13,7 @@ from local shards and one sum over the shards' processes, for all parameters at 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,7 @@ try:
 except ImportError:  # a torch built without distributed support has no sharded tensors
     _DTENSOR = ()
 
-__all__ = ["REINIT_CHOICES", "REINIT_SCOPES", "ZeroParam", "find_zero_params", "reinit_"]
+__all__ = ["REINIT_CHOICES", "REINIT_SCOPES", "ZeroParam", "find_zero_params", "initial_values", "reinit_"]
 
 REINIT_CHOICES = ("xavier", "normal", None)
 REINIT_SCOPES = ("weights", "all")
@@ -163,6 +163,28 @@ def _local_stats(param: torch.nn.Parameter, device: torch.device) -> torch.Tenso
     return torch.stack([any_nonzero, squared])
 
 
+def initial_values(
+    shape: Sequence[int], method: str, *, std: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw a whole re-initialised tensor on the CPU (float32), the same on every process.
+
+    Args:
+        shape (`Sequence[int]`): the parameter's whole shape.
+        method (`str`): ``"xavier"`` (uniform; 1-D shapes fall back to normal) or ``"normal"``.
+        std (`float`): the standard deviation for ``"normal"``.
+        generator (`torch.Generator`): a CPU generator, seeded alike on every process.
+
+    Returns:
+        `torch.Tensor`: the values.
+    """
+    values = torch.empty(tuple(shape), dtype=torch.float32)
+    if method == "xavier" and len(values.shape) >= 2:
+        torch.nn.init.xavier_uniform_(values, generator=generator)
+    else:
+        torch.nn.init.normal_(values, mean=0.0, std=std, generator=generator)
+    return values
+
+
 def reinit_(param: torch.Tensor, method: str, *, std: float, generator: torch.Generator) -> None:
     """Re-initialise ``param`` in place, identically on every process.
 
@@ -178,11 +200,7 @@ def reinit_(param: torch.Tensor, method: str, *, std: float, generator: torch.Ge
         std (`float`): the standard deviation for ``"normal"``.
         generator (`torch.Generator`): a CPU generator.
     """
-    values = torch.empty(param.shape, dtype=torch.float32)
-    if method == "xavier" and param.dim() >= 2:
-        torch.nn.init.xavier_uniform_(values, generator=generator)
-    else:
-        torch.nn.init.normal_(values, mean=0.0, std=std, generator=generator)
+    values = initial_values(param.shape, method, std=std, generator=generator)
     if isinstance(param, _DTENSOR):
         with torch.no_grad():
             local = param.to_local()  # type: ignore[attr-defined]

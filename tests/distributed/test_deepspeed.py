@@ -104,6 +104,22 @@ def test_zero_3_names_an_unused_layer_from_gradient_hooks(tmp_path):
         assert ("unused-params", ["aux.weight", "aux.bias"], 0) in _warnings(result)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_reinitialises_a_stuck_zero_weight_in_its_partitions_as_ddp_does(tmp_path, stage):
+    ddp = _launch(tmp_path / "ddp", MODE="ddp", MODEL="zero", MAX_STEPS="4")
+    results = _ds(tmp_path / "ds", stage, MODEL="zero", MAX_STEPS="4")
+    for result in results + ddp:
+        assert result["reinit"] == [{"param": "0.weight", "shape": [5, 8], "method": "xavier"}]
+        zero = [
+            (code, severity, params)
+            for code, severity, params, _ in result["findings"]
+            if code == "zero-params"
+        ]
+        assert zero == [("zero-params", "warning", ["0.weight"]), ("zero-params", "info", ["2.weight"])]
+    # the same draw, kept partition by partition: bit for bit DDP's weights after 4 steps
+    assert results[0]["weights"] == ddp[0]["weights"]
+
+
 def test_clipping_that_deepspeed_would_not_apply_is_a_config_error(tmp_path):
     with pytest.raises(
         AssertionError, match=r"clip_grad_norm=1\.0, while the DeepSpeed config's gradient_clipping"

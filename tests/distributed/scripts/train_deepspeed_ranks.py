@@ -1,20 +1,21 @@
 """Trains the deep sigmoid MLP under DeepSpeed ZeRO-0/1/2/3 or DDP on CPU ranks, with optional faults.
 
-Run by ``tests/distributed/test_deepspeed.py`` under torchrun (2 processes, gloo). ``MODE=ds``
-with ``STAGE`` 0-3 prepares the model through Accelerate's ``DeepSpeedPlugin``; ``MODE=ddp`` is
-the reference. ``FAULT=nanloss`` adds a detached NaN to the loss of training call 3 (the gradients
-stay finite, so only safeloop's guard can refuse the step); ``FAULT=nangrad`` multiplies that
-loss by NaN (the gradients go non-finite too). ``GUARD`` is the ``nan_guard``; ``UNUSED=1`` adds a
-layer the forward never calls. Each rank writes ``<out_dir>/result_<rank>.json`` (named on a
-``RESULT`` line): findings, events, losses, each step's whole gradient norm per parameter (read
-by a callback before the step: ``safe_get_full_grad`` under DeepSpeed, a test-only collective),
-and the final fp32 weights.
-Rank 0's tracker writes every ``accelerator.log`` call to ``<out_dir>/metrics.jsonl``.
+Run by ``tests/distributed/test_deepspeed.py`` under torchrun (2 processes, gloo). ``MODE=ds`` with
+``STAGE`` 0-3 prepares the model through Accelerate's ``DeepSpeedPlugin``; ``MODE=ddp`` is the
+reference. ``FAULT=nanloss`` adds a detached NaN to the loss of training call 3 (the gradients stay
+finite, so only safeloop's guard can refuse the step); ``FAULT=nangrad`` multiplies that loss by NaN
+(the gradients go non-finite too). ``GUARD`` is the ``nan_guard``; ``UNUSED=1`` adds a layer the
+forward never calls; ``MODEL=zero`` trains the model of ``reinit_fsdp_ranks.py`` (a stuck all-zero
+weight and a learning one) instead of the deep sigmoid MLP. Each rank writes
+``<out_dir>/result_<rank>.json`` (named on a ``RESULT`` line): findings, events, losses, each step's
+whole gradient norm per parameter (read by a callback before the step: ``safe_get_full_grad`` under
+DeepSpeed, a test-only collective), and the final fp32 weights. Rank 0's tracker writes every
+``accelerator.log`` call to ``<out_dir>/metrics.jsonl``.
 
 Accelerate 1.15 sets the DeepSpeed distributed type for GPU-like devices only; on CPU the script
 sets it itself (as the FSDP script does), with the plugin marked selected (``select`` would need
-``transformers`` for a ZeRO-3 init hook these plain modules do not use). It exits with code 3 and
-a ``SKIP`` line when DeepSpeed is not installed or cannot start here.
+``transformers`` for a ZeRO-3 init hook these plain modules do not use). It exits with code 3 and a
+``SKIP`` line when DeepSpeed is not installed or cannot start here.
 """
 
 import json
@@ -34,6 +35,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
 from safeloop import Callback, NonFiniteError, SafeTrainer
+from tests.distributed.scripts.reinit_fsdp_ranks import zero_weights_model
 from tests.distributed.scripts.train_fsdp_ranks import deep_sigmoid_mlp
 from tests.helpers.models import WithUnused, classification_data
 from tests.helpers.recording import JsonLinesTracker
@@ -122,7 +124,7 @@ def main() -> None:
     tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
     accelerator = build_accelerator(mode, tracker)
     accelerator.init_trackers("deepspeed-test")
-    model = deep_sigmoid_mlp()
+    model = zero_weights_model() if os.environ.get("MODEL") == "zero" else deep_sigmoid_mlp()
     if os.environ.get("UNUSED") == "1":
         model = WithUnused(model)
     x, y = classification_data(n=128).tensors
@@ -159,6 +161,7 @@ def main() -> None:
             losses=[h["loss"] for h in result.history],
             findings=[[f.code, f.severity, list(f.params), f.step] for f in result.findings],
             events=[[e.kind, e.step] for e in result.events],
+            reinit=[e.detail for e in result.events if e.kind == "reinit"],
         )
     except NonFiniteError as error:
         record.update(error=type(error).__name__, steps=trainer.global_step)

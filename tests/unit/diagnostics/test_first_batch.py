@@ -13,8 +13,6 @@ from torch.utils.checkpoint import checkpoint
 
 from safeloop.diagnostics.first_batch import (
     RAISED_CODES,
-    ForwardWatch,
-    GradientReach,
     check_double_backward,
     check_gradient_reach,
     check_loss,
@@ -22,6 +20,7 @@ from safeloop.diagnostics.first_batch import (
     check_trainable,
     raise_if_fatal,
 )
+from safeloop.diagnostics.watch import ForwardWatch, GradientReach
 from safeloop.errors import ConfigError
 from safeloop.results import Finding
 from tests.helpers.models import DictModel, mlp
