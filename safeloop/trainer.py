@@ -311,8 +311,14 @@ class SafeTrainer:
     def _optimizer_step(self) -> None:
         if not self._preflight_done:
             self._preflight()
-        if self._zero is not None:  # DeepSpeed clips inside its step, with its own config
-            norms = self._zero.grad_norms()
+        losses = self._window_losses
+        window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        self._window_losses = []
+        flag: torch.Tensor | None
+        if self._zero is not None:
+            # DeepSpeed clips inside its step, with its own config; the global norm and the
+            # finite flag come from one all-reduce
+            norms, flag = self._zero.measure(window_loss if self._guarded else None)
         else:
             norms = clip_and_measure(
                 self.accelerator,
@@ -320,16 +326,13 @@ class SafeTrainer:
                 max_norm=self.config.clip_grad_norm,
                 max_value=self.config.clip_grad_value,
             )
-        if self._adaptive is not None:  # after the measure: the logged norm is the one before clipping
-            self._adaptive.apply(self.model.parameters(), norms.total)
-        losses = self._window_losses
-        window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        self._window_losses = []
-        flag = (
-            agree_all_finite(self.accelerator, finite_flag(window_loss, norms.total))
-            if self._guarded
-            else None
-        )
+            if self._adaptive is not None:  # after the measure: the logged norm is the one before clipping
+                self._adaptive.apply(self.model.parameters(), norms.total)
+            flag = (
+                agree_all_finite(self.accelerator, finite_flag(window_loss, norms.total))
+                if self._guarded
+                else None
+            )
         nonfinite = None if norms.per_param is None or flag is None else ~torch.isfinite(norms.per_param)
         if self.config.nan_guard == "raise":
             # host sync, once per optimizer step: "raise" must stop before any update; an fp16

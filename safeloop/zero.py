@@ -199,13 +199,19 @@ class ZeroEngine:
         """Every parameter's whole shape (ZeRO-3 leaves an empty placeholder in the module)."""
         return tuple(torch.Size(getattr(p, "ds_shape", p.shape)) for p in self.params)
 
-    def grad_norms(self) -> GradNorms:
-        """The step's gradient norms, from this process's partitions, before DeepSpeed clips.
+    def measure(self, loss: torch.Tensor | None = None) -> tuple[GradNorms, torch.Tensor | None]:
+        """The step's gradient norms from this process's partitions, before DeepSpeed clips.
+
+        Args:
+            loss (`torch.Tensor`, *optional*): the step's loss, with the NaN/Inf guard on: its
+                finiteness is agreed in the same all-reduce as the global norm.
 
         Returns:
-            `GradNorms`: ``total`` is the global norm (one all-reduce of a scalar when partitioned),
-            ``per_param`` the norm of this process's part of each gradient (the diagnostics sum
-            their squares over processes). Divided by the fp16 loss scale, if any.
+            `tuple[GradNorms, torch.Tensor | None]`: ``total`` is the global norm (one all-reduce
+            of two scalars when partitioned), ``per_param`` the norm of this process's part of
+            each gradient (the diagnostics sum their squares over processes), both divided by
+            the fp16 loss scale, if any; and, with ``loss``, the guard's int32 flag, agreed by
+            every process (1: the loss everywhere and every gradient are finite).
         """
         grads = [self.local_grad(p).detach() for p in self.params]
         device = next((g.device for g in grads if g.numel()), self._empty.device)
@@ -217,10 +223,22 @@ class ZeroEngine:
         scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)  # type: ignore[union-attr]
         if scale != 1.0:
             per_param = per_param / scale
+        bad_loss = torch.zeros((), device=device)
+        if loss is not None:
+            bad_loss = (~torch.isfinite(loss.detach().float())).any().float().to(device)
+        # a non-finite gradient element makes the sum of squares, and so the total, non-finite
         squares = per_param.square().sum()
-        if self.partitioned and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(squares)
-        return GradNorms(total=squares.sqrt(), per_param=per_param)
+        distributed = torch.distributed.is_initialized()
+        if self.partitioned:  # partitions: their squares add up over processes
+            packed = torch.stack([squares, bad_loss])
+            if distributed:
+                torch.distributed.all_reduce(packed)
+            squares, bad_loss = packed[0], packed[1]
+        elif loss is not None and distributed:  # stage 0: whole reduced gradients, the same everywhere
+            torch.distributed.all_reduce(bad_loss)
+        total = squares.sqrt()
+        flag = None if loss is None else (torch.isfinite(total) & (bad_loss == 0)).to(torch.int32)
+        return GradNorms(total=total, per_param=per_param), flag
 
     # -- all-zero weights at the first step (the reinit_zero_params guard) -------------------
 
