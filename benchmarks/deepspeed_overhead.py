@@ -10,7 +10,9 @@ the slower process's. Accelerate runs DeepSpeed only on GPU-like devices, so the
 is forced as in ``tests/distributed/scripts/train_deepspeed_ranks.py``. CPU gloo figures say what
 safeloop adds per step around the engine, not what a GPU run costs. Usage:
 
-    torchrun --nproc_per_node 2 benchmarks/deepspeed_overhead.py --stage 2
+    torchrun --nproc_per_node 2 benchmarks/deepspeed_overhead.py --stage 2          # CPU time
+    torchrun --nproc_per_node 2 benchmarks/deepspeed_overhead.py --stage 3 --wall   # wall time
+    torchrun --nproc_per_node 2 benchmarks/deepspeed_overhead.py --ddp              # DDP reference
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def make_loader(args: argparse.Namespace) -> DataLoader:
 def deepspeed_accelerator(args: argparse.Namespace) -> Accelerator:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    if args.ddp:  # the reference: the same loops under DDP, same processes and clock
+        return Accelerator(cpu=True)
     config = {
         "train_micro_batch_size_per_gpu": args.batch,
         "gradient_accumulation_steps": 1,
@@ -145,6 +149,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--wall", action="store_true", help="time wall clock instead of CPU time")
+    parser.add_argument("--ddp", action="store_true", help="the same comparison under DDP, for reference")
     args = parser.parse_args()
     if args.wall:
         global CLOCK
@@ -158,7 +163,8 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     clock = "wall time" if args.wall else "CPU time"
-    print(f"ZeRO-{args.stage}, 2 CPU processes, {args.steps} timed steps, {args.rounds} rounds, {clock}")
+    kind = "DDP" if args.ddp else f"ZeRO-{args.stage}"
+    print(f"{kind}, 2 CPU processes, {args.steps} timed steps, {args.rounds} rounds, {clock}")
     for name, values in times.items():
         print(
             f"  {name:28s} best {1e3 * min(values) / args.steps:7.2f} ms/step  median "
