@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from safeloop.batching import compute_loss
@@ -22,7 +22,7 @@ from safeloop.callbacks import Callback, CallbackList
 from safeloop.checkpoint.lifecycle import build_manager, close_checkpoints, resume, save_checkpoint
 from safeloop.checkpoint.trainer_state import RngSnapshot
 from safeloop.config import TrainerConfig, build_config
-from safeloop.diagnostics.session import Diagnostics
+from safeloop.diagnostics.session import Diagnostics, check_optimizer_before_prepare
 from safeloop.distributed import agree_all_finite, settle_collectives
 from safeloop.evaluation import run_evaluation
 from safeloop.findings import add_finding, finish_report
@@ -182,6 +182,11 @@ class SafeTrainer:
         objects: list[Any] = [model, optimizer, train_dataloader]
         if eval_dataloader is not None:
             objects.append(eval_dataloader)
+        early: list[Finding] = []
+        if self.config.diagnostics and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed replaces the optimizer's param groups with flat partitions in `prepare`
+            # (and fails there with a bare KeyError on a tensor that is not the model's)
+            early = check_optimizer_before_prepare(model, optimizer)
         prepared = self.accelerator.prepare(*objects)
         self.model: torch.nn.Module = prepared[0]
         self.optimizer: torch.optim.Optimizer = prepared[1]
@@ -234,6 +239,8 @@ class SafeTrainer:
             history_steps=self.config.log_every if self._stepper.device_side and self._zero is None else 1,
             accumulation=self.config.gradient_accumulation_steps,
         )
+        for finding in early:  # the optimizer check made before `prepare` (DeepSpeed)
+            self._add_finding(finding)
 
     # -- the outline of a run -------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from safeloop.results import Finding
 if TYPE_CHECKING:
     from safeloop.trainer import SafeTrainer
 
-__all__ = ["Diagnostics"]
+__all__ = ["Diagnostics", "check_optimizer_before_prepare"]
 
 logger = logging.getLogger("safeloop")
 
@@ -102,8 +102,7 @@ class Diagnostics:
         self.first_done = True
         findings = check_inputs(batch) + check_trainable(self.model)
         if self.trainer.accelerator.distributed_type != DistributedType.DEEPSPEED:
-            # DeepSpeed's optimizer holds its own flat partitions, not the model's parameters:
-            # comparing them by identity would raise a false optimizer-foreign-params
+            # under DeepSpeed this ran before `prepare` (check_optimizer_before_prepare)
             findings += check_optimizer(self.model, self.trainer.optimizer)
         had_grads = any(p.grad is not None for p in self.model.parameters())
         loss_findings: list[Finding] = []
@@ -285,6 +284,23 @@ class Diagnostics:
     def _report(self, findings: list[Finding]) -> None:
         for finding in findings:
             self.trainer._add_finding(finding)
+
+
+def check_optimizer_before_prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Finding]:
+    """The first-batch optimizer check, run before ``prepare`` (DeepSpeed, which swaps the tensors).
+
+    Every process builds the same model and optimizer, so all reach the same verdict without a
+    collective.
+
+    Raises:
+        ConfigError: the optimizer holds tensors of another model (``optimizer-foreign-params``).
+
+    Returns:
+        `list[Finding]`: the warnings (``optimizer-missing-params``), for the trainer's findings.
+    """
+    findings = check_optimizer(model, optimizer)
+    raise_if_fatal(findings)
+    return findings
 
 
 def _zero_like_loss(outputs: Any) -> torch.Tensor:

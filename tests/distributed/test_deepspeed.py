@@ -120,6 +120,16 @@ def test_zero_reinitialises_a_stuck_zero_weight_in_its_partitions_as_ddp_does(tm
     assert results[0]["weights"] == ddp[0]["weights"]
 
 
+def test_an_optimizer_of_another_model_instance_is_named_before_deepspeed_fails_on_it(tmp_path):
+    # ZeRO swaps the optimizer's param groups for flat partitions in `prepare`, and stops there
+    # with a bare `KeyError: Parameter containing: tensor(...)` on a tensor not in the model:
+    # the check runs before `prepare`
+    with pytest.raises(AssertionError) as failed:
+        _ds(tmp_path / "ds", 2, OPTIMIZER="other-model", MAX_STEPS="2")
+    assert "ConfigError" in str(failed.value) and "optimizer-foreign-params" in str(failed.value)
+    assert "KeyError" not in str(failed.value)
+
+
 def test_clipping_that_deepspeed_would_not_apply_is_a_config_error(tmp_path):
     with pytest.raises(
         AssertionError, match=r"clip_grad_norm=1\.0, while the DeepSpeed config's gradient_clipping"

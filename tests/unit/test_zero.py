@@ -9,8 +9,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torch import nn
 
+from safeloop.diagnostics.session import check_optimizer_before_prepare
 from safeloop.errors import ConfigError
 from safeloop.zero import ZeroEngine, check_deepspeed_clipping
 from tests.helpers.models import mlp
@@ -58,3 +60,13 @@ def test_clipping_deepspeed_has_not_is_refused(name):
         ConfigError, match=rf"{name}=0\.5: DeepSpeed's engine steps its partitioned gradients"
     ):
         check_deepspeed_clipping(config(**{name: 0.5}), zero())
+
+
+def test_the_optimizer_check_before_prepare_raises_on_another_models_tensors_and_warns_on_missing():
+    model = mlp()
+    with pytest.raises(ConfigError, match="optimizer-foreign-params"):
+        check_optimizer_before_prepare(model, torch.optim.SGD(mlp(seed=1).parameters(), lr=0.1))
+    head_first = torch.optim.SGD(list(model.parameters())[:-2], lr=0.1)  # the last layer added after
+    [finding] = check_optimizer_before_prepare(model, head_first)
+    assert (finding.code, finding.params) == ("optimizer-missing-params", ("2.weight", "2.bias"))
+    assert check_optimizer_before_prepare(model, torch.optim.SGD(model.parameters(), lr=0.1)) == []

@@ -6,7 +6,8 @@ reference. ``FAULT=nanloss`` adds a detached NaN to the loss of training call 3 
 finite, so only safeloop's guard can refuse the step); ``FAULT=nangrad`` multiplies that loss by NaN
 (the gradients go non-finite too). ``GUARD`` is the ``nan_guard``; ``UNUSED=1`` adds a layer the
 forward never calls; ``MODEL=zero`` trains the model of ``reinit_fsdp_ranks.py`` (a stuck all-zero
-weight and a learning one) instead of the deep sigmoid MLP. Each rank writes
+weight and a learning one) instead of the deep sigmoid MLP; ``OPTIMIZER=other-model`` builds the
+optimizer from another instance of the model. Each rank writes
 ``<out_dir>/result_<rank>.json`` (named on a ``RESULT`` line): findings, events, losses, each step's
 whole gradient norm per parameter (read by a callback before the step: ``safe_get_full_grad`` under
 DeepSpeed, a test-only collective), and the final fp32 weights. Rank 0's tracker writes every
@@ -133,10 +134,13 @@ def main() -> None:
     options = {}
     if "CLIP" in os.environ:
         options["clip_grad_norm"] = float(os.environ["CLIP"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if os.environ.get("OPTIMIZER") == "other-model":  # built from another instance of the model
+        optimizer = torch.optim.SGD(deep_sigmoid_mlp().parameters(), lr=0.1)
     try:
         trainer = SafeTrainer(
             model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
+            optimizer,
             loader,
             loss_fn=loss_function(os.environ.get("FAULT", "")),
             seed=0,
