@@ -13,10 +13,11 @@ over processes are squared whole norms: the same arithmetic as FSDP's shards (``
 The fp32 master weights are partitioned the same way, which gives update sizes.
 
 A step the NaN/Inf guard refuses goes down DeepSpeed's own overflow path (what it does for an
-fp16 overflow: gradients dropped, optimizer state untouched, ``was_step_applied()`` False): this
-process writes a NaN into one element of its gradient partition, and the engine's overflow check
-(an all-reduce over the data-parallel group) sees it on every process. Without ZeRO (stage 0)
-there is no such check: the wrapped optimizer's ``step`` is left out for that one call.
+fp16 overflow: gradients dropped, optimizer state untouched, ``was_step_applied()`` False): where
+the agreed flag is 0, one element of this process's gradient partition becomes NaN, on the device
+(no host read), and the engine's overflow check (an all-reduce over the data-parallel group, read
+on the host by DeepSpeed itself) refuses the step on every process. Without ZeRO (stage 0) there
+is no such check: the flag is read, and the wrapped optimizer's ``step`` is left out for that call.
 
 What is read here beyond DeepSpeed's public ``safe_get_local_*`` functions: ZeRO-1/2's
 ``param._hp_mapping`` (the fragment map those public functions use themselves); its absence means
@@ -112,6 +113,7 @@ class ZeroEngine:
         device = engine.device if isinstance(getattr(engine, "device", None), torch.device) else None
         self._empty = torch.zeros(0, device=device)
         self.overflowed = False  # the engine refused the last step on its own
+        self._poison_target: torch.nn.Parameter | None = None
 
     # -- the two halves of Accelerate's backward -------------------------------------------
 
@@ -137,32 +139,32 @@ class ZeroEngine:
             with the guard off or when the engine refused the step on its own (an fp16 loss-scale
             overflow, or non-finite gradients with the guard off): ``overflowed`` says so.
 
-        Raises:
-            RuntimeError: the engine applied a step the guard refused (a DeepSpeed whose overflow
-                path this module does not know): never silently.
+        Without ZeRO (stage 0) the flag is read on the host before the step. Under ZeRO it is
+        not: a refused step is marked on the device (``_poison_partition``) and DeepSpeed's own
+        overflow check, which reads its verdict on the host anyway, refuses it; the flag is read
+        only after a step the engine did not apply, to tell the guard's refusal from its own.
         """
-        # one host read per step: DeepSpeed's own overflow check reads a flag on the host anyway
-        refuse = flag is not None and not bool(flag.item())
         self.overflowed = False
-        if not refuse:
+        if flag is None:
             self.engine.step()  # type: ignore[operator]
             self.overflowed = not self.engine.was_step_applied()  # type: ignore[operator]
-            return None if flag is None or self.overflowed else True
-        if self.partitioned:
-            self._poison_partition()
+            return None
+        if not self.partitioned:
+            if not bool(flag.item()):  # host read per step: stage 0 has no overflow check to use
+                with _without_optimizer_step(self.engine.optimizer):  # type: ignore[arg-type]
+                    self.engine.step()  # type: ignore[operator]
+                return False
+            self.engine.step()  # type: ignore[operator]
+        else:
+            self._poison_partition(flag)
             with _overflow_checked(self.engine.optimizer):  # type: ignore[arg-type]
                 self.engine.step()  # type: ignore[operator]
-        else:
-            with _without_optimizer_step(self.engine.optimizer):  # type: ignore[arg-type]
-                self.engine.step()  # type: ignore[operator]
-            return False
         if self.engine.was_step_applied():  # type: ignore[operator]
-            raise RuntimeError(
-                "safeloop refused a DeepSpeed step (non-finite loss or gradient), but the engine applied "
-                f"it: this DeepSpeed's ZeRO-{self.stage} did not take the overflow path. Report it with "
-                "your DeepSpeed version; meanwhile train with `nan_guard='off'`."
-            )
-        return False
+            return True
+        if not bool(flag.item()):  # after a refused step only (rare): the guard's refusal
+            return False
+        self.overflowed = True
+        return None
 
     # -- this process's partitions ---------------------------------------------------------
 
@@ -298,25 +300,37 @@ class ZeroEngine:
             with torch.no_grad():
                 param.copy_(values.to(device=param.device, dtype=param.dtype))
 
-    def _poison_partition(self) -> None:
-        # one NaN in this process's gradient partition: DeepSpeed's overflow check (MAX over the
-        # data-parallel group) then refuses the step on every process and drops the gradients
-        for param in self.params:
-            if self.stage == 3:  # the whole partition (padding too): the size DeepSpeed sets back
-                from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+    def _poison_partition(self, flag: torch.Tensor) -> None:
+        """Where ``flag`` is 0, write a NaN into this process's gradient partition, on the device.
 
-                grad = safe_get_local_grad(param) if param.requires_grad else None
-                if grad is None or not grad.numel():
-                    continue
-                # the local gradient it hands out may be an fp32 copy: set it back
-                poisoned = grad.clone()
-                poisoned.view(-1)[0] = float("nan")
-                safe_set_local_grad(param, poisoned)
+        DeepSpeed's overflow check (an all-reduce over the data-parallel group) then refuses the
+        step on every process and drops the gradients. Written every step (where the flag is 1 the
+        element is written back unchanged) so that no host read decides; into the smallest
+        parameter this process holds a part of, chosen once.
+        """
+        if self._poison_target is None:
+            sizes = [(self._partition(p).numel(), i) for i, p in enumerate(self.params) if p.requires_grad]
+            held = [(n, i) for n, i in sizes if n]
+            if not held:  # nothing of any gradient here: the other processes' NaN suffices
                 return
-            grad = self.local_grad(param)
-            if grad.numel():  # ZeRO-1/2's fragment is a view of the partition its optimizer steps
-                grad.view(-1)[0] = float("nan")
-                return
+            self._poison_target = self.params[min(held)[1]]
+        param = self._poison_target
+        grad = self._partition(param)
+        first = grad.view(-1)[:1]
+        first.copy_(torch.where(flag.to(first.device).bool(), first, torch.full_like(first, float("nan"))))
+        if self.stage == 3:  # the local gradient it hands out may be an fp32 copy: set it back
+            from deepspeed.utils import safe_set_local_grad
+
+            safe_set_local_grad(param, grad)
+
+    def _partition(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The gradient partition DeepSpeed steps with (ZeRO-3: padding included, its set size)."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            grad = safe_get_local_grad(param) if param.requires_grad else None
+            return self._empty if grad is None else grad
+        return self.local_grad(param)
 
 
 def _without_padding(param: torch.nn.Parameter, part: torch.Tensor) -> torch.Tensor:
@@ -337,14 +351,14 @@ def _without_padding(param: torch.nn.Parameter, part: torch.Tensor) -> torch.Ten
 
 @contextlib.contextmanager
 def _overflow_checked(optimizer: object) -> Iterator[None]:
-    """ZeRO-1/2's overflow check on for one step (bf16 runs may have it off: a NaN would be applied)."""
+    """ZeRO-1/2 in bf16: the overflow check on for the step (off, its invalid-norm test is skipped too)."""
     before = getattr(optimizer, "check_grad_overflow", None)
-    if before is not None:
+    if before is not None and getattr(optimizer, "dtype", None) == torch.bfloat16:
         optimizer.check_grad_overflow = True  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        if before is not None:
+        if before is not None and getattr(optimizer, "dtype", None) == torch.bfloat16:
             optimizer.check_grad_overflow = before  # type: ignore[attr-defined]
 
 
