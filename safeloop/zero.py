@@ -222,9 +222,11 @@ class ZeroEngine:
         per_param = torch.stack(
             [next(norms).to(device) if g.numel() else torch.zeros((), device=device) for g in grads]
         )
-        scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)  # type: ignore[union-attr]
-        if scale != 1.0:
-            per_param = per_param / scale
+        scale = getattr(self.engine.optimizer, "loss_scale", None)  # fp16: the gradients are scaled
+        if isinstance(scale, torch.Tensor):  # divided on the device: no host read
+            per_param = per_param / scale.to(device)
+        elif scale not in (None, 1, 1.0):
+            per_param = per_param / float(scale)  # type: ignore[arg-type]
         bad_loss = torch.zeros((), device=device)
         if loss is not None:
             bad_loss = (~torch.isfinite(loss.detach().float())).any().float().to(device)
