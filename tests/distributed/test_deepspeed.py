@@ -55,6 +55,16 @@ def test_zero_logs_the_per_layer_norms_update_ratios_and_findings_of_ddp(tmp_pat
     assert results[0]["losses"] == ddp[0]["losses"]
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_with_gradient_accumulation_applies_the_hand_written_accelerate_loops_updates(tmp_path, stage):
+    # the trainer sets the engine's accumulation boundary from Accelerate's `sync_gradients`, as
+    # Accelerate's `backward` does, then steps the engine itself: the same updates, bit for bit
+    loop = _ds(tmp_path / "loop", stage, ACCUM="2", MAX_STEPS="6", LOOP="hand-written")
+    results = _ds(tmp_path / "ds", stage, ACCUM="2", MAX_STEPS="6")
+    assert [r["steps"] for r in results + loop] == [6, 6, 6, 6]
+    assert results[0]["weights"] == loop[0]["weights"]
+
+
 def test_zero_stage_0_is_measured_as_an_unsharded_run(tmp_path, ddp_run):
     ddp, ddp_dir = ddp_run
     results = _ds(tmp_path / "ds", 0)

@@ -7,7 +7,9 @@ finite, so only safeloop's guard can refuse the step); ``FAULT=nangrad`` multipl
 (the gradients go non-finite too). ``GUARD`` is the ``nan_guard``; ``UNUSED=1`` adds a layer the
 forward never calls; ``MODEL=zero`` trains the model of ``reinit_fsdp_ranks.py`` (a stuck all-zero
 weight and a learning one) instead of the deep sigmoid MLP; ``OPTIMIZER=other-model`` builds the
-optimizer from another instance of the model. Each rank writes
+optimizer from another instance of the model; ``ACCUM`` sets gradient accumulation (both
+Accelerate's and the DeepSpeed config's); ``LOOP=hand-written`` runs Accelerate's documented loop
+instead of SafeTrainer (only the final weights are recorded). Each rank writes
 ``<out_dir>/result_<rank>.json`` (named on a ``RESULT`` line): findings, events, losses, each step's
 whole gradient norm per parameter (read by a callback before the step: ``safe_get_full_grad`` under
 DeepSpeed, a test-only collective), and the final fp32 weights. Rank 0's tracker writes every
@@ -33,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from accelerate import Accelerator
 from accelerate.state import PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, set_seed
 
 from safeloop import Callback, NonFiniteError, SafeTrainer
 from tests.distributed.scripts.reinit_fsdp_ranks import zero_weights_model
@@ -52,8 +54,9 @@ def skip(reason: str) -> None:
 
 
 def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
+    accumulation = int(os.environ.get("ACCUM", "1"))
     if mode == "ddp":
-        return Accelerator(cpu=True, log_with=[tracker])
+        return Accelerator(cpu=True, log_with=[tracker], gradient_accumulation_steps=accumulation)
     try:
         import deepspeed  # noqa: F401
         from accelerate import DeepSpeedPlugin
@@ -61,13 +64,15 @@ def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
         skip(f"deepspeed is not installed: {error!r}")
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation,
         "zero_optimization": {"stage": int(os.environ["STAGE"])},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": float(os.environ.get("DS_CLIP", "0")),
     }
     plugin = DeepSpeedPlugin(hf_ds_config=config)
-    accelerator = Accelerator(cpu=True, deepspeed_plugin=plugin, log_with=[tracker])
+    accelerator = Accelerator(
+        cpu=True, deepspeed_plugin=plugin, log_with=[tracker], gradient_accumulation_steps=accumulation
+    )
     accelerator.state.distributed_type = DistributedType.DEEPSPEED
     PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
     plugin.set_mixed_precision("no")
@@ -120,23 +125,67 @@ def loss_function(fault: str):
     return loss_fn
 
 
-def main() -> None:
-    out_dir, mode = sys.argv[1], os.environ["MODE"]
-    tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
-    accelerator = build_accelerator(mode, tracker)
-    accelerator.init_trackers("deepspeed-test")
+def hand_written_loop(accelerator: Accelerator, out_dir: str) -> None:
+    """Accelerate's documented loop under DeepSpeed (``backward`` runs the engine's step), seeded as
+    ``seed=0`` seeds SafeTrainer: the reference for the trainer's own DeepSpeed step."""
+    built = model_optimizer_loader()
+    set_seed(0)  # after building, before `prepare`: Accelerate seeds its shuffling generator there
+    model, optimizer, loader = accelerator.prepare(*built)
+    set_seed(0)
+    model.train()
+    loss_fn, steps = nn.CrossEntropyLoss(), 0
+    while steps < int(os.environ.get("MAX_STEPS", "20")):
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(loss_fn(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+                steps += accelerator.sync_gradients
+            if steps == int(os.environ.get("MAX_STEPS", "20")):
+                break
+    unwrapped = accelerator.unwrap_model(model)
+    record = {"rank": accelerator.process_index, "steps": steps}
+    record["weights"] = {
+        n: whole(p, "weight").float().reshape(-1).tolist() for n, p in unwrapped.named_parameters()
+    }
+    write_record(accelerator, out_dir, record)
+
+
+def model_optimizer_loader() -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
     model = zero_weights_model() if os.environ.get("MODEL") == "zero" else deep_sigmoid_mlp()
     if os.environ.get("UNUSED") == "1":
         model = WithUnused(model)
     x, y = classification_data(n=128).tensors
     loader = DataLoader(TensorDataset(x, y), batch_size=MICRO_BATCH, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if os.environ.get("OPTIMIZER") == "other-model":  # built from another instance of the model
+        optimizer = torch.optim.SGD(deep_sigmoid_mlp().parameters(), lr=0.1)
+    return model, optimizer, loader
+
+
+def write_record(accelerator: Accelerator, out_dir: str, record: dict) -> None:
+    accelerator.end_training()
+    # the record (the weights) is longer than one atomic pipe write: to a file, named on stdout
+    path = os.path.join(out_dir, f"result_{accelerator.process_index}.json")
+    with open(path, "w") as fh:
+        json.dump(record, fh)
+    sys.stdout.write("RESULT " + json.dumps({"rank": accelerator.process_index, "file": path}) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    out_dir, mode = sys.argv[1], os.environ["MODE"]
+    tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
+    accelerator = build_accelerator(mode, tracker)
+    if os.environ.get("LOOP") == "hand-written":
+        hand_written_loop(accelerator, out_dir)
+        return
+    accelerator.init_trackers("deepspeed-test")
+    model, optimizer, loader = model_optimizer_loader()
     norms = StepNorms()
     options = {}
     if "CLIP" in os.environ:
         options["clip_grad_norm"] = float(os.environ["CLIP"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    if os.environ.get("OPTIMIZER") == "other-model":  # built from another instance of the model
-        optimizer = torch.optim.SGD(deep_sigmoid_mlp().parameters(), lr=0.1)
     try:
         trainer = SafeTrainer(
             model,
@@ -176,13 +225,7 @@ def main() -> None:
     record["step_norms"] = norms.steps
     layout = trainer._diagnostics.layout
     record["layout"] = [layout.shard_count, layout.per_param, layout.reach_hooks]
-    accelerator.end_training()
-    # the record (the weights) is longer than one atomic pipe write: to a file, named on stdout
-    path = os.path.join(out_dir, f"result_{accelerator.process_index}.json")
-    with open(path, "w") as fh:
-        json.dump(record, fh)
-    sys.stdout.write("RESULT " + json.dumps({"rank": accelerator.process_index, "file": path}) + "\n")
-    sys.stdout.flush()
+    write_record(accelerator, out_dir, record)
 
 
 if __name__ == "__main__":
