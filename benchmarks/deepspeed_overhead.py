@@ -28,28 +28,13 @@ import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType
+from overhead import make_loader, make_model  # benchmarks/overhead.py, beside this script
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from safeloop import Callback, SafeTrainer
 
 # CPU time by default (as overhead.py); --wall: wall time (gloo's waiting threads count as CPU time)
 CLOCK = time.process_time
-
-
-def make_model(width: int, depth: int, classes: int) -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, classes))
-
-
-def make_loader(args: argparse.Namespace) -> DataLoader:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.samples, args.width, generator=gen)
-    y = torch.randint(0, args.classes, (args.samples,), generator=gen)
-    return DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=True)
 
 
 def deepspeed_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -79,7 +64,9 @@ def bare(args: argparse.Namespace) -> float:
     accelerator = deepspeed_accelerator(args)
     model = make_model(args.width, args.depth, args.classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, make_loader(args))
+    model, optimizer, loader = accelerator.prepare(
+        model, optimizer, make_loader(args.width, args.classes, args.samples, args.batch)
+    )
     loss_fn = nn.CrossEntropyLoss()
     start, step = 0.0, 0
     while step < args.warmup + args.steps:
@@ -114,7 +101,7 @@ def safe(args: argparse.Namespace, diagnostics: bool) -> float:
     trainer = SafeTrainer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-3),
-        make_loader(args),
+        make_loader(args.width, args.classes, args.samples, args.batch),
         loss_fn=nn.CrossEntropyLoss(),
         accelerator=accelerator,
         max_steps=args.warmup + args.steps,
