@@ -65,6 +65,15 @@ def test_zero_with_gradient_accumulation_applies_the_hand_written_accelerate_loo
     assert results[0]["weights"] == loop[0]["weights"]
 
 
+def test_zero_follows_the_trainers_lr_scheduler_as_ddp_does(tmp_path):
+    # the scheduler (not prepared) sets the lr in the param groups ZeRO's optimizer steps with
+    ddp = _launch(tmp_path / "ddp", MODE="ddp", SCHEDULER="1", MAX_STEPS="6")
+    results = _ds(tmp_path / "ds", 2, SCHEDULER="1", MAX_STEPS="6")
+    constant = _ds(tmp_path / "constant", 2, MAX_STEPS="6")
+    assert results[0]["weights"] == ddp[0]["weights"]
+    assert results[0]["weights"] != constant[0]["weights"]  # the schedule did change the updates
+
+
 def test_zero_stage_0_is_measured_as_an_unsharded_run(tmp_path, ddp_run):
     ddp, ddp_dir = ddp_run
     results = _ds(tmp_path / "ds", 0)

@@ -9,7 +9,8 @@ forward never calls; ``MODEL=zero`` trains the model of ``reinit_fsdp_ranks.py``
 weight and a learning one) instead of the deep sigmoid MLP; ``OPTIMIZER=other-model`` builds the
 optimizer from another instance of the model; ``ACCUM`` sets gradient accumulation (both
 Accelerate's and the DeepSpeed config's); ``LOOP=hand-written`` runs Accelerate's documented loop
-instead of SafeTrainer (only the final weights are recorded). Each rank writes
+instead of SafeTrainer (only the final weights are recorded); ``SCHEDULER=1`` halves the learning
+rate every 2 steps. Each rank writes
 ``<out_dir>/result_<rank>.json`` (named on a ``RESULT`` line): findings, events, losses, each step's
 whole gradient norm per parameter (read by a callback before the step: ``safe_get_full_grad`` under
 DeepSpeed, a test-only collective), and the final fp32 weights. Rank 0's tracker writes every
@@ -186,6 +187,8 @@ def main() -> None:
     options = {}
     if "CLIP" in os.environ:
         options["clip_grad_norm"] = float(os.environ["CLIP"])
+    if os.environ.get("SCHEDULER") == "1":  # the learning rate halves every 2 steps
+        options["lr_scheduler"] = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
     try:
         trainer = SafeTrainer(
             model,
