@@ -123,9 +123,16 @@ def test_zero_3_names_an_unused_layer_from_gradient_hooks(tmp_path):
         assert ("unused-params", ["aux.weight", "aux.bias"], 0) in _warnings(result)
 
 
+@pytest.fixture(scope="module")
+def ddp_zero_weights(tmp_path_factory) -> list[dict]:
+    return _launch(tmp_path_factory.mktemp("reference") / "ddp", MODE="ddp", MODEL="zero", MAX_STEPS="4")
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_reinitialises_a_stuck_zero_weight_in_its_partitions_as_ddp_does(tmp_path, stage):
-    ddp = _launch(tmp_path / "ddp", MODE="ddp", MODEL="zero", MAX_STEPS="4")
+def test_zero_reinitialises_a_stuck_zero_weight_in_its_partitions_as_ddp_does(
+    tmp_path, ddp_zero_weights, stage
+):
+    ddp = ddp_zero_weights
     results = _ds(tmp_path / "ds", stage, MODEL="zero", MAX_STEPS="4")
     for result in results + ddp:
         assert result["reinit"] == [{"param": "0.weight", "shape": [5, 8], "method": "xavier"}]
