@@ -130,6 +130,11 @@ class ZeroEngine:
     def step(self, flag: torch.Tensor | None) -> bool | None:
         """Take the engine's step, or refuse it when ``flag`` is 0.
 
+        Without ZeRO (stage 0) the flag is read on the host before the step. Under ZeRO it is
+        not: a refused step is marked on the device (``_poison_partition``) and DeepSpeed's own
+        overflow check, which reads its verdict on the host anyway, refuses it; the flag is read
+        only after a step the engine did not apply, to tell the guard's refusal from its own.
+
         Args:
             flag (`torch.Tensor`, *optional*): the NaN/Inf guard's device flag, agreed by all
                 processes (1: apply); None with the guard off.
@@ -138,11 +143,6 @@ class ZeroEngine:
             `bool | None`: as ``GatedStep.step``: True applied, False refused by the guard, None
             with the guard off or when the engine refused the step on its own (an fp16 loss-scale
             overflow, or non-finite gradients with the guard off): ``overflowed`` says so.
-
-        Without ZeRO (stage 0) the flag is read on the host before the step. Under ZeRO it is
-        not: a refused step is marked on the device (``_poison_partition``) and DeepSpeed's own
-        overflow check, which reads its verdict on the host anyway, refuses it; the flag is read
-        only after a step the engine did not apply, to tell the guard's refusal from its own.
         """
         self.overflowed = False
         if flag is None:
@@ -215,6 +215,8 @@ class ZeroEngine:
             the fp16 loss scale, if any; and, with ``loss``, the guard's int32 flag, agreed by
             every process (1: the loss everywhere and every gradient are finite).
         """
+        # ZeRO-3 synchronises its reduce stream at the end of the backward: the reads below find
+        # it idle (no wait on compute), and nothing here reads a tensor on the host
         grads = [self.local_grad(p).detach() for p in self.params]
         device = next((g.device for g in grads if g.numel()), self._empty.device)
         nonempty = [g for g in grads if g.numel()]
@@ -355,12 +357,13 @@ def _without_padding(param: torch.nn.Parameter, part: torch.Tensor) -> torch.Ten
 def _overflow_checked(optimizer: object) -> Iterator[None]:
     """ZeRO-1/2 in bf16: the overflow check on for the step (off, its invalid-norm test is skipped too)."""
     before = getattr(optimizer, "check_grad_overflow", None)
-    if before is not None and getattr(optimizer, "dtype", None) == torch.bfloat16:
+    forced = before is not None and getattr(optimizer, "dtype", None) == torch.bfloat16
+    if forced:
         optimizer.check_grad_overflow = True  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        if before is not None and getattr(optimizer, "dtype", None) == torch.bfloat16:
+        if forced:
             optimizer.check_grad_overflow = before  # type: ignore[attr-defined]
 
 
