@@ -14,7 +14,7 @@ import torch
 from safeloop.errors import ConfigError
 from safeloop.results import Finding
 
-__all__ = ["compute_loss", "batch_size_of"]
+__all__ = ["compute_loss", "batch_size_of", "LossComputer", "LossFn", "TrainingStep"]
 
 LossFn = Callable[[Any, Any], Any]
 TrainingStep = Callable[[torch.nn.Module, Any], Any]
@@ -145,6 +145,27 @@ def compute_loss(
         "rule 2 a mapping batch (`model(**batch)`), rule 3 an `(inputs, targets)` tuple or list. "
         "Make the dataset return `(inputs, targets)` or pass `training_step=fn(model, batch) -> loss`."
     )
+
+
+class LossComputer:
+    """The batch conventions of one trainer, as ``loss_of(model, batch)``.
+
+    Args:
+        loss_fn (`Callable`, *optional*): ``loss_fn(outputs, targets)``.
+        training_step (`Callable`, *optional*): ``training_step(model, batch)``; wins when given.
+    """
+
+    def __init__(self, loss_fn: LossFn | None, training_step: TrainingStep | None) -> None:
+        self.loss_fn = loss_fn
+        self.training_step = training_step
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Run the forward pass on ``batch`` and return the loss (see :func:`compute_loss`)."""
+        return compute_loss(model, batch, loss_fn=self.loss_fn, training_step=self.training_step)
+
+    def with_loss_fn(self, model: torch.nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+        """The same, with ``loss_fn`` in place of the user's (a checked wrapper of it, or None)."""
+        return compute_loss(model, batch, loss_fn=loss_fn, training_step=self.training_step)
 
 
 def batch_size_of(batch: Any) -> int:

@@ -97,17 +97,26 @@ class Callback:
 
 
 class CallbackList:
-    """Calls a hook on every callback, in the order they were given."""
+    """Calls a hook on every callback, in the order they were given, with the trainer first.
 
-    def __init__(self, callbacks: Sequence[Callback]) -> None:
+    The one place that holds the trainer for others: components report through it (``call``)
+    without ever seeing the trainer, and callbacks see only its public attributes.
+
+    Args:
+        callbacks (`Sequence[Callback]`): the user's callbacks.
+        trainer (`SafeTrainer`, *optional*): passed to every hook as its first argument.
+    """
+
+    def __init__(self, callbacks: Sequence[Callback], trainer: SafeTrainer | None = None) -> None:
         self.callbacks = tuple(callbacks)
+        self.trainer = trainer
 
     def call(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on each callback with ``args``.
+        """Call ``hook`` on each callback with the trainer, then ``args``.
 
         Args:
             hook (`str`): a method name of :class:`Callback`.
-            *args: the hook's arguments, the trainer first.
+            *args: the hook's arguments after the trainer.
         """
         for callback in self.callbacks:
-            getattr(callback, hook)(*args)
+            getattr(callback, hook)(self.trainer, *args)

@@ -7,10 +7,8 @@ catch them all at once. An error raised because of a diagnosis carries the findi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from safeloop.results import Finding
+from safeloop.results import Finding
 
 __all__ = [
     "SafeLoopError",

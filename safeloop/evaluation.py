@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -11,10 +11,7 @@ from accelerate import Accelerator
 from safeloop.batching import batch_size_of
 from safeloop.distributed import reduce_across_processes
 
-if TYPE_CHECKING:
-    from safeloop.trainer import SafeTrainer
-
-__all__ = ["evaluate", "run_evaluation"]
+__all__ = ["evaluate"]
 
 
 def evaluate(
@@ -55,13 +52,3 @@ def evaluate(
     summed = reduce_across_processes(accelerator, torch.stack([total, count]), "sum")
     total_value, count_value = summed.tolist()  # host sync, once per evaluation
     return total_value / count_value if count_value else float("nan")
-
-
-def run_evaluation(trainer: SafeTrainer) -> None:
-    """Evaluate the trainer's model at the end of an epoch; log it and fire ``on_validation_end``."""
-    assert trainer.eval_dataloader is not None  # invariant: only called with one
-    trainer._eval_loss = evaluate(
-        trainer.accelerator, trainer.model, trainer.eval_dataloader, trainer._loss_of
-    )
-    trainer.accelerator.log({"eval/loss": trainer._eval_loss}, step=trainer.global_step)
-    trainer._callbacks.call("on_validation_end", trainer, trainer._eval_loss)

@@ -1,8 +1,10 @@
-"""Where findings go: deduplicated into the run's list, the log, the trackers, a JSON file, a report.
+"""The one owner of a run's findings and events: add, deduplicate, agree, log, tell callbacks.
 
 A finding is kept once per code and place (its parameters): a repeat raises its ``count`` and
 keeps the first step. The main process logs each new finding (Python ``logging``, logger
-``safeloop``) and logs ``findings/<code>`` to the trackers; ``fit`` ends with :func:`report`.
+``safeloop``) and logs ``findings/<code>`` to the trackers. Events go to the run's record
+(``RunRecord.events``), and to the callback hook that announces them. Components hold a
+:class:`Reporter`, never the trainer.
 """
 
 from __future__ import annotations
@@ -11,25 +13,22 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
+from safeloop.callbacks import CallbackList
 from safeloop.distributed import gather_json
-from safeloop.results import Finding, FitResult
+from safeloop.results import Event, Finding, FitResult
+from safeloop.run_state import Progress, RunRecord
 
-if TYPE_CHECKING:
-    from safeloop.trainer import SafeTrainer
-
-__all__ = ["agree_findings", "add_finding", "write_findings", "report", "finish_report", "FINDINGS_FILE"]
+__all__ = ["Reporter", "agree_findings", "write_findings", "FINDINGS_FILE"]
 
 logger = logging.getLogger("safeloop")
 
 FINDINGS_FILE = "findings.json"
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 def agree_findings(accelerator: Accelerator, findings: Sequence[Finding]) -> list[Finding]:
@@ -51,21 +50,6 @@ def agree_findings(accelerator: Accelerator, findings: Sequence[Finding]) -> lis
     return merged
 
 
-def add_finding(trainer: SafeTrainer, finding: Finding) -> None:
-    """Add ``finding`` to the run, or count a repeat of one already there."""
-    for index, known in enumerate(trainer._findings):
-        if known.code == finding.code and known.params == finding.params:
-            trainer._findings[index] = dataclasses.replace(known, count=known.count + finding.count)
-            return
-    trainer._findings.append(finding)
-    if trainer.accelerator.is_main_process:
-        where = f" (step {finding.step})" if finding.step is not None else ""
-        logger.log(_LEVELS[finding.severity], "safeloop [%s]%s %s", finding.code, where, finding.message)
-        if trainer.accelerator.trackers:
-            trainer.accelerator.log({f"findings/{finding.code}": 1}, step=trainer.global_step)
-    trainer._callbacks.call("on_finding", trainer, finding)
-
-
 def write_findings(folder: str | os.PathLike[str], findings: Sequence[Finding]) -> Path:
     """Write ``findings.json`` (a JSON list of findings) into ``folder``, atomically."""
     path = Path(folder) / FINDINGS_FILE
@@ -76,33 +60,68 @@ def write_findings(folder: str | os.PathLike[str], findings: Sequence[Finding]) 
     return path
 
 
-def report(findings: Sequence[Finding], *, steps: int, skipped: int, rollbacks: int) -> str:
-    """A short readable summary of a run: counts, then one line per finding, errors first.
+class Reporter:
+    """Collects the findings of a run and announces its findings and events.
 
-    Example:
-        >>> print(report([], steps=100, skipped=0, rollbacks=0))
-        safeloop: 100 steps, 0 skipped, 0 rollbacks; no findings.
+    Args:
+        accelerator (`Accelerator`): who logs (the main process) and agrees (all processes).
+        progress (`Progress`): the step that tracker values are logged at.
+        record (`RunRecord`): where events go.
+        callbacks (`CallbackList`): told of each new finding and of announced events.
+
+    Attributes:
+        findings (`list[Finding]`): the run's findings, deduplicated, in the order first seen.
     """
-    head = f"safeloop: {steps} steps, {skipped} skipped, {rollbacks} rollbacks"
-    if not findings:
-        return head + "; no findings."
-    counts = {s: sum(1 for f in findings if f.severity == s) for s in ("error", "warning", "info")}
-    summary = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n)
-    lines = [f"{head}; {summary}:"]
-    for finding in sorted(findings, key=lambda f: _ORDER[f.severity]):
-        seen = f" x{finding.count}" if finding.count > 1 else ""
-        first_line = finding.message.splitlines()[0] if finding.message else ""
-        lines.append(f"  [{finding.severity}] {finding.code}{seen}: {first_line}")
-        if finding.suggestion and finding.severity != "info":
-            lines.append(f"      fix: {finding.suggestion}")
-    return "\n".join(lines)
 
+    def __init__(
+        self, accelerator: Accelerator, progress: Progress, record: RunRecord, callbacks: CallbackList
+    ) -> None:
+        self.accelerator = accelerator
+        self.progress = progress
+        self.record = record
+        self.callbacks = callbacks
+        self.findings: list[Finding] = []
 
-def finish_report(trainer: SafeTrainer, result: FitResult) -> None:
-    """End of ``fit`` (main process): log the report; write ``findings.json`` to ``checkpoint_dir``."""
-    if not trainer.accelerator.is_main_process:
-        return
-    if trainer.config.checkpoint_dir is not None:
-        write_findings(trainer.config.checkpoint_dir, result.findings)
-    serious = any(f.severity != "info" for f in result.findings)
-    logger.log(logging.WARNING if serious else logging.INFO, "%s", result.report())
+    def add(self, finding: Finding) -> None:
+        """Add ``finding`` to the run, or count a repeat of one already there."""
+        for index, known in enumerate(self.findings):
+            if known.code == finding.code and known.params == finding.params:
+                self.findings[index] = dataclasses.replace(known, count=known.count + finding.count)
+                return
+        self.findings.append(finding)
+        if self.accelerator.is_main_process:
+            where = f" (step {finding.step})" if finding.step is not None else ""
+            logger.log(_LEVELS[finding.severity], "safeloop [%s]%s %s", finding.code, where, finding.message)
+            if self.accelerator.trackers:
+                self.accelerator.log({f"findings/{finding.code}": 1}, step=self.progress.global_step)
+        self.callbacks.call("on_finding", finding)
+
+    def keep(self, finding: Finding) -> None:
+        """Keep ``finding`` without announcing it (a note made while the trainer is built)."""
+        self.findings.append(finding)
+
+    def add_all(self, findings: Iterable[Finding], *, agree: bool = False) -> None:
+        """Add several findings; with ``agree``, first take their union over processes (a collective)."""
+        if agree:
+            findings = agree_findings(self.accelerator, list(findings))
+        for finding in findings:
+            self.add(finding)
+
+    def of_code(self, code: str) -> list[Finding]:
+        """The findings with ``code``, in order."""
+        return [finding for finding in self.findings if finding.code == code]
+
+    def event(self, event: Event, hook: str | None = None) -> None:
+        """Record ``event`` in the run's record and, when given, fire callback ``hook`` with it."""
+        self.record.events.append(event)
+        if hook is not None:
+            self.callbacks.call(hook, event)
+
+    def finish(self, result: FitResult, checkpoint_dir: str | None) -> None:
+        """End of ``fit`` (main process): log the report; write ``findings.json`` to ``checkpoint_dir``."""
+        if not self.accelerator.is_main_process:
+            return
+        if checkpoint_dir is not None:
+            write_findings(checkpoint_dir, result.findings)
+        serious = any(f.severity != "info" for f in result.findings)
+        logger.log(logging.WARNING if serious else logging.INFO, "%s", result.report())

@@ -7,17 +7,16 @@ the host: they run once per ``fit``.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from safeloop.config import TrainerConfig
+from safeloop.findings import Reporter
 from safeloop.guards.reinit import ZeroParam, find_zero_params, reinit_
 from safeloop.results import Event, Finding
-
-if TYPE_CHECKING:
-    from safeloop.trainer import SafeTrainer
-    from safeloop.zero import ZeroEngine
+from safeloop.zero import ZeroEngine
 
 __all__ = ["check_zero_params", "run_preflight"]
 
@@ -134,36 +133,52 @@ def _finding(zero: ZeroParam, *, reinit: bool, method: str | None, scope: str) -
     )
 
 
-def run_preflight(trainer: SafeTrainer) -> None:
-    """The trainer's checks on the first step's gradients, before its update (once per trainer)."""
-    trainer._preflight_done = True
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    reason = _zero_check_off(trainer, model)
+def run_preflight(
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    config: TrainerConfig,
+    reporter: Reporter,
+    *,
+    zero_engine: ZeroEngine | None = None,
+    reached: set[str] | None = None,
+) -> set[str] | None:
+    """The checks on the first step's gradients, before its update (once per run).
+
+    Args:
+        model (`torch.nn.Module`): the unwrapped model, gradients of the first step in place.
+        accelerator (`Accelerator`): the run's processes.
+        config (`TrainerConfig`): ``reinit_zero_params``, ``reinit_std``, ``reinit_scope``, ``seed``.
+        reporter (`Reporter`): ``"reinit"`` events and ``zero-params`` findings.
+        zero_engine (`ZeroEngine`, *optional*): DeepSpeed ZeRO's partitions.
+        reached (`set[str]`, *optional*): ZeRO: the parameters the first backward reached.
+
+    Returns:
+        `set[str] | None`: the parameters left at zero; None when the check cannot run here.
+    """
+    reason = _zero_check_off(accelerator, model)
     if reason is not None:
-        if trainer.accelerator.is_main_process:
+        if accelerator.is_main_process:
             logger.info("safeloop: the all-zero weight check is off: %s", reason)
-        return
+        return None
     events, findings, left_zero = check_zero_params(
         model,
-        method=trainer.config.reinit_zero_params,
-        std=trainer.config.reinit_std,
-        scope=trainer.config.reinit_scope,
+        method=config.reinit_zero_params,
+        std=config.reinit_std,
+        scope=config.reinit_scope,
         # the same seed on every rank: re-initialised weights agree without a broadcast
-        seed=0 if trainer.config.seed is None else trainer.config.seed,
-        zero_engine=trainer._zero,
-        reached=None if trainer._diagnostics is None else trainer._diagnostics.reached,
+        seed=0 if config.seed is None else config.seed,
+        zero_engine=zero_engine,
+        reached=reached,
     )
-    trainer._events.extend(events)
-    for finding in findings:
-        trainer._add_finding(finding)
-    diagnostics = trainer._diagnostics
-    if diagnostics is not None and diagnostics.health is not None:
-        diagnostics.health.zero_at_start = left_zero
+    for event in events:
+        reporter.event(event)
+    reporter.add_all(findings)
+    return left_zero
 
 
-def _zero_check_off(trainer: SafeTrainer, model: torch.nn.Module) -> str | None:
+def _zero_check_off(accelerator: Accelerator, model: torch.nn.Module) -> str | None:
     """Why the all-zero weight check cannot run on this run's parameters, or None when it can."""
-    if trainer.accelerator.distributed_type != DistributedType.FSDP:
+    if accelerator.distributed_type != DistributedType.FSDP:
         return None
     try:
         from torch.distributed.tensor import DTensor

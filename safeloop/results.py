@@ -6,12 +6,14 @@ to JSON as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Event", "Finding", "FitResult"]
+__all__ = ["Event", "Finding", "FitResult", "report"]
 
 Severity = Literal["info", "warning", "error"]
+_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,28 @@ class FitResult:
 
     def report(self) -> str:
         """A short readable summary: steps, skips, rollbacks, then each finding with its fix."""
-        from safeloop.findings import report
-
         return report(
             self.findings, steps=self.global_step, skipped=self.skipped_steps, rollbacks=self.rollbacks
         )
+
+
+def report(findings: Sequence[Finding], *, steps: int, skipped: int, rollbacks: int) -> str:
+    """A short readable summary of a run: counts, then one line per finding, errors first.
+
+    Example:
+        >>> print(report([], steps=100, skipped=0, rollbacks=0))
+        safeloop: 100 steps, 0 skipped, 0 rollbacks; no findings.
+    """
+    head = f"safeloop: {steps} steps, {skipped} skipped, {rollbacks} rollbacks"
+    if not findings:
+        return head + "; no findings."
+    counts = {s: sum(1 for f in findings if f.severity == s) for s in ("error", "warning", "info")}
+    summary = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n)
+    lines = [f"{head}; {summary}:"]
+    for finding in sorted(findings, key=lambda f: _ORDER[f.severity]):
+        seen = f" x{finding.count}" if finding.count > 1 else ""
+        first_line = finding.message.splitlines()[0] if finding.message else ""
+        lines.append(f"  [{finding.severity}] {finding.code}{seen}: {first_line}")
+        if finding.suggestion and finding.severity != "info":
+            lines.append(f"      fix: {finding.suggestion}")
+    return "\n".join(lines)

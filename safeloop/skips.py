@@ -1,8 +1,11 @@
-"""What the trainer does with a skipped step once the host knows of it.
+"""The skip handler: what follows a step the NaN/Inf guard refused, once the host knows of it.
 
-It keeps the recent micro-batches (so that a skipped step's batches can be replayed), turns a
-skip into its ``"skip"`` event and findings, and asks the guard's policy whether to escalate.
-The trainer dispatches the results; this module neither steps nor logs.
+One entry point, :meth:`SkipHandler.learn`, for both ways the host learns of a step's outcome:
+at the step itself (optimizers whose flag is read on the host), or at the next log step (flags
+kept on the device: fused optimizers, the fp16 scaler). It keeps the recent micro-batches (so
+that a skipped step's batches can be replayed), turns a skip into its ``"skip"`` event and
+findings, counts skips in the run's record, and asks the rollback policy what a run of skips
+past ``max_consecutive_skips`` leads to. It neither steps nor logs.
 """
 
 from __future__ import annotations
@@ -10,20 +13,21 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from safeloop.diagnostics.localize import Localisation, locate_nonfinite
 from safeloop.errors import NonFiniteError
+from safeloop.findings import Reporter
+from safeloop.guards.divergence import Divergence
 from safeloop.guards.nonfinite import SkipRecord, SkipTracker
 from safeloop.metrics import StepValues
 from safeloop.results import Event, Finding
+from safeloop.rollback import DivergencePolicy
+from safeloop.run_state import RunRecord
 
-if TYPE_CHECKING:
-    from safeloop.trainer import SafeTrainer
-
-__all__ = ["handle_skip", "SkipMonitor", "SkipOutcome"]
+__all__ = ["SkipHandler", "SkipOutcome"]
 
 _MAX_NAMED = 10
 
@@ -43,30 +47,55 @@ class SkipOutcome:
     escalate: bool
 
 
-class SkipMonitor:
-    """Tracks skips, keeps recent batches and localises non-finite values.
+class SkipHandler:
+    """Learns of skipped steps, replays their batches, reports them and escalates runs of them.
 
     Args:
+        policy (`str`): the ``nan_guard`` setting (``"raise"`` raises at the first skip).
         max_consecutive_skips (`int`): more skips in a row escalate.
         param_names (`Sequence[str]`): names of the model's parameters, in ``parameters()`` order.
         history_steps (`int`): how many optimizer steps of micro-batches to keep for a replay.
         accumulation (`int`): micro-batches per optimizer step.
+        model (`torch.nn.Module`): the unwrapped model, for the replay.
+        loss_of (`Callable`): the batch conventions, ``loss_of(model, batch)``.
+        record (`RunRecord`): where skips are counted.
+        reporter (`Reporter`): findings and events.
+        divergences (`DivergencePolicy`): decides what a run of skips leads to.
+
+    Attributes:
+        tracker (`SkipTracker`): the run of skips under way (guard state, checkpointed).
     """
 
     def __init__(
         self,
         *,
+        policy: str,
         max_consecutive_skips: int,
         param_names: Sequence[str],
         history_steps: int,
         accumulation: int,
+        model: torch.nn.Module,
+        loss_of: Callable[[torch.nn.Module, Any], torch.Tensor],
+        record: RunRecord,
+        reporter: Reporter,
+        divergences: DivergencePolicy,
     ) -> None:
+        self.policy = policy
         self.tracker = SkipTracker(max_consecutive_skips=max_consecutive_skips)
         self.param_names = tuple(param_names)
-        self.overflow_skips = 0
+        self.model = model
+        self.loss_of = loss_of
+        self.record = record
+        self.reporter = reporter
+        self.divergences = divergences
         # references only (no copies): the batches stay alive until they leave the window
         self._batches: deque[tuple[int, int, Any]] = deque(maxlen=history_steps * accumulation)
         self._first_batch: tuple[int, int] | None = None  # (step, batch_idx) of the fit's first batch
+
+    @property
+    def healthy(self) -> bool:
+        """No run of skips is under way."""
+        return self.tracker.consecutive == 0
 
     def remember(self, step: int, batch_idx: int, batch: Any) -> None:
         """Keep a micro-batch of optimizer step ``step`` for a possible replay."""
@@ -74,98 +103,96 @@ class SkipMonitor:
             self._first_batch = (step, batch_idx)
         self._batches.append((step, batch_idx, batch))
 
-    def is_first_batch(self, event: Event) -> bool:
-        """Whether a skip's replay found its origin in the fit's first batch (checked before step 1)."""
-        origin = event.detail.get("origin")
-        return origin is not None and (event.step, origin["batch_idx"]) == self._first_batch
-
-    def forget(self) -> None:
-        """Drop the remembered batches (after a rollback they belong to an abandoned branch)."""
+    def after_rollback(self) -> None:
+        """Drop the remembered batches (an abandoned branch's) and end the run of skips."""
         self._batches.clear()
+        self.tracker.consecutive = 0
 
     def names(self, positions: Sequence[int]) -> tuple[str, ...]:
         """Names of the parameters at ``positions``."""
         return tuple(self.param_names[i] for i in positions if i < len(self.param_names))
 
-    def applied(self, step: int) -> None:
-        """Record that ``step`` was applied (ends a run of skips)."""
-        self.tracker.observe(step, True)
+    def host_values(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor | None
+    ) -> StepValues:
+        """A refused step's values read on the host (host reads: refused steps only)."""
+        bad = () if nonfinite is None else tuple(torch.nonzero(nonfinite).flatten().tolist())
+        return StepValues(loss=float(loss), grad_norm=float(grad_norm), finite=False, bad_params=bad)
 
-    def record_now(
-        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor | None
-    ) -> SkipRecord:
-        """Describe a step known to be skipped from its device values (host reads: skips only)."""
-        bad = [] if nonfinite is None else torch.nonzero(nonfinite).flatten().tolist()
-        return SkipRecord(step, float(loss), float(grad_norm), self.names(bad))
-
-    def skipped_in_log(self, last_step: int, per_step: Sequence[StepValues]) -> list[SkipRecord]:
-        """Go through the steps of a log interval read on the host, oldest first.
+    def learn(self, last_step: int, per_step: Sequence[StepValues]) -> Divergence | None:
+        """Take the outcome of steps ending at ``last_step``, oldest first (every process together).
 
         Applied steps end runs of skips; fp16 scaler overflows are counted apart (expected while
-        the scale settles, never escalated). Returns the records of the guard's own skips, for
-        the trainer to report in order.
-        """
-        first = last_step - len(per_step) + 1
-        records = []
-        for offset, values in enumerate(per_step):
-            if values.overflow:
-                self.overflow_skips += 1
-            elif values.finite:
-                self.applied(first + offset)
-            else:
-                records.append(
-                    SkipRecord(first + offset, values.loss, values.grad_norm, self.names(values.bad_params))
-                )
-        return records
-
-    def escalation_error(self, record: SkipRecord, findings: Sequence[Finding]) -> NonFiniteError:
-        """The error for a run of skips longer than ``max_consecutive_skips``."""
-        return NonFiniteError(
-            f"{self.tracker.consecutive} optimizer steps in a row ended with a non-finite loss or "
-            f"gradients (the last at step {record.step}, loss {record.loss}, gradient norm "
-            f"{record.grad_norm}); `max_consecutive_skips={self.tracker.max_consecutive_skips}`. "
-            "See the findings for where the values came from; lower the learning rate, clip "
-            "gradients (`clip_grad_norm=1.0`) or clean the data.",
-            findings=findings,
-        )
-
-    @staticmethod
-    def raise_policy_error(record: SkipRecord, outcome: SkipOutcome) -> NonFiniteError:
-        """The error of ``nan_guard="raise"`` at the first non-finite step."""
-        params = ", ".join(record.params) or "some parameters"
-        what = "loss" if record.cause == "loss" else f"gradients of {params}"
-        return NonFiniteError(
-            f"step {record.step}: the {what} went non-finite (loss {record.loss}, gradient norm "
-            f'{record.grad_norm}) and `nan_guard="raise"`; nothing was updated. '
-            + " ".join(f.message for f in outcome.findings),
-            findings=outcome.findings,
-        )
-
-    def skipped(
-        self,
-        record: SkipRecord,
-        model: torch.nn.Module,
-        loss_of: Callable[[torch.nn.Module, Any], torch.Tensor],
-    ) -> SkipOutcome:
-        """Record a skipped step, replay its batches and describe it.
-
-        Args:
-            record (`SkipRecord`): what the host read about the step.
-            model (`torch.nn.Module`): the unwrapped model, for the replay.
-            loss_of (`Callable`): the batch conventions, ``loss_of(model, batch)``.
+        the scale settles, never escalated); each of the guard's own skips is replayed, reported
+        and counted.
 
         Returns:
-            `SkipOutcome`: the event, the findings and whether to escalate.
+            `Divergence | None`: a run of skips past ``max_consecutive_skips`` with rollback on
+            (the steps after it in ``per_step`` are not looked at).
+
+        Raises:
+            NonFiniteError: under ``nan_guard="raise"``, or past ``max_consecutive_skips`` without
+                rollback.
         """
-        escalate = self.tracker.observe(record.step, False, record) == "escalate"
+        first = last_step - len(per_step) + 1
+        for offset, values in enumerate(per_step):
+            if values.overflow:
+                self.record.overflow_skips += 1
+            elif values.finite is not False:
+                self.tracker.observe(True)
+            else:
+                record = SkipRecord(
+                    first + offset, values.loss, values.grad_norm, self.names(values.bad_params)
+                )
+                divergence = self._skipped(record)
+                if divergence is not None:
+                    return divergence
+        return None
+
+    def _skipped(self, record: SkipRecord) -> Divergence | None:
+        if self.policy == "raise":
+            outcome = self._describe(record, escalate=False)
+            self._report(outcome)
+            raise _raise_policy_error(record, outcome)
+        escalate = self.tracker.observe(False) == "escalate"
+        self.record.skipped_steps += 1
+        outcome = self._describe(record, escalate=escalate)
+        self._report(outcome)
+        self.reporter.event(outcome.event, "on_skip")
+        if not outcome.escalate:
+            return None
+        return self.divergences.on_skip_run(record, self.tracker.consecutive)
+
+    def _describe(self, record: SkipRecord, *, escalate: bool) -> SkipOutcome:
         batches = [(idx, batch) for step, idx, batch in self._batches if step == record.step]
-        where = locate_nonfinite(model, batches, loss_of) if batches else None
+        where = locate_nonfinite(self.model, batches, self.loss_of) if batches else None
         detail = record.detail()
         detail["consecutive"] = self.tracker.consecutive
         if where is not None:
             detail["origin"] = {"kind": where.kind, "batch_idx": where.batch_idx, "where": where.where}
-        event = Event("skip", record.step, detail)
-        return SkipOutcome(event, tuple(_findings(record, where)), escalate)
+        return SkipOutcome(Event("skip", record.step, detail), tuple(_findings(record, where)), escalate)
+
+    def _report(self, outcome: SkipOutcome) -> None:
+        findings = list(outcome.findings)
+        origin = outcome.event.detail.get("origin")
+        if origin is not None and (outcome.event.step, origin["batch_idx"]) == self._first_batch:
+            # the first-batch check already reported the same tensor of the same batch: not a repeat
+            known = {(f.code, f.params) for f in self.reporter.findings}
+            findings = [f for f in findings if f.code != "nonfinite-input" or (f.code, f.params) not in known]
+        # every process learns of the skip at the same point; each replayed its own batch
+        self.reporter.add_all(findings, agree=True)
+
+
+def _raise_policy_error(record: SkipRecord, outcome: SkipOutcome) -> NonFiniteError:
+    """The error of ``nan_guard="raise"`` at the first non-finite step."""
+    params = ", ".join(record.params) or "some parameters"
+    what = "loss" if record.cause == "loss" else f"gradients of {params}"
+    return NonFiniteError(
+        f"step {record.step}: the {what} went non-finite (loss {record.loss}, gradient norm "
+        f'{record.grad_norm}) and `nan_guard="raise"`; nothing was updated. '
+        + " ".join(f.message for f in outcome.findings),
+        findings=outcome.findings,
+    )
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -237,42 +264,3 @@ def _findings(record: SkipRecord, where: Localisation | None) -> list[Finding]:
             )
         )
     return findings
-
-
-def handle_skip(trainer: SafeTrainer, record: SkipRecord, *, raise_policy: bool = False) -> None:
-    """Report a skipped step of the trainer; raise, or ask for a rollback, when the policy says.
-
-    Raises:
-        NonFiniteError: under ``nan_guard="raise"``, or past ``max_consecutive_skips`` without
-            rollback.
-        RollbackRequest: past ``max_consecutive_skips`` with rollback on.
-    """
-    from safeloop.findings import agree_findings
-    from safeloop.rollback import RollbackRequest, can_roll_back
-
-    monitor = trainer._skips
-    outcome = monitor.skipped(record, trainer.accelerator.unwrap_model(trainer.model), trainer._loss_of)
-    findings = list(outcome.findings)
-    if monitor.is_first_batch(outcome.event):
-        # the first-batch check already reported the same tensor of the same batch: not a repeat
-        known = {(f.code, f.params) for f in trainer._findings}
-        findings = [f for f in findings if f.code != "nonfinite-input" or (f.code, f.params) not in known]
-    # every process learns of the skip at the same point; each replayed its own batch
-    for finding in agree_findings(trainer.accelerator, findings):
-        trainer._add_finding(finding)
-    if raise_policy:
-        raise monitor.raise_policy_error(record, outcome)
-    trainer._events.append(outcome.event)
-    trainer._callbacks.call("on_skip", trainer, outcome.event)
-    if not outcome.escalate:
-        return
-    if can_roll_back(trainer):
-        run = monitor.tracker.consecutive
-        text = (
-            f"{run} non-finite steps in a row (last loss {record.loss:.4g}, grad norm {record.grad_norm:.4g})"
-        )
-        # a skip decided on the device is learnt at the log step: the data was consumed up to now
-        raise RollbackRequest(
-            "nonfinite", record.step - run + 1, trainer.global_step, text, {"consecutive": run}
-        )
-    raise monitor.escalation_error(record, trainer._findings)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-__all__ = ["unwrap_optimizer", "takes_found_inf", "GatedStep"]
+__all__ = ["unwrap_optimizer", "takes_found_inf", "decides_on_device", "GatedStep"]
 
 _FOUND_INF_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -39,6 +39,17 @@ def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     return type(inner) in _FOUND_INF_OPTIMIZERS and bool(inner.defaults.get("fused"))
 
 
+def decides_on_device(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, zero_engine: object | None
+) -> bool:
+    """Whether a refused step stays on the device until the log step (no host read per step).
+
+    True with a GradScaler or a ``found_inf`` optimizer; never under DeepSpeed, whose own step
+    reports its verdict on the host (``ZeroEngine.step``).
+    """
+    return zero_engine is None and (scaler is not None or takes_found_inf(optimizer))
+
+
 class GatedStep:
     """Runs ``optimizer.step()`` so that a step with flag 0 changes nothing.
 
@@ -52,7 +63,6 @@ class GatedStep:
         self.inner = unwrap_optimizer(optimizer)
         self.scaler = scaler
         self.device_side = scaler is not None or takes_found_inf(optimizer)
-        self.last_overflow: torch.Tensor | None = None
 
     def step(self, flag: torch.Tensor | None) -> bool | None:
         """Apply the step when ``flag`` is 1 (or None, guard off).
@@ -69,7 +79,10 @@ class GatedStep:
             return None
         bad = (1 - flag).to(torch.float32)
         if self.scaler is not None:
-            self.last_overflow = self._merge_into_scaler(bad)
+            # with the guard's flag merged into the scaler's found_inf, the scaler skips the step
+            # (and lowers its scale) as for an overflow
+            for value in self._scaler_found_inf():
+                value.copy_(torch.maximum(value, bad.to(value.device)))
             self.optimizer.step()
             return None
         if self.device_side:
@@ -87,7 +100,8 @@ class GatedStep:
     def overflow(self) -> torch.Tensor | None:
         """The fp16 scaler's own found-inf for this step (device, 0/1), or None without a scaler.
 
-        Valid after ``unscale_``, which the trainer calls before measuring the gradient norm.
+        Valid after ``unscale_``, which the step calls before measuring the gradient norm, and
+        before :meth:`step` merges the guard's flag into it.
         """
         if self.scaler is None:
             return None
@@ -97,11 +111,3 @@ class GatedStep:
     def _scaler_found_inf(self) -> list[torch.Tensor]:
         state = self.scaler._per_optimizer_states[id(self.inner)]  # type: ignore[union-attr]
         return list(state["found_inf_per_device"].values())
-
-    def _merge_into_scaler(self, bad: torch.Tensor) -> torch.Tensor | None:
-        # with the guard's flag merged into the scaler's found_inf, the scaler skips the step
-        # (and lowers its scale) as for an overflow; the overflow alone is kept for accounting
-        overflow = self.overflow()
-        for value in self._scaler_found_inf():
-            value.copy_(torch.maximum(value, bad.to(value.device)))
-        return overflow

@@ -1,15 +1,16 @@
-"""``SafeTrainer``: the training loop, wired from config, batching, guards and metrics.
+"""``SafeTrainer``: builds the run's components, wires them, and keeps the public attributes.
 
-The trainer wires; it holds no thresholds. ``fit`` reads as the outline of a run (set up, run the
-loop, finish) and ``_optimizer_step`` holds the detail of one optimizer step. The iteration itself
-(epochs, micro-batches, step boundaries, rollback restarts, preemption stops) is in
-``safeloop.run_loop``.
+The trainer wires; it holds no thresholds and no loop. ``__init__`` builds the components, each
+handed the state objects and collaborators it needs (none holds the trainer); ``fit`` reads as
+the outline of a run (resume, start, run the loop, finish). The loop itself is ``RunLoop``;
+docs/architecture.md walks one optimizer step through the components.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,29 +18,28 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from safeloop.batching import compute_loss
+from safeloop.batching import LossComputer
 from safeloop.callbacks import Callback, CallbackList
-from safeloop.checkpoint.lifecycle import build_manager, close_checkpoints, resume, save_checkpoint
-from safeloop.checkpoint.trainer_state import RngSnapshot
+from safeloop.checkpoint.checkpointer import Checkpointer, NamedState, build_manager
 from safeloop.config import TrainerConfig, build_config
+from safeloop.data_cursor import DataCursor
 from safeloop.diagnostics.session import Diagnostics, check_optimizer_before_prepare
-from safeloop.distributed import agree_all_finite, settle_collectives
-from safeloop.evaluation import run_evaluation
-from safeloop.findings import add_finding, finish_report
+from safeloop.distributed import settle_collectives
+from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
-from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE, SpikeDetector
-from safeloop.guards.nonfinite import SkipRecord, finite_flag, true_overflow
 from safeloop.launch import build_accelerator
+from safeloop.log_step import LogStep
 from safeloop.metrics import MetricBuffer
+from safeloop.optimizer_step import OptimizerStep
 from safeloop.preemption import PreemptionWatch
-from safeloop.preflight import run_preflight
 from safeloop.progress import ProgressBar, planned_steps
-from safeloop.reporting import report_interval, start_trackers
-from safeloop.results import Event, Finding, FitResult
-from safeloop.run_loop import run_epochs
-from safeloop.skips import SkipMonitor, handle_skip
-from safeloop.stepping import GatedStep
+from safeloop.results import Finding, FitResult
+from safeloop.rollback import DivergencePolicy, Rollback
+from safeloop.run_loop import RunLoop
+from safeloop.run_state import Progress, RunRecord
+from safeloop.skips import SkipHandler
+from safeloop.stepping import decides_on_device
 from safeloop.zero import check_deepspeed_clipping, zero_engine
 
 __all__ = ["SafeTrainer"]
@@ -168,14 +168,13 @@ class SafeTrainer:
             k: v for k, v in locals().items() if k not in ("self", "model", "optimizer", "train_dataloader")
         }
         self.config, callback_items = build_config(model, optimizer, train_dataloader, **arguments)
-        self._callbacks = CallbackList(callback_items)
-        self._loss_fn = loss_fn
-        self._training_step = training_step
+        config = self.config
+        self._callbacks = CallbackList(callback_items, self)
         self._owns_accelerator = accelerator is None
-        if self.config.seed is not None:
+        if config.seed is not None:
             # before prepare: Accelerate seeds its shuffling generator from torch's global RNG there
-            set_seed(self.config.seed)
-        self.accelerator = build_accelerator(self.config, accelerator)
+            set_seed(config.seed)
+        self.accelerator = build_accelerator(config, accelerator)
         # The scheduler is not prepared: Accelerate would step it once per process, and API.md
         # promises one step per optimizer step on any number of processes.
         self.lr_scheduler = lr_scheduler
@@ -183,7 +182,7 @@ class SafeTrainer:
         if eval_dataloader is not None:
             objects.append(eval_dataloader)
         early: list[Finding] = []
-        if self.config.diagnostics and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if config.diagnostics and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             # DeepSpeed replaces the optimizer's param groups with flat partitions in `prepare`
             # (and fails there with a bare KeyError on a tensor that is not the model's)
             early = check_optimizer_before_prepare(model, optimizer)
@@ -192,55 +191,108 @@ class SafeTrainer:
         self.optimizer: torch.optim.Optimizer = prepared[1]
         self.train_dataloader = prepared[2]
         self.eval_dataloader = prepared[3] if eval_dataloader is not None else None
-        self.global_step = 0
-        self.epoch = 0
-        self._findings: list[Finding] = []
-        self._checkpoints, note = build_manager(self.config, self.accelerator)
+        self._build(loss_fn, training_step, initial_lr=optimizer.param_groups[0]["lr"])
+        self._reporter.add_all(early)  # the optimizer check made before `prepare` (DeepSpeed)
+
+    def _build(
+        self,
+        loss_fn: Callable[[Any, Any], Any] | None,
+        training_step: Callable[[torch.nn.Module, Any], Any] | None,
+        *,
+        initial_lr: float,
+    ) -> None:
+        """Build the run's state objects and components, each handed what it needs."""
+        config, acc = self.config, self.accelerator
+        unwrapped = acc.unwrap_model(self.model)
+        self._progress = Progress(step_lr=initial_lr)
+        self._record = RunRecord()
+        self._reporter = Reporter(acc, self._progress, self._record, self._callbacks)
+        manager, note = build_manager(config, acc)
         if note is not None:
-            self._findings.append(note)
-        self._spikes = SpikeDetector(
-            self.config.spike_zscore, self.config.spike_patience, self.config.spike_warmup
-        )
-        self._rollbacks = 0
-        self._lr_scale = 1.0
-        self._divergences: list[dict[str, Any]] = []
-        self.checkpoint_dir = None if self._checkpoints is None else self._checkpoints.directory
-        self._epoch_rng: RngSnapshot | None = None
-        self._preemption = PreemptionWatch()
-        self._preempted = False
-        self._batch_in_epoch = 0
-        self._resume_position: int | None = None
-        self._carry_skip = 0  # micro-batches a rollback still skips in the next epoch
-        self._resume_rng: tuple[Any, Any] | None = None
-        self._metrics = MetricBuffer(self.config.log_every)
-        self._window_losses: list[torch.Tensor] = []
-        self._history: list[dict[str, Any]] = []
-        self._events: list[Event] = []
-        self._eval_loss: float | None = None
-        self._bar: ProgressBar | None = None
-        self._step_lr: float = optimizer.param_groups[0]["lr"]
-        self._step_epoch = 0
-        self._preflight_done = False
-        self._guarded = self.config.nan_guard != "off"
-        self._stepper = GatedStep(self.optimizer, self.accelerator.scaler)
+            self._reporter.keep(note)
         # under DeepSpeed the engine's backward and step are called apart (see zero.py)
-        self._zero = zero_engine(self.accelerator, self.model)
-        if self._zero is not None:
-            check_deepspeed_clipping(self.config, self._zero)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        self._diagnostics = Diagnostics(self) if self.config.diagnostics else None
-        self._adaptive = (
-            None if self.config.adaptive_clip is None else AdaptiveClip(self.config.adaptive_clip)
-        )
-        self._skips = SkipMonitor(
-            max_consecutive_skips=self.config.max_consecutive_skips,
+        zero = zero_engine(acc, self.model)
+        if zero is not None:
+            check_deepspeed_clipping(config, zero)
+        losses = LossComputer(loss_fn, training_step)
+        self._diagnostics = None
+        if config.diagnostics:
+            self._diagnostics = Diagnostics(
+                acc, self.model, self.optimizer, self._reporter, log_every=config.log_every,
+                loss_fn=loss_fn, eval_dataloader=self.eval_dataloader, zero=zero,
+            )  # fmt: skip
+        adaptive = None if config.adaptive_clip is None else AdaptiveClip(config.adaptive_clip)
+        spikes = SpikeDetector(config.spike_zscore, config.spike_patience, config.spike_warmup)
+        cursor = DataCursor(self.train_dataloader, keep_epoch_rng=manager is not None)
+        rollback_on = config.rollback and manager is not None
+        policy = DivergencePolicy(config, self._progress, self._reporter, rollback_enabled=rollback_on)
+        on_device = decides_on_device(self.optimizer, acc.scaler, zero)
+        skips = SkipHandler(
+            policy=config.nan_guard,
+            max_consecutive_skips=config.max_consecutive_skips,
             param_names=[name for name, _ in unwrapped.named_parameters()],
             # a skip read on the host each step is replayed at once; a device-side one at the log step
-            history_steps=self.config.log_every if self._stepper.device_side and self._zero is None else 1,
-            accumulation=self.config.gradient_accumulation_steps,
+            history_steps=config.log_every if on_device else 1,
+            accumulation=config.gradient_accumulation_steps,
+            model=unwrapped,
+            loss_of=losses,
+            record=self._record,
+            reporter=self._reporter,
+            divergences=policy,
         )
-        for finding in early:  # the optimizer check made before `prepare` (DeepSpeed)
-            self._add_finding(finding)
+        step = OptimizerStep(
+            config, acc, self.model, self.optimizer, self.lr_scheduler, losses=losses,
+            callbacks=self._callbacks, reporter=self._reporter, skips=skips,
+            diagnostics=self._diagnostics, zero=zero, adaptive=adaptive,
+        )  # fmt: skip
+        self._checkpoints = Checkpointer(
+            manager,
+            acc,
+            model=unwrapped,
+            shared={"optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler, "scaler": acc.scaler},
+            run_state=[
+                self._progress, self._record, cursor, skips.tracker, step,
+                NamedState("spike_detector", spikes), NamedState("adaptive_clip", adaptive),
+            ],
+            rank_state=cursor.rank_state,
+            progress=self._progress,
+            reporter=self._reporter,
+        )  # fmt: skip
+        rollback = None
+        if rollback_on:
+            rollback = Rollback(
+                config, self._checkpoints, self.optimizer, self.lr_scheduler, self._progress,
+                self._record, cursor, self._reporter,
+            )  # fmt: skip
+        self._metrics = MetricBuffer(config.log_every)
+        log = LogStep(
+            acc, self._metrics, self._progress, self._record,
+            skips=skips if step.guarded and on_device else None,
+            spikes=spikes, divergences=policy, diagnostics=self._diagnostics,
+        )  # fmt: skip
+        self._loop = RunLoop(
+            config, acc, self.model, self.eval_dataloader, progress=self._progress, record=self._record,
+            cursor=cursor, step=step, skips=skips, metrics=self._metrics, log=log,
+            checkpoints=self._checkpoints, rollback=rollback, callbacks=self._callbacks,
+            reporter=self._reporter, diagnostics=self._diagnostics,
+        )  # fmt: skip
+
+    # -- the public attributes callbacks read ----------------------------------------------
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps completed, skipped ones included."""
+        return self._progress.global_step
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (0-based)."""
+        return self._progress.epoch
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """Where checkpoints go (a temporary folder when ``checkpoint_dir`` was None), or None."""
+        return self._checkpoints.directory
 
     # -- the outline of a run -------------------------------------------------------------
 
@@ -263,12 +315,11 @@ class SafeTrainer:
         """
         if self.config.seed is not None:
             set_seed(self.config.seed)  # the training RNG stream starts from a known point
-        self._preempted = False  # a fit after a preempted one goes on (the signal was handled)
-        resume(self, resume_from)
-        start_trackers(self)
+        self._checkpoints.resume(resume_from)
+        self._start_trackers()
         self.model.train()
-        self._callbacks.call("on_fit_start", self)
-        self._bar = ProgressBar(
+        self._callbacks.call("on_fit_start")
+        bar = ProgressBar(
             planned_steps(self.config, self.train_dataloader),
             enabled=self.config.progress_bar and self.accelerator.is_main_process,
             initial=self.global_step,
@@ -276,120 +327,33 @@ class SafeTrainer:
         if self._diagnostics is not None:
             self._diagnostics.profile_eval()
         self._metrics.restart_clock()
-        self._preemption = PreemptionWatch()
         try:
-            run_epochs(self)  # epochs, rollback restarts, preemption stop
-            if self._checkpoints is not None and self.global_step != self._checkpoints.last_saved_step:
-                save_checkpoint(self)  # the final one, unless the last step already has one
-            close_checkpoints(self)
+            self._loop.run(bar, PreemptionWatch())  # epochs, rollbacks, preemption, final checkpoint
             if self._diagnostics is not None:
                 self._diagnostics.finish()
+            record = self._record
             result = FitResult(
                 global_step=self.global_step,
-                skipped_steps=self._skips.tracker.skipped,
-                rollbacks=self._rollbacks,
-                history=list(self._history),
-                events=list(self._events),
-                findings=list(self._findings),
-                eval_loss=self._eval_loss,
+                skipped_steps=record.skipped_steps,
+                rollbacks=record.rollbacks,
+                history=list(record.history),
+                events=list(record.events),
+                findings=list(self._reporter.findings),
+                eval_loss=record.eval_loss,
             )
-            finish_report(self, result)
-            self._callbacks.call("on_fit_end", self, result)
+            self._reporter.finish(result, self.config.checkpoint_dir)
+            self._callbacks.call("on_fit_end", result)
             settle_collectives(self.accelerator)
         finally:
-            self._bar.close()
-            if self._checkpoints is not None:
-                self._checkpoints.remove_temporary()
+            bar.close()
+            self._checkpoints.remove_temporary()
             if self._owns_accelerator and self.config.log_with:
                 self.accelerator.end_training()
         return result
 
-    # -- one step --------------------------------------------------------------------------
-
-    def _loss_of(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        return compute_loss(model, batch, loss_fn=self._loss_fn, training_step=self._training_step)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self._zero is not None:  # Accelerate's would also take DeepSpeed's step, unguarded
-            self._zero.backward(loss, sync=self.accelerator.sync_gradients)
-        else:
-            self.accelerator.backward(loss)
-
-    def _optimizer_step(self) -> None:
-        if not self._preflight_done:
-            self._preflight()
-        losses = self._window_losses
-        window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        self._window_losses = []
-        flag: torch.Tensor | None
-        if self._zero is not None:
-            # DeepSpeed clips inside its step, with its own config; the global norm and the
-            # finite flag come from one all-reduce
-            norms, flag = self._zero.measure(window_loss if self._guarded else None)
-        else:
-            norms = clip_and_measure(
-                self.accelerator,
-                self.model.parameters(),
-                max_norm=self.config.clip_grad_norm,
-                max_value=self.config.clip_grad_value,
-            )
-            if self._adaptive is not None:  # after the measure: the logged norm is the one before clipping
-                self._adaptive.apply(self.model.parameters(), norms.total)
-            flag = (
-                agree_all_finite(self.accelerator, finite_flag(window_loss, norms.total))
-                if self._guarded
-                else None
-            )
-        nonfinite = None if norms.per_param is None or flag is None else ~torch.isfinite(norms.per_param)
-        if self.config.nan_guard == "raise":
-            # host sync, once per optimizer step: "raise" must stop before any update; an fp16
-            # scaler overflow is the scaler's business (it skips and lowers its scale), not an error
-            overflow = true_overflow(self._stepper.overflow(), window_loss)
-            ok = flag if overflow is None else torch.maximum(flag, overflow.to(flag))  # type: ignore[arg-type]
-            if not bool(ok.item()):
-                record = self._skips.record_now(self.global_step + 1, window_loss, norms.total, nonfinite)
-                self._on_skip(record, raise_policy=True)
-        self._callbacks.call("on_before_optimizer_step", self, self.optimizer)
-        self._step_lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
-        if self._diagnostics is None:
-            applied = self._apply(flag)
-        else:
-            self._diagnostics.record(norms.per_param)
-            with self._diagnostics.around_update((self.global_step + 1) % self.config.log_every == 0):
-                applied = self._apply(flag)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.global_step += 1
-        self._step_epoch = self.epoch
-        overflow = true_overflow(self._stepper.last_overflow, window_loss)
-        if self._zero is not None and self._zero.overflowed:
-            # DeepSpeed refused the step on its own (an fp16 overflow: its loss scaler's business)
-            overflow = torch.ones((), device=window_loss.device)
-        self._metrics.record(window_loss, norms.total, flag, nonfinite, overflow)
-        if applied is True:
-            self._skips.applied(self.global_step)
-        elif applied is False:  # read on the host this step: report the skip now
-            self._on_skip(self._skips.record_now(self.global_step, window_loss, norms.total, nonfinite))
-
-    def _apply(self, flag: torch.Tensor | None) -> bool | None:
-        if self._zero is not None:
-            return self._zero.step(flag)
-        return self._stepper.step(flag)
-
-    def _preflight(self) -> None:
-        run_preflight(self)
-
-    def _on_skip(self, record: SkipRecord, *, raise_policy: bool = False) -> None:
-        handle_skip(self, record, raise_policy=raise_policy)
-
-    def _add_finding(self, finding: Finding) -> None:
-        add_finding(self, finding)  # once per code and place; repeats are counted
-
-    # -- reporting -------------------------------------------------------------------------
-
-    def _log(self) -> None:
-        report_interval(self)
-
-    def _evaluate(self) -> None:
-        run_evaluation(self)
+    def _start_trackers(self) -> None:
+        """Start the Accelerate trackers of ``log_with`` when safeloop built the Accelerator."""
+        config = self.config
+        if self._owns_accelerator and config.log_with and not self.accelerator.trackers:
+            settings = {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))}
+            self.accelerator.init_trackers("safeloop", config=settings)

@@ -28,18 +28,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from safeloop.config import TrainerConfig
 from safeloop.errors import ConfigError
 from safeloop.guards.clipping import GradNorms
 from safeloop.guards.reinit import ZeroParam, initial_values
-
-if TYPE_CHECKING:
-    from safeloop.config import TrainerConfig
 
 __all__ = ["ZeroEngine", "check_deepspeed_clipping", "zero_engine"]
 

@@ -1,7 +1,7 @@
-"""The diagnostics of one run, wired to the trainer's loop (``diagnostics=True``).
+"""The diagnostics of one run, wired to the loop (``diagnostics=True``).
 
-A friend of ``SafeTrainer``: the trainer says *when* (first micro-batch, after its backward,
-every step, log steps, the end of ``fit``); this module calls the checks of ``first_batch``,
+The loop and the step say *when* (first micro-batch, after its backward, every step, log steps,
+the end of ``fit``); this module calls the checks of ``first_batch``,
 ``targets``, ``data``, ``training`` and ``health`` and makes every process hold the same
 findings. Per-step work is device-only (the gradient norms the clipping step measured anyway);
 host reads happen on the first batches and at log steps, in the metrics' single transfer.
@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,34 +37,56 @@ from safeloop.diagnostics.training import TrainingMonitor
 from safeloop.diagnostics.watch import ForwardWatch, GradientReach
 from safeloop.distributed import agree_any, reduce_across_processes
 from safeloop.errors import ConfigError
-from safeloop.findings import agree_findings
+from safeloop.findings import Reporter, agree_findings
 from safeloop.metrics import LogRecord
 from safeloop.results import Finding
-
-if TYPE_CHECKING:
-    from safeloop.trainer import SafeTrainer
+from safeloop.zero import ZeroEngine
 
 __all__ = ["Diagnostics", "check_optimizer_before_prepare"]
 
 logger = logging.getLogger("safeloop")
 
 
+LossFn = Callable[[Any, Any], Any]
+
+
 class Diagnostics:
     """Runs the checks of ``docs/diagnostics.md`` during one trainer's runs.
 
     Args:
-        trainer (`SafeTrainer`): the trainer, prepared.
+        accelerator (`Accelerator`): the run's processes (findings are agreed over them).
+        model (`torch.nn.Module`): the prepared model.
+        optimizer (`torch.optim.Optimizer`): the prepared optimizer (the first-batch check).
+        reporter (`Reporter`): where findings go; its findings so far rank the plateau's causes.
+        log_every (`int`): steps between log steps (measurement windows).
+        loss_fn (`Callable`, *optional*): the user's ``loss_fn``, checked on the first batch.
+        eval_dataloader (`DataLoader`, *optional*): profiled against the training data.
+        zero (`ZeroEngine`, *optional*): DeepSpeed's engine, whose partitions are measured.
     """
 
-    def __init__(self, trainer: SafeTrainer) -> None:
-        self.trainer = trainer
-        self.model = trainer.accelerator.unwrap_model(trainer.model)
-        self.layout = shard_layout(trainer.accelerator, self.model.parameters(), trainer.model, trainer._zero)
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        reporter: Reporter,
+        *,
+        log_every: int,
+        loss_fn: LossFn | None = None,
+        eval_dataloader: Any = None,
+        zero: ZeroEngine | None = None,
+    ) -> None:
+        self.accelerator = accelerator
+        self.prepared = model
+        self.optimizer = optimizer
+        self.reporter = reporter
+        self.loss_fn = loss_fn
+        self.eval_dataloader = eval_dataloader
+        self.model = accelerator.unwrap_model(model)
+        self.layout = shard_layout(accelerator, self.model.parameters(), model, zero)
         self.sharded = self.layout.sharded
-        if self.layout.reason is not None and trainer.accelerator.is_main_process:
-            logger.info(
-                "safeloop diagnostics under %s: %s", trainer.accelerator.distributed_type, self.layout.reason
-            )
+        if self.layout.reason is not None and accelerator.is_main_process:
+            logger.info("safeloop diagnostics under %s: %s", accelerator.distributed_type, self.layout.reason)
         # weight health needs whole rows (units) of a weight: not under any sharding yet
         self.health = (
             None
@@ -76,7 +99,7 @@ class Diagnostics:
         # model gives them: FSDP1's auto-wrapped submodules would add `_fsdp_wrapped_module.` to them
         self.monitor = TrainingMonitor(
             [(unwrapped_name(name), param) for name, param in self.model.named_parameters()],
-            trainer.config.log_every,
+            log_every,
             sharded=not self.layout.per_param,
             shard_count=self.layout.shard_count,
             shapes=self.layout.shapes,
@@ -92,8 +115,13 @@ class Diagnostics:
 
     # -- the first micro-batch -------------------------------------------------------------
 
-    def first_loss(self, batch: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def first_loss(self, batch: Any, compute: Callable[[LossFn | None], torch.Tensor]) -> torch.Tensor:
         """Compute the first micro-batch's loss under the first-batch checks.
+
+        Args:
+            batch (`Any`): the first micro-batch.
+            compute (`Callable`): ``compute(loss_fn)`` runs the forward and returns the loss with
+                the given ``loss_fn`` in place of the user's (a checked wrapper of it, or None).
 
         Raises:
             ConfigError: on every process, when any process found a problem that makes training
@@ -101,13 +129,13 @@ class Diagnostics:
         """
         self.first_done = True
         findings = check_inputs(batch) + check_trainable(self.model)
-        if self.trainer.accelerator.distributed_type != DistributedType.DEEPSPEED:
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
             # under DeepSpeed this ran before `prepare` (check_optimizer_before_prepare)
-            findings += check_optimizer(self.model, self.trainer.optimizer)
+            findings += check_optimizer(self.model, self.optimizer)
         had_grads = any(p.grad is not None for p in self.model.parameters())
         loss_findings: list[Finding] = []
-        with ForwardWatch(self.model) as watch, self._checked_loss_fn(loss_findings):
-            loss = compute()
+        with ForwardWatch(self.model) as watch:
+            loss = compute(self._checked_loss_fn(loss_findings))
         self._watch = watch
         if not had_grads:  # a training_step that called backward itself left gradients behind
             findings += check_double_backward(self.model)
@@ -123,7 +151,7 @@ class Diagnostics:
         """Which trainable parameters got no gradient, and why (unused or cut off)."""
         if self._watch is None:
             return
-        if self.layout.sharded and self.layout.gradient_reach and not self.trainer.accelerator.sync_gradients:
+        if self.layout.sharded and self.layout.gradient_reach and not self.accelerator.sync_gradients:
             # FSDP2 sets a parameter's (sharded) `.grad` only when the window's reduce-scatter ran:
             # at an accumulating micro-batch every `.grad` is still None; wait for the window's end
             return
@@ -135,7 +163,7 @@ class Diagnostics:
         reach = self.layout.gradient_reach or reached is not None
         findings = self._agree(check_gradient_reach(self.model, watch, reached) if reach else [])
         self._report(findings)
-        ddp = self.trainer.model
+        ddp = self.prepared
         if findings and isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:
             # DDP would stop at the next step with "Expected to have finished reduction ...
             # parameter indices which did not receive grad": say which and what to do, now
@@ -149,12 +177,11 @@ class Diagnostics:
                 findings=findings,
             )
 
-    @contextlib.contextmanager
-    def _checked_loss_fn(self, found: list[Finding]) -> Iterator[None]:
-        loss_fn = self.trainer._loss_fn
+    def _checked_loss_fn(self, found: list[Finding]) -> LossFn | None:
+        """The user's ``loss_fn`` wrapped in the target checks, which report into ``found``."""
+        loss_fn = self.loss_fn
         if loss_fn is None:
-            yield
-            return
+            return None
 
         def checked(outputs: Any, targets: Any) -> torch.Tensor:
             problems = check_targets(loss_fn, outputs, targets)
@@ -168,17 +195,13 @@ class Diagnostics:
                 found.extend(check_initial_loss(loss_fn, outputs, targets, float(loss.detach())))
             return loss
 
-        self.trainer._loss_fn = checked
-        try:
-            yield
-        finally:
-            self.trainer._loss_fn = loss_fn
+        return checked
 
     # -- data ------------------------------------------------------------------------------
 
     def profile_eval(self) -> None:
         """Profile the first eval batches, leaving every RNG as it was (every process together)."""
-        loader = self.trainer.eval_dataloader
+        loader = self.eval_dataloader
         if loader is None or self._train_profile is None:
             return
         profile = DataProfile()
@@ -205,7 +228,7 @@ class Diagnostics:
     def _compare_data(self, final: bool) -> None:
         if self._train_profile is None or self._eval_profile is None:
             return
-        if not final and agree_any(self.trainer.accelerator, not self._train_profile.done):
+        if not final and agree_any(self.accelerator, not self._train_profile.done):
             return  # some process still profiles its first batches
         train = self._merged(self._train_profile)
         evaluation = self._merged(self._eval_profile)
@@ -213,7 +236,7 @@ class Diagnostics:
         self._report(compare_profiles(train, evaluation))
 
     def _merged(self, profile: DataProfile) -> DataProfile:
-        acc = self.trainer.accelerator
+        acc = self.accelerator
         stats = reduce_across_processes(acc, profile.stats_tensor(acc.device), "sum")
         hashes = profile.hash_tensor(acc.process_index, acc.device)
         if acc.num_processes > 1:
@@ -248,9 +271,18 @@ class Diagnostics:
         device = present[0].device
         return torch.cat([p.to(device) for p in present]), health_len
 
-    def check(self, step: int, values: list[float], health_len: int, record: LogRecord) -> dict[str, float]:
-        """Turn a log step's host values into findings; return the tracker values."""
-        trainer = self.trainer
+    def check(
+        self, step: int, values: list[float], health_len: int, record: LogRecord, *, lr: float
+    ) -> dict[str, float]:
+        """Turn a log step's host values into findings; return the tracker values.
+
+        Args:
+            step (`int`): the log step.
+            values (`list[float]`): the host values of :meth:`measurements`.
+            health_len (`int`): how many of them are weight health's.
+            record (`LogRecord`): the interval's metrics.
+            lr (`float`): the learning rate of the interval's last step.
+        """
         health_values, monitor_values = values[:health_len], values[health_len:]
         if self.health is not None:
             self._report(self.health.check(step, health_values))
@@ -261,8 +293,8 @@ class Diagnostics:
                 monitor_values,
                 losses=[s.loss for s in applied],
                 grad_norms=[s.grad_norm for s in applied],
-                lr=trainer._step_lr,
-                context=trainer._findings,
+                lr=lr,
+                context=self.reporter.findings,
             )
         )
         self._compare_data(final=False)
@@ -272,6 +304,11 @@ class Diagnostics:
         """At the end of ``fit``: compare the data profiles if that has not happened yet."""
         self._compare_data(final=True)
 
+    def note_zero_at_start(self, names: set[str]) -> None:
+        """The weights the first step's check found all zero and left so (weight health skips them)."""
+        if self.health is not None:
+            self.health.zero_at_start = names
+
     def forget_interval(self) -> None:
         """Drop unread measurements (a rollback undid their steps)."""
         self.monitor.clear()
@@ -279,11 +316,10 @@ class Diagnostics:
     # -- findings --------------------------------------------------------------------------
 
     def _agree(self, findings: list[Finding]) -> list[Finding]:
-        return agree_findings(self.trainer.accelerator, findings)
+        return agree_findings(self.accelerator, findings)
 
     def _report(self, findings: list[Finding]) -> None:
-        for finding in findings:
-            self.trainer._add_finding(finding)
+        self.reporter.add_all(findings)
 
 
 def check_optimizer_before_prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Finding]:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+
+from safeloop.zero import ZeroEngine
 
 try:
     from torch.distributed.fsdp import FlatParameter, ShardingStrategy
@@ -42,9 +43,6 @@ try:
     _FLAT: tuple[type, ...] = (FlatParameter,)
 except ImportError:  # a torch built without distributed support has no sharded tensors
     _DTENSOR = _FLAT = ()
-
-if TYPE_CHECKING:
-    from safeloop.zero import ZeroEngine
 
 __all__ = ["ShardLayout", "shard_layout", "unwrapped_name"]
 

@@ -14,10 +14,10 @@ read at the first log step at or after that: at most ``patience + log_every - 2`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SpikeDetector", "Spike", "DEFAULT_ZSCORE", "DEFAULT_PATIENCE", "DEFAULT_WARMUP"]
+__all__ = ["SpikeDetector", "Spike", "Divergence", "DEFAULT_ZSCORE", "DEFAULT_PATIENCE", "DEFAULT_WARMUP"]
 
 # Six deviations: a Gaussian loss noise exceeds it once in ~1e9 steps, and three steps in a row
 # filter the heavy tails of small-batch losses; a real divergence stays high far longer.
@@ -63,6 +63,28 @@ class Spike:
             f"loss {self.loss:.4g} at steps {self.start_step}-{self.step} against a running mean of "
             f"{self.mean:.4g} ± {self.std:.3g} (z = {self.zscore:.1f}){grad}"
         )
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence every process found at the same step boundary: the loop decides what follows.
+
+    Attributes:
+        reason (`str`): ``"loss-spike"`` or ``"nonfinite"`` (a run of skipped steps).
+        start_step (`int`): the first step of the anomaly.
+        step (`int`): the step at which it was detected (the data up to here was consumed).
+        description (`str`): the measured numbers, for events and messages.
+        detail (`dict`): JSON numbers for the rollback event.
+    """
+
+    reason: str
+    start_step: int
+    step: int
+    description: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.reason} at step {self.step}: {self.description}"
 
 
 class SpikeDetector:

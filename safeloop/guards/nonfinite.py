@@ -8,8 +8,8 @@ it counts skips, builds their events, and says when a run of skips must escalate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -95,24 +95,20 @@ def _json_float(value: float) -> float | str:
 
 @dataclass
 class SkipTracker:
-    """Counts skipped steps and decides when a run of them escalates.
+    """Counts skipped steps in a row and decides when a run of them escalates.
 
     Args:
         max_consecutive_skips (`int`): more skips in a row than this escalate.
     """
 
     max_consecutive_skips: int
-    skipped: int = 0
     consecutive: int = 0
-    records: list[SkipRecord] = field(default_factory=list)
 
-    def observe(self, step: int, finite: bool, record: SkipRecord | None = None) -> Escalation:
+    def observe(self, finite: bool) -> Escalation:
         """Take the outcome of one step, in step order.
 
         Args:
-            step (`int`): the global step.
             finite (`bool`): whether the step was applied.
-            record (`SkipRecord`, *optional*): details of a skipped step.
 
         Returns:
             `str`: ``"escalate"`` when this skip makes the run of skips exceed the limit.
@@ -120,7 +116,13 @@ class SkipTracker:
         if finite:
             self.consecutive = 0
             return "continue"
-        self.skipped += 1
         self.consecutive += 1
-        self.records.append(record or SkipRecord(step=step, loss=math.nan, grad_norm=math.nan))
         return "escalate" if self.consecutive > self.max_consecutive_skips else "continue"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run of skips under way, for checkpoints."""
+        return {"consecutive_skips": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.consecutive = int(state["consecutive_skips"])

@@ -218,11 +218,14 @@ def test_eval_uses_eval_mode_so_dropout_is_off():
     eval_loader = loader(classification_data(n=16, seed=2), shuffle=False)
     trainer = _trainer(model=model, eval_dataloader=eval_loader, max_steps=1)
     first = trainer.fit().eval_loss
-    second = trainer._eval_loss
     # with dropout active two evaluations would differ; in eval mode they agree exactly
     from safeloop.evaluation import evaluate
 
-    again = evaluate(trainer.accelerator, trainer.model, trainer.eval_dataloader, trainer._loss_of)
+    def loss_of(model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    second = evaluate(trainer.accelerator, trainer.model, trainer.eval_dataloader, loss_of)
+    again = evaluate(trainer.accelerator, trainer.model, trainer.eval_dataloader, loss_of)
     assert first == second == again
 
 

@@ -39,6 +39,8 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, set_seed
 
 from safeloop import Callback, NonFiniteError, SafeTrainer
+from safeloop.diagnostics.sharded import shard_layout
+from safeloop.zero import zero_engine
 from tests.distributed.scripts.reinit_fsdp_ranks import zero_weights_model
 from tests.distributed.scripts.train_fsdp_ranks import deep_sigmoid_mlp
 from tests.helpers.models import WithUnused, classification_data
@@ -226,7 +228,10 @@ def main() -> None:
         n: whole(p, "weight").float().reshape(-1).tolist() for n, p in unwrapped.named_parameters()
     }
     record["step_norms"] = norms.steps
-    layout = trainer._diagnostics.layout
+    # the layout the diagnostics measure by, worked out from the prepared engine as they do
+    layout = shard_layout(
+        accelerator, unwrapped.parameters(), trainer.model, zero_engine(accelerator, trainer.model)
+    )
     record["layout"] = [layout.shard_count, layout.per_param, layout.reach_hooks]
     write_record(accelerator, out_dir, record)
 

@@ -41,6 +41,7 @@ from torch import distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from safeloop import Callback, ConfigError, SafeTrainer
+from safeloop.diagnostics.sharded import shard_layout
 from tests.helpers.models import WithUnused, classification_data
 from tests.helpers.recording import JsonLinesTracker
 
@@ -178,6 +179,8 @@ def main() -> None:
         callbacks=[norms],
     )
     result = trainer.fit()
+    # the layout the diagnostics measure by, worked out from the prepared model as they do
+    layout = shard_layout(accelerator, accelerator.unwrap_model(trainer.model).parameters(), trainer.model)
     record = {
         "rank": accelerator.process_index,
         "distributed_type": str(accelerator.distributed_type),
@@ -187,8 +190,8 @@ def main() -> None:
         "findings": [[f.code, f.severity, list(f.params), f.step] for f in result.findings],
         "step_norms": norms.steps,
         # what the diagnostics measure, and this rank's slice of each parameter (FSDP1: flat)
-        "shard_count": trainer._diagnostics.layout.shard_count,
-        "per_param": trainer._diagnostics.layout.per_param,
+        "shard_count": layout.shard_count,
+        "per_param": layout.per_param,
         "local_numels": {unwrapped(n): p.numel() for n, p in trainer.model.named_parameters()},
     }
     accelerator.end_training()

@@ -423,23 +423,28 @@ def test_raise_if_fatal_on_a_real_first_batch():
 
 def test_under_deepspeed_the_optimizer_is_not_compared_with_the_model(monkeypatch):
     # ZeRO's optimizer holds flat partitions of the parameters, never the model's own tensors
+    from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    from safeloop import SafeTrainer
+    from safeloop.callbacks import CallbackList
     from safeloop.diagnostics.session import Diagnostics
+    from safeloop.findings import Reporter
+    from safeloop.run_state import Progress, RunRecord
     from tests.helpers.models import classification_data, loader
 
     model = mlp()
     partition = [nn.Parameter(torch.zeros(366))]  # what a ZeRO optimizer's param_groups hold
-    data = loader(classification_data(n=32), batch_size=8)
-    trainer = SafeTrainer(
-        model, torch.optim.SGD(partition, lr=0.1), data, loss_fn=nn.CrossEntropyLoss(), progress_bar=False
-    )
-    x, y = next(iter(data))
+    accelerator = Accelerator(cpu=True)
+    reporter = Reporter(accelerator, Progress(), RunRecord(), CallbackList(()))
+
+    def diagnostics() -> Diagnostics:
+        return Diagnostics(accelerator, model, torch.optim.SGD(partition, lr=0.1), reporter, log_every=10)
+
+    x, y = next(iter(loader(classification_data(n=32), batch_size=8)))
     with pytest.raises(ConfigError, match="optimizer-foreign-params"):  # not under DeepSpeed
-        Diagnostics(trainer).first_loss((x, y), lambda: F.cross_entropy(model(x), y))
-    monkeypatch.setattr(trainer.accelerator.state, "distributed_type", DistributedType.DEEPSPEED)
-    loss = Diagnostics(trainer).first_loss((x, y), lambda: F.cross_entropy(model(x), y))
+        diagnostics().first_loss((x, y), lambda loss_fn: F.cross_entropy(model(x), y))
+    monkeypatch.setattr(accelerator.state, "distributed_type", DistributedType.DEEPSPEED)
+    loss = diagnostics().first_loss((x, y), lambda loss_fn: F.cross_entropy(model(x), y))
     assert loss.requires_grad
 
 

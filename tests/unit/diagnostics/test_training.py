@@ -2,7 +2,7 @@
 
 Each run is a hand-written loop: per step the monitor only records device tensors; on log steps
 it measures the update around ``optimizer.step()`` and is checked with one host read, as in
-``reporting.report_interval``.
+``log_step.LogStep.run``.
 """
 
 from __future__ import annotations

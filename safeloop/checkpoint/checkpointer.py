@@ -1,0 +1,313 @@
+"""Checkpointing as one component over stateful objects: save, resume, restore for a rollback.
+
+The trainer hands it the objects to save, each with ``state_dict()`` / ``load_state_dict()``:
+the model, the shared training objects (optimizer, scheduler, scaler: tensor trees), the run's
+JSON state (counters, record, data position, guard state: merged into one flat object, each
+object owning its keys) and each process's own state (its RNG). It knows nothing of the loop or
+the trainer; how the files are laid out and written is the manager's business
+(``CheckpointManager``), so another backend plugs in here without the loop knowing which.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from safeloop.checkpoint.manager import CheckpointManager, Snapshot
+from safeloop.checkpoint.manifest import verify_checkpoint
+from safeloop.checkpoint.state import SavedState
+from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints
+from safeloop.config import TrainerConfig
+from safeloop.distributed import broadcast_int
+from safeloop.errors import CheckpointError, ConfigError
+from safeloop.findings import Reporter
+from safeloop.results import Event, Finding
+from safeloop.run_state import Progress, Stateful
+
+__all__ = ["Checkpointer", "NamedState", "build_manager"]
+
+logger = logging.getLogger("safeloop")
+_NONE = -1
+
+
+class NamedState:
+    """An object's state under one key of the run's JSON state (None: nothing to save).
+
+    Args:
+        name (`str`): the key.
+        obj (`Stateful`, *optional*): the object; None saves ``{name: None}`` and loads nothing.
+    """
+
+    def __init__(self, name: str, obj: Stateful | None) -> None:
+        self.name = name
+        self.obj = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{name: obj.state_dict()}``."""
+        return {self.name: None if self.obj is None else self.obj.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load ``state[name]`` into the object, when both are there."""
+        if self.obj is not None and state.get(self.name) is not None:
+            self.obj.load_state_dict(state[self.name])
+
+
+def build_manager(
+    config: TrainerConfig, accelerator: Accelerator
+) -> tuple[CheckpointManager | None, Finding | None]:
+    """The run's checkpoint manager (None without checkpoints) and a note about it, if any.
+
+    ``rollback`` needs checkpoints: without ``checkpoint_dir`` they go to a temporary folder.
+
+    Raises:
+        ConfigError: with ``checkpoint_dir`` under FSDP or DeepSpeed (sharded state is planned,
+            see docs/checkpoints.md).
+    """
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if config.checkpoint_dir is not None and sharded:
+        raise ConfigError(
+            f"`checkpoint_dir` is set under {accelerator.distributed_type.value}: safeloop checkpoints "
+            "hold full (unsharded) model and optimizer state, and sharded state is not written yet. "
+            "Use DDP, or leave `checkpoint_dir=None` and save with `accelerator.save_state`."
+        )
+    if config.checkpoint_dir is None and (not config.rollback or sharded):
+        note = None
+        if config.rollback:
+            note = Finding(
+                "rollback-unavailable", "info",
+                "rollback needs checkpoints, which are not written under "
+                f"{accelerator.distributed_type.value} yet: loss spikes are reported (`loss-spike`), "
+                "non-finite runs raise NonFiniteError, and nothing is restored.",
+            )  # fmt: skip
+        return None, note
+    manager = CheckpointManager(
+        config.checkpoint_dir,
+        accelerator,
+        every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        async_save=config.async_checkpoint,
+    )
+    return manager, None
+
+
+class Checkpointer:
+    """Saves and restores a run's stateful objects through a ``CheckpointManager``.
+
+    Args:
+        manager (`CheckpointManager`, *optional*): None when the run writes no checkpoints
+            (resuming from a folder still works).
+        accelerator (`Accelerator`): the run's processes.
+        model (`torch.nn.Module`): the unwrapped model.
+        shared (`Mapping[str, Stateful | None]`): ``optimizer``, ``lr_scheduler``, ``scaler``.
+        run_state (`Sequence[Stateful]`): JSON state, merged flat (keys must not collide).
+        rank_state (`Stateful`): this process's own state (its RNG), in its own file.
+        progress (`Progress`): the step and epoch a checkpoint is of.
+        reporter (`Reporter`): checkpoint and resume events, ``on_checkpoint``.
+    """
+
+    def __init__(
+        self,
+        manager: CheckpointManager | None,
+        accelerator: Accelerator,
+        *,
+        model: torch.nn.Module,
+        shared: Mapping[str, Stateful | None],
+        run_state: Sequence[Stateful],
+        rank_state: Stateful,
+        progress: Progress,
+        reporter: Reporter,
+    ) -> None:
+        self.manager = manager
+        self.accelerator = accelerator
+        self.model = model
+        self.shared = dict(shared)
+        self.run_state = tuple(run_state)
+        self.rank_state = rank_state
+        self.progress = progress
+        self.reporter = reporter
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this run writes checkpoints."""
+        return self.manager is not None
+
+    @property
+    def directory(self) -> Path | None:
+        """The checkpoint folder (a temporary one when ``checkpoint_dir`` was None), or None."""
+        return None if self.manager is None else self.manager.directory
+
+    @property
+    def last_saved_step(self) -> int | None:
+        """The step of the newest checkpoint written or restored by this run."""
+        return None if self.manager is None else self.manager.last_saved_step
+
+    def due(self, step: int) -> bool:
+        """Whether a periodic checkpoint is due after global step ``step``."""
+        return self.manager is not None and self.manager.due(step)
+
+    def path_of(self, step: int) -> Path:
+        """The folder of the checkpoint of ``step`` (checkpoints on)."""
+        assert self.manager is not None  # invariant: only asked with checkpoints on
+        return self.manager.directory / checkpoint_name(step)
+
+    def lasting_path_of(self, step: int) -> Path | None:
+        """Like :meth:`path_of`, None when the folder is temporary (removed when ``fit`` returns)."""
+        if self.manager is None or self.manager.temporary:
+            return None
+        return self.path_of(step)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, *, healthy: bool) -> None:
+        """Write the checkpoint of the current step (every process together).
+
+        ``on_checkpoint`` fires once the checkpoint is durable: now, or, for an asynchronous save,
+        when :meth:`poll` sees the write finished (on the main process).
+
+        Args:
+            healthy (`bool`): no suspected spike or skip run under way (a rollback target).
+        """
+        assert self.manager is not None  # invariant: only called with checkpoints on
+        path = self.manager.save(self._snapshot(healthy))
+        if path is not None:
+            self._announce(self.progress.global_step, path)
+
+    def poll(self) -> None:
+        """Report asynchronous saves that have become durable since the last call (no collective)."""
+        manager = self.manager
+        if manager is not None and manager.async_save:
+            done, manager.durable = [*manager.durable, *manager.poll()], []
+            for step, path in done:
+                self._announce(step, path)
+            manager.raise_failure()
+
+    def close(self) -> None:
+        """Wait for the last asynchronous save and report it (every process together)."""
+        manager = self.manager
+        if manager is not None:
+            done, manager.durable = [*manager.durable, *manager.close()], []
+            for step, path in done:
+                self._announce(step, path)
+
+    def remove_temporary(self) -> None:
+        """Delete a temporary checkpoint folder (no collective: safe on an error path)."""
+        if self.manager is not None:
+            self.manager.remove_temporary()
+
+    def mark_healthy(self, up_to: int) -> None:
+        """Every checkpoint up to step ``up_to`` is known healthy now: keep the newest from rotation."""
+        if self.manager is None:
+            return
+        known = [step for step in self.manager.saved_steps if step <= up_to]
+        if known:
+            self.manager.protected_step = max(known)
+
+    def _snapshot(self, healthy: bool) -> Snapshot:
+        state: dict[str, Any] = {}
+        for obj in self.run_state:
+            part = obj.state_dict()
+            clash = state.keys() & part.keys()
+            if clash:  # a wiring mistake: two objects would overwrite each other's state
+                raise RuntimeError(f"run state keys saved twice: {sorted(clash)}")
+            state.update(part)
+        shared = {name: None if obj is None else obj.state_dict() for name, obj in self.shared.items()}
+        return Snapshot(
+            step=self.progress.global_step,
+            model=dict(self.model.state_dict()),
+            shared=shared,
+            rank=self.rank_state.state_dict(),
+            trainer=state,
+            meta={"healthy": healthy, "epoch": self.progress.epoch},
+        )
+
+    def _announce(self, step: int, path: Path) -> None:
+        self.reporter.event(Event("checkpoint", step, {"path": str(path)}), "on_checkpoint")
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def resume(self, resume_from: str | os.PathLike[str] | None) -> None:
+        """Load the checkpoint ``resume_from`` names (nothing for None).
+
+        Raises:
+            ConfigError: ``"latest"`` without ``checkpoint_dir``.
+            CheckpointError: ``resume_from`` names no valid checkpoint.
+        """
+        if resume_from is None:
+            return
+        own = None if self.manager is None or self.manager.temporary else self.manager
+        if own is None and str(resume_from) == "latest":
+            raise ConfigError('`fit(resume_from="latest")` needs `checkpoint_dir`; none was given.')
+        manager = own or CheckpointManager(Path(resume_from).parent, self.accelerator, every=1, keep=1)
+        found = manager.resolve_and_load(resume_from)
+        if found is None:
+            message = f"no complete checkpoint in {manager.directory}: starting fresh"
+            self.reporter.add(Finding("resume-fresh-start", "info", message))
+            return
+        path, saved = found
+        self._apply(saved)
+        step = self.progress.global_step
+        if own is not None and path.parent.resolve() == own.directory.resolve():
+            own.last_saved_step = step
+            own.resumed_step = step  # it and the checkpoints before it: this run's past
+        # else: a checkpoint from elsewhere; the run's folder gets one of the resume step when
+        # fit starts (with rollback on), so that a spike before the first periodic save has a target
+        self.reporter.event(Event("resume", step, {"path": str(path)}))
+
+    def rollback_target(self, before: int) -> int | None:
+        """The newest healthy checkpoint of this run before step ``before`` (every process together)."""
+        manager = self.manager
+        assert manager is not None  # invariant: rollback on means checkpoints on
+        manager.durable.extend(manager.poll(wait=True))  # an asynchronous save must be whole first
+        target = _NONE
+        if self.accelerator.is_main_process:
+            for step, path in reversed(list_checkpoints(manager.directory)):
+                if step >= before or not manager.in_lineage(step):
+                    continue  # after the anomaly, or another run's (a stale folder in checkpoint_dir)
+                check = verify_checkpoint(path)
+                if check.ok and (check.manifest or {}).get("meta", {}).get("healthy", True):
+                    target = step
+                    break
+                if check.complete:
+                    logger.warning(
+                        "safeloop: rollback passes over %s: %s", path.name, check.problem or "unhealthy"
+                    )
+        target = broadcast_int(self.accelerator, target)
+        return None if target == _NONE else target
+
+    def restore_step(self, step: int, *, keep: Sequence[Stateful] = ()) -> dict[str, Any]:
+        """Load the checkpoint of ``step`` into every object but ``keep``; drop those after it.
+
+        Returns:
+            `dict`: the checkpoint's JSON run state, as saved.
+        """
+        manager = self.manager
+        assert manager is not None  # invariant: rollback on means checkpoints on
+        saved = manager.load_step(step)
+        self._apply(saved, keep)
+        if self.accelerator.is_main_process:  # the diverged branch's checkpoints must never be resumed
+            for later, path in list_checkpoints(manager.directory):
+                if later > step:
+                    discard_checkpoint(path)
+        manager.saved_steps = [s for s in manager.saved_steps if s <= step]
+        manager.last_saved_step = step
+        return saved.trainer
+
+    def _apply(self, saved: SavedState, keep: Sequence[Stateful] = ()) -> None:
+        self.model.load_state_dict(saved.model)
+        for name, obj in self.shared.items():
+            part = saved.parts.get(name)
+            if obj is not None and part is not None:
+                obj.load_state_dict(part)
+            elif obj is not None and name == "optimizer":
+                raise CheckpointError("the checkpoint holds no optimizer state")
+        for obj in self.run_state:
+            if not any(obj is kept for kept in keep):
+                obj.load_state_dict(saved.trainer)
+        self.rank_state.load_state_dict(saved.parts)
