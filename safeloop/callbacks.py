@@ -6,7 +6,6 @@ callbacks, so the order of user callbacks can never change what training does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -15,7 +14,7 @@ if TYPE_CHECKING:
     from safeloop.results import Event, Finding, FitResult
     from safeloop.trainer import SafeTrainer
 
-__all__ = ["Callback", "CallbackList"]
+__all__ = ["Callback"]
 
 
 class Callback:
@@ -94,29 +93,3 @@ class Callback:
 
     def on_finding(self, trainer: SafeTrainer, finding: Finding) -> None:
         """Called once per new finding."""
-
-
-class CallbackList:
-    """Calls a hook on every callback, in the order they were given, with the trainer first.
-
-    The one place that holds the trainer for others: components report through it (``call``)
-    without ever seeing the trainer, and callbacks see only its public attributes.
-
-    Args:
-        callbacks (`Sequence[Callback]`): the user's callbacks.
-        trainer (`SafeTrainer`, *optional*): passed to every hook as its first argument.
-    """
-
-    def __init__(self, callbacks: Sequence[Callback], trainer: SafeTrainer | None = None) -> None:
-        self.callbacks = tuple(callbacks)
-        self.trainer = trainer
-
-    def call(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on each callback with the trainer, then ``args``.
-
-        Args:
-            hook (`str`): a method name of :class:`Callback`.
-            *args: the hook's arguments after the trainer.
-        """
-        for callback in self.callbacks:
-            getattr(callback, hook)(self.trainer, *args)

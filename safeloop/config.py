@@ -7,11 +7,10 @@ a user fixing one argument should not discover the next one on the following run
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
-from safeloop.callbacks import Callback
 from safeloop.errors import ConfigError
 from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE
 from safeloop.guards.nonfinite import NAN_GUARD_CHOICES
@@ -29,7 +28,7 @@ from safeloop.validation import (
     seen,
 )
 
-__all__ = ["TrainerConfig", "build_config", "MIXED_PRECISION_CHOICES"]
+__all__ = ["TrainerConfig", "build_config", "config_fields", "OBJECT_ARGUMENTS", "MIXED_PRECISION_CHOICES"]
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 
@@ -105,48 +104,32 @@ class TrainerConfig:
     project_dir: str | None = None
 
 
+# keyword arguments of ``SafeTrainer`` that are objects of the run, not settings
+OBJECT_ARGUMENTS = ("loss_fn", "training_step", "eval_dataloader", "lr_scheduler", "accelerator", "callbacks")
+
+
+def config_fields() -> tuple[str, ...]:
+    """The names of the settings, in declaration order (the keyword arguments that are not objects)."""
+    return tuple(f.name for f in fields(TrainerConfig))
+
+
 def build_config(
     model: object,
     optimizer: object,
     train_dataloader: object,
+    arguments: Mapping[str, Any],
     *,
-    loss_fn: Callable[..., Any] | None,
-    training_step: Callable[..., Any] | None,
-    eval_dataloader: object,
-    lr_scheduler: object,
-    accelerator: object,
-    callbacks: object,
-    max_epochs: object = 1,
-    max_steps: object = None,
-    gradient_accumulation_steps: object = None,
-    mixed_precision: object = None,
-    seed: object = None,
-    clip_grad_norm: object = None,
-    clip_grad_value: object = None,
-    adaptive_clip: object = None,
-    nan_guard: object = "skip",
-    max_consecutive_skips: object = 5,
-    reinit_zero_params: object = "xavier",
-    reinit_std: object = 0.02,
-    reinit_scope: object = "weights",
-    rollback: object = True,
-    max_rollbacks: object = 3,
-    rollback_lr_factor: object = 0.5,
-    rollback_skip_batches: object = None,
-    spike_zscore: object = DEFAULT_ZSCORE,
-    spike_patience: object = DEFAULT_PATIENCE,
-    spike_warmup: object = DEFAULT_WARMUP,
-    checkpoint_dir: object = None,
-    checkpoint_every: object = 500,
-    keep_checkpoints: object = 3,
-    async_checkpoint: object = False,
-    diagnostics: object = True,
-    log_every: object = 10,
-    progress_bar: object = True,
-    log_with: object = None,
-    project_dir: object = None,
-) -> tuple[TrainerConfig, tuple[Callback, ...]]:
+    callback_base: type,
+) -> tuple[TrainerConfig, tuple[Any, ...]]:
     """Validate every argument of ``SafeTrainer`` and return the frozen settings.
+
+    Args:
+        model (`object`): ``SafeTrainer``'s ``model``.
+        optimizer (`object`): its ``optimizer``.
+        train_dataloader (`object`): its ``train_dataloader``.
+        arguments (`Mapping[str, Any]`): every keyword argument of ``SafeTrainer``, by name, as
+            given (the settings of :class:`TrainerConfig` and ``OBJECT_ARGUMENTS``).
+        callback_base (`type`): ``safeloop.Callback``, that every callback must be an instance of.
 
     Returns:
         `tuple[TrainerConfig, tuple[Callback, ...]]`: the settings and the callbacks.
@@ -154,115 +137,108 @@ def build_config(
     Raises:
         ConfigError: listing every problem found, each with the value seen and what is allowed.
     """
+    expected = {*config_fields(), *OBJECT_ARGUMENTS}
+    if set(arguments) != expected:  # a wiring mistake, not a user's: the names are spelled once
+        raise TypeError(
+            f"build_config got {sorted(set(arguments) ^ expected)} beyond or short of "
+            "SafeTrainer's keyword arguments"
+        )
+    a = dict(arguments)
     problems: list[str] = []
-    check_objects(problems, model, optimizer, train_dataloader, eval_dataloader)
-    check_callables(problems, loss_fn, training_step)
-    check_scheduler(problems, lr_scheduler, optimizer)
-    check_count(problems, "max_epochs", max_epochs, optional=False)
-    check_count(problems, "max_steps", max_steps, optional=True)
-    check_count(problems, "gradient_accumulation_steps", gradient_accumulation_steps, optional=True)
-    check_count(problems, "log_every", log_every, optional=False)
+    check_objects(problems, model, optimizer, train_dataloader, a["eval_dataloader"])
+    check_callables(problems, a["loss_fn"], a["training_step"])
+    check_scheduler(problems, a["lr_scheduler"], optimizer)
+    check_count(problems, "max_epochs", a["max_epochs"], optional=False)
+    check_count(problems, "max_steps", a["max_steps"], optional=True)
+    check_count(problems, "gradient_accumulation_steps", a["gradient_accumulation_steps"], optional=True)
+    check_count(problems, "log_every", a["log_every"], optional=False)
+    mixed_precision = a["mixed_precision"]
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_CHOICES:
         problems.append(
             f"`mixed_precision` must be one of {', '.join(map(repr, MIXED_PRECISION_CHOICES))} "
             f"or None; got {seen(mixed_precision)}. For full precision pass 'no' (or None)."
         )
-    if seed is not None and (not is_int(seed) or not 0 <= seed < 2**32):  # type: ignore[operator]
+    seed = a["seed"]
+    if seed is not None and (not is_int(seed) or not 0 <= seed < 2**32):
         problems.append(f"`seed` must be an int in [0, 2**32) or None; got {seen(seed)}.")
-    check_positive_float(problems, "clip_grad_norm", clip_grad_norm)
-    check_positive_float(problems, "clip_grad_value", clip_grad_value)
-    check_positive_float(problems, "adaptive_clip", adaptive_clip)
-    if adaptive_clip is not None and (clip_grad_norm is not None or clip_grad_value is not None):
+    _check_clipping(problems, a["clip_grad_norm"], a["clip_grad_value"], a["adaptive_clip"])
+    if a["nan_guard"] not in NAN_GUARD_CHOICES:
         problems.append(
-            f"`adaptive_clip={adaptive_clip!r}` is set together with a fixed clip (`clip_grad_norm` or "
-            "`clip_grad_value`); the adaptive bound replaces the fixed one. Choose one and leave the "
-            "other None."
+            f"`nan_guard` must be one of {', '.join(map(repr, NAN_GUARD_CHOICES))}; "
+            f"got {seen(a['nan_guard'])}."
         )
-    if clip_grad_norm is not None and clip_grad_value is not None:
+    skips = a["max_consecutive_skips"]
+    if not is_int(skips) or skips < 0:
         problems.append(
-            f"`clip_grad_norm={clip_grad_norm!r}` and `clip_grad_value={clip_grad_value!r}` are both "
-            "set; the global norm would then be measured on already clamped gradients. Choose one and "
-            "leave the other None."
+            f"`max_consecutive_skips` must be an int >= 0 (0: the first skip raises); got {seen(skips)}."
         )
-    if nan_guard not in NAN_GUARD_CHOICES:
+    if a["reinit_zero_params"] not in REINIT_CHOICES:
         problems.append(
-            f"`nan_guard` must be one of {', '.join(map(repr, NAN_GUARD_CHOICES))}; got {seen(nan_guard)}."
+            f"`reinit_zero_params` must be 'xavier', 'normal' or None; got {seen(a['reinit_zero_params'])}."
         )
-    if not is_int(max_consecutive_skips) or max_consecutive_skips < 0:  # type: ignore[operator]
-        problems.append(
-            f"`max_consecutive_skips` must be an int >= 0 (0: the first skip raises); got "
-            f"{seen(max_consecutive_skips)}."
-        )
-    if reinit_zero_params not in REINIT_CHOICES:
-        problems.append(
-            f"`reinit_zero_params` must be 'xavier', 'normal' or None; got {seen(reinit_zero_params)}."
-        )
-    check_positive_float(problems, "reinit_std", reinit_std)
-    if reinit_std is None:
+    check_positive_float(problems, "reinit_std", a["reinit_std"])
+    if a["reinit_std"] is None:
         problems.append("`reinit_std` must be a finite number > 0; got None.")
-    if reinit_scope not in REINIT_SCOPES:
+    if a["reinit_scope"] not in REINIT_SCOPES:
         problems.append(
-            f"`reinit_scope` must be one of {', '.join(map(repr, REINIT_SCOPES))}; got {seen(reinit_scope)}."
+            f"`reinit_scope` must be one of {', '.join(map(repr, REINIT_SCOPES))}; "
+            f"got {seen(a['reinit_scope'])}."
         )
+    checkpoint_dir = a["checkpoint_dir"]
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
         problems.append(f"`checkpoint_dir` must be a path or None; got {seen(checkpoint_dir)}.")
-    check_count(problems, "checkpoint_every", checkpoint_every, optional=False)
-    check_count(problems, "keep_checkpoints", keep_checkpoints, optional=False)
-    _check_rollback(problems, max_rollbacks, rollback_lr_factor, rollback_skip_batches, spike_warmup)
-    check_positive_float(problems, "spike_zscore", spike_zscore, optional=False)
-    check_count(problems, "spike_patience", spike_patience, optional=False)
-    flags = (
-        ("progress_bar", progress_bar),
-        ("async_checkpoint", async_checkpoint),
-        ("rollback", rollback),
-        ("diagnostics", diagnostics),
+    check_count(problems, "checkpoint_every", a["checkpoint_every"], optional=False)
+    check_count(problems, "keep_checkpoints", a["keep_checkpoints"], optional=False)
+    _check_rollback(
+        problems, a["max_rollbacks"], a["rollback_lr_factor"], a["rollback_skip_batches"], a["spike_warmup"]
     )
-    for name, flag in flags:
-        if not isinstance(flag, bool):
-            problems.append(f"`{name}` must be True or False; got {seen(flag)}.")
+    check_positive_float(problems, "spike_zscore", a["spike_zscore"], optional=False)
+    check_count(problems, "spike_patience", a["spike_patience"], optional=False)
+    for name in ("progress_bar", "async_checkpoint", "rollback", "diagnostics"):
+        if not isinstance(a[name], bool):
+            problems.append(f"`{name}` must be True or False; got {seen(a[name])}.")
+    project_dir = a["project_dir"]
     if project_dir is not None and not isinstance(project_dir, (str, os.PathLike)):
         problems.append(
             f"`project_dir` must be a path (str or os.PathLike) or None; got {seen(project_dir)}."
         )
-    check_accelerator(problems, accelerator, gradient_accumulation_steps, mixed_precision, log_with)
-    callback_items = check_callbacks(problems, callbacks)
-    trackers = normalise_log_with(problems, log_with)
+    accelerator = a["accelerator"]
+    check_accelerator(problems, accelerator, a["gradient_accumulation_steps"], mixed_precision, a["log_with"])
+    callback_items = check_callbacks(problems, a["callbacks"], callback_base)
+    trackers = normalise_log_with(problems, a["log_with"])
     if problems:
         raise ConfigError(_format_problems(problems))
+    settings = {name: a[name] for name in config_fields()}
+    # normalised values: numbers as floats, paths as strings, defaults resolved
+    for name in ("clip_grad_norm", "clip_grad_value", "adaptive_clip"):
+        settings[name] = None if a[name] is None else float(a[name])
+    for name in ("reinit_std", "rollback_lr_factor", "spike_zscore"):
+        settings[name] = float(a[name])
     if accelerator is not None:
-        gradient_accumulation_steps = accelerator.gradient_accumulation_steps  # type: ignore[union-attr]
-    config = TrainerConfig(
-        max_epochs=max_epochs,  # type: ignore[arg-type]
-        max_steps=max_steps,  # type: ignore[arg-type]
-        gradient_accumulation_steps=gradient_accumulation_steps or 1,  # type: ignore[arg-type]
-        mixed_precision=mixed_precision,  # type: ignore[arg-type]
-        seed=seed,  # type: ignore[arg-type]
-        clip_grad_norm=None if clip_grad_norm is None else float(clip_grad_norm),  # type: ignore[arg-type]
-        clip_grad_value=None if clip_grad_value is None else float(clip_grad_value),  # type: ignore[arg-type]
-        adaptive_clip=None if adaptive_clip is None else float(adaptive_clip),  # type: ignore[arg-type]
-        nan_guard=nan_guard,  # type: ignore[arg-type]
-        max_consecutive_skips=max_consecutive_skips,  # type: ignore[arg-type]
-        reinit_zero_params=reinit_zero_params,  # type: ignore[arg-type]
-        reinit_std=float(reinit_std),  # type: ignore[arg-type]
-        reinit_scope=reinit_scope,  # type: ignore[arg-type]
-        rollback=rollback,  # type: ignore[arg-type]
-        max_rollbacks=max_rollbacks,  # type: ignore[arg-type]
-        rollback_lr_factor=float(rollback_lr_factor),  # type: ignore[arg-type]
-        rollback_skip_batches=rollback_skip_batches,  # type: ignore[arg-type]
-        spike_zscore=float(spike_zscore),  # type: ignore[arg-type]
-        spike_patience=spike_patience,  # type: ignore[arg-type]
-        spike_warmup=spike_warmup,  # type: ignore[arg-type]
-        checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),  # type: ignore[arg-type]
-        checkpoint_every=checkpoint_every,  # type: ignore[arg-type]
-        keep_checkpoints=keep_checkpoints,  # type: ignore[arg-type]
-        async_checkpoint=async_checkpoint,  # type: ignore[arg-type]
-        diagnostics=diagnostics,  # type: ignore[arg-type]
-        log_every=log_every,  # type: ignore[arg-type]
-        progress_bar=progress_bar,  # type: ignore[arg-type]
-        log_with=trackers,
-        project_dir=None if project_dir is None else str(project_dir),
-    )
-    return config, callback_items
+        settings["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
+    settings["gradient_accumulation_steps"] = settings["gradient_accumulation_steps"] or 1
+    settings["checkpoint_dir"] = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+    settings["log_with"] = trackers
+    settings["project_dir"] = None if project_dir is None else str(project_dir)
+    return TrainerConfig(**settings), callback_items
+
+
+def _check_clipping(problems: list[str], clip_norm: object, clip_value: object, adaptive: object) -> None:
+    check_positive_float(problems, "clip_grad_norm", clip_norm)
+    check_positive_float(problems, "clip_grad_value", clip_value)
+    check_positive_float(problems, "adaptive_clip", adaptive)
+    if adaptive is not None and (clip_norm is not None or clip_value is not None):
+        problems.append(
+            f"`adaptive_clip={adaptive!r}` is set together with a fixed clip (`clip_grad_norm` or "
+            "`clip_grad_value`); the adaptive bound replaces the fixed one. Choose one and leave the "
+            "other None."
+        )
+    if clip_norm is not None and clip_value is not None:
+        problems.append(
+            f"`clip_grad_norm={clip_norm!r}` and `clip_grad_value={clip_value!r}` are both "
+            "set; the global norm would then be measured on already clamped gradients. Choose one and "
+            "leave the other None."
+        )
 
 
 def _check_rollback(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from safeloop.callbacks import CallbackList
 from safeloop.distributed import gather_json
+from safeloop.hooks import CallbackList
 from safeloop.results import Event, Finding, FitResult
 from safeloop.run_state import Progress, RunRecord
 

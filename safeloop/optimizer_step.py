@@ -18,7 +18,6 @@ import torch
 from accelerate import Accelerator
 
 from safeloop.batching import LossComputer
-from safeloop.callbacks import CallbackList
 from safeloop.config import TrainerConfig
 from safeloop.diagnostics.session import Diagnostics
 from safeloop.distributed import agree_all_finite
@@ -26,6 +25,7 @@ from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.clipping import GradNorms, clip_and_measure
 from safeloop.guards.nonfinite import finite_flag, true_overflow
+from safeloop.hooks import CallbackList
 from safeloop.preflight import run_preflight
 from safeloop.skips import SkipHandler
 from safeloop.stepping import GatedStep, decides_on_device

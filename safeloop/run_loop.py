@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from safeloop.callbacks import CallbackList
 from safeloop.checkpoint.checkpointer import Checkpointer
 from safeloop.config import TrainerConfig
 from safeloop.data_cursor import DataCursor
@@ -37,6 +36,7 @@ from safeloop.diagnostics.session import Diagnostics
 from safeloop.evaluation import evaluate
 from safeloop.findings import Reporter
 from safeloop.guards.divergence import Divergence
+from safeloop.hooks import CallbackList
 from safeloop.log_step import LogOutcome, LogStep
 from safeloop.metrics import MetricBuffer, StepValues
 from safeloop.optimizer_step import OptimizerStep, StepOutcome

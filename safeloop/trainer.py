@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
 from safeloop.batching import LossComputer
-from safeloop.callbacks import Callback, CallbackList
+from safeloop.callbacks import Callback
 from safeloop.checkpoint.checkpointer import Checkpointer, NamedState, build_manager
 from safeloop.config import TrainerConfig, build_config
 from safeloop.data_cursor import DataCursor
@@ -28,6 +28,7 @@ from safeloop.distributed import settle_collectives
 from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE, SpikeDetector
+from safeloop.hooks import CallbackList
 from safeloop.launch import build_accelerator
 from safeloop.log_step import LogStep
 from safeloop.metrics import MetricBuffer
@@ -167,7 +168,9 @@ class SafeTrainer:
         arguments = {
             k: v for k, v in locals().items() if k not in ("self", "model", "optimizer", "train_dataloader")
         }
-        self.config, callback_items = build_config(model, optimizer, train_dataloader, **arguments)
+        self.config, callback_items = build_config(
+            model, optimizer, train_dataloader, arguments, callback_base=Callback
+        )
         config = self.config
         self._callbacks = CallbackList(callback_items, self)
         self._owns_accelerator = accelerator is None

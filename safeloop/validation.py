@@ -14,8 +14,6 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from safeloop.callbacks import Callback
-
 __all__ = [
     "seen",
     "is_int",
@@ -200,9 +198,16 @@ def check_accelerator(
         )
 
 
-def check_callbacks(problems: list[str], callbacks: object) -> tuple[Callback, ...]:
-    """Return the callbacks as a tuple, reporting every item that is not a ``Callback``."""
-    if isinstance(callbacks, Callback):
+def check_callbacks(problems: list[str], callbacks: object, base: type) -> tuple[Any, ...]:
+    """Return the callbacks as a tuple, reporting every item that is not an instance of ``base``.
+
+    Args:
+        problems (`list[str]`): where problems are added.
+        callbacks (`object`): the ``callbacks`` argument.
+        base (`type`): ``safeloop.Callback`` (handed in: this module does not import the
+            callbacks, whose hooks name the trainer's type).
+    """
+    if isinstance(callbacks, base):
         return (callbacks,)
     if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
         problems.append(
@@ -211,7 +216,7 @@ def check_callbacks(problems: list[str], callbacks: object) -> tuple[Callback, .
         )
         return ()
     items = tuple(callbacks)
-    bad = [_bad_callback(i, item) for i, item in enumerate(items) if not isinstance(item, Callback)]
+    bad = [_bad_callback(i, item, base) for i, item in enumerate(items) if not isinstance(item, base)]
     if bad:
         listed = ", ".join(bad[:_MAX_LISTED])
         more = f" ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
@@ -222,8 +227,8 @@ def check_callbacks(problems: list[str], callbacks: object) -> tuple[Callback, .
     return items
 
 
-def _bad_callback(index: int, item: object) -> str:
-    if isinstance(item, type) and issubclass(item, Callback):
+def _bad_callback(index: int, item: object, base: type) -> str:
+    if isinstance(item, type) and issubclass(item, base):
         return f"[{index}] the class {item.__name__} (pass an instance: `{item.__name__}()`)"
     return f"[{index}] {seen(item)}"
 

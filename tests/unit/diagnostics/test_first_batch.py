@@ -426,9 +426,9 @@ def test_under_deepspeed_the_optimizer_is_not_compared_with_the_model(monkeypatc
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    from safeloop.callbacks import CallbackList
     from safeloop.diagnostics.session import Diagnostics
     from safeloop.findings import Reporter
+    from safeloop.hooks import CallbackList
     from safeloop.run_state import Progress, RunRecord
     from tests.helpers.models import classification_data, loader
 
