@@ -28,7 +28,7 @@ from safeloop.guards.nonfinite import finite_flag, true_overflow
 from safeloop.hooks import CallbackList
 from safeloop.preflight import run_preflight
 from safeloop.skips import SkipHandler
-from safeloop.stepping import GatedStep, decides_on_device
+from safeloop.stepping import GatedStep
 from safeloop.zero import ZeroEngine
 
 __all__ = ["OptimizerStep", "StepOutcome"]
@@ -77,7 +77,6 @@ class OptimizerStep:
 
     Attributes:
         preflight_done (`bool`): the first step's checks on the gradients have run.
-        decided_on_device (`bool`): a refused step is known on the host only at the log step.
     """
 
     def __init__(
@@ -110,7 +109,6 @@ class OptimizerStep:
         self.adaptive = adaptive
         self.guarded = config.nan_guard != "off"
         self.stepper = GatedStep(optimizer, accelerator.scaler)
-        self.decided_on_device = decides_on_device(optimizer, accelerator.scaler, zero)
         self.preflight_done = False
         self._window_losses: list[torch.Tensor] = []
 
