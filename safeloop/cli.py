@@ -66,7 +66,11 @@ def _inspect(folder: Path) -> int:
         digests = entry["sha256"]
         chunks = f" (+{len(digests) - 1} more chunks)" if len(digests) > 1 else ""
         print(f"    {name:<20} {_size(entry['size']):>10}  sha256 {digests[0][:16]}...{chunks}")
-    for file in (MODEL_FILE, TENSORS_FILE):
+    shards = sorted(name for name in manifest["files"] if name.startswith("shards/"))
+    if shards:
+        writers = manifest["meta"].get("world_size")
+        print(f"  sharded (FSDP2): {len(shards)} shard files, written by {writers} processes")
+    for file in [name for name in (MODEL_FILE, *shards, TENSORS_FILE) if name in manifest["files"]]:
         with safe_open(str(folder / file), framework="pt") as tensors:
             keys = list(tensors.keys())
             print(f"  {file}: {len(keys)} tensors")
@@ -79,6 +83,11 @@ def _inspect(folder: Path) -> int:
     for i, group in enumerate(groups):
         hyper = {k: v for k, v in group.items() if k != "params"}
         print(f"  optimizer param_groups[{i}]: {json.dumps(hyper, sort_keys=True)}")
+    values = document["parts"].get("optimizer_values") or {}  # a sharded optimizer's, per parameter
+    if values:
+        shown = dict(list(values.items())[:6])
+        more = f" ... and {len(values) - 6} more" if len(values) > 6 else ""
+        print(f"  optimizer hyper-parameters (per parameter): {json.dumps(shown)}{more}")
     return 0
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from safeloop.batching import LossComputer
 from safeloop.callbacks import Callback
 from safeloop.checkpoint.checkpointer import Checkpointer, NamedState, build_manager
+from safeloop.checkpoint.sharded import ShardedState, sharded_engine
 from safeloop.config import TrainerConfig, build_config
 from safeloop.data_cursor import DataCursor
 from safeloop.diagnostics.session import Diagnostics, check_optimizer_before_prepare
@@ -210,7 +211,8 @@ class SafeTrainer:
         self._progress = Progress(step_lr=initial_lr)
         self._record = RunRecord()
         self._reporter = Reporter(acc, self._progress, self._record, self._callbacks)
-        manager, note = build_manager(config, acc)
+        engine = sharded_engine(acc, self.model)
+        manager, note = build_manager(config, acc, engine)
         if note is not None:
             self._reporter.keep(note)
         # under DeepSpeed the engine's backward and step are called apart (see zero.py)
@@ -248,11 +250,15 @@ class SafeTrainer:
             callbacks=self._callbacks, reporter=self._reporter, skips=skips,
             diagnostics=self._diagnostics, zero=zero, adaptive=adaptive,
         )  # fmt: skip
+        sharded = ShardedState(self.model, self.optimizer) if engine == "fsdp2" else None
+        shared = {"lr_scheduler": self.lr_scheduler, "scaler": acc.scaler}
+        if sharded is None:  # else the optimizer's state is in the shards, with the model's
+            shared = {"optimizer": self.optimizer, **shared}
         self._checkpoints = Checkpointer(
             manager,
             acc,
-            model=unwrapped,
-            shared={"optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler, "scaler": acc.scaler},
+            model=None if sharded is not None else unwrapped,
+            shared=shared,
             run_state=[
                 self._progress, self._record, cursor, skips.tracker, step,
                 NamedState("spike_detector", spikes), NamedState("adaptive_clip", adaptive),
@@ -260,6 +266,7 @@ class SafeTrainer:
             rank_state=cursor.rank_state,
             progress=self._progress,
             reporter=self._reporter,
+            sharded=sharded,
         )  # fmt: skip
         rollback = None
         if rollback_on:

@@ -10,6 +10,7 @@ the trainer; how the files are laid out and written is the manager's business
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -18,10 +19,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
 from safeloop.checkpoint.manager import CheckpointManager, Snapshot
 from safeloop.checkpoint.manifest import verify_checkpoint
+from safeloop.checkpoint.sharded import SHARD_DIR, ShardedState, dcp_support_problem
 from safeloop.checkpoint.state import SavedState
 from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints
 from safeloop.config import TrainerConfig
@@ -35,6 +36,7 @@ __all__ = ["Checkpointer", "NamedState", "build_manager"]
 
 logger = logging.getLogger("safeloop")
 _NONE = -1
+_SHARDED_VALUES = "optimizer_values"  # the part of state.json with a sharded optimizer's hyper-parameters
 
 
 class NamedState:
@@ -60,31 +62,41 @@ class NamedState:
 
 
 def build_manager(
-    config: TrainerConfig, accelerator: Accelerator
+    config: TrainerConfig, accelerator: Accelerator, engine: str | None = None
 ) -> tuple[CheckpointManager | None, Finding | None]:
     """The run's checkpoint manager (None without checkpoints) and a note about it, if any.
 
     ``rollback`` needs checkpoints: without ``checkpoint_dir`` they go to a temporary folder.
 
+    Args:
+        config (`TrainerConfig`): ``checkpoint_dir``, ``rollback`` and the checkpoint settings.
+        accelerator (`Accelerator`): the run's processes.
+        engine (`str`, *optional*): the sharding engine (``sharded_engine``): FSDP2 state is
+            written in shards; FSDP1 and DeepSpeed state is not written yet.
+
     Raises:
-        ConfigError: with ``checkpoint_dir`` under FSDP or DeepSpeed (sharded state is planned,
-            see docs/checkpoints.md).
+        ConfigError: with ``checkpoint_dir`` under FSDP1 or DeepSpeed.
     """
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if config.checkpoint_dir is not None and sharded:
+    unsupported = {"fsdp1": "FSDP1", "deepspeed": "DeepSpeed"}.get(engine or "")
+    old_torch = dcp_support_problem() if engine == "fsdp2" else None
+    if config.checkpoint_dir is not None and unsupported:
         raise ConfigError(
-            f"`checkpoint_dir` is set under {accelerator.distributed_type.value}: safeloop checkpoints "
-            "hold full (unsharded) model and optimizer state, and sharded state is not written yet. "
-            "Use DDP, or leave `checkpoint_dir=None` and save with `accelerator.save_state`."
+            f"`checkpoint_dir` is set under {unsupported}: safeloop writes sharded checkpoints under "
+            "FSDP2 (`fully_shard`, `FullyShardedDataParallelPlugin(fsdp_version=2)`) and unsharded "
+            f"ones under DDP or one process; {unsupported} state is not written yet. Use FSDP2, or "
+            "leave `checkpoint_dir=None` and save with `accelerator.save_state`."
         )
-    if config.checkpoint_dir is None and (not config.rollback or sharded):
+    if config.checkpoint_dir is not None and old_torch:
+        raise ConfigError(f"`checkpoint_dir` is set under FSDP2, but {old_torch}.")
+    unsupported = unsupported or ("FSDP2 with this torch" if old_torch else None)
+    if config.checkpoint_dir is None and (not config.rollback or unsupported):
         note = None
         if config.rollback:
             note = Finding(
                 "rollback-unavailable", "info",
-                "rollback needs checkpoints, which are not written under "
-                f"{accelerator.distributed_type.value} yet: loss spikes are reported (`loss-spike`), "
-                "non-finite runs raise NonFiniteError, and nothing is restored.",
+                f"rollback needs checkpoints, which are not written under {unsupported} yet: loss "
+                "spikes are reported (`loss-spike`), non-finite runs raise NonFiniteError, and "
+                "nothing is restored.",
             )  # fmt: skip
         return None, note
     manager = CheckpointManager(
@@ -104,12 +116,15 @@ class Checkpointer:
         manager (`CheckpointManager`, *optional*): None when the run writes no checkpoints
             (resuming from a folder still works).
         accelerator (`Accelerator`): the run's processes.
-        model (`torch.nn.Module`): the unwrapped model.
-        shared (`Mapping[str, Stateful | None]`): ``optimizer``, ``lr_scheduler``, ``scaler``.
+        model (`torch.nn.Module`, *optional*): the unwrapped model; None when ``sharded`` holds it.
+        shared (`Mapping[str, Stateful | None]`): ``optimizer`` (unless sharded), ``lr_scheduler``,
+            ``scaler``.
         run_state (`Sequence[Stateful]`): JSON state, merged flat (keys must not collide).
         rank_state (`Stateful`): this process's own state (its RNG), in its own file.
         progress (`Progress`): the step and epoch a checkpoint is of.
         reporter (`Reporter`): checkpoint and resume events, ``on_checkpoint``.
+        sharded (`ShardedState`, *optional*): the model's and optimizer's shards (FSDP2), written
+            by every process into the checkpoint's ``shards/`` through DCP.
     """
 
     def __init__(
@@ -117,14 +132,16 @@ class Checkpointer:
         manager: CheckpointManager | None,
         accelerator: Accelerator,
         *,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         shared: Mapping[str, Stateful | None],
         run_state: Sequence[Stateful],
         rank_state: Stateful,
         progress: Progress,
         reporter: Reporter,
+        sharded: ShardedState | None = None,
     ) -> None:
         self.manager = manager
+        self.sharded = sharded
         self.accelerator = accelerator
         self.model = model
         self.shared = dict(shared)
@@ -218,13 +235,21 @@ class Checkpointer:
                 raise RuntimeError(f"run state keys saved twice: {sorted(clash)}")
             state.update(part)
         shared = {name: None if obj is None else obj.state_dict() for name, obj in self.shared.items()}
+        model, write_shards = None, None
+        if self.sharded is not None:
+            tensors, values = self.sharded.capture()
+            shared[_SHARDED_VALUES] = values  # hyper-parameters: JSON, never handed to DCP
+            write_shards = functools.partial(self.sharded.write, tensors)
+        elif self.model is not None:
+            model = dict(self.model.state_dict())
         return Snapshot(
             step=self.progress.global_step,
-            model=dict(self.model.state_dict()),
+            model=model,
             shared=shared,
             rank=self.rank_state.state_dict(),
             trainer=state,
             meta={"healthy": healthy, "epoch": self.progress.epoch},
+            write_shards=write_shards,
         )
 
     def _announce(self, step: int, path: Path) -> None:
@@ -300,7 +325,21 @@ class Checkpointer:
         return saved.trainer
 
     def _apply(self, saved: SavedState, keep: Sequence[Stateful] = ()) -> None:
-        self.model.load_state_dict(saved.model)
+        if self.sharded is not None:
+            values = saved.parts.get(_SHARDED_VALUES)
+            if values is None or saved.path is None:
+                raise CheckpointError(
+                    f"{saved.path} holds unsharded state and this run is sharded (FSDP2): resume it "
+                    "with the world size and engine that wrote it."
+                )
+            self.sharded.load(saved.path / SHARD_DIR, values)  # a collective: every process
+        elif self.model is not None:
+            if _SHARDED_VALUES in saved.parts:
+                raise CheckpointError(
+                    f"{saved.path} holds sharded (FSDP2) state and this run is not sharded: resume it "
+                    "under FSDP2."
+                )
+            self.model.load_state_dict(saved.model)
         for name, obj in self.shared.items():
             part = saved.parts.get(name)
             if obj is not None and part is not None:

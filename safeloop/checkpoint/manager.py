@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from safeloop.checkpoint.sharded import DCP_ERRORS, SHARD_DIR
 from safeloop.checkpoint.state import SavedState, rank_file, rank_file_name, read_state, state_files
 from safeloop.checkpoint.store import CheckpointWriter, checkpoint_name, list_checkpoints, rotate
 from safeloop.distributed import agree_any, broadcast_int
@@ -51,14 +53,18 @@ class Snapshot:
         rank (`dict[str, Any]`): this process's RNG states.
         trainer (`dict[str, Any]`): the trainer's counters and guard state (JSON values).
         meta (`dict[str, Any]`): facts for the manifest (``healthy``, ``epoch``).
+        write_shards (`Callable[[Path], None]`, *optional*): sharded model and optimizer state
+            (FSDP2): every process writes its shards into the folder it is given (a collective);
+            ``model`` is then None.
     """
 
     step: int
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None
     shared: dict[str, Any]
     rank: dict[str, Any]
     trainer: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    write_shards: Callable[[Path], None] | None = None
 
 
 class CheckpointManager:
@@ -142,6 +148,12 @@ class CheckpointManager:
         except (OSError, CheckpointError) as err:
             problem = f"process {acc.process_index} could not write its file: {err}"
         self._agree(problem, "writing the per-process files", snapshot.step)
+        if snapshot.write_shards is not None:
+            try:  # every process its own shards, into the folder's shards/ (DCP: a collective)
+                snapshot.write_shards(writer.tmp / SHARD_DIR)
+            except DCP_ERRORS as err:
+                problem = f"process {acc.process_index} could not write its shards: {err}"
+            self._agree(problem, "writing the model and optimizer shards", snapshot.step)
         self.last_saved_step = snapshot.step
         self.saved_steps.append(snapshot.step)
         if not main:
@@ -149,7 +161,10 @@ class CheckpointManager:
                 self._agree("", "publishing the checkpoint", snapshot.step)
             return None if self.async_save else self.directory / checkpoint_name(snapshot.step)
         files = state_files(snapshot.model, snapshot.shared, snapshot.trainer, copy=self.async_save)
-        job = _Publish(writer, files, acc.num_processes, snapshot.meta, self.keep, self._protect())
+        job = _Publish(
+            writer, files, acc.num_processes, snapshot.meta, self.keep, self._protect(),
+            sharded=snapshot.write_shards is not None,
+        )  # fmt: skip
         if self.async_save:
             self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-save")
             self._inflight = (snapshot.step, self._pool.submit(job.run))
@@ -322,6 +337,7 @@ class _Publish:
     meta: dict[str, Any]
     keep: int
     protect: list[Path]
+    sharded: bool = False
 
     def run(self) -> Path:
         try:
@@ -329,6 +345,9 @@ class _Publish:
                 self.writer.add(name, content)
             for rank in range(1, self.processes):
                 self.writer.adopt(rank_file_name(rank))
+            if self.sharded:  # every process's shards, as DCP named them
+                for shard in sorted((self.writer.tmp / SHARD_DIR).glob("*.safetensors")):
+                    self.writer.adopt(f"{SHARD_DIR}/{shard.name}")
             path = self.writer.finish({**self.meta, "world_size": self.processes})
         except BaseException:
             self.writer.abort()

@@ -25,6 +25,7 @@ from safetensors.torch import load
 from safeloop.errors import CheckpointError
 
 __all__ = [
+    "valid_file_name",
     "FORMAT_VERSION",
     "MANIFEST",
     "CHUNK_BYTES",
@@ -151,6 +152,19 @@ class Verification:
     manifest: dict | None = None
 
 
+def valid_file_name(name: str) -> bool:
+    """Whether ``name`` may be listed in a manifest: a plain file name, or one in ``shards/``.
+
+    Never the manifest itself, a hidden name, an absolute path or a step up (``..``).
+    """
+    parts = name.split("/")
+    if len(parts) == 2 and parts[0] != "shards":
+        return False
+    if len(parts) > 2 or any(not part or part.startswith(".") for part in parts):
+        return False
+    return name != MANIFEST and "\\" not in name
+
+
 def check_manifest(path: Path) -> Verification:
     """Parse the manifest and check every listed file's presence and size (not the hashes)."""
     manifest_path = path / MANIFEST
@@ -186,7 +200,7 @@ def check_manifest(path: Path) -> Verification:
             return Verification(path, True, False, f"{manifest_path} has a malformed entry for {name!r}")
     for name, entry in entries:
         file = path / name
-        if Path(name).name != name or not file.is_file():
+        if not valid_file_name(name) or not file.is_file():
             return Verification(path, True, False, f"{file} is missing", manifest)
         size = file.stat().st_size
         if size != entry.get("size"):

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from safeloop.checkpoint.format import dedupe_tensors, join_state, split_state, tensors_from_bytes
 from safeloop.checkpoint.manifest import VerifiedReader
+from safeloop.checkpoint.sharded import SHARD_DIR, safetensors_problem
 from safeloop.checkpoint.store import FileContent
 from safeloop.errors import CheckpointError
 
@@ -51,12 +52,14 @@ class SavedState:
             ``scaler``) and this process's (``rng``, ``rng_epoch_start``); absent ones are None.
         trainer (`dict[str, Any]`): counters, data position and guard state (JSON values).
         world_size (`int`): the number of processes that wrote the checkpoint.
+        path (`Path`, *optional*): the checkpoint's folder (its ``shards/`` are read from there).
     """
 
     model: dict[str, torch.Tensor]
     parts: dict[str, Any]
     trainer: dict[str, Any]
     world_size: int = 1
+    path: Path | None = None
 
 
 def _split_parts(parts: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -86,7 +89,7 @@ def _join_parts(trees: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
 
 
 def state_files(
-    model_state: Mapping[str, torch.Tensor],
+    model_state: Mapping[str, torch.Tensor] | None,
     parts: Mapping[str, Any],
     trainer: Mapping[str, Any],
     *,
@@ -95,7 +98,8 @@ def state_files(
     """Return the shared files: JSON as bytes, tensors as writers straight to disk.
 
     Args:
-        model_state (`Mapping[str, Tensor]`): the unwrapped model's state dict.
+        model_state (`Mapping[str, Tensor]`, *optional*): the unwrapped model's state dict; None
+            when the model is in the checkpoint's shards (FSDP2).
         parts (`Mapping[str, Any]`): shared state dicts by name (None for absent ones).
         trainer (`Mapping[str, Any]`): the trainer's JSON state.
         copy (`bool`, *optional*, defaults to False): copy every tensor now (for a background
@@ -104,7 +108,7 @@ def state_files(
     Raises:
         CheckpointError: when some state is neither tensors nor JSON (named with its path).
     """
-    model_tensors, aliases = dedupe_tensors(model_state, copy=copy)
+    model_tensors, aliases = dedupe_tensors(model_state or {}, copy=copy)
     trees, tensors = _split_parts(parts)
     state_tensors, state_aliases = dedupe_tensors(tensors, copy=copy)
     document = {
@@ -113,11 +117,13 @@ def state_files(
         "parts": trees,
         "trainer": dict(trainer),
     }
-    return {
-        MODEL_FILE: lambda path: save_file(model_tensors, str(path)),
+    files: dict[str, FileContent] = {
         TENSORS_FILE: lambda path: save_file(state_tensors, str(path)),
         JSON_FILE: json.dumps(document, sort_keys=True).encode(),
     }
+    if model_state is not None:
+        files[MODEL_FILE] = lambda path: save_file(model_tensors, str(path))
+    return files
 
 
 def rank_file(rank: int, parts: Mapping[str, Any]) -> tuple[str, FileContent]:
@@ -158,7 +164,11 @@ def read_state(path: str | Path, rank: int = 0) -> SavedState:
     try:
         try:
             document = json.loads(reader.read(JSON_FILE))
-            model = _with_aliases(reader.tensors(MODEL_FILE), document["model_aliases"])
+            model = (
+                _with_aliases(reader.tensors(MODEL_FILE), document["model_aliases"])
+                if MODEL_FILE in reader.manifest["files"]
+                else {}
+            )
             tensors = _with_aliases(reader.tensors(TENSORS_FILE), document["state_aliases"])
             parts = _join_parts(document["parts"], tensors)
             world_size = saved_ranks(reader.manifest)
@@ -175,4 +185,15 @@ def read_state(path: str | Path, rank: int = 0) -> SavedState:
         reader.confirm()  # nothing read is used before every hash matched
     finally:
         reader.close()  # also when interrupted (KeyboardInterrupt): no hashing thread left running
-    return SavedState(model=model, parts=parts, trainer=document["trainer"], world_size=max(world_size, 1))
+    for name in reader.manifest["files"]:
+        # DCP's reader opens every shard itself: each must be plain safetensors (no pickled bytes)
+        problem = safetensors_problem(Path(path) / name) if name.startswith(f"{SHARD_DIR}/") else None
+        if problem:
+            raise CheckpointError(f"{problem}; the checkpoint is refused, nothing of it was loaded")
+    return SavedState(
+        model=model,
+        parts=parts,
+        trainer=document["trainer"],
+        world_size=max(world_size, 1),
+        path=Path(path),
+    )

@@ -25,6 +25,7 @@ from safeloop.checkpoint.manifest import (
     file_digests,
     hash_pool,
     results,
+    valid_file_name,
     verify_checkpoint,
 )
 from safeloop.errors import CheckpointError
@@ -71,9 +72,10 @@ FileContent = bytes | Callable[[Path], None]
 
 
 def _check_name(name: str) -> None:
-    if name == MANIFEST or Path(name).name != name or name.startswith("."):
+    if not valid_file_name(name):
         raise CheckpointError(
-            f"checkpoint file names must be plain names other than {MANIFEST!r}; got {name!r}."
+            f"checkpoint file names must be plain names other than {MANIFEST!r} (or in `shards/`); "
+            f"got {name!r}."
         )
 
 
@@ -171,6 +173,8 @@ class CheckpointWriter:
             "meta": dict(meta),
         }
         _write_file(self.tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        for folder in sorted({(self.tmp / name).parent for name in files} - {self.tmp}):
+            _fsync_dir(folder)  # the entries of a subfolder (shards/) are durable before the rename
         _fsync_dir(self.tmp)
         if self.final.exists():  # a re-save of the same step: the old folder goes only once the new is whole
             aside = self.root / f".{self.final.name}.old-{os.getpid()}"

@@ -1,0 +1,97 @@
+"""Sharded checkpoints under FSDP2 on two CPU processes (gloo): resume and rollback, bit for bit.
+
+Each rank writes its own model and optimizer shards through ``torch.distributed.checkpoint``
+(safetensors, one file per rank in ``shards/``); the manifest lists and hashes every rank's files.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+
+from safeloop.checkpoint.manifest import verify_checkpoint
+from tests.distributed.test_fsdp import _run
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_sharded_checkpoints.py"
+pytestmark = pytest.mark.slow
+
+
+def test_fsdp2_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path):
+    straight = _run(tmp_path / "straight", SCRIPT, MAX_STEPS="12")
+    ckpt = tmp_path / "ckpt"
+    first = _run(tmp_path / "first", SCRIPT, MAX_STEPS="7", CKPT_DIR=str(ckpt))
+    assert [r["steps"] for r in first] == [7, 7]  # 4 steps per epoch: 7 is mid second epoch
+    assert [e[1] for e in first[0]["events"] if e[0] == "checkpoint"] == [0, 3, 6, 7]
+    folder = ckpt / "step-00000007"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shards = sorted(name for name in manifest["files"] if name.startswith("shards/"))
+    assert shards == [f"shards/shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
+    assert "model.safetensors" not in manifest["files"]  # the model is in the shards
+    assert verify_checkpoint(folder).ok
+    # no pickle anywhere on disk: every file is JSON or safetensors, and none holds a pickle opcode stream
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert path.suffix in (".json", ".safetensors"), path
+            assert not path.read_bytes().startswith(b"\x80"), path
+    resumed = _run(tmp_path / "resumed", SCRIPT, MAX_STEPS="12", CKPT_DIR=str(ckpt), RESUME="1")
+    assert [r["steps"] for r in resumed] == [12, 12]
+    assert [e[:2] for e in resumed[0]["events"] if e[0] == "resume"] == [["resume", 7]]
+    for rank in (0, 1):
+        assert resumed[rank]["params"] == straight[rank]["params"], "weights differ from the straight run"
+        assert resumed[rank]["optimizer"] == straight[rank]["optimizer"], "optimizer state differs"
+        assert resumed[rank]["lr"] == straight[rank]["lr"]
+    # the first run logged its partial interval at step 7: the entries of the other log steps agree
+    assert {k: v for k, v in resumed[0]["losses"].items() if k not in ("7", "9")} == {
+        k: v for k, v in straight[0]["losses"].items() if k != "9"
+    }
+    assert list(straight[0]["losses"]) == ["3", "6", "9", "12"]
+    assert straight[0]["params"] != first[0]["params"]  # training moved the weights on
+
+
+def test_fsdp2_a_spike_on_rank_one_rolls_both_ranks_back_to_the_same_sharded_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    results = _run(
+        tmp_path / "run", SCRIPT, MAX_STEPS="16", CKPT_DIR=str(ckpt), SPIKE_ON_RANK1_AT_STEP="10",
+        SPIKE_WARMUP="4", LOG_EVERY="1",
+    )  # fmt: skip
+    for r in results:
+        assert r["rollbacks"] == 1
+        rollback = [e for e in r["events"] if e[0] == "rollback"]
+        assert [e[1] for e in rollback] == [9]  # the newest healthy checkpoint before step 10
+    assert results[0]["params"] == results[1]["params"], "ranks hold different weights after the rollback"
+    assert results[0]["lr"] == results[1]["lr"]
+    assert results[0]["steps"] == 16
+
+
+def test_a_shard_with_pickled_bytes_is_refused_even_when_the_manifest_matches(tmp_path, capsys):
+    from safeloop.checkpoint.manifest import MANIFEST, file_digests, hash_pool, results
+    from safeloop.checkpoint.state import read_state
+    from safeloop.cli import main
+    from safeloop.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    _run(tmp_path / "first", SCRIPT, MAX_STEPS="3", CKPT_DIR=str(ckpt))
+    folder = ckpt / "step-00000003"
+    assert main(["inspect", str(folder)]) == 0
+    shown = capsys.readouterr().out
+    assert "sharded (FSDP2): 2 shard files, written by 2 processes" in shown
+    assert "optim.state.0.weight.exp_avg" in shown
+    shard = folder / "shards" / "shard-00001-model-00001-of-00001.safetensors"
+    planted = pickle.dumps({"lr": 0.1}) + shard.read_bytes()  # what DCP writes for non-tensor values
+    shard.write_bytes(planted)
+    assert not verify_checkpoint(folder).ok  # the hash no longer matches: damage
+    manifest = json.loads((folder / MANIFEST).read_text())  # a manifest rewritten to match
+    pool = hash_pool()
+    name = "shards/" + shard.name
+    manifest["files"][name] = {
+        "size": len(planted),
+        "sha256": results(file_digests(shard, len(planted), pool)),
+    }
+    pool.shutdown()
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert verify_checkpoint(folder).ok
+    with pytest.raises(CheckpointError, match="nothing of it was loaded"):
+        read_state(folder)
