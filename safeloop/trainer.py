@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from safeloop.batching import LossComputer
 from safeloop.callbacks import Callback
 from safeloop.checkpoint.checkpointer import Checkpointer, NamedState, build_manager
-from safeloop.checkpoint.sharded import ShardedState, sharded_engine
+from safeloop.checkpoint.sharded import ShardedState, dcp_support_problem, sharded_engine
 from safeloop.config import TrainerConfig, build_config
 from safeloop.data_cursor import DataCursor
 from safeloop.diagnostics.session import Diagnostics, check_optimizer_before_prepare
@@ -250,14 +250,15 @@ class SafeTrainer:
             callbacks=self._callbacks, reporter=self._reporter, skips=skips,
             diagnostics=self._diagnostics, zero=zero, adaptive=adaptive,
         )  # fmt: skip
-        sharded = ShardedState(self.model, self.optimizer) if engine == "fsdp2" else None
+        sharded = engine == "fsdp2"  # the model and optimizer are saved in shards
+        shards = ShardedState(self.model, self.optimizer) if dcp_support_problem() is None else None
         shared = {"lr_scheduler": self.lr_scheduler, "scaler": acc.scaler}
-        if sharded is None:  # else the optimizer's state is in the shards, with the model's
+        if not sharded:  # else the optimizer's state is in the shards, with the model's
             shared = {"optimizer": self.optimizer, **shared}
         self._checkpoints = Checkpointer(
             manager,
             acc,
-            model=None if sharded is not None else unwrapped,
+            model=None if sharded else unwrapped,
             shared=shared,
             run_state=[
                 self._progress, self._record, cursor, skips.tracker, step,
@@ -266,7 +267,8 @@ class SafeTrainer:
             rank_state=cursor.rank_state,
             progress=self._progress,
             reporter=self._reporter,
-            sharded=sharded,
+            shards=shards,
+            write_shards=sharded,
         )  # fmt: skip
         rollback = None
         if rollback_on:

@@ -123,8 +123,11 @@ class Checkpointer:
         rank_state (`Stateful`): this process's own state (its RNG), in its own file.
         progress (`Progress`): the step and epoch a checkpoint is of.
         reporter (`Reporter`): checkpoint and resume events, ``on_checkpoint``.
-        sharded (`ShardedState`, *optional*): the model's and optimizer's shards (FSDP2), written
-            by every process into the checkpoint's ``shards/`` through DCP.
+        shards (`ShardedState`, *optional*): the model's and optimizer's state through DCP: it
+            reads a sharded checkpoint at any world size, sharded or not (None: a torch without
+            DCP's safetensors reader).
+        write_shards (`bool`, *optional*, defaults to False): save the model and optimizer as
+            shards, every process its own, into the checkpoint's ``shards/`` (FSDP2).
     """
 
     def __init__(
@@ -138,10 +141,12 @@ class Checkpointer:
         rank_state: Stateful,
         progress: Progress,
         reporter: Reporter,
-        sharded: ShardedState | None = None,
+        shards: ShardedState | None = None,
+        write_shards: bool = False,
     ) -> None:
         self.manager = manager
-        self.sharded = sharded
+        self.shards = shards
+        self.sharded = shards if write_shards else None
         self.accelerator = accelerator
         self.model = model
         self.shared = dict(shared)
@@ -325,23 +330,24 @@ class Checkpointer:
         return saved.trainer
 
     def _apply(self, saved: SavedState, keep: Sequence[Stateful] = ()) -> None:
-        if self.sharded is not None:
-            values = saved.parts.get(_SHARDED_VALUES)
-            if values is None or saved.path is None:
+        values = saved.parts.get(_SHARDED_VALUES)
+        if values is not None:  # a sharded checkpoint: DCP reads its shards at any world size
+            if self.shards is None or saved.path is None:
                 raise CheckpointError(
-                    f"{saved.path} holds unsharded state and this run is sharded (FSDP2): resume it "
-                    "with the world size and engine that wrote it."
+                    f"{saved.path} is sharded and this torch cannot read it: {dcp_support_problem()}"
                 )
-            self.sharded.load(saved.path / SHARD_DIR, values)  # a collective: every process
+            self.shards.load(saved.path / SHARD_DIR, values)  # a collective: every process
+        elif self.sharded is not None:
+            raise CheckpointError(
+                f"{saved.path} holds unsharded state and this run is sharded (FSDP2); loading whole "
+                "weights into shards is not done yet: resume it without FSDP2, or start this run fresh."
+            )
         elif self.model is not None:
-            if _SHARDED_VALUES in saved.parts:
-                raise CheckpointError(
-                    f"{saved.path} holds sharded (FSDP2) state and this run is not sharded: resume it "
-                    "under FSDP2."
-                )
             self.model.load_state_dict(saved.model)
         for name, obj in self.shared.items():
             part = saved.parts.get(name)
+            if name == "optimizer" and values is not None:
+                continue  # read from the shards, with the model
             if obj is not None and part is not None:
                 obj.load_state_dict(part)
             elif obj is not None and name == "optimizer":

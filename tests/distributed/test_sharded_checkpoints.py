@@ -7,7 +7,10 @@ Each rank writes its own model and optimizer shards through ``torch.distributed.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,23 @@ from tests.distributed.test_fsdp import _run
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_sharded_checkpoints.py"
 pytestmark = pytest.mark.slow
+
+
+def _alone(out_dir: Path, **env: str) -> dict:
+    """The script as one plain process (no torchrun, no process group)."""
+    out_dir.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out_dir)],
+        env={**clean, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_fsdp2_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path):
@@ -36,6 +56,10 @@ def test_fsdp2_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path):
         if path.is_file():
             assert path.suffix in (".json", ".safetensors"), path
             assert not path.read_bytes().startswith(b"\x80"), path
+    # resharding: one plain process reads the 2-process shards (the weights and moments, whole)
+    alone = _alone(tmp_path / "alone", MODE="ddp", MAX_STEPS="7", RESUME_FROM=str(folder))
+    assert alone["steps"] == 7 and alone["params"] == first[0]["params"]
+    assert alone["optimizer"] == first[0]["optimizer"]
     resumed = _run(tmp_path / "resumed", SCRIPT, MAX_STEPS="12", CKPT_DIR=str(ckpt), RESUME="1")
     assert [r["steps"] for r in resumed] == [12, 12]
     assert [e[:2] for e in resumed[0]["events"] if e[0] == "resume"] == [["resume", 7]]

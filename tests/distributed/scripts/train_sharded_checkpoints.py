@@ -3,10 +3,12 @@
 Run by ``tests/distributed/test_sharded_checkpoints.py`` under torchrun (2 processes, gloo). An
 MLP with AdamW and StepLR, a shuffled loader (4 micro-batches per rank per epoch), seed 0,
 ``checkpoint_every=3``. ``MAX_STEPS`` bounds the run, ``RESUME=1`` resumes from the newest
-checkpoint of ``CKPT_DIR``, ``SPIKE_ON_RANK1_AT_STEP=k`` multiplies rank 1's loss by 50 from step
-k on for 3 steps, once (only there: the spike is seen through the reduced log values). Each rank prints
-one ``RESULT`` JSON line: the whole parameters and optimizer state (gathered from the shards), the
-steps, the history's losses, the events (tensors as digests of their bytes).
+checkpoint of ``CKPT_DIR`` (``RESUME_FROM``: from that folder), ``MODE=ddp`` runs unsharded
+(also as one plain process, to resume a sharded checkpoint there), ``SPIKE_ON_RANK1_AT_STEP=k``
+multiplies rank 1's loss by 50 from step k on for 3 steps, once (only there: the spike is seen
+through the reduced log values). Each rank prints one ``RESULT`` JSON line: the whole parameters
+and optimizer state (gathered from the shards), the steps, the history's losses, the events
+(tensors as digests of their bytes).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def whole(value: object) -> object:
 def main() -> None:
     out_dir = sys.argv[1]
     tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
-    accelerator = build_accelerator("fsdp2", tracker)
+    accelerator = build_accelerator(os.environ.get("MODE", "fsdp2"), tracker)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
     x, y = classification_data(n=128).tensors
@@ -81,7 +83,8 @@ def main() -> None:
         log_every=int(os.environ.get("LOG_EVERY", "3")),
         spike_warmup=int(os.environ.get("SPIKE_WARMUP", "20")),
     )
-    result = trainer.fit(resume_from="latest" if os.environ.get("RESUME") == "1" else None)
+    resume_from = os.environ.get("RESUME_FROM") or ("latest" if os.environ.get("RESUME") == "1" else None)
+    result = trainer.fit(resume_from=resume_from)
     state = trainer.optimizer.state_dict()["state"]
     record = {
         "rank": accelerator.process_index,
