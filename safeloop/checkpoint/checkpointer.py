@@ -145,8 +145,10 @@ class Checkpointer:
         write_shards: bool = False,
     ) -> None:
         self.manager = manager
+        if write_shards and shards is None:  # a wiring mistake: the model would not be saved at all
+            raise ValueError("write_shards needs the ShardedState that writes them")
         self.shards = shards
-        self.sharded = shards if write_shards else None
+        self.write_shards = write_shards
         self.accelerator = accelerator
         self.model = model
         self.shared = dict(shared)
@@ -241,10 +243,11 @@ class Checkpointer:
             state.update(part)
         shared = {name: None if obj is None else obj.state_dict() for name, obj in self.shared.items()}
         model, write_shards = None, None
-        if self.sharded is not None:
-            tensors, values = self.sharded.capture()
+        if self.write_shards:
+            assert self.shards is not None  # invariant: checked in __init__
+            tensors, values = self.shards.capture()
             shared[_SHARDED_VALUES] = values  # hyper-parameters: JSON, never handed to DCP
-            write_shards = functools.partial(self.sharded.write, tensors)
+            write_shards = functools.partial(self.shards.write, tensors)
         elif self.model is not None:
             model = dict(self.model.state_dict())
         return Snapshot(
@@ -337,7 +340,7 @@ class Checkpointer:
                     f"{saved.path} is sharded and this torch cannot read it: {dcp_support_problem()}"
                 )
             self.shards.load(saved.path / SHARD_DIR, values)  # a collective: every process
-        elif self.sharded is not None:
+        elif self.write_shards:
             raise CheckpointError(
                 f"{saved.path} holds unsharded state and this run is sharded (FSDP2); loading whole "
                 "weights into shards is not done yet: resume it without FSDP2, or start this run fresh."

@@ -100,7 +100,8 @@ class ShardedState:
         self.optimizer = unwrap_optimizer(optimizer)
         self._options = StateDictOptions(flatten_optimizer_state_dict=True)
 
-    def _state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def capture(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This process's shards (DTensors and replicated tensors) and the optimizer's non-tensor values."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._options)
         tensors = {_MODEL + key: value for key, value in model_state.items()}
         values = {}
@@ -110,10 +111,6 @@ class ShardedState:
             else:
                 values[key] = value
         return tensors, values
-
-    def capture(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This process's shards (DTensors and replicated tensors) and the optimizer's non-tensor values."""
-        return self._state()
 
     def write(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
         """Write the shards into ``folder`` (a collective: every process calls it with its own)."""
@@ -126,7 +123,7 @@ class ShardedState:
             folder (`Path`): the checkpoint's ``shards`` folder, verified against its manifest.
             values (`dict`): the optimizer's non-tensor values saved with it (``state.json``).
         """
-        tensors, _ = self._state()  # the live shapes and shardings to fill
+        tensors, _ = self.capture()  # the live shapes and shardings to fill
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
         model_state = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
         optim_state = {k[len(_OPTIM) :]: v for k, v in tensors.items() if k.startswith(_OPTIM)}
