@@ -1,7 +1,8 @@
 """The ``safeloop`` command: check and look into checkpoints without loading a model.
 
-safeloop verify DIR     check every checkpoint in DIR (or one folder); exit 1 on damage
-safeloop inspect CKPT   step, health, files and sizes, tensors, optimizer hyper-parameters
+safeloop verify DIR             check every checkpoint in DIR (or one folder); exit 1 on damage
+safeloop inspect CKPT           step, health, files and sizes, tensors, optimizer hyper-parameters
+safeloop consolidate CKPT OUT   the whole model weights as model.safetensors (from shards too)
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from safeloop.checkpoint.consolidate import consolidate, parse_size
 from safeloop.checkpoint.manifest import MANIFEST, verify_checkpoint
 from safeloop.checkpoint.state import JSON_FILE, MODEL_FILE, TENSORS_FILE
 from safeloop.checkpoint.store import list_checkpoints
+from safeloop.errors import CheckpointError
 
 __all__ = ["main"]
 
@@ -30,7 +33,8 @@ def _verify(target: Path) -> int:
     for folder in folders:
         check = verify_checkpoint(folder)
         if check.ok:
-            print(f"ok        {folder.name}")
+            sharding = _sharding(check.manifest or {})
+            print(f"ok        {folder.name}" + (f", {sharding}" if sharding else ""))
         elif not check.complete:
             print(f"unfinished {folder.name}: no {MANIFEST} (an interrupted write; ignored when resuming)")
         else:
@@ -38,6 +42,16 @@ def _verify(target: Path) -> int:
             print(f"DAMAGED   {folder.name}: {check.problem}")
     print(f"{len(folders)} checkpoints, {damaged} damaged")
     return 1 if damaged else 0
+
+
+def _sharding(manifest: dict) -> str:
+    """How a checkpoint is sharded (engine, files, processes), or empty for an unsharded one."""
+    shards = [name for name in manifest.get("files", {}) if name.startswith("shards/")]
+    if not shards:
+        return ""
+    meta = manifest.get("meta", {})
+    engine = meta.get("engine", "torch.distributed.checkpoint")
+    return f"sharded ({engine}): {len(shards)} shard files from {meta.get('world_size')} processes"
 
 
 def _size(n: int) -> str:
@@ -68,8 +82,7 @@ def _inspect(folder: Path) -> int:
         print(f"    {name:<20} {_size(entry['size']):>10}  sha256 {digests[0][:16]}...{chunks}")
     shards = sorted(name for name in manifest["files"] if name.startswith("shards/"))
     if shards:
-        writers = manifest["meta"].get("world_size")
-        print(f"  sharded (FSDP2): {len(shards)} shard files, written by {writers} processes")
+        print(f"  {_sharding(manifest)}")
     for file in [name for name in (MODEL_FILE, *shards, TENSORS_FILE) if name in manifest["files"]]:
         with safe_open(str(folder / file), framework="pt") as tensors:
             keys = list(tensors.keys())
@@ -91,6 +104,17 @@ def _inspect(folder: Path) -> int:
     return 0
 
 
+def _consolidate(path: Path, out_dir: Path, max_shard_size: str) -> int:
+    try:
+        written = consolidate(path, out_dir, parse_size(max_shard_size))
+    except (CheckpointError, FileExistsError, ValueError) as error:
+        print(f"nothing consolidated: {error}")
+        return 1
+    for file in written:
+        print(f"wrote {file} ({_size(file.stat().st_size)})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``safeloop`` command; return its exit code."""
     parser = argparse.ArgumentParser(prog="safeloop", description="Check and inspect safeloop checkpoints.")
@@ -99,9 +123,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("path", type=Path)
     inspect = commands.add_parser("inspect", help="describe one checkpoint folder")
     inspect.add_argument("path", type=Path)
+    merge = commands.add_parser(
+        "consolidate", help="write a checkpoint's whole model weights as model.safetensors (sharded or not)"
+    )
+    merge.add_argument(
+        "path", type=Path, help="a checkpoint folder, or a checkpoint_dir (its newest valid one)"
+    )
+    merge.add_argument("out_dir", type=Path, help="where model.safetensors (or its split files) go")
+    merge.add_argument(
+        "--max-shard-size", default="5GB", help="split above this size, with an index file (default 5GB)"
+    )
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args.path)
+    if args.command == "consolidate":
+        return _consolidate(args.path, args.out_dir, args.max_shard_size)
     return _inspect(args.path)
 
 

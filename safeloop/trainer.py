@@ -268,7 +268,7 @@ class SafeTrainer:
             progress=self._progress,
             reporter=self._reporter,
             shards=shards,
-            write_shards=sharded,
+            shard_engine=engine if sharded else None,
         )  # fmt: skip
         rollback = None
         if rollback_on:

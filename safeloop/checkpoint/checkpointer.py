@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from safeloop.checkpoint.manager import CheckpointManager, Snapshot
 from safeloop.checkpoint.manifest import verify_checkpoint
-from safeloop.checkpoint.sharded import SHARD_DIR, ShardedState, dcp_support_problem
+from safeloop.checkpoint.sharded import SHAPES_PART, SHARD_DIR, ShardedState, dcp_support_problem
 from safeloop.checkpoint.state import SavedState
 from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints
 from safeloop.config import TrainerConfig
@@ -126,8 +126,9 @@ class Checkpointer:
         shards (`ShardedState`, *optional*): the model's and optimizer's state through DCP: it
             reads a sharded checkpoint at any world size, sharded or not (None: a torch without
             DCP's safetensors reader).
-        write_shards (`bool`, *optional*, defaults to False): save the model and optimizer as
-            shards, every process its own, into the checkpoint's ``shards/`` (FSDP2).
+        shard_engine (`str`, *optional*): the sharding engine (``"fsdp2"``) when the model and
+            optimizer are saved as shards, every process its own, into the checkpoint's
+            ``shards/``; None saves them whole.
     """
 
     def __init__(
@@ -142,13 +143,13 @@ class Checkpointer:
         progress: Progress,
         reporter: Reporter,
         shards: ShardedState | None = None,
-        write_shards: bool = False,
+        shard_engine: str | None = None,
     ) -> None:
         self.manager = manager
-        if write_shards and shards is None:  # a wiring mistake: the model would not be saved at all
-            raise ValueError("write_shards needs the ShardedState that writes them")
+        if shard_engine and shards is None:  # a wiring mistake: the model would not be saved at all
+            raise ValueError("shard_engine needs the ShardedState that writes the shards")
         self.shards = shards
-        self.write_shards = write_shards
+        self.shard_engine = shard_engine
         self.accelerator = accelerator
         self.model = model
         self.shared = dict(shared)
@@ -243,10 +244,14 @@ class Checkpointer:
             state.update(part)
         shared = {name: None if obj is None else obj.state_dict() for name, obj in self.shared.items()}
         model, write_shards = None, None
-        if self.write_shards:
+        meta: dict[str, Any] = {"healthy": healthy, "epoch": self.progress.epoch}
+        if self.shard_engine:
+            meta["engine"] = self.shard_engine
             assert self.shards is not None  # invariant: checked in __init__
             tensors, values = self.shards.capture()
             shared[_SHARDED_VALUES] = values  # hyper-parameters: JSON, never handed to DCP
+            # the whole shapes, which the shards' own headers cannot vouch for (a lost last shard)
+            shared[SHAPES_PART] = {key: list(tensor.shape) for key, tensor in tensors.items()}
             write_shards = functools.partial(self.shards.write, tensors)
         elif self.model is not None:
             model = dict(self.model.state_dict())
@@ -256,7 +261,7 @@ class Checkpointer:
             shared=shared,
             rank=self.rank_state.state_dict(),
             trainer=state,
-            meta={"healthy": healthy, "epoch": self.progress.epoch},
+            meta=meta,
             write_shards=write_shards,
         )
 
@@ -340,10 +345,11 @@ class Checkpointer:
                     f"{saved.path} is sharded and this torch cannot read it: {dcp_support_problem()}"
                 )
             self.shards.load(saved.path / SHARD_DIR, values)  # a collective: every process
-        elif self.write_shards:
+        elif self.shard_engine:
             raise CheckpointError(
-                f"{saved.path} holds unsharded state and this run is sharded (FSDP2); loading whole "
-                "weights into shards is not done yet: resume it without FSDP2, or start this run fresh."
+                f"{saved.path} holds unsharded state and this run is sharded ({self.shard_engine}); "
+                "loading whole weights into shards is not done yet: resume it without FSDP2, or start "
+                "this run fresh."
             )
         elif self.model is not None:
             self.model.load_state_dict(saved.model)

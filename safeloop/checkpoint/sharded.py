@@ -31,6 +31,8 @@ from safeloop.stepping import unwrap_optimizer
 
 __all__ = [
     "SHARD_DIR",
+    "MODEL_PREFIX",
+    "SHAPES_PART",
     "ShardedState",
     "sharded_engine",
     "safetensors_problem",
@@ -39,7 +41,8 @@ __all__ = [
 ]
 
 SHARD_DIR = "shards"
-_MODEL, _OPTIM = "model.", "optim."
+SHAPES_PART = "shard_shapes"  # the part of state.json with every sharded tensor's whole shape
+MODEL_PREFIX, _OPTIM = "model.", "optim."  # DCP keys of the weights and the optimizer state
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on a header's size
 
 try:
@@ -103,7 +106,7 @@ class ShardedState:
     def capture(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This process's shards (DTensors and replicated tensors) and the optimizer's non-tensor values."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._options)
-        tensors = {_MODEL + key: value for key, value in model_state.items()}
+        tensors = {MODEL_PREFIX + key: value for key, value in model_state.items()}
         values = {}
         for key, value in optim_state.items():
             if isinstance(value, torch.Tensor):
@@ -125,7 +128,7 @@ class ShardedState:
         """
         tensors, _ = self.capture()  # the live shapes and shardings to fill
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
-        model_state = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+        model_state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
         optim_state = {k[len(_OPTIM) :]: v for k, v in tensors.items() if k.startswith(_OPTIM)}
         optim_state.update(values)
         set_state_dict(

@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from safeloop.checkpoint.manifest import verify_checkpoint
+from safeloop.cli import main
+from tests.distributed.scripts.train_sharded_checkpoints import whole
 from tests.distributed.test_fsdp import _run
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_sharded_checkpoints.py"
@@ -51,6 +54,10 @@ def test_fsdp2_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path):
     assert shards == [f"shards/shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
     assert "model.safetensors" not in manifest["files"]  # the model is in the shards
     assert verify_checkpoint(folder).ok
+    # consolidated: the whole weights, bitwise what the 2 processes hold at step 7
+    assert main(["consolidate", str(folder), str(tmp_path / "whole")]) == 0
+    consolidated = load_file(tmp_path / "whole" / "model.safetensors")
+    assert {name: whole(tensor) for name, tensor in consolidated.items()} == first[0]["params"]
     # no pickle anywhere on disk: every file is JSON or safetensors, and none holds a pickle opcode stream
     for path in folder.rglob("*"):
         if path.is_file():
@@ -93,7 +100,6 @@ def test_fsdp2_a_spike_on_rank_one_rolls_both_ranks_back_to_the_same_sharded_che
 def test_a_shard_with_pickled_bytes_is_refused_even_when_the_manifest_matches(tmp_path, capsys):
     from safeloop.checkpoint.manifest import MANIFEST, file_digests, hash_pool, results
     from safeloop.checkpoint.state import read_state
-    from safeloop.cli import main
     from safeloop.errors import CheckpointError
 
     ckpt = tmp_path / "ckpt"
@@ -101,7 +107,7 @@ def test_a_shard_with_pickled_bytes_is_refused_even_when_the_manifest_matches(tm
     folder = ckpt / "step-00000003"
     assert main(["inspect", str(folder)]) == 0
     shown = capsys.readouterr().out
-    assert "sharded (FSDP2): 2 shard files, written by 2 processes" in shown
+    assert "sharded (fsdp2): 2 shard files from 2 processes" in shown
     assert "optim.state.0.weight.exp_avg" in shown
     shard = folder / "shards" / "shard-00001-model-00001-of-00001.safetensors"
     planted = pickle.dumps({"lr": 0.1}) + shard.read_bytes()  # what DCP writes for non-tensor values

@@ -174,6 +174,12 @@ def write_record(accelerator: Accelerator, out_dir: str, record: dict) -> None:
         json.dump(record, fh)
     sys.stdout.write("RESULT " + json.dumps({"rank": accelerator.process_index, "file": path}) + "\n")
     sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter finalisation: once in CI (not again in 25 local launches of the
+    # same run), a ZeRO-3 process aborted there ("terminate called without an active exception",
+    # SIGABRT) after the process group was destroyed and both records were written: a C++ object
+    # torn down at exit. What the tests measure is complete at this point.
+    os._exit(0)
 
 
 def main() -> None:
