@@ -8,9 +8,19 @@ the pread backend (the fastest plain way) and reading the bytes then `safetensor
 safeloop's load also verifies every digest. Loads are timed with the files in the page cache
 ("warm", as for a rollback to a checkpoint just written) and evicted from it with
 `posix_fadvise(DONTNEED)` ("cold", as for a resume after a restart). Runs alternate; the best of
-each is reported. Usage:
+each is reported.
 
-    python benchmarks/checkpoint_io.py [--rounds 5]
+``--processes 2`` times sharded checkpoints instead: the same model under FSDP2 on 2 CPU
+processes (gloo, launched through torchrun by the script itself). safeloop's sharded save (the
+shards through DCP's ``HuggingFaceStorageWriter``, the JSON state, per-process files, the hashed
+manifest, fsyncs and the rename) against DCP's default ``FileSystemWriter`` (``.distcp`` files and
+a pickled ``.metadata``, fsynced) and against DCP's safetensors writer alone (no manifest, no hashes),
+all starting from the live model with ``get_state_dict``;
+loads back into the live model (safeloop: every file's hash checked, then DCP's
+``HuggingFaceStorageReader``), warm and cold; and, for scale, ``save_file`` of the same whole state
+by one process. Every timing is the slowest process's, after a barrier. Usage:
+
+    python benchmarks/checkpoint_io.py [--rounds 5] [--processes 2]
 """
 
 from __future__ import annotations
@@ -91,7 +101,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=1, help="2: sharded checkpoints under FSDP2")
     args = parser.parse_args()
+    if args.processes > 1:
+        from sharded_io import launch, run_sharded  # beside this script
+
+        if "RANK" in os.environ:
+            run_sharded(args.rounds, build)
+        else:
+            launch(args.processes, args.rounds, __file__, build, baseline_save)
+        return
     model, optimizer = build()
     loads = ("load_file", "read+load", "safeloop")
     results: dict[str, list[float]] = {"base save": [], "safe save": []}

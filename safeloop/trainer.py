@@ -250,7 +250,7 @@ class SafeTrainer:
             callbacks=self._callbacks, reporter=self._reporter, skips=skips,
             diagnostics=self._diagnostics, zero=zero, adaptive=adaptive,
         )  # fmt: skip
-        sharded = engine == "fsdp2"  # the model and optimizer are saved in shards
+        sharded = engine in ("fsdp2", "fsdp1")  # the model and optimizer are saved in shards
         shards = ShardedState(self.model, self.optimizer) if dcp_support_problem() is None else None
         shared = {"lr_scheduler": self.lr_scheduler, "scaler": acc.scaler}
         if not sharded:  # else the optimizer's state is in the shards, with the model's

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from safeloop.checkpoint.manager import CheckpointManager, Snapshot
 from safeloop.checkpoint.manifest import verify_checkpoint
-from safeloop.checkpoint.sharded import SHAPES_PART, SHARD_DIR, ShardedState, dcp_support_problem
+from safeloop.checkpoint.sharded import SHARD_DIR, SHARD_INFO_PART, ShardedState, dcp_support_problem
 from safeloop.checkpoint.state import SavedState
 from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints
 from safeloop.config import TrainerConfig
@@ -71,24 +71,26 @@ def build_manager(
     Args:
         config (`TrainerConfig`): ``checkpoint_dir``, ``rollback`` and the checkpoint settings.
         accelerator (`Accelerator`): the run's processes.
-        engine (`str`, *optional*): the sharding engine (``sharded_engine``): FSDP2 state is
-            written in shards; FSDP1 and DeepSpeed state is not written yet.
+        engine (`str`, *optional*): the sharding engine (``sharded_engine``): FSDP1 and FSDP2
+            state is written in shards; DeepSpeed state is not written yet.
 
     Raises:
-        ConfigError: with ``checkpoint_dir`` under FSDP1 or DeepSpeed.
+        ConfigError: with ``checkpoint_dir`` under DeepSpeed, or under FSDP with a torch
+            that cannot write sharded safetensors.
     """
-    unsupported = {"fsdp1": "FSDP1", "deepspeed": "DeepSpeed"}.get(engine or "")
-    old_torch = dcp_support_problem() if engine == "fsdp2" else None
+    unsupported = {"deepspeed": "DeepSpeed"}.get(engine or "")
+    names = {"fsdp2": "FSDP2", "fsdp1": "FSDP1"}
+    old_torch = dcp_support_problem() if engine in names else None
     if config.checkpoint_dir is not None and unsupported:
         raise ConfigError(
             f"`checkpoint_dir` is set under {unsupported}: safeloop writes sharded checkpoints under "
-            "FSDP2 (`fully_shard`, `FullyShardedDataParallelPlugin(fsdp_version=2)`) and unsharded "
-            f"ones under DDP or one process; {unsupported} state is not written yet. Use FSDP2, or "
-            "leave `checkpoint_dir=None` and save with `accelerator.save_state`."
+            "FSDP (`FullyShardedDataParallelPlugin`, version 1 or 2) and unsharded ones under DDP or "
+            f"one process; {unsupported} state is not written yet. Use FSDP, or leave "
+            "`checkpoint_dir=None` and save with `accelerator.save_state`."
         )
     if config.checkpoint_dir is not None and old_torch:
-        raise ConfigError(f"`checkpoint_dir` is set under FSDP2, but {old_torch}.")
-    unsupported = unsupported or ("FSDP2 with this torch" if old_torch else None)
+        raise ConfigError(f"`checkpoint_dir` is set under {names[engine or '']}, but {old_torch}.")
+    unsupported = unsupported or (f"{names[engine or '']} with this torch" if old_torch else None)
     if config.checkpoint_dir is None and (not config.rollback or unsupported):
         note = None
         if config.rollback:
@@ -126,7 +128,7 @@ class Checkpointer:
         shards (`ShardedState`, *optional*): the model's and optimizer's state through DCP: it
             reads a sharded checkpoint at any world size, sharded or not (None: a torch without
             DCP's safetensors reader).
-        shard_engine (`str`, *optional*): the sharding engine (``"fsdp2"``) when the model and
+        shard_engine (`str`, *optional*): the sharding engine (``"fsdp2"``, ``"fsdp1"``) when the model and
             optimizer are saved as shards, every process its own, into the checkpoint's
             ``shards/``; None saves them whole.
     """
@@ -248,11 +250,10 @@ class Checkpointer:
         if self.shard_engine:
             meta["engine"] = self.shard_engine
             assert self.shards is not None  # invariant: checked in __init__
-            tensors, values = self.shards.capture()
-            shared[_SHARDED_VALUES] = values  # hyper-parameters: JSON, never handed to DCP
-            # the whole shapes, which the shards' own headers cannot vouch for (a lost last shard)
-            shared[SHAPES_PART] = {key: list(tensor.shape) for key, tensor in tensors.items()}
-            write_shards = functools.partial(self.shards.write, tensors)
+            taken = self.shards.capture()
+            shared[_SHARDED_VALUES] = taken.values  # hyper-parameters: JSON, never handed to DCP
+            shared[SHARD_INFO_PART] = {"shapes": taken.shapes, "fresh_optimizer": taken.fresh_optimizer}
+            write_shards = functools.partial(self.shards.write, taken.tensors)
         elif self.model is not None:
             model = dict(self.model.state_dict())
         return Snapshot(
@@ -344,13 +345,14 @@ class Checkpointer:
                 raise CheckpointError(
                     f"{saved.path} is sharded and this torch cannot read it: {dcp_support_problem()}"
                 )
-            self.shards.load(saved.path / SHARD_DIR, values)  # a collective: every process
-        elif self.shard_engine:
-            raise CheckpointError(
-                f"{saved.path} holds unsharded state and this run is sharded ({self.shard_engine}); "
-                "loading whole weights into shards is not done yet: resume it without FSDP2, or start "
-                "this run fresh."
-            )
+            fresh = bool((saved.parts.get(SHARD_INFO_PART) or {}).get("fresh_optimizer"))
+            self.shards.load(saved.path / SHARD_DIR, values, fresh)  # a collective: every process
+        elif self.shard_engine:  # whole tensors, from one process or DDP, sharded out here
+            assert self.shards is not None  # invariant: checked in __init__
+            optimizer = saved.parts.get("optimizer")
+            if optimizer is None:
+                raise CheckpointError(f"{saved.path} holds no optimizer state")
+            self.shards.load_whole(saved.model, optimizer)
         elif self.model is not None:
             self.model.load_state_dict(saved.model)
         for name, obj in self.shared.items():

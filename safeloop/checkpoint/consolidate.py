@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from safeloop.checkpoint.manifest import verify_checkpoint
-from safeloop.checkpoint.sharded import MODEL_PREFIX, SHAPES_PART, SHARD_DIR, safetensors_problem
+from safeloop.checkpoint.sharded import MODEL_PREFIX, SHARD_DIR, SHARD_INFO_PART, safetensors_problem
 from safeloop.checkpoint.state import JSON_FILE, MODEL_FILE
 from safeloop.checkpoint.store import latest_valid
 from safeloop.errors import CheckpointError
@@ -147,7 +147,7 @@ def _whole_weights(folder: Path, files: list[str]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{folder} holds no model weights ({MODEL_FILE} or {SHARD_DIR}/)")
     pieces = _gather_pieces(folder, shard_files)
     document = json.loads((folder / JSON_FILE).read_bytes())
-    shapes = (document.get("parts") or {}).get(SHAPES_PART)
+    shapes = ((document.get("parts") or {}).get(SHARD_INFO_PART) or {}).get("shapes")
     if shapes is not None:  # checkpoints written before the shapes were saved infer them
         for key, shape in shapes.items():
             if not key.startswith(MODEL_PREFIX):

@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from safeloop.checkpoint.sharded import DCP_ERRORS, SHARD_DIR
+from safeloop.checkpoint.spread_hashing import spread_digests
 from safeloop.checkpoint.state import SavedState, rank_file, rank_file_name, read_state, state_files
 from safeloop.checkpoint.store import CheckpointWriter, checkpoint_name, list_checkpoints, rotate
 from safeloop.distributed import agree_any, broadcast_int
@@ -148,12 +149,19 @@ class CheckpointManager:
         except (OSError, CheckpointError) as err:
             problem = f"process {acc.process_index} could not write its file: {err}"
         self._agree(problem, "writing the per-process files", snapshot.step)
+        shard_digests: dict[str, list[str] | None] = {}
         if snapshot.write_shards is not None:
             try:  # every process its own shards, into the folder's shards/ (DCP: a collective)
                 snapshot.write_shards(writer.tmp / SHARD_DIR)
             except DCP_ERRORS as err:
                 problem = f"process {acc.process_index} could not write its shards: {err}"
             self._agree(problem, "writing the model and optimizer shards", snapshot.step)
+            if self.async_save:  # the main process hashes them in the background, with the rest
+                names = sorted(path.name for path in (writer.tmp / SHARD_DIR).glob("*.safetensors"))
+                shard_digests = {f"{SHARD_DIR}/{name}": None for name in names} if main else {}
+            else:  # every process hashes its share (a collective; the same answer on all)
+                shard_digests, problem = spread_digests(acc, writer.tmp / SHARD_DIR, f"{SHARD_DIR}/")
+                self._agree(problem, "hashing the shards", snapshot.step)
         self.last_saved_step = snapshot.step
         self.saved_steps.append(snapshot.step)
         if not main:
@@ -162,8 +170,7 @@ class CheckpointManager:
             return None if self.async_save else self.directory / checkpoint_name(snapshot.step)
         files = state_files(snapshot.model, snapshot.shared, snapshot.trainer, copy=self.async_save)
         job = _Publish(
-            writer, files, acc.num_processes, snapshot.meta, self.keep, self._protect(),
-            sharded=snapshot.write_shards is not None,
+            writer, files, acc.num_processes, snapshot.meta, self.keep, self._protect(), shard_digests,
         )  # fmt: skip
         if self.async_save:
             self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-save")
@@ -256,9 +263,9 @@ class CheckpointManager:
             )
         if code == _FRESH:
             return None
-        if not acc.is_main_process:
+        if not acc.is_main_process:  # the main process verified the shards too: not hashed again
             path = self.directory / checkpoint_name(code) if latest else Path(resume_from)
-            found = (path, read_state(path, acc.process_index))
+            found = (path, read_state(path, acc.process_index, shards_verified=True))
         assert found is not None  # invariant: set on every branch above
         if found[1].world_size != acc.num_processes:
             logger.warning(
@@ -269,9 +276,14 @@ class CheckpointManager:
         return found
 
     def load_step(self, step: int) -> SavedState:
-        """Load the checkpoint of ``step`` on every process (a rollback target already chosen)."""
+        """Load the checkpoint of ``step`` on every process (a rollback target already chosen).
+
+        The target was verified whole by the main process when it was chosen: its shards are
+        not hashed again (the files every process reads itself are).
+        """
         self.durable.extend(self._finish_inflight())
-        return read_state(self.directory / checkpoint_name(step), self.accelerator.process_index)
+        path = self.directory / checkpoint_name(step)
+        return read_state(path, self.accelerator.process_index, shards_verified=True)
 
     def _load_latest(self) -> tuple[Path, SavedState] | None:
         damaged = []
@@ -337,7 +349,7 @@ class _Publish:
     meta: dict[str, Any]
     keep: int
     protect: list[Path]
-    sharded: bool = False
+    shard_digests: dict[str, list[str] | None] = field(default_factory=dict)  # None: hash here
 
     def run(self) -> Path:
         try:
@@ -345,9 +357,8 @@ class _Publish:
                 self.writer.add(name, content)
             for rank in range(1, self.processes):
                 self.writer.adopt(rank_file_name(rank))
-            if self.sharded:  # every process's shards, as DCP named them
-                for shard in sorted((self.writer.tmp / SHARD_DIR).glob("*.safetensors")):
-                    self.writer.adopt(f"{SHARD_DIR}/{shard.name}")
+            for name, digests in sorted(self.shard_digests.items()):
+                self.writer.adopt(name, digests)
             path = self.writer.finish({**self.meta, "world_size": self.processes})
         except BaseException:
             self.writer.abort()

@@ -1,7 +1,8 @@
-"""Sharded model and optimizer state (FSDP2) through ``torch.distributed.checkpoint``, in safetensors.
+"""Sharded model and optimizer state (FSDP) through ``torch.distributed.checkpoint``, in safetensors.
 
-Under FSDP2 (``fully_shard``) every process holds a shard of each parameter and of its
-optimizer state. ``get_state_dict`` (flattened optimizer state) gives them as DTensors; every
+Under FSDP2 (``fully_shard``) and FSDP1 every process holds a shard of each parameter and of its
+optimizer state. ``get_state_dict`` (flattened optimizer state) gives them as DTensors (FSDP2) or
+ShardedTensors (FSDP1's sharded state dict), both split by rows the same way; every
 process writes its own shards with ``HuggingFaceStorageWriter(save_distributed=True)``, one
 ``shards/shard-0000N-model-00001-of-00001.safetensors`` each, whose header holds the shard's
 offsets as JSON. Non-tensor values (param-group hyper-parameters: lr, betas, ...) are never handed
@@ -16,9 +17,13 @@ Every DCP call of safeloop is in this module. ``CheckpointException`` derives fr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +37,9 @@ from safeloop.stepping import unwrap_optimizer
 __all__ = [
     "SHARD_DIR",
     "MODEL_PREFIX",
-    "SHAPES_PART",
+    "SHARD_INFO_PART",
     "ShardedState",
+    "ShardSnapshot",
     "sharded_engine",
     "safetensors_problem",
     "dcp_support_problem",
@@ -41,7 +47,9 @@ __all__ = [
 ]
 
 SHARD_DIR = "shards"
-SHAPES_PART = "shard_shapes"  # the part of state.json with every sharded tensor's whole shape
+# the part of state.json about the shards: every tensor's whole shape ("shapes") and whether the
+# optimizer had no state yet when they were taken ("fresh_optimizer")
+SHARD_INFO_PART = "shard_info"
 MODEL_PREFIX, _OPTIM = "model.", "optim."  # DCP keys of the weights and the optimizer state
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own bound on a header's size
 
@@ -90,6 +98,39 @@ def sharded_engine(accelerator: Accelerator, model: torch.nn.Module) -> str | No
     return "fsdp1"
 
 
+@dataclass
+class ShardSnapshot:
+    """One process's part of a sharded checkpoint, taken at a step boundary.
+
+    Attributes:
+        tensors (`dict[str, torch.Tensor]`): ``model.*`` and ``optim.*`` shards for DCP.
+        values (`dict[str, Any]`): the optimizer's non-tensor values (JSON, never handed to DCP).
+        shapes (`dict[str, list[int]]`): every tensor's whole shape, which the shard headers
+            cannot vouch for (a lost last shard leaves a smaller tensor that still tiles).
+        fresh_optimizer (`bool`): the optimizer had no state yet (before the first step); its
+            ``optim.state.*`` tensors are DCP's placeholders.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    values: dict[str, Any]
+    shapes: dict[str, list[int]]
+    fresh_optimizer: bool = False
+
+
+@contextlib.contextmanager
+def _quiet_internals() -> Iterator[None]:
+    """Silence what torch's FSDP1 state-dict code warns about itself at every save.
+
+    Its ``ShardedTensor`` deprecation and process-group device notes are about torch's own
+    internals, and no action of the user changes them.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ShardedTensor", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*_get_pg_default_device", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Multiple backends are registered", category=UserWarning)
+        yield
+
+
 class ShardedState:
     """The model's and optimizer's shards of this process, written and read through DCP.
 
@@ -103,41 +144,126 @@ class ShardedState:
         self.optimizer = unwrap_optimizer(optimizer)
         self._options = StateDictOptions(flatten_optimizer_state_dict=True)
 
-    def capture(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This process's shards (DTensors and replicated tensors) and the optimizer's non-tensor values."""
-        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self._options)
-        tensors = {MODEL_PREFIX + key: value for key, value in model_state.items()}
-        values = {}
-        for key, value in optim_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[_OPTIM + key] = value
-            else:
-                values[key] = value
-        return tensors, values
+    def _live_state(self, options: StateDictOptions) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """``get_state_dict`` of the live model and optimizer, and whether the optimizer was fresh.
+
+        DCP gives an optimizer without state one by an ``optimizer.step()`` at lr 0 on zero
+        gradients. That step counts: AdamW's ``step`` would start at 1 and every later update
+        would differ from an uncheckpointed run's. A fresh optimizer is made fresh again.
+        """
+        fresh = not self.optimizer.state
+        with _quiet_internals():
+            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
+        if fresh:
+            self.optimizer.state.clear()
+        return model_state, optim_state, fresh
+
+    def capture(self) -> ShardSnapshot:
+        """This process's shards, the optimizer's non-tensor values and every tensor's whole shape."""
+        model_state, optim_state, fresh = self._live_state(self._options)
+        with _quiet_internals():
+            tensors = {MODEL_PREFIX + key: value for key, value in model_state.items()}
+            values = {}
+            for key, value in optim_state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[_OPTIM + key] = value
+                else:
+                    values[key] = value
+            shapes = {key: list(tensor.shape) for key, tensor in tensors.items()}  # global, not local
+        return ShardSnapshot(tensors, values, shapes, fresh)
 
     def write(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
         """Write the shards into ``folder`` (a collective: every process calls it with its own)."""
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+        with _quiet_internals():
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
 
-    def load(self, folder: Path, values: dict[str, Any]) -> None:
+    def load(self, folder: Path, values: dict[str, Any], fresh: bool = False) -> None:
         """Read the shards of ``folder`` into the model and optimizer (a collective).
 
         Args:
             folder (`Path`): the checkpoint's ``shards`` folder, verified against its manifest.
             values (`dict`): the optimizer's non-tensor values saved with it (``state.json``).
+            fresh (`bool`, *optional*, defaults to False): the optimizer had no state when it
+                was saved (before the first step): it has none after loading either.
         """
-        tensors, _ = self.capture()  # the live shapes and shardings to fill
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
+        tensors = self.capture().tensors  # the live shapes and shardings to fill
+        with _quiet_internals():
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
         model_state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-        optim_state = {k[len(_OPTIM) :]: v for k, v in tensors.items() if k.startswith(_OPTIM)}
-        optim_state.update(values)
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=model_state,
-            optim_state_dict=optim_state,
-            options=self._options,
-        )
+        flat = {k[len(_OPTIM) :]: v for k, v in tensors.items() if k.startswith(_OPTIM)}
+        optim_state = self._unflatten({**flat, **values})
+        with _quiet_internals():
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=model_state,
+                optim_state_dict=optim_state,
+                options=StateDictOptions(),
+            )
+        if fresh:  # the hyper-parameters are loaded; the placeholder state goes
+            self.optimizer.state.clear()
+
+    def _unflatten(self, flat: dict[str, Any]) -> dict[str, Any]:
+        """The optimizer state dict (by parameter name) of a flattened one, as saved.
+
+        DCP's own unflattening keeps, per parameter, only the state names the live optimizer
+        holds for it. Under FSDP1 a parameter with no elements in this process's shard has no
+        state here, while another process's has: their loads would then disagree on the
+        collectives they run, and the processes fail. Every name saved is kept here instead.
+        """
+        _, live, _ = self._live_state(StateDictOptions())  # the parameter names of each group
+        state: dict[str, dict[str, Any]] = {}
+        groups = []
+        for group in live["param_groups"]:
+            names = list(group["params"])
+            for name in names:
+                prefix = f"state.{name}."
+                state[name] = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+            # a hyper-parameter the saving torch did not know keeps this one's value
+            hyper = {
+                k: flat.get(f"param_groups.{names[0]}.{k}", v) for k, v in group.items() if k != "params"
+            }
+            groups.append({**(hyper if names else group), "params": names})
+        return {"state": {name: value for name, value in state.items() if value}, "param_groups": groups}
+
+    def load_whole(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
+        """Load an unsharded checkpoint's whole state into this run's shards (a collective).
+
+        The saved optimizer state names parameters by position (``optimizer.state_dict()``);
+        the live optimizer, built over the same model the same way, gives the name at each
+        position. Every process holds the whole tensors while they are sharded out.
+
+        Raises:
+            CheckpointError: the saved optimizer's groups differ from the live one's.
+        """
+        whole = StateDictOptions(full_state_dict=True)
+        _, live, _ = self._live_state(whole)  # the names of the parameters, by position
+        saved_groups, live_groups = optimizer_state["param_groups"], live["param_groups"]
+        sizes = [len(g["params"]) for g in saved_groups], [len(g["params"]) for g in live_groups]
+        if sizes[0] != sizes[1]:
+            raise CheckpointError(
+                f"the checkpoint's optimizer has parameter groups of sizes {sizes[0]}, this run's "
+                f"{sizes[1]}: it was built over another model, or another way"
+            )
+        name_of = {
+            index: name
+            for saved, current in zip(saved_groups, live_groups, strict=True)
+            for index, name in zip(saved["params"], current["params"], strict=True)
+        }
+        optim_state = {
+            "state": {name_of[int(index)]: value for index, value in optimizer_state["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in saved_groups],
+        }
+        with _quiet_internals():
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=model_state,
+                optim_state_dict=optim_state,
+                options=whole,
+            )
+        if not optimizer_state["state"]:  # saved before the first step: fresh again
+            self.optimizer.state.clear()
 
 
 def safetensors_problem(path: Path) -> str | None:

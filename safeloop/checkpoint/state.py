@@ -147,15 +147,21 @@ def _with_aliases(tensors: dict[str, torch.Tensor], aliases: Mapping[str, str]) 
     return tensors
 
 
+def _is_shard(name: str) -> bool:
+    return name.startswith(f"{SHARD_DIR}/")
+
+
 def saved_ranks(manifest: Mapping[str, Any]) -> int:
     """The number of processes whose files a checkpoint's manifest lists."""
     return sum(1 for name in manifest["files"] if name.startswith(_RANK_PREFIX))
 
 
-def read_state(path: str | Path, rank: int = 0) -> SavedState:
+def read_state(path: str | Path, rank: int = 0, *, shards_verified: bool = False) -> SavedState:
     """Read a checkpoint folder for process ``rank``, verifying every file against the manifest.
 
     A checkpoint written by fewer processes gives a higher rank the file of ``rank % saved``.
+    ``shards_verified``: the shard files (read by DCP, not here) were hashed against the manifest
+    by another process moments ago; they are not hashed again (their structure is still checked).
 
     Raises:
         CheckpointError: the manifest is missing or does not match a file (named).
@@ -182,7 +188,7 @@ def read_state(path: str | Path, rank: int = 0) -> SavedState:
             raise CheckpointError(
                 f"{path} verifies but cannot be read ({type(err).__name__}: {err})"
             ) from err
-        reader.confirm()  # nothing read is used before every hash matched
+        reader.confirm(_is_shard if shards_verified else lambda name: False)  # before anything is used
     finally:
         reader.close()  # also when interrupted (KeyboardInterrupt): no hashing thread left running
     for name in reader.manifest["files"]:

@@ -130,8 +130,14 @@ class CheckpointWriter:
             self._digests[name] = file_digests(target, self._sizes[name], self._hash_pool)
         self._syncs.append(self._sync_pool.submit(_fsync_file, target))
 
-    def adopt(self, name: str) -> None:
-        """List a file another process wrote (and fsynced) into the temporary folder."""
+    def adopt(self, name: str, digests: list[str] | None = None) -> None:
+        """List a file another process wrote (and fsynced) into the temporary folder.
+
+        Args:
+            name (`str`): the file's name in the checkpoint.
+            digests (`list[str]`, *optional*): its chunk digests, when another process hashed
+                it already; else it is hashed here.
+        """
         _check_name(name)
         target = self.tmp / name
         if not target.is_file():
@@ -139,7 +145,10 @@ class CheckpointWriter:
                 f"{target} was not written by its process; the checkpoint is not published."
             )
         self._sizes[name] = target.stat().st_size
-        self._digests[name] = file_digests(target, self._sizes[name], self._hash_pool)
+        if digests is None:
+            self._digests[name] = file_digests(target, self._sizes[name], self._hash_pool)
+        else:
+            self._digests[name] = [_done(digest) for digest in digests]
 
     @property
     def listed(self) -> dict[str, dict[str, object]]:
@@ -194,6 +203,12 @@ class CheckpointWriter:
     def _shutdown(self) -> None:
         self._sync_pool.shutdown()
         self._hash_pool.shutdown(cancel_futures=True)
+
+
+def _done(value: str) -> Future[str]:
+    future: Future[str] = Future()
+    future.set_result(value)
+    return future
 
 
 def write_checkpoint(

@@ -57,7 +57,10 @@ def _run(out_dir: Path, script: Path | None = None, **env: str) -> list[dict]:
     skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIP ")]
     if skips:
         pytest.skip(skips[0][len("SKIP ") :])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out_dir / "launch.log").write_text(proc.stdout + proc.stderr)  # whole, for the processes' errors
+    assert proc.returncode == 0, (
+        proc.stdout[-3000:] + proc.stderr[-3000:] + f"\n(all of it: {out_dir / 'launch.log'})"
+    )
     lines = [line[len("RESULT ") :] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     return sorted((json.loads(line) for line in lines), key=lambda r: r["rank"])
 

@@ -1,4 +1,4 @@
-"""Sharded checkpoints under FSDP2 on two CPU processes (gloo): resume and rollback, bit for bit.
+"""Sharded checkpoints under FSDP2 and FSDP1 on two CPU processes (gloo): resume, rollback, resharding.
 
 Each rank writes its own model and optimizer shards through ``torch.distributed.checkpoint``
 (safetensors, one file per rank in ``shards/``); the manifest lists and hashes every rank's files.
@@ -7,6 +7,7 @@ Each rank writes its own model and optimizer shards through ``torch.distributed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -42,14 +43,23 @@ def _alone(out_dir: Path, **env: str) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def test_fsdp2_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path):
-    straight = _run(tmp_path / "straight", SCRIPT, MAX_STEPS="12")
-    ckpt = tmp_path / "ckpt"
-    first = _run(tmp_path / "first", SCRIPT, MAX_STEPS="7", CKPT_DIR=str(ckpt))
+@pytest.fixture(scope="module", params=["fsdp2", "fsdp1"])
+def stopped(request, tmp_path_factory) -> tuple[str, list[dict], Path]:
+    """A run stopped at step 7 (mid second epoch): its mode, its results, the checkpoint folder."""
+    mode = request.param
+    base = tmp_path_factory.mktemp(mode)
+    first = _run(base / "first", SCRIPT, MODE=mode, MAX_STEPS="7", CKPT_DIR=str(base / "ckpt"))
+    return mode, first, base / "ckpt" / "step-00000007"
+
+
+def test_fsdp_stopped_mid_epoch_and_resumed_equals_the_straight_run(stopped, tmp_path):
+    mode, first, folder = stopped
+    ckpt = folder.parent
+    straight = _run(tmp_path / "straight", SCRIPT, MODE=mode, MAX_STEPS="12")
     assert [r["steps"] for r in first] == [7, 7]  # 4 steps per epoch: 7 is mid second epoch
     assert [e[1] for e in first[0]["events"] if e[0] == "checkpoint"] == [0, 3, 6, 7]
-    folder = ckpt / "step-00000007"
     manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["meta"]["engine"] == mode and manifest["meta"]["world_size"] == 2
     shards = sorted(name for name in manifest["files"] if name.startswith("shards/"))
     assert shards == [f"shards/shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
     assert "model.safetensors" not in manifest["files"]  # the model is in the shards
@@ -67,7 +77,7 @@ def test_fsdp2_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path):
     alone = _alone(tmp_path / "alone", MODE="ddp", MAX_STEPS="7", RESUME_FROM=str(folder))
     assert alone["steps"] == 7 and alone["params"] == first[0]["params"]
     assert alone["optimizer"] == first[0]["optimizer"]
-    resumed = _run(tmp_path / "resumed", SCRIPT, MAX_STEPS="12", CKPT_DIR=str(ckpt), RESUME="1")
+    resumed = _run(tmp_path / "resumed", SCRIPT, MODE=mode, MAX_STEPS="12", CKPT_DIR=str(ckpt), RESUME="1")
     assert [r["steps"] for r in resumed] == [12, 12]
     assert [e[:2] for e in resumed[0]["events"] if e[0] == "resume"] == [["resume", 7]]
     for rank in (0, 1):
@@ -82,19 +92,65 @@ def test_fsdp2_stopped_mid_epoch_and_resumed_equals_the_straight_run(tmp_path):
     assert straight[0]["params"] != first[0]["params"]  # training moved the weights on
 
 
-def test_fsdp2_a_spike_on_rank_one_rolls_both_ranks_back_to_the_same_sharded_checkpoint(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    results = _run(
-        tmp_path / "run", SCRIPT, MAX_STEPS="16", CKPT_DIR=str(ckpt), SPIKE_ON_RANK1_AT_STEP="10",
-        SPIKE_WARMUP="4", LOG_EVERY="1",
-    )  # fmt: skip
+def test_a_checkpoint_of_one_fsdp_version_loads_under_the_other_bit_for_bit(stopped, tmp_path):
+    mode, first, folder = stopped
+    other = "fsdp1" if mode == "fsdp2" else "fsdp2"
+    loaded = _run(tmp_path / other, SCRIPT, MODE=other, MAX_STEPS="7", RESUME_FROM=str(folder))
+    for rank in (0, 1):
+        assert loaded[rank]["steps"] == 7
+        assert (
+            loaded[rank]["params"] == first[0]["params"]
+            and loaded[rank]["optimizer"] == first[0]["optimizer"]
+        )
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[dict, Path]:
+    """A plain one-process run's checkpoint at step 7 (unsharded) and its result."""
+    base = tmp_path_factory.mktemp("one")
+    alone = _alone(base / "alone", MODE="ddp", MAX_STEPS="7", CKPT_DIR=str(base / "ckpt"))
+    return alone, base / "ckpt" / "step-00000007"
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
+def test_a_one_process_checkpoint_resumes_under_two_process_fsdp_bit_for_bit(one_process, tmp_path, mode):
+    alone, folder = one_process
+    assert "model.safetensors" in json.loads((folder / "manifest.json").read_text())["files"]
+    loaded = _run(tmp_path / "loaded", SCRIPT, MODE=mode, MAX_STEPS="7", RESUME_FROM=str(folder))
+    for rank in (0, 1):  # the whole tensors, sharded out: each process's shards are their slices
+        assert loaded[rank]["steps"] == 7
+        assert loaded[rank]["params"] == alone["params"] and loaded[rank]["optimizer"] == alone["optimizer"]
+        assert loaded[rank]["lr"] == alone["lr"]
+    if mode == "fsdp2":  # and training goes on from there
+        onward = _run(tmp_path / "onward", SCRIPT, MODE=mode, MAX_STEPS="10", RESUME_FROM=str(folder))
+        assert [r["steps"] for r in onward] == [10, 10] and onward[0]["params"] != alone["params"]
+        assert all(math.isfinite(loss) for loss in onward[0]["losses"].values())
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
+def test_fsdp_a_spike_on_rank_one_rolls_both_ranks_back_to_the_same_sharded_checkpoint(tmp_path, mode):
+    # 3 poisoned batches on rank 1 (wrong labels, inputs x100): the loss spikes, and the updates
+    # they bring point the wrong way (a loss merely scaled up would be a larger step the right way)
+    spike = {"MODE": mode, "MAX_STEPS": "24", "SPIKE_ON_RANK1_AT_STEP": "10", "POISON": "1",
+             "SPIKE_WARMUP": "4", "LOG_EVERY": "1"}  # fmt: skip
+    results = _run(tmp_path / "run", SCRIPT, CKPT_DIR=str(tmp_path / "ckpt"), **spike)
     for r in results:
         assert r["rollbacks"] == 1
         rollback = [e for e in r["events"] if e[0] == "rollback"]
         assert [e[1] for e in rollback] == [9]  # the newest healthy checkpoint before step 10
     assert results[0]["params"] == results[1]["params"], "ranks hold different weights after the rollback"
     assert results[0]["lr"] == results[1]["lr"]
-    assert results[0]["steps"] == 16
+    assert results[0]["steps"] == 24
+    divergent = _run(tmp_path / "divergent", SCRIPT, ROLLBACK="0", **spike)  # and no checkpoints
+    assert divergent[0]["rollbacks"] == 0
+    # up to the spike both runs are one: checkpointing (a fresh optimizer's at step 0 included)
+    # changes nothing of the training
+    assert list(results[0]["losses"].items())[:9] == list(divergent[0]["losses"].items())[:9]
+    assert results[0]["lr"] == divergent[0]["lr"] * 0.5  # rollback_lr_factor, on the same schedule
+    # the last 4 logged losses (steps 21-24): the rolled-back run ends below the one that kept the spike
+    ours, theirs = (sum(list(r[0]["losses"].values())[-4:]) / 4 for r in (results, divergent))
+    print(f"{mode}: mean loss of steps 21-24, rolled back {ours:.4f}, divergent {theirs:.4f}")
+    assert ours < theirs
 
 
 def test_a_shard_with_pickled_bytes_is_refused_even_when_the_manifest_matches(tmp_path, capsys):

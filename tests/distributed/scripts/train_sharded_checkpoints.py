@@ -1,14 +1,23 @@
-"""Sharded checkpoints under FSDP2 on two CPU ranks: stop, resume, roll back.
+"""Sharded checkpoints under FSDP on two CPU ranks: stop, resume, roll back, be killed.
 
-Run by ``tests/distributed/test_sharded_checkpoints.py`` under torchrun (2 processes, gloo). An
-MLP with AdamW and StepLR, a shuffled loader (4 micro-batches per rank per epoch), seed 0,
-``checkpoint_every=3``. ``MAX_STEPS`` bounds the run, ``RESUME=1`` resumes from the newest
-checkpoint of ``CKPT_DIR`` (``RESUME_FROM``: from that folder), ``MODE=ddp`` runs unsharded
-(also as one plain process, to resume a sharded checkpoint there), ``SPIKE_ON_RANK1_AT_STEP=k``
-multiplies rank 1's loss by 50 from step k on for 3 steps, once (only there: the spike is seen
-through the reduced log values). Each rank prints one ``RESULT`` JSON line: the whole parameters
-and optimizer state (gathered from the shards), the steps, the history's losses, the events
-(tensors as digests of their bytes).
+Run by ``tests/distributed/test_sharded_checkpoints.py`` and ``test_sharded_sigkill.py`` under
+torchrun (2 processes, gloo). An MLP with AdamW and StepLR, a shuffled loader (4 micro-batches
+per rank per epoch), seed 0. Environment:
+
+- ``MODE``: ``fsdp2`` (default), ``fsdp1`` (``use_orig_params=True``, the first two layers in FSDP
+  modules of their own, the last in the root's) or ``ddp`` (unsharded; also as one plain
+  process, to resume a sharded checkpoint there);
+- ``MAX_STEPS`` bounds the run; ``CKPT_DIR``, ``CKPT_EVERY`` (3) and ``KEEP`` (3) set the
+  checkpoints; ``RESUME=1`` resumes from the newest of ``CKPT_DIR``, ``RESUME_FROM`` from a folder;
+- ``SPIKE_ON_RANK1_AT_STEP=k`` multiplies rank 1's loss by ``SPIKE_FACTOR`` (50) from step k on
+  for 3 steps, once (only there: the spike is seen through the reduced log values);
+  ``ROLLBACK=0`` turns rollback off; ``OPTIMIZER=sgd`` trains with SGD (momentum 0.9) instead of AdamW;
+- ``WIDTH`` (32) sets the hidden layers' width; ``SAY_SAVES=1`` prints ``PID <pid>`` at the start
+  and ``SAVED <step>`` per durable checkpoint.
+
+Each rank prints one ``RESULT`` JSON line: the whole parameters and optimizer state (by name,
+gathered from the shards), the steps, the history's losses, the events (tensors as digests of
+their bytes).
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.tensor import DTensor
 
-from safeloop import SafeTrainer
+from safeloop import Callback, SafeTrainer
 from tests.distributed.scripts.train_fsdp_ranks import build_accelerator
 from tests.helpers.models import classification_data
 from tests.helpers.recording import JsonLinesTracker
@@ -42,12 +52,26 @@ def whole(value: object) -> object:
     return value
 
 
+class SaySaves(Callback):
+    """Prints ``SAVED <step>`` once each checkpoint is durable (the main process's event)."""
+
+    def on_checkpoint(self, trainer, event) -> None:
+        sys.stdout.write(f"SAVED {event.step}\n")
+        sys.stdout.flush()
+
+
 def main() -> None:
     out_dir = sys.argv[1]
+    if os.environ.get("SAY_SAVES") == "1":  # the test kills the processes themselves, not only torchrun
+        sys.stdout.write(f"PID {os.getpid()}\n")
+        sys.stdout.flush()
     tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
     accelerator = build_accelerator(os.environ.get("MODE", "fsdp2"), tracker)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    width = int(os.environ.get("WIDTH", "32"))
+    model = nn.Sequential(
+        nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)
+    )
     x, y = classification_data(n=128).tensors
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     spike_at = int(os.environ.get("SPIKE_ON_RANK1_AT_STEP", "0"))
@@ -55,19 +79,21 @@ def main() -> None:
 
     def training_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, targets = batch
-        loss = nn.functional.cross_entropy(model(inputs), targets)
         step = trainer.global_step + 1
-        if (
-            accelerator.process_index == 1
-            and spike_at
-            and spike_at <= step < spike_at + 3
-            and step not in spiked
-        ):
+        spike = accelerator.process_index == 1 and spike_at <= step < spike_at + 3 and step not in spiked
+        if spike and spike_at:
             spiked.add(step)
-            loss = loss * 50  # this rank only
+        if spike and spike_at and os.environ.get("POISON") == "1":  # wrong labels on inputs x100
+            inputs, targets = inputs * 100, (targets + 1) % 3
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        if spike and spike_at and os.environ.get("POISON") != "1":
+            loss = loss * float(os.environ.get("SPIKE_FACTOR", "50"))  # this rank only
         return loss
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # moments: optimizer state to check
+    if os.environ.get("OPTIMIZER") == "sgd":  # an update as large as the gradient: a spike does harm
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # moments: optimizer state to check
     trainer = SafeTrainer(
         model,
         optimizer,
@@ -79,20 +105,26 @@ def main() -> None:
         progress_bar=False,
         max_steps=int(os.environ.get("MAX_STEPS", "12")),
         checkpoint_dir=os.environ.get("CKPT_DIR"),
-        checkpoint_every=3,
+        checkpoint_every=int(os.environ.get("CKPT_EVERY", "3")),
+        keep_checkpoints=int(os.environ.get("KEEP", "3")),
+        callbacks=[SaySaves()] if os.environ.get("SAY_SAVES") == "1" else [],
         log_every=int(os.environ.get("LOG_EVERY", "3")),
         spike_warmup=int(os.environ.get("SPIKE_WARMUP", "20")),
+        rollback=os.environ.get("ROLLBACK", "1") == "1",
     )
     resume_from = os.environ.get("RESUME_FROM") or ("latest" if os.environ.get("RESUME") == "1" else None)
     result = trainer.fit(resume_from=resume_from)
-    state = trainer.optimizer.state_dict()["state"]
+    # whole tensors by parameter name, the same way under FSDP2, FSDP1 and without sharding
+    params, optim = get_state_dict(
+        trainer.model, trainer.optimizer.optimizer, options=StateDictOptions(full_state_dict=True)
+    )
     record = {
         "rank": accelerator.process_index,
         "steps": result.global_step,
         "losses": {h["step"]: h["loss"] for h in result.history},
         "events": [[e.kind, e.step, e.detail.get("path")] for e in result.events],
-        "params": {n: whole(p) for n, p in trainer.model.named_parameters()},
-        "optimizer": {str(k): {n: whole(v) for n, v in s.items()} for k, s in state.items()},
+        "params": {n: whole(p) for n, p in params.items()},
+        "optimizer": {str(k): {n: whole(v) for n, v in s.items()} for k, s in optim["state"].items()},
         "lr": trainer.optimizer.param_groups[0]["lr"],
         "rollbacks": result.rollbacks,
     }

@@ -29,7 +29,9 @@ def _shard(folder: Path, rank: int, pieces: dict[str, tuple[torch.Tensor, list[i
 
 def _seal(folder: Path, shapes: dict[str, list[int]] | None = None) -> Path:
     """A manifest over every file of ``folder``, as the checkpoint writer leaves it."""
-    (folder / "state.json").write_text(json.dumps({"parts": {"shard_shapes": shapes}} if shapes else {}))
+    (folder / "state.json").write_text(
+        json.dumps({"parts": {"shard_info": {"shapes": shapes}}} if shapes else {})
+    )
     pool = hash_pool()
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):

@@ -1,0 +1,190 @@
+"""The 2-process mode of ``checkpoint_io.py``: sharded (FSDP2) save and load, safeloop against DCP.
+
+Run through ``python benchmarks/checkpoint_io.py --processes 2``; see its docstring.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from safeloop.checkpoint.manager import CheckpointManager, Snapshot
+from safeloop.checkpoint.sharded import SHARD_DIR, ShardedState
+from safeloop.checkpoint.state import read_state
+
+Build = Callable[[], tuple[nn.Module, torch.optim.Optimizer]]
+
+
+def launch(processes: int, rounds: int, script: str, build: Build, baseline_save: Callable) -> None:
+    """Time ``save_file`` of the whole state here (one process), then the sharded runs under torchrun."""
+    model, optimizer = build()
+    times = []
+    for _ in range(rounds):
+        work = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
+        try:
+            start = time.perf_counter()
+            baseline_save(work, model, optimizer)
+            times.append(time.perf_counter() - start)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    best, median = min(times), statistics.median(times)
+    print(f"one process, save_file of the whole state: best {best:.3f} s, median {median:.3f} s")
+    del model, optimizer
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1", SAVE_FILE_BEST=str(min(times)))
+    command = [str(torchrun), "--nproc_per_node", str(processes), script, "--rounds", str(rounds)]
+    command += ["--processes", str(processes)]
+    subprocess.run(command, env=env, check=True)
+
+
+def _evict(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _timed(accelerator: Accelerator, run: Callable[[], object]) -> float:
+    """Seconds the slowest process took for ``run``, all starting together."""
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    run()
+    elapsed = torch.tensor([time.perf_counter() - start])
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def run_sharded(rounds: int, build: Build) -> None:
+    """One process of the sharded benchmark (under torchrun)."""
+    accelerator = Accelerator(cpu=True)  # the processes and their gloo group
+    model, _ = build()
+    for layer in model:  # FSDP2, as Accelerate's plugin applies it: each layer, then the root
+        fully_shard(layer)
+    fully_shard(model)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 2048)).sum().backward()  # AdamW moments to save
+    inner.step()
+    inner.zero_grad()
+    shards = ShardedState(model, inner)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    root = Path(tempfile.mkdtemp(prefix="ckpt-bench-")) if accelerator.is_main_process else None
+    holder = [str(root)]
+    dist.broadcast_object_list(holder)  # a path string, between the benchmark's own processes
+    root = Path(holder[0])
+    manager = CheckpointManager(root / "safeloop", accelerator, every=1, keep=rounds + 1)
+    results: dict[str, list[float]] = {
+        key: []
+        for key in (
+            "safe save", "dcp save", "dcp-st save", "warm safe", "warm dcp", "warm dcp-st",
+            "cold safe", "cold dcp", "cold dcp-st",
+        )
+    }  # fmt: skip
+    values: dict = {}
+
+    def safeloop_save(step: int) -> None:
+        taken = shards.capture()
+        snapshot = Snapshot(
+            step=step, model=None, rank={}, trainer={"global_step": step}, meta={"healthy": True},
+            shared={"optimizer_values": taken.values, "shard_info": {"shapes": taken.shapes}},
+            write_shards=functools.partial(shards.write, taken.tensors),
+        )  # fmt: skip
+        manager.save(snapshot)
+
+    def safetensors_save(step: int) -> None:  # DCP's safetensors writer alone: no manifest, no hashes
+        taken = shards.capture()
+        values[step] = taken.values
+        shards.write(taken.tensors, root / f"st-{step}")
+
+    def safetensors_load(step: int) -> None:  # DCP's safetensors reader alone: nothing verified
+        shards.load(root / f"st-{step}", values[step])
+
+    def dcp_save(step: int) -> None:
+        model_state, optim_state = get_state_dict(model, inner, options=options)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(root / f"dcp-{step}"))
+
+    def safeloop_load(step: int) -> None:  # as a resume: the main process hashes every file
+        folder = manager.directory / f"step-{step:08d}"
+        if accelerator.is_main_process:
+            saved = read_state(folder, accelerator.process_index)
+        accelerator.wait_for_everyone()  # the others read their own files once it says so
+        if not accelerator.is_main_process:
+            saved = read_state(folder, accelerator.process_index, shards_verified=True)
+        shards.load(folder / SHARD_DIR, saved.parts["optimizer_values"])
+
+    def dcp_load(step: int) -> None:
+        model_state, optim_state = get_state_dict(model, inner, options=options)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(root / f"dcp-{step}"))
+        set_state_dict(
+            model, inner, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+        )
+
+    try:
+        for step in range(1, rounds + 1):
+            results["safe save"].append(_timed(accelerator, functools.partial(safeloop_save, step)))
+            results["dcp save"].append(_timed(accelerator, functools.partial(dcp_save, step)))
+            results["dcp-st save"].append(_timed(accelerator, functools.partial(safetensors_save, step)))
+            for cache in ("warm", "cold"):
+                for name, run in (("safe", safeloop_load), ("dcp", dcp_load), ("dcp-st", safetensors_load)):
+                    if cache == "cold":
+                        if accelerator.is_main_process:
+                            _evict(root)
+                    else:
+                        run(step)  # fill the page cache
+                    results[f"{cache} {name}"].append(_timed(accelerator, functools.partial(run, step)))
+        if accelerator.is_main_process:
+            _report(results, root, rounds, accelerator.num_processes)
+    finally:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(root, ignore_errors=True)
+        dist.destroy_process_group()
+
+
+def _report(results: dict[str, list[float]], root: Path, rounds: int, processes: int) -> None:
+    safe = root / "safeloop" / f"step-{rounds:08d}"
+    size = sum(p.stat().st_size for p in safe.rglob("*") if p.is_file())
+    dcp_size = sum(p.stat().st_size for p in (root / f"dcp-{rounds}").rglob("*") if p.is_file())
+    print(f"{processes} processes (FSDP2, gloo), rounds: {rounds}, cores: {os.cpu_count()}")
+    print(f"safeloop checkpoint {size / 1e6:.0f} MB, DCP default {dcp_size / 1e6:.0f} MB")
+    for key, values in results.items():
+        print(f"{key:<10} best {min(values):7.3f} s   median {statistics.median(values):7.3f} s")
+
+    def ratio(ours: str, base: str) -> str:
+        return f"{min(results[ours]) / min(results[base]):.2f}"
+
+    print(f"save ratio vs DCP default writer (best/best): {ratio('safe save', 'dcp save')}")
+    warm, cold = ratio("warm safe", "warm dcp"), ratio("cold safe", "cold dcp")
+    print(f"load ratio vs DCP default reader, warm: {warm}, cold: {cold}")
+    print(
+        f"DCP's safetensors writer alone vs its default writer: {ratio('dcp-st save', 'dcp save')}; "
+        f"safeloop vs DCP's safetensors writer: {ratio('safe save', 'dcp-st save')}"
+    )
+    warm, cold = ratio("warm dcp-st", "warm dcp"), ratio("cold dcp-st", "cold dcp")
+    print(f"DCP's safetensors reader alone vs its default reader, warm: {warm}, cold: {cold}")
+    warm, cold = ratio("warm safe", "warm dcp-st"), ratio("cold safe", "cold dcp-st")
+    print(f"safeloop load vs DCP's safetensors reader, warm: {warm}, cold: {cold}")
+    single = float(os.environ.get("SAVE_FILE_BEST", "nan"))
+    print(
+        f"save ratio vs one process's save_file of the whole state: {min(results['safe save']) / single:.2f}"
+    )

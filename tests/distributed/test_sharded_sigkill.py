@@ -1,0 +1,105 @@
+"""SIGKILL of both processes at random moments during sharded (FSDP2) saves: a complete checkpoint remains."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from safeloop.checkpoint.consolidate import consolidate
+from safeloop.checkpoint.state import read_state
+from safeloop.checkpoint.store import latest_valid, list_checkpoints
+from tests.distributed.test_fsdp import TORCHRUN, _free_port, _run
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_sharded_checkpoints.py"
+TRIALS = 10
+pytestmark = pytest.mark.slow
+
+
+def _start(out_dir: Path, checkpoint_dir: Path) -> subprocess.Popen[str]:
+    """Two FSDP2 processes saving after every step (about 400k parameters), in their own session."""
+    out_dir.mkdir(parents=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))}
+    env = {
+        **clean, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MAX_STEPS": "100000", "WIDTH": "512",
+        "CKPT_EVERY": "1", "KEEP": "2", "CKPT_DIR": str(checkpoint_dir), "SAY_SAVES": "1",
+    }  # fmt: skip
+    return subprocess.Popen(
+        [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", _free_port(), str(SCRIPT), str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,  # the launcher's own group: nothing of it outlives the test
+    )
+
+
+def _wait_for_saves(proc: subprocess.Popen[str], count: int) -> tuple[float, list[int]]:
+    """Read until ``count`` SAVED lines were seen: the mean time between saves, the processes' PIDs."""
+    stamps, pids = [], []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if line.startswith("PID "):
+            pids.append(int(line.split()[1]))
+        if line.startswith("SAVED"):
+            stamps.append(time.perf_counter())
+            if len(stamps) == count:
+                break
+    assert len(stamps) == count and len(pids) == 2, "the run ended before its saves"
+    return (stamps[-1] - stamps[0]) / (count - 1), pids
+
+
+def _kill(proc: subprocess.Popen[str], pids: list[int]) -> None:
+    """SIGKILL both training processes and their launcher (torchrun starts each in its own session)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    for pid in pids:  # gone, not still writing or rotating checkpoints while they are checked
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"process {pid} survived SIGKILL for 30 s")
+
+
+def test_sigkill_during_sharded_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_path):
+    rng = random.Random(2026)
+    mid_write = 0
+    for trial in range(TRIALS):
+        checkpoint_dir = tmp_path / f"trial{trial}" / "ckpt"
+        proc = _start(tmp_path / f"trial{trial}" / "out", checkpoint_dir)
+        period, pids = _wait_for_saves(proc, 3)
+        time.sleep(rng.uniform(0.0, period))  # a random moment within the next save period
+        _kill(proc, pids)
+        path, warnings = latest_valid(checkpoint_dir)
+        assert path is not None, f"trial {trial}: no valid checkpoint after 3 complete saves"
+        assert warnings == [], f"trial {trial}: a complete-looking checkpoint failed to verify: {warnings}"
+        state = read_state(path)  # every shard checked to be plain safetensors
+        assert state.trainer["global_step"] == int(path.name.split("-")[1])
+        # every shard present and whole: the pieces tile every weight (consolidation checks it)
+        consolidate(path, tmp_path / f"trial{trial}" / "whole")
+        leftovers = {p.name for p in checkpoint_dir.iterdir()} - {
+            p.name for _, p in list_checkpoints(checkpoint_dir)
+        }
+        assert all(name.startswith(".step-") or name == "findings.json" for name in leftovers), leftovers
+        mid_write += any(name.startswith(".step-") for name in leftovers)
+    print(f"{mid_write} of {TRIALS} kills hit a write")
+    assert mid_write >= 3, f"only {mid_write} of {TRIALS} kills hit a write"
+
+    # one real resume from the last trial's leftovers, on 2 processes
+    step = int(path.name.split("-")[1])
+    resumed = _run(
+        tmp_path / "resumed", SCRIPT, MAX_STEPS=str(step + 2), WIDTH="512", CKPT_EVERY="1", KEEP="2",
+        CKPT_DIR=str(checkpoint_dir), RESUME="1",
+    )  # fmt: skip
+    assert [e[:2] for e in resumed[0]["events"] if e[0] == "resume"] == [["resume", step]]
+    assert [r["steps"] for r in resumed] == [step + 2, step + 2]
