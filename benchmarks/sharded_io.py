@@ -26,7 +26,6 @@ from torch.distributed.fsdp import fully_shard
 
 from safeloop.checkpoint.manager import CheckpointManager, Snapshot
 from safeloop.checkpoint.sharded import SHARD_DIR, ShardedState
-from safeloop.checkpoint.state import read_state
 
 Build = Callable[[], tuple[nn.Module, torch.optim.Optimizer]]
 
@@ -122,14 +121,11 @@ def run_sharded(rounds: int, build: Build) -> None:
         model_state, optim_state = get_state_dict(model, inner, options=options)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(root / f"dcp-{step}"))
 
-    def safeloop_load(step: int) -> None:  # as a resume: the main process hashes every file
-        folder = manager.directory / f"step-{step:08d}"
-        if accelerator.is_main_process:
-            saved = read_state(folder, accelerator.process_index)
-        accelerator.wait_for_everyone()  # the others read their own files once it says so
-        if not accelerator.is_main_process:
-            saved = read_state(folder, accelerator.process_index, shards_verified=True)
-        shards.load(folder / SHARD_DIR, saved.parts["optimizer_values"])
+    def safeloop_load(step: int) -> None:  # as a resume: every file hashed, the shards by all
+        found = manager.resolve_and_load(manager.directory / f"step-{step:08d}")
+        assert found is not None
+        path, saved = found
+        shards.load(path / SHARD_DIR, saved.parts["optimizer_values"])
 
     def dcp_load(step: int) -> None:
         model_state, optim_state = get_state_dict(model, inner, options=options)

@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from safeloop.checkpoint.manager import CheckpointManager, Snapshot
 from safeloop.checkpoint.manifest import verify_checkpoint
 from safeloop.checkpoint.sharded import SHARD_DIR, SHARD_INFO_PART, ShardedState, dcp_support_problem
+from safeloop.checkpoint.spread_hashing import shards_problem
 from safeloop.checkpoint.state import SavedState
 from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints
 from safeloop.config import TrainerConfig
@@ -304,21 +305,30 @@ class Checkpointer:
         manager = self.manager
         assert manager is not None  # invariant: rollback on means checkpoints on
         manager.durable.extend(manager.poll(wait=True))  # an asynchronous save must be whole first
-        target = _NONE
-        if self.accelerator.is_main_process:
-            for step, path in reversed(list_checkpoints(manager.directory)):
-                if step >= before or not manager.in_lineage(step):
-                    continue  # after the anomaly, or another run's (a stale folder in checkpoint_dir)
-                check = verify_checkpoint(path)
-                if check.ok and (check.manifest or {}).get("meta", {}).get("healthy", True):
-                    target = step
-                    break
-                if check.complete:
-                    logger.warning(
-                        "safeloop: rollback passes over %s: %s", path.name, check.problem or "unhealthy"
-                    )
-        target = broadcast_int(self.accelerator, target)
-        return None if target == _NONE else target
+        refused: set[int] = set()  # main process: candidates whose shards did not verify
+        while True:
+            target = _NONE
+            if self.accelerator.is_main_process:  # every file but the shards, hashed below by all
+                for step, path in reversed(list_checkpoints(manager.directory)):
+                    if step >= before or not manager.in_lineage(step) or step in refused:
+                        continue  # after the anomaly, another run's (a stale folder), or damaged
+                    check = verify_checkpoint(path, shards=False)
+                    if check.ok and (check.manifest or {}).get("meta", {}).get("healthy", True):
+                        target = step
+                        break
+                    if check.complete:
+                        logger.warning(
+                            "safeloop: rollback passes over %s: %s", path.name, check.problem or "unhealthy"
+                        )
+            target = broadcast_int(self.accelerator, target)
+            if target == _NONE:
+                return None
+            problem = shards_problem(self.accelerator, manager.directory / checkpoint_name(target))
+            if not problem:
+                return target
+            if self.accelerator.is_main_process:
+                logger.warning("safeloop: rollback passes over %s: %s", checkpoint_name(target), problem)
+                refused.add(target)
 
     def restore_step(self, step: int, *, keep: Sequence[Stateful] = ()) -> dict[str, Any]:
         """Load the checkpoint of ``step`` into every object but ``keep``; drop those after it.

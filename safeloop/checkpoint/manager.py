@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from safeloop.checkpoint.sharded import DCP_ERRORS, SHARD_DIR
-from safeloop.checkpoint.spread_hashing import spread_digests
+from safeloop.checkpoint.spread_hashing import shards_problem, spread_digests
 from safeloop.checkpoint.state import SavedState, rank_file, rank_file_name, read_state, state_files
 from safeloop.checkpoint.store import CheckpointWriter, checkpoint_name, list_checkpoints, rotate
 from safeloop.distributed import agree_any, broadcast_int
@@ -160,7 +160,10 @@ class CheckpointManager:
                 names = sorted(path.name for path in (writer.tmp / SHARD_DIR).glob("*.safetensors"))
                 shard_digests = {f"{SHARD_DIR}/{name}": None for name in names} if main else {}
             else:  # every process hashes its share (a collective; the same answer on all)
-                shard_digests, problem = spread_digests(acc, writer.tmp / SHARD_DIR, f"{SHARD_DIR}/")
+                names = sorted(
+                    f"{SHARD_DIR}/{p.name}" for p in (writer.tmp / SHARD_DIR).glob("*.safetensors")
+                )
+                shard_digests, problem = spread_digests(acc, writer.tmp, names)  # type: ignore[assignment]
                 self._agree(problem, "hashing the shards", snapshot.step)
         self.last_saved_step = snapshot.step
         self.saved_steps.append(snapshot.step)
@@ -239,7 +242,8 @@ class CheckpointManager:
         """Load ``resume_from`` (a folder, or ``"latest"``) on every process; None: start fresh.
 
         The main process finds and verifies the checkpoint (falling back past damaged ones with
-        a warning naming the file) and tells the others which one; each reads its own RNG file.
+        a warning naming the file) and tells the others which one; all processes then hash its
+        shards together (each its share), and each reads its own RNG file.
 
         Raises:
             CheckpointError: an explicit folder that is not a valid checkpoint, or ``"latest"``
@@ -247,24 +251,34 @@ class CheckpointManager:
         """
         acc = self.accelerator
         latest = str(resume_from) == "latest"
-        found: tuple[Path, SavedState] | None = None
-        error: CheckpointError | None = None
-        if acc.is_main_process:
-            try:
-                found = self._load_latest() if latest else self._load_folder(Path(resume_from))
-            except CheckpointError as err:
-                error = err
-        code = _FAILED if error else (_FRESH if found is None else int(found[1].trainer["global_step"]))
-        code = broadcast_int(acc, code)
-        if code == _FAILED:
-            raise error or CheckpointError(
-                f"the main process found no valid checkpoint for resume_from={str(resume_from)!r}; "
-                "see its log."
-            )
-        if code == _FRESH:
-            return None
-        if not acc.is_main_process:  # the main process verified the shards too: not hashed again
+        refused: dict[int, str] = {}  # main process: candidates whose shards did not verify
+        while True:
+            found: tuple[Path, SavedState] | None = None
+            error: CheckpointError | None = None
+            if acc.is_main_process:  # every file but the shards, which all processes hash below
+                try:
+                    found = self._load_latest(refused) if latest else self._load_folder(Path(resume_from))
+                except CheckpointError as err:
+                    error = err
+            code = _FAILED if error else (_FRESH if found is None else int(found[1].trainer["global_step"]))
+            code = broadcast_int(acc, code)
+            if code == _FAILED:
+                raise error or CheckpointError(
+                    f"the main process found no valid checkpoint for resume_from={str(resume_from)!r}; "
+                    "see its log."
+                )
+            if code == _FRESH:
+                return None
             path = self.directory / checkpoint_name(code) if latest else Path(resume_from)
+            problem = shards_problem(acc, path)  # a collective: each process hashes its share
+            if not problem:
+                break
+            if not latest:
+                raise CheckpointError(f"`resume_from={str(path)!r}` is not a valid checkpoint: {problem}")
+            if acc.is_main_process:
+                logger.warning("safeloop: skipping damaged checkpoint %s: %s", path.name, problem)
+                refused[code] = problem
+        if not acc.is_main_process:
             found = (path, read_state(path, acc.process_index, shards_verified=True))
         assert found is not None  # invariant: set on every branch above
         if found[1].world_size != acc.num_processes:
@@ -278,20 +292,20 @@ class CheckpointManager:
     def load_step(self, step: int) -> SavedState:
         """Load the checkpoint of ``step`` on every process (a rollback target already chosen).
 
-        The target was verified whole by the main process when it was chosen: its shards are
-        not hashed again (the files every process reads itself are).
+        The target's shards were verified by all processes together when it was chosen: they
+        are not hashed again (the files every process reads itself are).
         """
         self.durable.extend(self._finish_inflight())
         path = self.directory / checkpoint_name(step)
         return read_state(path, self.accelerator.process_index, shards_verified=True)
 
-    def _load_latest(self) -> tuple[Path, SavedState] | None:
-        damaged = []
-        for _, path in reversed(list_checkpoints(self.directory)):
-            if not (path / "manifest.json").is_file():
-                continue  # an unfinished write: not damage
+    def _load_latest(self, refused: dict[int, str]) -> tuple[Path, SavedState] | None:
+        damaged = [f"{checkpoint_name(step)}: {problem}" for step, problem in refused.items()]
+        for step, path in reversed(list_checkpoints(self.directory)):
+            if not (path / "manifest.json").is_file() or step in refused:
+                continue  # an unfinished write (not damage), or one found damaged already
             try:
-                return path, read_state(path, self.accelerator.process_index)
+                return path, read_state(path, self.accelerator.process_index, shards_verified=True)
             except CheckpointError as err:
                 damaged.append(str(err))
                 logger.warning("safeloop: skipping damaged checkpoint %s: %s", path.name, err)
@@ -305,8 +319,8 @@ class CheckpointManager:
         return None
 
     def _load_folder(self, path: Path) -> tuple[Path, SavedState]:
-        try:
-            return path, read_state(path, self.accelerator.process_index)
+        try:  # the shards are hashed by all processes together afterwards
+            return path, read_state(path, self.accelerator.process_index, shards_verified=True)
         except CheckpointError as err:
             raise CheckpointError(
                 f"`resume_from={str(path)!r}` is not a valid checkpoint: {err}. Pass a folder such "

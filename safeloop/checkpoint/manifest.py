@@ -224,7 +224,7 @@ def _valid_entry(entry: object) -> bool:
     )
 
 
-def _mismatch(path: Path, name: str, expected: object, found: list[str]) -> str | None:
+def digest_mismatch(path: Path, name: str, expected: object, found: list[str]) -> str | None:
     if found == expected:
         return None
     if not isinstance(expected, list) or len(expected) != len(found):
@@ -236,17 +236,25 @@ def _mismatch(path: Path, name: str, expected: object, found: list[str]) -> str 
     )
 
 
-def verify_checkpoint(path: str | os.PathLike[str]) -> Verification:
-    """Check a checkpoint folder against its manifest; never reads files it does not list."""
+def verify_checkpoint(path: str | os.PathLike[str], *, shards: bool = True) -> Verification:
+    """Check a checkpoint folder against its manifest; never reads files it does not list.
+
+    ``shards=False`` leaves the hashes of the shard files (``shards/``) to a check made by all
+    processes together (``spread_hashing.shards_problem``); their presence and sizes are checked.
+    """
     path = Path(path)
     check = check_manifest(path)
     if not check.ok:
         return check
-    entries = sorted(check.manifest["files"].items())  # type: ignore[index]
+    entries = [
+        (name, entry)
+        for name, entry in sorted(check.manifest["files"].items())  # type: ignore[index]
+        if shards or not name.startswith("shards/")
+    ]
     with hash_pool() as pool:
         started = [(name, entry, file_digests(path / name, entry["size"], pool)) for name, entry in entries]
         for name, entry, futures in started:
-            problem = _mismatch(path, name, entry.get("sha256"), results(futures))
+            problem = digest_mismatch(path, name, entry.get("sha256"), results(futures))
             if problem:
                 pool.shutdown(cancel_futures=True)
                 return Verification(path, True, False, problem, check.manifest)
@@ -361,7 +369,7 @@ class VerifiedReader:
                 if name not in self._digests:
                     self._digests[name] = file_digests(self.path / name, entry["size"], self._pool)
             for name, entry in files:
-                problem = _mismatch(self.path, name, entry.get("sha256"), results(self._digests[name]))
+                problem = digest_mismatch(self.path, name, entry.get("sha256"), results(self._digests[name]))
                 if problem:
                     raise CheckpointError(problem)
         finally:

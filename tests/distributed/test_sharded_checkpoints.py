@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +154,7 @@ def test_fsdp_a_spike_on_rank_one_rolls_both_ranks_back_to_the_same_sharded_chec
     assert ours < theirs
 
 
-def test_a_shard_with_pickled_bytes_is_refused_even_when_the_manifest_matches(tmp_path, capsys):
+def test_a_damaged_shard_is_found_by_the_processes_together_and_a_pickled_one_is_refused(tmp_path, capsys):
     from safeloop.checkpoint.manifest import MANIFEST, file_digests, hash_pool, results
     from safeloop.checkpoint.state import read_state
     from safeloop.errors import CheckpointError
@@ -165,6 +166,17 @@ def test_a_shard_with_pickled_bytes_is_refused_even_when_the_manifest_matches(tm
     shown = capsys.readouterr().out
     assert "sharded (fsdp2): 2 shard files from 2 processes" in shown
     assert "optim.state.0.weight.exp_avg" in shown
+    # one flipped bit of tensor data in the newest checkpoint's shard of process 1: the processes
+    # hash the shards together when resuming, find it, and fall back to the checkpoint before
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ckpt, damaged)
+    other = damaged / "step-00000003" / "shards" / "shard-00002-model-00001-of-00001.safetensors"
+    intact = other.read_bytes()
+    other.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    resumed = _run(tmp_path / "resumed", SCRIPT, MAX_STEPS="4", CKPT_DIR=str(damaged), RESUME="1")
+    assert [e[:2] for e in resumed[0]["events"] if e[0] == "resume"] == [["resume", 0]]
+    log = (tmp_path / "resumed" / "launch.log").read_text()
+    assert "skipping damaged checkpoint step-00000003" in log and "shard-00002" in log
     shard = folder / "shards" / "shard-00001-model-00001-of-00001.safetensors"
     planted = pickle.dumps({"lr": 0.1}) + shard.read_bytes()  # what DCP writes for non-tensor values
     shard.write_bytes(planted)

@@ -181,3 +181,20 @@ def test_bad_places_and_sizes_get_clear_errors(tmp_path, weights, capsys):
 )
 def test_sizes_parse_as_the_hub_counts_them(text, size):
     assert parse_size(text) == size
+
+
+def test_shards_problem_names_a_shard_whose_bytes_changed(tmp_path, weights):
+    from types import SimpleNamespace
+
+    from safeloop.checkpoint.spread_hashing import shards_problem
+
+    one = SimpleNamespace(process_index=0, num_processes=1)
+    folder = _sharded(tmp_path / "step-00000003", weights)
+    assert shards_problem(one, folder) == ""  # type: ignore[arg-type]
+    shard = folder / "shards" / "shard-00002-model-00001-of-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one bit of tensor data: the structure is intact, the hash is not
+    shard.write_bytes(bytes(data))
+    problem = shards_problem(one, folder)  # type: ignore[arg-type]
+    assert "shard-00002-model-00001-of-00001.safetensors" in problem
+    assert shards_problem(one, tmp_path) != ""  # type: ignore[arg-type]  (no manifest at all)
