@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from safeloop.checkpoint.manifest import verify_checkpoint
+from safeloop.checkpoint.manifest import check_manifest, verify_checkpoint
 from safeloop.checkpoint.sharded import MODEL_PREFIX, SHARD_DIR, SHARD_INFO_PART, safetensors_problem
 from safeloop.checkpoint.state import JSON_FILE, MODEL_FILE
 from safeloop.checkpoint.store import latest_valid
@@ -65,7 +65,7 @@ def parse_size(text: str) -> int:
 
 def _checkpoint_folder(path: Path) -> Path:
     """``path`` itself when it is a checkpoint, else the newest valid checkpoint inside it."""
-    if verify_checkpoint(path).complete:
+    if check_manifest(path).complete:  # hashed once, by the caller
         return path
     found, _ = latest_valid(path)  # raises CheckpointError when every checkpoint is damaged
     if found is None:
