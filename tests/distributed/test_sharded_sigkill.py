@@ -1,4 +1,4 @@
-"""SIGKILL of both processes at random moments during sharded (FSDP2) saves: a complete checkpoint remains."""
+"""SIGKILL of both processes at random moments during sharded saves: a complete checkpoint remains."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ TRIALS = 10
 pytestmark = pytest.mark.slow
 
 
-def _start(out_dir: Path, checkpoint_dir: Path) -> subprocess.Popen[str]:
-    """Two FSDP2 processes saving after every step (about 400k parameters), in their own session."""
+def _start(out_dir: Path, checkpoint_dir: Path, mode: str) -> subprocess.Popen[str]:
+    """Two FSDP processes saving after every step (about 400k parameters), in their own session."""
     out_dir.mkdir(parents=True)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))}
     env = {
         **clean, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MAX_STEPS": "100000", "WIDTH": "512",
-        "CKPT_EVERY": "1", "KEEP": "2", "CKPT_DIR": str(checkpoint_dir), "SAY_SAVES": "1",
+        "CKPT_EVERY": "1", "KEEP": "2", "CKPT_DIR": str(checkpoint_dir), "SAY_SAVES": "1", "MODE": mode,
     }  # fmt: skip
     return subprocess.Popen(
         [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", _free_port(), str(SCRIPT), str(out_dir)],
@@ -53,6 +53,16 @@ def _wait_for_saves(proc: subprocess.Popen[str], count: int) -> tuple[float, lis
     return (stamps[-1] - stamps[0]) / (count - 1), pids
 
 
+def _wait_for_a_write(checkpoint_dir: Path) -> None:
+    """Return as soon as a checkpoint's hidden temporary folder exists."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(p.name.startswith(".step-") for p in checkpoint_dir.iterdir()):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"no checkpoint write began in {checkpoint_dir} within 30 s")
+
+
 def _kill(proc: subprocess.Popen[str], pids: list[int]) -> None:
     """SIGKILL both training processes and their launcher (torchrun starts each in its own session)."""
     for pid in pids:
@@ -71,14 +81,19 @@ def _kill(proc: subprocess.Popen[str], pids: list[int]) -> None:
             raise AssertionError(f"process {pid} survived SIGKILL for 30 s")
 
 
-def test_sigkill_during_sharded_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_path):
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
+def test_sigkill_during_sharded_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_path, mode):
     rng = random.Random(2026)
     mid_write = 0
     for trial in range(TRIALS):
         checkpoint_dir = tmp_path / f"trial{trial}" / "ckpt"
-        proc = _start(tmp_path / f"trial{trial}" / "out", checkpoint_dir)
+        proc = _start(tmp_path / f"trial{trial}" / "out", checkpoint_dir, mode)
         period, pids = _wait_for_saves(proc, 3)
-        time.sleep(rng.uniform(0.0, period))  # a random moment within the next save period
+        if trial % 2:  # a random moment of a write: once the next one has begun (its hidden folder)
+            _wait_for_a_write(checkpoint_dir)
+            time.sleep(rng.uniform(0.0, 0.05 * period))
+        else:  # a random moment of the save period: between saves or in one
+            time.sleep(rng.uniform(0.0, period))
         _kill(proc, pids)
         path, warnings = latest_valid(checkpoint_dir)
         assert path is not None, f"trial {trial}: no valid checkpoint after 3 complete saves"
@@ -92,14 +107,14 @@ def test_sigkill_during_sharded_saves_always_leaves_a_complete_checkpoint_to_res
         }
         assert all(name.startswith(".step-") or name == "findings.json" for name in leftovers), leftovers
         mid_write += any(name.startswith(".step-") for name in leftovers)
-    print(f"{mid_write} of {TRIALS} kills hit a write")
-    assert mid_write >= 3, f"only {mid_write} of {TRIALS} kills hit a write"
+    print(f"{mode}: {mid_write} of {TRIALS} kills hit a write")
+    assert mid_write >= 4, f"only {mid_write} of {TRIALS} kills hit a write"  # 5 aimed at writes
 
     # one real resume from the last trial's leftovers, on 2 processes
     step = int(path.name.split("-")[1])
     resumed = _run(
         tmp_path / "resumed", SCRIPT, MAX_STEPS=str(step + 2), WIDTH="512", CKPT_EVERY="1", KEEP="2",
-        CKPT_DIR=str(checkpoint_dir), RESUME="1",
+        CKPT_DIR=str(checkpoint_dir), RESUME="1", MODE=mode,
     )  # fmt: skip
     assert [e[:2] for e in resumed[0]["events"] if e[0] == "resume"] == [["resume", step]]
     assert [r["steps"] for r in resumed] == [step + 2, step + 2]
