@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from safeloop import Callback
+from safeloop.distributed import settle_collectives
 from safeloop.guards.reinit import find_zero_params
 from tests.distributed.scripts.train_fsdp_ranks import build_accelerator, sharded_trainer
 from tests.helpers.models import classification_data
@@ -96,6 +97,9 @@ def main() -> None:
         "collectives": first.collectives,
         "local_rows": first.local_rows,
     }
+    # this script's own collectives after fit (gathers): settled before the process exits, as
+    # fit settles its own (a gloo worker freeing a tensor at exit can abort the process)
+    settle_collectives(accelerator)
     accelerator.end_training()
     # one write per line: two processes share this stdout, and print() writes the newline apart
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")

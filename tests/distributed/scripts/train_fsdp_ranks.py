@@ -42,6 +42,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from safeloop import Callback, ConfigError, SafeTrainer
 from safeloop.diagnostics.sharded import shard_layout
+from safeloop.distributed import settle_collectives
 from tests.helpers.models import WithUnused, classification_data
 from tests.helpers.recording import JsonLinesTracker
 
@@ -194,6 +195,9 @@ def main() -> None:
         "per_param": layout.per_param,
         "local_numels": {unwrapped(n): p.numel() for n, p in trainer.model.named_parameters()},
     }
+    # this script's own collectives after fit (gathers): settled before the process exits, as
+    # fit settles its own (a gloo worker freeing a tensor at exit can abort the process)
+    settle_collectives(accelerator)
     accelerator.end_training()
     # one write per line: two processes share this stdout, and print() writes the newline apart
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")
