@@ -191,14 +191,19 @@ class ShardedState:
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)))
         model_state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
         flat = {k[len(_OPTIM) :]: v for k, v in tensors.items() if k.startswith(_OPTIM)}
-        optim_state = self._unflatten({**flat, **values})
+        self._set(model_state, self._unflatten({**flat, **values}), StateDictOptions(), fresh)
+
+    def _set(
+        self, model_state: dict[str, Any], optim_state: dict[str, Any], options: StateDictOptions, fresh: bool
+    ) -> None:
+        """``set_state_dict``; a checkpoint of a fresh optimizer leaves it fresh (no placeholder state)."""
         with _quiet_internals():
             set_state_dict(
                 self.model,
                 self.optimizer,
                 model_state_dict=model_state,
                 optim_state_dict=optim_state,
-                options=StateDictOptions(),
+                options=options,
             )
         if fresh:  # the hyper-parameters are loaded; the placeholder state goes
             self.optimizer.state.clear()
@@ -254,16 +259,7 @@ class ShardedState:
             "state": {name_of[int(index)]: value for index, value in optimizer_state["state"].items()},
             "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in saved_groups],
         }
-        with _quiet_internals():
-            set_state_dict(
-                self.model,
-                self.optimizer,
-                model_state_dict=model_state,
-                optim_state_dict=optim_state,
-                options=whole,
-            )
-        if not optimizer_state["state"]:  # saved before the first step: fresh again
-            self.optimizer.state.clear()
+        self._set(model_state, optim_state, whole, fresh=not optimizer_state["state"])
 
 
 def safetensors_problem(path: Path) -> str | None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from accelerate.tracking import GeneralTracker
 
 from safeloop import Callback
+from safeloop.distributed import settle_collectives
 
 
 class HookRecorder(Callback):
@@ -69,3 +71,20 @@ class JsonLinesTracker(GeneralTracker):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def end_run(accelerator: Any) -> None:
+    """End a multi-process test script's run once its own collectives after ``fit`` settled.
+
+    The scripts gather whole weights after ``fit``; a gloo worker freeing such a collective's
+    tensors while the interpreter exits can abort the process, so they settle first, as ``fit``
+    does for its own.
+    """
+    settle_collectives(accelerator)
+    accelerator.end_training()
+
+
+def print_result(record: dict) -> None:
+    """One ``RESULT`` line: one write, as two processes share this stdout (print writes the newline apart)."""
+    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
+    sys.stdout.flush()

@@ -11,7 +11,6 @@ then with the number of all-reduces that took, and each parameter's local rows. 
 code 3 and a ``SKIP`` line when FSDP2 cannot be set up here.
 """
 
-import json
 import os
 import sys
 
@@ -22,11 +21,10 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from safeloop import Callback
-from safeloop.distributed import settle_collectives
 from safeloop.guards.reinit import find_zero_params
 from tests.distributed.scripts.train_fsdp_ranks import build_accelerator, sharded_trainer
 from tests.helpers.models import classification_data
-from tests.helpers.recording import JsonLinesTracker
+from tests.helpers.recording import JsonLinesTracker, end_run, print_result
 
 
 def zero_weights_model() -> nn.Module:
@@ -97,13 +95,8 @@ def main() -> None:
         "collectives": first.collectives,
         "local_rows": first.local_rows,
     }
-    # this script's own collectives after fit (gathers): settled before the process exits, as
-    # fit settles its own (a gloo worker freeing a tensor at exit can abort the process)
-    settle_collectives(accelerator)
-    accelerator.end_training()
-    # one write per line: two processes share this stdout, and print() writes the newline apart
-    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
-    sys.stdout.flush()
+    end_run(accelerator)
+    print_result(record)
 
 
 if __name__ == "__main__":

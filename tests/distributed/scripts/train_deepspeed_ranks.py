@@ -40,12 +40,11 @@ from accelerate.utils import DistributedType, set_seed
 
 from safeloop import Callback, NonFiniteError, SafeTrainer
 from safeloop.diagnostics.sharded import shard_layout
-from safeloop.distributed import settle_collectives
 from safeloop.zero import zero_engine
 from tests.distributed.scripts.reinit_fsdp_ranks import zero_weights_model
 from tests.distributed.scripts.train_fsdp_ranks import deep_sigmoid_mlp
 from tests.helpers.models import WithUnused, classification_data
-from tests.helpers.recording import JsonLinesTracker
+from tests.helpers.recording import JsonLinesTracker, end_run
 
 SKIP_CODE = 3
 MICRO_BATCH = 16
@@ -168,10 +167,7 @@ def model_optimizer_loader() -> tuple[nn.Module, torch.optim.Optimizer, DataLoad
 
 
 def write_record(accelerator: Accelerator, out_dir: str, record: dict) -> None:
-    # this script's own collectives after fit (gathers): settled before the process exits, as
-    # fit settles its own (a gloo worker freeing a tensor at exit can abort the process)
-    settle_collectives(accelerator)
-    accelerator.end_training()
+    end_run(accelerator)
     # the record (the weights) is longer than one atomic pipe write: to a file, named on stdout
     path = os.path.join(out_dir, f"result_{accelerator.process_index}.json")
     with open(path, "w") as fh:

@@ -23,7 +23,6 @@ compute device from ``torch.cpu.current_device()``, plain ``cpu``, and refuses t
 FSDP cannot be set up here.
 """
 
-import json
 import os
 import sys
 from typing import Any
@@ -42,9 +41,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from safeloop import Callback, ConfigError, SafeTrainer
 from safeloop.diagnostics.sharded import shard_layout
-from safeloop.distributed import settle_collectives
 from tests.helpers.models import WithUnused, classification_data
-from tests.helpers.recording import JsonLinesTracker
+from tests.helpers.recording import JsonLinesTracker, end_run, print_result
 
 SKIP_CODE = 3
 
@@ -195,13 +193,8 @@ def main() -> None:
         "per_param": layout.per_param,
         "local_numels": {unwrapped(n): p.numel() for n, p in trainer.model.named_parameters()},
     }
-    # this script's own collectives after fit (gathers): settled before the process exits, as
-    # fit settles its own (a gloo worker freeing a tensor at exit can abort the process)
-    settle_collectives(accelerator)
-    accelerator.end_training()
-    # one write per line: two processes share this stdout, and print() writes the newline apart
-    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
-    sys.stdout.flush()
+    end_run(accelerator)
+    print_result(record)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ their bytes).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 
@@ -37,10 +36,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from safeloop import Callback, SafeTrainer
-from safeloop.distributed import settle_collectives
 from tests.distributed.scripts.train_fsdp_ranks import build_accelerator
 from tests.helpers.models import classification_data
-from tests.helpers.recording import JsonLinesTracker
+from tests.helpers.recording import JsonLinesTracker, end_run, print_result
 
 
 def whole(value: object) -> object:
@@ -129,12 +127,8 @@ def main() -> None:
         "lr": trainer.optimizer.param_groups[0]["lr"],
         "rollbacks": result.rollbacks,
     }
-    # this script's own collectives after fit (gathers): settled before the process exits, as
-    # fit settles its own (a gloo worker freeing a tensor at exit can abort the process)
-    settle_collectives(accelerator)
-    accelerator.end_training()
-    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
-    sys.stdout.flush()
+    end_run(accelerator)
+    print_result(record)
 
 
 if __name__ == "__main__":
