@@ -92,12 +92,21 @@ def _inspect(folder: Path) -> int:
                 print(f"    {key:<50} {piece.get_dtype():<8} {list(piece.get_shape())}")
             if len(keys) > 20:
                 print(f"    ... and {len(keys) - 20} more")
-    groups = (document["parts"].get("optimizer") or {}).get("param_groups", [])
+    values = document["parts"].get("optimizer_values") or {}  # a sharded optimizer's
+    deepspeed = isinstance(values.get("param_groups"), list)  # DeepSpeed's: whole groups, not per parameter
+    groups = (
+        values["param_groups"]
+        if deepspeed
+        else (document["parts"].get("optimizer") or {}).get("param_groups", [])
+    )
     for i, group in enumerate(groups):
         hyper = {k: v for k, v in group.items() if k != "params"}
         print(f"  optimizer param_groups[{i}]: {json.dumps(hyper, sort_keys=True)}")
-    values = document["parts"].get("optimizer_values") or {}  # a sharded optimizer's, per parameter
-    if values:
+    if deepspeed:
+        steps = sorted({json.dumps(entry) for entry in values.get("flat_scalars", [])})
+        engine = json.dumps(values.get("engine"))
+        print(f"  DeepSpeed ZeRO-{values.get('stage')}: engine {engine}, optimizer {', '.join(steps)}")
+    elif values:
         shown = dict(list(values.items())[:6])
         more = f" ... and {len(values) - 6} more" if len(values) > 6 else ""
         print(f"  optimizer hyper-parameters (per parameter): {json.dumps(shown)}{more}")

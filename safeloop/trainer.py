@@ -22,6 +22,7 @@ from safeloop.batching import LossComputer
 from safeloop.callbacks import Callback
 from safeloop.checkpoint.checkpointer import Checkpointer, NamedState, build_manager
 from safeloop.checkpoint.sharded import ShardedState, dcp_support_problem, sharded_engine
+from safeloop.checkpoint.zero_state import ZeroState, zero_checkpoint_problem
 from safeloop.config import TrainerConfig, build_config
 from safeloop.data_cursor import DataCursor
 from safeloop.diagnostics.session import Diagnostics, check_optimizer_before_prepare
@@ -212,13 +213,16 @@ class SafeTrainer:
         self._record = RunRecord()
         self._reporter = Reporter(acc, self._progress, self._record, self._callbacks)
         engine = sharded_engine(acc, self.model)
-        manager, note = build_manager(config, acc, engine)
-        if note is not None:
-            self._reporter.keep(note)
         # under DeepSpeed the engine's backward and step are called apart (see zero.py)
         zero = zero_engine(acc, self.model)
         if zero is not None:
             check_deepspeed_clipping(config, zero)
+            engine_problem = zero_checkpoint_problem(zero.engine)
+        else:
+            engine_problem = dcp_support_problem() if engine else None
+        manager, note = build_manager(config, acc, engine, engine_problem)
+        if note is not None:
+            self._reporter.keep(note)
         losses = LossComputer(loss_fn, training_step)
         self._diagnostics = None
         if config.diagnostics:
@@ -250,8 +254,12 @@ class SafeTrainer:
             callbacks=self._callbacks, reporter=self._reporter, skips=skips,
             diagnostics=self._diagnostics, zero=zero, adaptive=adaptive,
         )  # fmt: skip
-        sharded = engine in ("fsdp2", "fsdp1")  # the model and optimizer are saved in shards
-        shards = ShardedState(self.model, self.optimizer) if dcp_support_problem() is None else None
+        sharded = engine is not None  # the model and optimizer are saved in shards
+        shards: ShardedState | ZeroState | None = None
+        if zero is not None:  # whole tensors, each process its share
+            shards = ZeroState(zero.engine, unwrapped, acc.process_index, acc.num_processes)
+        elif dcp_support_problem() is None:
+            shards = ShardedState(self.model, self.optimizer)
         shared = {"lr_scheduler": self.lr_scheduler, "scaler": acc.scaler}
         if not sharded:  # else the optimizer's state is in the shards, with the model's
             shared = {"optimizer": self.optimizer, **shared}

@@ -26,6 +26,7 @@ from safeloop.checkpoint.sharded import SHARD_DIR, SHARD_INFO_PART, ShardedState
 from safeloop.checkpoint.spread_hashing import shards_problem
 from safeloop.checkpoint.state import SavedState
 from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints
+from safeloop.checkpoint.zero_state import WHOLE_LAYOUT, ZeroState
 from safeloop.config import TrainerConfig
 from safeloop.distributed import broadcast_int
 from safeloop.errors import CheckpointError, ConfigError
@@ -37,7 +38,15 @@ __all__ = ["Checkpointer", "NamedState", "build_manager"]
 
 logger = logging.getLogger("safeloop")
 _NONE = -1
+_ENGINE_NAMES = {"fsdp2": "FSDP2", "fsdp1": "FSDP1", "deepspeed": "DeepSpeed"}
 _SHARDED_VALUES = "optimizer_values"  # the part of state.json with a sharded optimizer's hyper-parameters
+
+
+_DCP_LAYOUT = "dcp"  # shard_info's "layout" of DCP shards (also of checkpoints older than the key)
+
+
+def _layout(shards: ShardedState | ZeroState | None) -> str:
+    return WHOLE_LAYOUT if isinstance(shards, ZeroState) else _DCP_LAYOUT
 
 
 class NamedState:
@@ -63,7 +72,10 @@ class NamedState:
 
 
 def build_manager(
-    config: TrainerConfig, accelerator: Accelerator, engine: str | None = None
+    config: TrainerConfig,
+    accelerator: Accelerator,
+    engine: str | None = None,
+    engine_problem: str | None = None,
 ) -> tuple[CheckpointManager | None, Finding | None]:
     """The run's checkpoint manager (None without checkpoints) and a note about it, if any.
 
@@ -72,34 +84,29 @@ def build_manager(
     Args:
         config (`TrainerConfig`): ``checkpoint_dir``, ``rollback`` and the checkpoint settings.
         accelerator (`Accelerator`): the run's processes.
-        engine (`str`, *optional*): the sharding engine (``sharded_engine``): FSDP1 and FSDP2
-            state is written in shards; DeepSpeed state is not written yet.
+        engine (`str`, *optional*): the sharding engine (``sharded_engine``): FSDP1, FSDP2 and
+            DeepSpeed state is written in shards.
+        engine_problem (`str`, *optional*): why this engine's state cannot be written here (a
+            torch without DCP's safetensors writer, a DeepSpeed without the calls a restore
+            needs), or None.
 
     Raises:
-        ConfigError: with ``checkpoint_dir`` under DeepSpeed, or under FSDP with a torch
-            that cannot write sharded safetensors.
+        ConfigError: with ``checkpoint_dir`` when ``engine_problem`` says its state cannot be written.
     """
-    unsupported = {"deepspeed": "DeepSpeed"}.get(engine or "")
-    names = {"fsdp2": "FSDP2", "fsdp1": "FSDP1"}
-    old_torch = dcp_support_problem() if engine in names else None
-    if config.checkpoint_dir is not None and unsupported:
+    name = _ENGINE_NAMES.get(engine or "", engine)
+    if config.checkpoint_dir is not None and engine_problem:
         raise ConfigError(
-            f"`checkpoint_dir` is set under {unsupported}: safeloop writes sharded checkpoints under "
-            "FSDP (`FullyShardedDataParallelPlugin`, version 1 or 2) and unsharded ones under DDP or "
-            f"one process; {unsupported} state is not written yet. Use FSDP, or leave "
+            f"`checkpoint_dir` is set under {name}, but {engine_problem}. Or leave "
             "`checkpoint_dir=None` and save with `accelerator.save_state`."
         )
-    if config.checkpoint_dir is not None and old_torch:
-        raise ConfigError(f"`checkpoint_dir` is set under {names[engine or '']}, but {old_torch}.")
-    unsupported = unsupported or (f"{names[engine or '']} with this torch" if old_torch else None)
-    if config.checkpoint_dir is None and (not config.rollback or unsupported):
+    if config.checkpoint_dir is None and (not config.rollback or engine_problem):
         note = None
         if config.rollback:
             note = Finding(
                 "rollback-unavailable", "info",
-                f"rollback needs checkpoints, which are not written under {unsupported} yet: loss "
-                "spikes are reported (`loss-spike`), non-finite runs raise NonFiniteError, and "
-                "nothing is restored.",
+                f"rollback needs checkpoints, which cannot be written under {name} here "
+                f"({engine_problem}): loss spikes are reported (`loss-spike`), non-finite runs "
+                "raise NonFiniteError, and nothing is restored.",
             )  # fmt: skip
         return None, note
     manager = CheckpointManager(
@@ -126,12 +133,13 @@ class Checkpointer:
         rank_state (`Stateful`): this process's own state (its RNG), in its own file.
         progress (`Progress`): the step and epoch a checkpoint is of.
         reporter (`Reporter`): checkpoint and resume events, ``on_checkpoint``.
-        shards (`ShardedState`, *optional*): the model's and optimizer's state through DCP: it
-            reads a sharded checkpoint at any world size, sharded or not (None: a torch without
-            DCP's safetensors reader).
-        shard_engine (`str`, *optional*): the sharding engine (``"fsdp2"``, ``"fsdp1"``) when the model and
-            optimizer are saved as shards, every process its own, into the checkpoint's
-            ``shards/``; None saves them whole.
+        shards (`ShardedState | ZeroState`, *optional*): the model's and optimizer's state in
+            shards: through DCP (``ShardedState``: reads a DCP checkpoint at any world size,
+            sharded or not; None on a torch without DCP's safetensors reader), or as whole
+            tensors under DeepSpeed (``ZeroState``).
+        shard_engine (`str`, *optional*): the sharding engine (``"fsdp2"``, ``"fsdp1"``,
+            ``"deepspeed"``) when the model and optimizer are saved as shards, every process its
+            own, into the checkpoint's ``shards/``; None saves them whole.
     """
 
     def __init__(
@@ -145,7 +153,7 @@ class Checkpointer:
         rank_state: Stateful,
         progress: Progress,
         reporter: Reporter,
-        shards: ShardedState | None = None,
+        shards: ShardedState | ZeroState | None = None,
         shard_engine: str | None = None,
     ) -> None:
         self.manager = manager
@@ -253,7 +261,11 @@ class Checkpointer:
             assert self.shards is not None  # invariant: checked in __init__
             taken = self.shards.capture()
             shared[_SHARDED_VALUES] = taken.values  # hyper-parameters: JSON, never handed to DCP
-            shared[SHARD_INFO_PART] = {"shapes": taken.shapes, "fresh_optimizer": taken.fresh_optimizer}
+            shared[SHARD_INFO_PART] = {
+                "shapes": taken.shapes,
+                "fresh_optimizer": taken.fresh_optimizer,
+                "layout": _layout(self.shards),
+            }
             write_shards = functools.partial(self.shards.write, taken.tensors)
         elif self.model is not None:
             model = dict(self.model.state_dict())
@@ -348,17 +360,41 @@ class Checkpointer:
         manager.last_saved_step = step
         return saved.trainer
 
+    def _check_layout(self, saved: SavedState, layout: str) -> None:
+        """Refuse a sharded checkpoint this run's engine cannot read, naming both sides."""
+        live = _layout(self.shards)
+        if layout == live:
+            return
+        written = "under DeepSpeed (whole tensors)" if layout == WHOLE_LAYOUT else "under FSDP (DCP shards)"
+        here = "under DeepSpeed" if live == WHOLE_LAYOUT else "not under DeepSpeed"
+        raise CheckpointError(
+            f"{saved.path} was written {written} by {saved.world_size} processes; this run is {here} "
+            f"on {self.accelerator.num_processes}. A DeepSpeed checkpoint resumes under DeepSpeed "
+            "(any world size, ZeRO stage 1-3), an FSDP one without DeepSpeed (FSDP at any world "
+            "size, DDP, one process). Resume it the way it was written, or take its weights with "
+            "`safeloop consolidate CHECKPOINT OUT_DIR` and start afresh from them."
+        )
+
     def _apply(self, saved: SavedState, keep: Sequence[Stateful] = ()) -> None:
         values = saved.parts.get(_SHARDED_VALUES)
-        if values is not None:  # a sharded checkpoint: DCP reads its shards at any world size
+        info = saved.parts.get(SHARD_INFO_PART) or {}
+        if values is not None:  # a sharded checkpoint: read at any world size
             if self.shards is None or saved.path is None:
                 raise CheckpointError(
                     f"{saved.path} is sharded and this torch cannot read it: {dcp_support_problem()}"
                 )
-            fresh = bool((saved.parts.get(SHARD_INFO_PART) or {}).get("fresh_optimizer"))
+            self._check_layout(saved, info.get("layout", _DCP_LAYOUT))
+            fresh = bool(info.get("fresh_optimizer"))
             self.shards.load(saved.path / SHARD_DIR, values, fresh)  # a collective: every process
         elif self.shard_engine:  # whole tensors, from one process or DDP, sharded out here
             assert self.shards is not None  # invariant: checked in __init__
+            if isinstance(self.shards, ZeroState):
+                raise CheckpointError(
+                    f"{saved.path} was written without DeepSpeed (one process, DDP); this run is "
+                    "under DeepSpeed, which loads only checkpoints written under DeepSpeed (at any "
+                    "world size and ZeRO stage). Resume it the way it was written, or load its "
+                    "model.safetensors into the model before `SafeTrainer` and start afresh."
+                )
             optimizer = saved.parts.get("optimizer")
             if optimizer is None:
                 raise CheckpointError(f"{saved.path} holds no optimizer state")

@@ -33,14 +33,14 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def _run(out_dir: Path, script: Path | None = None, **env: str) -> list[dict]:
-    """Launch ``script`` (SCRIPT) on 2 CPU ranks; its per-rank results, or a skip when it cannot run."""
+def _run(out_dir: Path, script: Path | None = None, *, processes: int = 2, **env: str) -> list[dict]:
+    """Launch ``script`` (SCRIPT) on 2 CPU ranks (``processes``); its per-rank results, or a skip."""
     out_dir.mkdir()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))}
     cmd = [
         str(TORCHRUN),
         "--nproc_per_node",
-        "2",
+        str(processes),
         "--master_port",
         _free_port(),
         str(script or SCRIPT),

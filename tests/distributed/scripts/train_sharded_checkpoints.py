@@ -5,8 +5,9 @@ torchrun (2 processes, gloo). An MLP with AdamW and StepLR, a shuffled loader (4
 per rank per epoch), seed 0. Environment:
 
 - ``MODE``: ``fsdp2`` (default), ``fsdp1`` (``use_orig_params=True``, the first two layers in FSDP
-  modules of their own, the last in the root's) or ``ddp`` (unsharded; also as one plain
-  process, to resume a sharded checkpoint there);
+  modules of their own, the last in the root's), ``zero1``/``zero2``/``zero3`` (DeepSpeed ZeRO
+  of that stage; exits with code 3 and a ``SKIP`` line without DeepSpeed) or ``ddp`` (unsharded;
+  also as one plain process, to resume a sharded checkpoint there);
 - ``MAX_STEPS`` bounds the run; ``CKPT_DIR``, ``CKPT_EVERY`` (3) and ``KEEP`` (3) set the
   checkpoints; ``RESUME=1`` resumes from the newest of ``CKPT_DIR``, ``RESUME_FROM`` from a folder;
 - ``SPIKE_ON_RANK1_AT_STEP=k`` multiplies rank 1's loss by ``SPIKE_FACTOR`` (50) from step k on
@@ -17,7 +18,8 @@ per rank per epoch), seed 0. Environment:
 
 Each rank prints one ``RESULT`` JSON line: the whole parameters and optimizer state (by name,
 gathered from the shards), the steps, the history's losses, the events (tensors as digests of
-their bytes).
+their bytes). Under DeepSpeed the optimizer part also holds each flat partition's ``step`` and, at
+ZeRO-1/2, the process's own whole module weights (``local``: what its forward computes with).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from safeloop import Callback, SafeTrainer
+from tests.distributed.scripts.train_deepspeed_ranks import build_accelerator as build_deepspeed_accelerator
 from tests.distributed.scripts.train_fsdp_ranks import build_accelerator
 from tests.helpers.models import classification_data
 from tests.helpers.recording import JsonLinesTracker, end_run, print_result
@@ -49,6 +52,33 @@ def whole(value: object) -> object:
         data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         return hashlib.sha256(data).hexdigest()[:16]
     return value
+
+
+def zero_whole_state(trainer: SafeTrainer) -> tuple[dict, dict]:
+    """Whole fp32 weights and Adam moments by parameter name under DeepSpeed (a collective), and
+    the optimizer's ``step`` of each flat partition."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    engine = trainer.model
+    module = trainer.accelerator.unwrap_model(engine)
+    stage = engine.zero_optimization_stage()
+    base = engine.optimizer.optimizer if stage else engine.optimizer  # stage 0: the torch optimizer itself
+    keys = ("exp_avg", "exp_avg_sq") if os.environ.get("OPTIMIZER") != "sgd" else ("momentum_buffer",)
+    fresh = not any(base.state.values())
+    params, optim = {}, {}
+    for name, param in module.named_parameters():
+        if stage:
+            params[name] = safe_get_full_fp32_param(param)
+            optim[name] = {} if fresh else {k: safe_get_full_optimizer_state(param, k) for k in keys}
+        else:
+            params[name] = param
+            optim[name] = {} if fresh else {k: base.state[param][k] for k in keys}
+    if stage < 3:  # each process's own whole copy, what its forward uses
+        optim["local"] = {name: whole(param) for name, param in module.named_parameters()}
+    optim["steps"] = {
+        str(i): float(state["step"]) for i, state in enumerate(base.state.values()) if "step" in state
+    }
+    return params, {"state": optim}
 
 
 class SaySaves(Callback):
@@ -65,7 +95,12 @@ def main() -> None:
         sys.stdout.write(f"PID {os.getpid()}\n")
         sys.stdout.flush()
     tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
-    accelerator = build_accelerator(os.environ.get("MODE", "fsdp2"), tracker)
+    mode = os.environ.get("MODE", "fsdp2")
+    if mode.startswith("zero"):
+        os.environ["STAGE"] = mode[len("zero") :]
+        accelerator = build_deepspeed_accelerator("ds", tracker)
+    else:
+        accelerator = build_accelerator(mode, tracker)
     torch.manual_seed(0)
     width = int(os.environ.get("WIDTH", "32"))
     model = nn.Sequential(
@@ -113,10 +148,12 @@ def main() -> None:
     )
     resume_from = os.environ.get("RESUME_FROM") or ("latest" if os.environ.get("RESUME") == "1" else None)
     result = trainer.fit(resume_from=resume_from)
-    # whole tensors by parameter name, the same way under FSDP2, FSDP1 and without sharding
-    params, optim = get_state_dict(
-        trainer.model, trainer.optimizer.optimizer, options=StateDictOptions(full_state_dict=True)
-    )
+    if mode.startswith("zero"):
+        params, optim = zero_whole_state(trainer)
+    else:  # whole tensors by parameter name, the same way under FSDP2, FSDP1 and without sharding
+        params, optim = get_state_dict(
+            trainer.model, trainer.optimizer.optimizer, options=StateDictOptions(full_state_dict=True)
+        )
     record = {
         "rank": accelerator.process_index,
         "steps": result.global_step,

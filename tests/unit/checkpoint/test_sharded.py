@@ -51,14 +51,18 @@ def test_a_well_formed_safetensors_file_passes_and_planted_bytes_do_not(tmp_path
         assert safetensors_problem(path) is not None, what
 
 
-def test_a_deepspeed_checkpoint_dir_is_refused_with_the_way_out(tmp_path):
+def test_an_engine_whose_state_cannot_be_written_refuses_checkpoint_dir_naming_the_problem(tmp_path):
+    problem = "this DeepSpeed (0.1) lacks update_lp_params, which restoring ZeRO-2 state needs"
     config = TrainerConfig(checkpoint_dir=str(tmp_path))
-    for engine, name in (("deepspeed", "DeepSpeed"),):
-        with pytest.raises(ConfigError, match=rf"`checkpoint_dir` is set under {name}.*Use FSDP"):
-            build_manager(config, accelerator=None, engine=engine)  # type: ignore[arg-type]
-        manager, note = build_manager(TrainerConfig(), accelerator=None, engine=engine)  # type: ignore[arg-type]
-        assert manager is None and note is not None and note.code == "rollback-unavailable"
-        assert name in note.message
+    with pytest.raises(
+        ConfigError, match=r"`checkpoint_dir` is set under DeepSpeed, but this DeepSpeed \(0.1\) lacks"
+    ):
+        build_manager(config, accelerator=None, engine="deepspeed", engine_problem=problem)  # type: ignore[arg-type]
+    manager, note = build_manager(
+        TrainerConfig(), accelerator=None, engine="deepspeed", engine_problem=problem
+    )  # type: ignore[arg-type]
+    assert manager is None and note is not None and note.code == "rollback-unavailable"
+    assert "DeepSpeed" in note.message and "update_lp_params" in note.message
 
 
 @pytest.mark.parametrize(("engine", "name"), [("fsdp2", "FSDP2"), ("fsdp1", "FSDP1")])
@@ -68,10 +72,45 @@ def test_fsdp_on_a_torch_without_the_safetensors_writer_is_refused_naming_the_ve
     from safeloop.checkpoint import sharded
 
     monkeypatch.setattr(sharded, "_HF_WRITER", False)
+    problem = sharded.dcp_support_problem()
     with pytest.raises(ConfigError, match=rf"under {name}, but sharded checkpoints need .*save_distributed"):
-        build_manager(TrainerConfig(checkpoint_dir=str(tmp_path)), accelerator=None, engine=engine)  # type: ignore[arg-type]
-    manager, note = build_manager(TrainerConfig(), accelerator=None, engine=engine)  # type: ignore[arg-type]
-    assert manager is None and note is not None and f"{name} with this torch" in note.message
+        build_manager(
+            TrainerConfig(checkpoint_dir=str(tmp_path)),
+            accelerator=None,
+            engine=engine,
+            engine_problem=problem,
+        )  # type: ignore[arg-type]
+    manager, note = build_manager(TrainerConfig(), accelerator=None, engine=engine, engine_problem=problem)  # type: ignore[arg-type]
+    assert manager is None and note is not None and f"under {name} here" in note.message
+
+
+def test_a_deepspeed_engine_is_checked_for_every_call_a_restore_needs():
+    from types import SimpleNamespace
+
+    from safeloop.checkpoint.zero_state import zero_checkpoint_problem
+
+    class Zero2:
+        single_partition_of_fp32_groups = bit16_groups = ()
+
+        def update_lp_params(self): ...
+
+        def _lazy_init_hp_params_optimizer_state(self): ...
+
+    def engine(stage, optimizer):
+        return SimpleNamespace(zero_optimization_stage=lambda: stage, optimizer=optimizer)
+
+    assert zero_checkpoint_problem(engine(2, Zero2())) is None
+    assert zero_checkpoint_problem(engine(1, Zero2())) is None
+    del Zero2.update_lp_params
+    problem = zero_checkpoint_problem(engine(2, Zero2()))
+    assert problem is not None and "lacks update_lp_params" in problem and "ZeRO-2" in problem
+    problem = zero_checkpoint_problem(engine(3, Zero2()))  # ZeRO-3's own calls
+    assert problem is not None and "_get_fp32_opt_state_partition" in problem
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert zero_checkpoint_problem(engine(0, plain)) is None  # stage 0 in fp32: the torch optimizer
+    plain.loss_scaler = object()  # a mixed-precision wrapper's mark
+    assert "use ZeRO stage 1, 2 or 3" in (zero_checkpoint_problem(engine(0, plain)) or "")
+    assert "no optimizer" in (zero_checkpoint_problem(engine(2, None)) or "")
 
 
 def test_spread_digests_on_one_process_are_the_manifests_chunk_digests(tmp_path):
