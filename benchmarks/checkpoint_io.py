@@ -18,9 +18,11 @@ a pickled ``.metadata``, fsynced) and against DCP's safetensors writer alone (no
 all starting from the live model with ``get_state_dict``;
 loads back into the live model (safeloop: every file's hash checked, then DCP's
 ``HuggingFaceStorageReader``), warm and cold; and, for scale, ``save_file`` of the same whole state
-by one process. Every timing is the slowest process's, after a barrier. Usage:
+by one process. Every timing is the slowest process's, after a barrier. ``--engine deepspeed``
+times the same under DeepSpeed ZeRO (``--stage``, default 3) against DeepSpeed's own
+``save_checkpoint`` / ``load_checkpoint`` (``zero_io.py``). Usage:
 
-    python benchmarks/checkpoint_io.py [--rounds 5] [--processes 2]
+    python benchmarks/checkpoint_io.py [--rounds 5] [--processes 2 [--engine deepspeed --stage 3]]
 """
 
 from __future__ import annotations
@@ -102,14 +104,21 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--processes", type=int, default=1, help="2: sharded checkpoints under FSDP2")
+    parser.add_argument("--engine", choices=("fsdp2", "deepspeed"), default="fsdp2", help="with --processes")
+    parser.add_argument("--stage", type=int, default=3, help="the ZeRO stage with --engine deepspeed")
     args = parser.parse_args()
     if args.processes > 1:
         from sharded_io import launch, run_sharded  # beside this script
 
-        if "RANK" in os.environ:
-            run_sharded(args.rounds, build)
+        if "RANK" not in os.environ:
+            extra = ("--engine", args.engine, "--stage", str(args.stage))
+            launch(args.processes, args.rounds, __file__, build, baseline_save, extra)
+        elif args.engine == "deepspeed":
+            from zero_io import run_zero
+
+            run_zero(args.rounds, build, args.stage)
         else:
-            launch(args.processes, args.rounds, __file__, build, baseline_save)
+            run_sharded(args.rounds, build)
         return
     model, optimizer = build()
     loads = ("load_file", "read+load", "safeloop")

@@ -30,7 +30,14 @@ from safeloop.checkpoint.sharded import SHARD_DIR, ShardedState
 Build = Callable[[], tuple[nn.Module, torch.optim.Optimizer]]
 
 
-def launch(processes: int, rounds: int, script: str, build: Build, baseline_save: Callable) -> None:
+def launch(
+    processes: int,
+    rounds: int,
+    script: str,
+    build: Build,
+    baseline_save: Callable,
+    extra: tuple[str, ...] = (),
+) -> None:
     """Time ``save_file`` of the whole state here (one process), then the sharded runs under torchrun."""
     model, optimizer = build()
     times = []
@@ -48,7 +55,7 @@ def launch(processes: int, rounds: int, script: str, build: Build, baseline_save
     torchrun = Path(sys.executable).parent / "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", SAVE_FILE_BEST=str(min(times)))
     command = [str(torchrun), "--nproc_per_node", str(processes), script, "--rounds", str(rounds)]
-    command += ["--processes", str(processes)]
+    command += ["--processes", str(processes), *extra]
     subprocess.run(command, env=env, check=True)
 
 

@@ -162,6 +162,8 @@ class ZeroState:
         entries, aliases = self._names()
         fresh = not any(self.base.state.get(flat) for flat in self._flats())
         moments, scalars = ([], []) if fresh else self._moment_keys()
+        if moments:
+            self._link_fragments()
         sizes = []  # (name, numel) of every tensor, in the order every process takes them
         for name, value in entries:
             numel = int(getattr(value, "ds_numel", value.numel()))
@@ -186,6 +188,7 @@ class ZeroState:
                 self._keep(tensors, shapes, f"{_STATE}{name}.{key}", moment, shape, owner)
         values = {
             "stage": self.stage,
+            "optimizer": type(self.base).__name__,
             "aliases": aliases,
             "moments": moments,
             "flat_scalars": [
@@ -246,6 +249,12 @@ class ZeroState:
             self._load(files, values, fresh)
 
     def _load(self, files: _ShardFiles, values: dict[str, Any], fresh: bool) -> None:
+        saved, live = values.get("optimizer"), type(self.base).__name__
+        if saved is not None and saved != live:
+            raise CheckpointError(
+                f"{files.folder.parent} holds {saved} optimizer state; this run's optimizer is {live}. "
+                f"Resume with {saved}, or start afresh from the weights (`safeloop consolidate`)."
+            )
         entries, _ = self._names()
         moments = [] if fresh else list(values.get("moments", []))
         if fresh:
@@ -318,17 +327,22 @@ class ZeroState:
 
     def _ensure_optimizer_state(self, moments: list[str]) -> None:
         """Give a fresh engine's optimizer the state that the moments are written into."""
-        created = False
         for flat in self._flats():
             state = self.base.state[flat]
             if not state:
                 state["step"] = torch.tensor(0.0)
-                created = True
             for key in moments:
                 if key not in state:
                     state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-                    created = True
-        if created and self.stage in (1, 2):  # the fragments view the new state, not the absent one
+        self._link_fragments()
+
+    def _link_fragments(self) -> None:
+        """ZeRO-1/2: point each parameter's fragment at the optimizer state there is now.
+
+        A fresh engine links to none, and DeepSpeed's own ``load_checkpoint`` leaves them unlinked
+        until its next step: ``safe_*_optimizer_state`` would then fail on one process only.
+        """
+        if self.stage in (1, 2):
             self.zero._hp_optimizer_states_linked = False
             self.zero._lazy_init_hp_params_optimizer_state()
 
