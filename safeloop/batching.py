@@ -1,6 +1,6 @@
 """The batch conventions of ``SafeTrainer``: from a batch to a scalar loss tensor.
 
-First match wins (API.md, Batches): a ``training_step``; a mapping batch (Hugging Face style);
+First match wins (docs/api.md, "Batches"): a ``training_step``; a mapping batch (Hugging Face style);
 an ``(inputs, targets)`` pair. Anything else is a ``ConfigError`` that says which rule failed.
 """
 

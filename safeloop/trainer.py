@@ -180,7 +180,7 @@ class SafeTrainer:
             # before prepare: Accelerate seeds its shuffling generator from torch's global RNG there
             set_seed(config.seed)
         self.accelerator = build_accelerator(config, accelerator)
-        # The scheduler is not prepared: Accelerate would step it once per process, and API.md
+        # The scheduler is not prepared: Accelerate would step it once per process, and the API
         # promises one step per optimizer step on any number of processes.
         self.lr_scheduler = lr_scheduler
         objects: list[Any] = [model, optimizer, train_dataloader]

@@ -26,7 +26,7 @@ __all__ = [
     "raise_if_fatal",
 ]
 
-# the codes FINDINGS.md marks "raised": training cannot do anything useful with them
+# the codes that raise instead of reporting: training cannot do anything useful with them
 RAISED_CODES = frozenset(
     {
         "no-trainable-params",

@@ -26,7 +26,7 @@ __all__ = [
     "PLATEAU_HISTORY",
 ]
 
-# FINDINGS.md "loss-plateau": no improvement over a window. A window of 5 log checks and at least
+# "loss-plateau": no improvement over a window. A window of 5 log checks and at least
 # 100 steps keeps minibatch noise and a slow but steady descent from looking flat.
 PLATEAU_CHECKS = 5
 PLATEAU_MIN_STEPS = 100

@@ -125,7 +125,7 @@ class Diagnostics:
 
         Raises:
             ConfigError: on every process, when any process found a problem that makes training
-                meaningless (the findings of FINDINGS.md marked "raised").
+                meaningless (the findings that raise, docs/diagnostics.md).
         """
         self.first_done = True
         findings = check_inputs(batch) + check_trainable(self.model)

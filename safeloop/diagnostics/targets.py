@@ -43,9 +43,9 @@ __all__ = [
 # it is squeezed near ln(C) (or unbounded below for NLLLoss), so a separate code says what it is.
 ACTIVATION_LOSS_MISMATCH = "activation-loss-mismatch"
 
-# A fresh classifier starts near ln(C); 3x that means logits of several units (FINDINGS.md).
+# A fresh classifier starts near ln(C); 3x that means logits of several units.
 INITIAL_LOSS_FACTOR = 3.0
-# Regression targets far from unit scale (FINDINGS.md): std above 100, or a mean above 100 stds.
+# Regression targets far from unit scale: std above 100, or a mean above 100 stds.
 TARGET_STD_MAX = 100.0
 TARGET_MEAN_TO_STD_MAX = 100.0
 # A sigmoid applied twice is only called when this many outputs all lie in (0, 1): raw logits of a

@@ -35,16 +35,16 @@ __all__ = [
     "STREAK_CHECKS",
 ]
 
-# FINDINGS.md "exploding-grad": a global norm > 100x its running median. The median of the last
+# "exploding-grad": a global norm > 100x its running median. The median of the last
 # 1000 step norms, taken only after 3 log checks and 20 steps, so the large norms of the very
 # first steps neither raise an alarm nor hide a later explosion for long.
 EXPLODE_FACTOR = 100.0
 EXPLODE_WARMUP_CHECKS = 3
 EXPLODE_WARMUP_STEPS = 20
 _HISTORY_STEPS = 1000
-# FINDINGS.md: first/last layer gradient-norm ratio > 70 (AUTOTRAINER's exploding rule).
+# First/last layer gradient-norm ratio > 70 (AUTOTRAINER's exploding rule).
 LAYER_RATIO_LIMIT = 70.0
-# FINDINGS.md "vanishing-grad": gradient norm below 1e-7 of the weight norm. A layer must also be
+# "vanishing-grad": gradient norm below 1e-7 of the weight norm. A layer must also be
 # 1000x below the best-fed layer: when every layer is that small the loss is simply near zero.
 VANISH_RELATIVE = 1e-7
 VANISH_SPREAD = 1e-3

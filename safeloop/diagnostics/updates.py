@@ -32,7 +32,7 @@ __all__ = [
     "LR_ANNEALED",
 ]
 
-# FINDINGS.md "lr-too-high" / "lr-too-low" bounds on ||dw|| / ||w|| (median over the weights), and
+# "lr-too-high" / "lr-too-low" bounds on ||dw|| / ||w|| (median over the weights), and
 # the ~1e-3 that Karpathy (CS231n, "ratio of weights:updates") calls healthy, to suggest a factor.
 LR_HIGH_RATIO = 1e-1
 LR_LOW_RATIO = 1e-6

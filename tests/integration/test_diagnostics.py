@@ -1,8 +1,8 @@
-"""Each finding code of FINDINGS.md, produced by a realistic mistake run through ``SafeTrainer``.
+"""Each finding code of docs/diagnostics.md, produced by a realistic mistake run through ``SafeTrainer``.
 
 One test per code: the mistake a user makes (softmax before ``CrossEntropyLoss``, labels 1..C, a
 head created after the optimizer, a learning rate far off, ...), a real ``fit``, and the finding
-it must give: its code, its severity and the names it must carry. The codes FINDINGS.md marks
+it must give: its code, its severity and the names it must carry. The codes that are
 "raised" stop ``fit`` with a ``ConfigError`` holding the finding, before any weight changed.
 Then the plumbing around findings: ``diagnostics=False``, ``findings.json``, the report, counted
 repeats and ``on_finding``.
@@ -27,7 +27,7 @@ from tests.helpers.models import classification_data, mlp, state_equal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# the codes of the checks that ``diagnostics=False`` turns off: FINDINGS.md's first-batch, training
+# the codes of the checks that ``diagnostics=False`` turns off: the first-batch, training
 # and data codes, and targets.py's activation-loss-mismatch (zero-params, nonfinite-* and
 # loss-spike come from the guards, which stay on)
 DIAGNOSTIC_CODES = {

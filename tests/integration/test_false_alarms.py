@@ -1,4 +1,4 @@
-"""Healthy runs of different kinds raise no false alarm (FINDINGS.md: a healthy run produces no
+"""Healthy runs of different kinds raise no false alarm (a healthy run produces no
 ``warning`` or ``error`` finding, no rollback and no skip).
 
 Each run goes through ``SafeTrainer`` with its defaults (diagnostics on, rollback on, spike

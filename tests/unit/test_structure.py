@@ -191,3 +191,19 @@ def test_build_config_refuses_arguments_beyond_or_short_of_the_signature(bad):
         del arguments["seed"]
     with pytest.raises(TypeError, match="beyond or short of SafeTrainer's keyword arguments"):
         build_config(nn.Linear(1, 1), None, None, arguments, callback_base=Callback)
+
+
+def test_the_projects_files_stand_alone_and_cite_no_file_outside_the_repository():
+    # the contract files the project was built from live outside the repository: a reader of the
+    # docs, the code or the tests must never be sent to them
+    outside = ("FINDINGS.md", "API.md", "DESIGN.md", "STYLE.md", "../shared")
+    cited = []
+    for folder in ("safeloop", "docs", "tests", "examples", "benchmarks", "tools"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".md") and path != Path(__file__).resolve():
+                text = path.read_text(encoding="utf-8")
+                cited += [f"{path.relative_to(ROOT)}: {name}" for name in outside if name in text]
+    for name in ("README.md", "CHANGELOG.md"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        cited += [f"{name}: {item}" for item in outside if item in text]
+    assert not cited, cited
