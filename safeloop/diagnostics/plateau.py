@@ -76,6 +76,19 @@ class LossPlateau:
         self._variances: deque[float] = deque(maxlen=4 * self.window)
         self.summary = ""
 
+    def restart(self) -> None:
+        """Start over from the restored state (after a rollback).
+
+        The abandoned branch's losses must not count: a start taken from a loss of 1e16 there
+        would make every later loss look like convergence, and a plateau would never be found.
+        """
+        self._recent.clear()
+        self._best_before = math.inf
+        self._first = None
+        self._armed = True
+        self._means.clear()
+        self._variances.clear()
+
     def update(self, losses: Sequence[float]) -> bool:
         """Add one log check's losses; True when a new plateau is found (report it once).
 

@@ -310,8 +310,8 @@ class Diagnostics:
             self.health.zero_at_start = names
 
     def forget_interval(self) -> None:
-        """Drop unread measurements (a rollback undid their steps)."""
-        self.monitor.clear()
+        """Forget what a rollback undid: unread measurements and the plateau's history."""
+        self.monitor.after_rollback()
 
     # -- findings --------------------------------------------------------------------------
 

@@ -133,6 +133,11 @@ class TrainingMonitor:
         """Drop the interval's unread measurements (its steps were undone by a rollback)."""
         self._stats.clear()
 
+    def after_rollback(self) -> None:
+        """Forget the abandoned branch: the interval's measurements and the plateau's history."""
+        self.clear()
+        self._plateau.restart()
+
     def before_update(self) -> None:
         """Copy the weights of 2+ dims before ``optimizer.step()`` (log steps only)."""
         self._stats.before_update()

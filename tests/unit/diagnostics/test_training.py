@@ -346,3 +346,32 @@ def test_plateau_without_a_measured_cause_says_so_and_ranks_context_findings():
     ranked = plateau.finding(30, [], [other, info, dead])
     assert ranked.message.index("1) dead-units") < ranked.message.index("2) target-scale")
     assert "lora_B" not in ranked.message and ranked.params == ("fc1.weight",)
+
+
+def test_plateau_restarts_from_the_restored_state_after_a_rollback():
+    # the abandoned branch blew up (1e16); after the rollback the loss sits at chance level
+    diverged = [1.0e16, 3.0e15, 8.0e14]
+    stuck = [1.61, 1.64, 1.60, 1.63, 1.62, 1.61, 1.63, 1.62]
+    kept = LossPlateau(log_every=10, window=3)
+    assert not any(kept.update([loss]) for loss in diverged + stuck)  # "converged" from 1e16: silent
+    restarted = LossPlateau(log_every=10, window=3)
+    for loss in diverged:
+        restarted.update([loss])
+    restarted.restart()
+    flags = [restarted.update([loss]) for loss in stuck]
+    assert any(flags)
+    assert "1.61 at the start" in restarted.summary  # the restored state's start, not 1e+16
+    # another realisation: a regression loss of 2.0 that sits flat after a rollback from 5e8
+    other = LossPlateau(log_every=5, window=4)
+    for loss in [5.0e8, 2.0e9]:
+        other.update([loss, loss * 1.1])
+    other.restart()
+    assert any(other.update([2.0 + 0.01 * (i % 3), 2.01]) for i in range(12))
+
+
+def test_a_rollback_restarts_the_monitors_plateau():
+    monitor = TrainingMonitor(list(nn.Linear(2, 2).named_parameters()), log_every=10, plateau_window=3)
+    for loss in [1.0e16, 3.0e15, 8.0e14]:
+        monitor._plateau.update([loss])
+    monitor.after_rollback()
+    assert monitor._plateau._first is None and not monitor._plateau._recent
