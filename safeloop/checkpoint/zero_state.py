@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from safeloop.checkpoint.sharded import MODEL_PREFIX, ShardSnapshot
+from safeloop.checkpoint.whole_shards import WholeShardFiles, assign_owners, write_share
 from safeloop.errors import CheckpointError
 
 __all__ = ["WHOLE_LAYOUT", "ZeroState", "zero_checkpoint_problem"]
@@ -170,7 +168,7 @@ class ZeroState:
             sizes.append((MODEL_PREFIX + name, numel))
             if self._trained(value):
                 sizes.extend((f"{_STATE}{name}.{key}", numel) for key in moments)
-        owner = _assign(sizes, self.world)
+        owner = assign_owners(sizes, self.world)
         tensors: dict[str, torch.Tensor] = {}
         shapes: dict[str, list[int]] = {}
         for name, value in entries:
@@ -225,11 +223,7 @@ class ZeroState:
 
     def write(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
         """Write this process's tensors into ``folder`` as one safetensors file, fsynced."""
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"whole-{self.rank:05d}-of-{self.world:05d}.safetensors"
-        save_file(tensors, str(path))
-        with path.open("rb") as fh:
-            os.fsync(fh.fileno())
+        write_share(tensors, folder, self.rank, self.world)
 
     # -- load --------------------------------------------------------------------------------
 
@@ -245,10 +239,10 @@ class ZeroState:
         Raises:
             CheckpointError: a tensor is missing or has another shape than this model's.
         """
-        with _ShardFiles(folder) as files:
+        with WholeShardFiles(folder) as files:
             self._load(files, values, fresh)
 
-    def _load(self, files: _ShardFiles, values: dict[str, Any], fresh: bool) -> None:
+    def _load(self, files: WholeShardFiles, values: dict[str, Any], fresh: bool) -> None:
         saved, live = values.get("optimizer"), type(self.base).__name__
         if saved is not None and saved != live:
             raise CheckpointError(
@@ -378,51 +372,6 @@ class ZeroState:
             for index in range(len(self.zero.fp16_groups)):
                 self.zero._reassign_or_swap_out_partitioned_parameters(index)
             self.zero.checkpoint_event_epilogue()
-
-
-class _ShardFiles:
-    """The whole tensors of a checkpoint's shard files, read one at a time by name."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._stack = contextlib.ExitStack()
-        self._where: dict[str, Any] = {}
-
-    def __enter__(self) -> _ShardFiles:
-        for path in sorted(self.folder.glob("*.safetensors")):
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            for key in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                self._where[key] = handle
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
-    def get(self, name: str, shape: torch.Size) -> torch.Tensor:
-        handle = self._where.get(name)
-        if handle is None:
-            raise CheckpointError(
-                f"{self.folder} holds no `{name}`: the checkpoint is of another model, or of an "
-                "optimizer with other state"
-            )
-        tensor = handle.get_tensor(name)
-        if tensor.shape != shape:
-            raise CheckpointError(
-                f"`{name}` has shape {list(tensor.shape)} in {self.folder.parent}, this model's is "
-                f"{list(shape)}: the checkpoint is of another model"
-            )
-        return tensor
-
-
-def _assign(sizes: list[tuple[str, int]], world: int) -> dict[str, int]:
-    """Which process writes each tensor: the largest first, each to the least-loaded process."""
-    load = [0] * world
-    owner = {}
-    for name, numel in sorted(sizes, key=lambda item: (-item[1], item[0])):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owner[name] = rank
-        load[rank] += numel
-    return owner
 
 
 def _scalar(value: Any) -> tuple[Any, str | None]:
