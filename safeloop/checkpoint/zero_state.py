@@ -181,8 +181,9 @@ class ZeroState:
             for key in moments if trained else []:
                 if self.stage:
                     moment = safe_get_full_optimizer_state(value, key)
-                else:
-                    moment = self.base.state[value][key]
+                else:  # a parameter never stepped (no gradient yet) has no state: zeros, never read
+                    moment = self.base.state.get(value, {}).get(key)
+                    moment = torch.zeros_like(value) if moment is None else moment
                 self._keep(tensors, shapes, f"{_STATE}{name}.{key}", moment, shape, owner)
         values = {
             "stage": self.stage,

@@ -81,9 +81,10 @@ def _kill(proc: subprocess.Popen[str], pids: list[int]) -> None:
             raise AssertionError(f"process {pid} survived SIGKILL for 30 s")
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
-def test_sigkill_during_sharded_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_path, mode):
-    _kill_trials(tmp_path, [mode] * TRIALS)
+def test_sigkill_during_fsdp_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_path):
+    # FSDP2 and FSDP1 differ in how their state dict is taken, before anything is written; the
+    # writes (DCP's safetensors writer, the manifest last) are the same: 10 trials in all
+    _kill_trials(tmp_path, ["fsdp2", "fsdp1"] * (TRIALS // 2))
 
 
 def test_sigkill_during_deepspeed_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_path):
