@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,31 @@ def launch(
     command = [str(torchrun), "--nproc_per_node", str(processes), script, "--rounds", str(rounds)]
     command += ["--processes", str(processes), *extra]
     subprocess.run(command, env=env, check=True)
+
+
+def save_through_manager(manager: CheckpointManager, state: Any, step: int) -> None:
+    """safeloop's sharded save of ``state`` (``ShardedState`` or ``ZeroState``): shards, JSON, manifest."""
+    taken = state.capture()
+    snapshot = Snapshot(
+        step=step, model=None, rank={}, trainer={"global_step": step}, meta={"healthy": True},
+        shared={"optimizer_values": taken.values, "shard_info": {"shapes": taken.shapes}},
+        write_shards=functools.partial(state.write, taken.tensors),
+    )  # fmt: skip
+    manager.save(snapshot)
+
+
+def load_through_manager(manager: CheckpointManager, state: Any, step: int) -> None:
+    """safeloop's load as a resume: every file hashed (the shards by all processes), then read."""
+    found = manager.resolve_and_load(manager.directory / f"step-{step:08d}")
+    assert found is not None
+    path, saved = found
+    state.load(path / SHARD_DIR, saved.parts["optimizer_values"])
+
+
+def print_timings(results: dict[str, list[float]]) -> None:
+    """Best and median of each timing."""
+    for key, values in results.items():
+        print(f"{key:<10} best {min(values):7.3f} s   median {statistics.median(values):7.3f} s")
 
 
 def _evict(folder: Path) -> None:
@@ -108,13 +134,7 @@ def run_sharded(rounds: int, build: Build) -> None:
     values: dict = {}
 
     def safeloop_save(step: int) -> None:
-        taken = shards.capture()
-        snapshot = Snapshot(
-            step=step, model=None, rank={}, trainer={"global_step": step}, meta={"healthy": True},
-            shared={"optimizer_values": taken.values, "shard_info": {"shapes": taken.shapes}},
-            write_shards=functools.partial(shards.write, taken.tensors),
-        )  # fmt: skip
-        manager.save(snapshot)
+        save_through_manager(manager, shards, step)
 
     def safetensors_save(step: int) -> None:  # DCP's safetensors writer alone: no manifest, no hashes
         taken = shards.capture()
@@ -129,10 +149,7 @@ def run_sharded(rounds: int, build: Build) -> None:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(root / f"dcp-{step}"))
 
     def safeloop_load(step: int) -> None:  # as a resume: every file hashed, the shards by all
-        found = manager.resolve_and_load(manager.directory / f"step-{step:08d}")
-        assert found is not None
-        path, saved = found
-        shards.load(path / SHARD_DIR, saved.parts["optimizer_values"])
+        load_through_manager(manager, shards, step)
 
     def dcp_load(step: int) -> None:
         model_state, optim_state = get_state_dict(model, inner, options=options)
@@ -170,8 +187,7 @@ def _report(results: dict[str, list[float]], root: Path, rounds: int, processes:
     dcp_size = sum(p.stat().st_size for p in (root / f"dcp-{rounds}").rglob("*") if p.is_file())
     print(f"{processes} processes (FSDP2, gloo), rounds: {rounds}, cores: {os.cpu_count()}")
     print(f"safeloop checkpoint {size / 1e6:.0f} MB, DCP default {dcp_size / 1e6:.0f} MB")
-    for key, values in results.items():
-        print(f"{key:<10} best {min(values):7.3f} s   median {statistics.median(values):7.3f} s")
+    print_timings(results)
 
     def ratio(ours: str, base: str) -> str:
         return f"{min(results[ours]) / min(results[base]):.2f}"

@@ -17,7 +17,6 @@ import argparse
 import functools
 import os
 import shutil
-import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +27,10 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from deepspeed_overhead import deepspeed_accelerator  # beside this script
-from sharded_io import _evict, _timed
+from sharded_io import _evict, _timed, load_through_manager, print_timings, save_through_manager
 from torch import nn
 
-from safeloop.checkpoint.manager import CheckpointManager, Snapshot
-from safeloop.checkpoint.sharded import SHARD_DIR
+from safeloop.checkpoint.manager import CheckpointManager
 from safeloop.checkpoint.zero_state import ZeroState
 
 Build = Callable[[], tuple[nn.Module, torch.optim.Optimizer]]
@@ -65,19 +63,10 @@ def run_zero(rounds: int, build: Build, stage: int) -> None:
     }
 
     def safeloop_save(step: int) -> None:
-        taken = state.capture()
-        snapshot = Snapshot(
-            step=step, model=None, rank={}, trainer={"global_step": step}, meta={"healthy": True},
-            shared={"optimizer_values": taken.values, "shard_info": {"shapes": taken.shapes}},
-            write_shards=functools.partial(state.write, taken.tensors),
-        )  # fmt: skip
-        manager.save(snapshot)
+        save_through_manager(manager, state, step)
 
-    def safeloop_load(step: int) -> None:  # as a resume: every file hashed, the shards by all
-        found = manager.resolve_and_load(manager.directory / f"step-{step:08d}")
-        assert found is not None
-        path, saved = found
-        state.load(path / SHARD_DIR, saved.parts["optimizer_values"])
+    def safeloop_load(step: int) -> None:
+        load_through_manager(manager, state, step)
 
     def deepspeed_save(step: int) -> None:
         engine.save_checkpoint(str(root / "ds"), tag=f"step{step}")
@@ -114,8 +103,7 @@ def _report(results: dict[str, list[float]], root: Path, rounds: int, processes:
     ds_size = sum(p.stat().st_size for p in (root / "ds" / f"step{rounds}").rglob("*") if p.is_file())
     print(f"{processes} processes (DeepSpeed ZeRO-{stage}, gloo), rounds: {rounds}, cores: {os.cpu_count()}")
     print(f"safeloop checkpoint {size / 1e6:.0f} MB, DeepSpeed's own {ds_size / 1e6:.0f} MB")
-    for key, values in results.items():
-        print(f"{key:<10} best {min(values):7.3f} s   median {statistics.median(values):7.3f} s")
+    print_timings(results)
 
     def ratio(ours: str, base: str) -> str:
         return f"{min(results[ours]) / min(results[base]):.2f}"
