@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -82,13 +82,22 @@ class Reporter:
         self.callbacks = callbacks
         self.findings: list[Finding] = []
 
-    def add(self, finding: Finding) -> None:
-        """Add ``finding`` to the run, or count a repeat of one already there."""
+    def add(self, finding: Finding, *, before: Collection[str] = ()) -> None:
+        """Add ``finding`` to the run, or count a repeat of one already there.
+
+        Args:
+            finding (`Finding`): the finding.
+            before (`Collection[str]`, *optional*): codes of findings that ``finding`` explains: a
+                new finding goes in front of the first of them already listed (findings otherwise
+                keep the order first seen), so that ``FitResult.findings`` and ``report()``, which
+                sorts by severity only, name the cause first. A repeat stays where it is.
+        """
         for index, known in enumerate(self.findings):
             if known.code == finding.code and known.params == finding.params:
                 self.findings[index] = dataclasses.replace(known, count=known.count + finding.count)
                 return
-        self.findings.append(finding)
+        at = next((i for i, known in enumerate(self.findings) if known.code in before), len(self.findings))
+        self.findings.insert(at, finding)
         if self.accelerator.is_main_process:
             where = f" (step {finding.step})" if finding.step is not None else ""
             logger.log(_LEVELS[finding.severity], "safeloop [%s]%s %s", finding.code, where, finding.message)
@@ -100,12 +109,32 @@ class Reporter:
         """Keep ``finding`` without announcing it (a note made while the trainer is built)."""
         self.findings.append(finding)
 
-    def add_all(self, findings: Iterable[Finding], *, agree: bool = False) -> None:
-        """Add several findings; with ``agree``, first take their union over processes (a collective)."""
+    def add_all(
+        self,
+        findings: Iterable[Finding],
+        *,
+        agree: bool = False,
+        first: dict[str, Collection[str]] | None = None,
+    ) -> None:
+        """Add several findings; with ``agree``, first take their union over processes (a collective).
+
+        ``first`` maps a code to the codes its findings go in front of (see :meth:`add`).
+        """
         if agree:
             findings = agree_findings(self.accelerator, list(findings))
         for finding in findings:
-            self.add(finding)
+            self.add(finding, before=(first or {}).get(finding.code, ()))
+
+    def replace(self, old: Finding, new: Finding) -> None:
+        """Put ``new`` in the place of ``old`` (same code, parameters and step), keeping its count.
+
+        For a finding completed later (a measurement that came after it); the log and the
+        ``on_finding`` callbacks saw the first version. Nothing happens when ``old`` is not listed.
+        """
+        for index, known in enumerate(self.findings):
+            if (known.code, known.params, known.step) == (old.code, old.params, old.step):
+                self.findings[index] = dataclasses.replace(new, count=known.count)
+                return
 
     def of_code(self, code: str) -> list[Finding]:
         """The findings with ``code``, in order."""

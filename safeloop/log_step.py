@@ -5,12 +5,18 @@ Every process runs it at the same step boundary. It reads the device buffers in 
 guard decided on the device, writes the history entry, the tracker values and the progress bar,
 and feeds the spike detector. It returns what the loop must act on (a divergence), and raises
 nothing of its own.
+
+It also keeps the policy's ``NormTrail`` (the global gradient norms that an ``exploding-grad``
+before a refused step or a divergence is measured from) fed: each interval's norms, the layers
+whose norms rose most at the check, and, for a step refused between two log steps, a read of the
+norms not yet read (``MetricBuffer.unread_norms``, at that refused step only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from accelerate import Accelerator
 
 from safeloop.diagnostics.session import Diagnostics
@@ -75,11 +81,21 @@ class LogStep:
         self.spikes = spikes
         self.divergences = divergences
         self.diagnostics = diagnostics
+        divergences.norms.unread = self._unread_norms
+
+    def _unread_norms(self) -> tuple[int, list[float]]:
+        """The steps done and the global norms of those not read yet (all processes together)."""
+
+        def mean(tensor: torch.Tensor) -> torch.Tensor:
+            return reduce_across_processes(self.accelerator, tensor, "mean")
+
+        return self.progress.global_step, self.metrics.unread_norms(mean)
 
     def after_rollback(self) -> None:
         """Drop unread measurements and a suspected spike (a rollback undid their steps)."""
         self.metrics.clear()
         self.spikes.reset_run()
+        self.divergences.norms.forget_after(self.progress.global_step)
         if self.diagnostics is not None:
             self.diagnostics.forget_interval()
 
@@ -93,9 +109,15 @@ class LogStep:
         if record is None:
             return LogOutcome()
         step = self.progress.global_step
+        norms = self.divergences.norms
+        norms.observe(step, [values.grad_norm for values in record.per_step])
         tracked: dict[str, float] = {}
         if diagnostics is not None:
             tracked = diagnostics.check(step, extra_values, health_len, record, lr=self.progress.step_lr)
+        # an exploding-grad reported at a step refused since the last check is told its layers now
+        text, names = ("", ()) if diagnostics is None else diagnostics.monitor.layer_rise
+        for old, new in norms.name_layers(step, text, names):
+            self.divergences.reporter.replace(old, new)
         # skips decided on the device are learnt now; a divergence they confirm is acted on once
         # this interval is in the history, as a spike's is
         divergence = None if self.skips is None else self.skips.learn(step, record.per_step)

@@ -107,6 +107,19 @@ class MetricBuffer:
         """Drop the buffered rows unread (their steps were undone by a rollback)."""
         self._rows.clear()
 
+    def unread_norms(self, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:
+        """The global gradient norms of the buffered steps, oldest first; the rows stay buffered.
+
+        A host read of its own: only for a step the host has waited for anyway (a refused step
+        learnt at the step), never per step. Every process must call it together.
+
+        Args:
+            reduce_mean (`Callable[[Tensor], Tensor]`): mean over processes.
+        """
+        if not self._rows:
+            return []
+        return reduce_mean(torch.stack([row[1] for row in self._rows])).tolist()
+
     def restart_clock(self) -> None:
         """Start timing the next interval now (at the start of ``fit``)."""
         self._since = time.perf_counter()

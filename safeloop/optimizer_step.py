@@ -121,6 +121,8 @@ class OptimizerStep:
             loss = diagnostics.first_loss(
                 batch, lambda loss_fn: self.losses.with_loss_fn(self.model, batch, loss_fn)
             )
+        elif diagnostics is not None and (sampled := diagnostics.loss_fn_now()) is not None:
+            loss = self.losses.with_loss_fn(self.model, batch, sampled)  # the baseline's targets
         else:
             loss = self.losses(self.model, batch)
         if self.zero is not None:  # Accelerate's backward would also take DeepSpeed's step, unguarded

@@ -78,6 +78,9 @@ class FitResult:
         events (`list[Event]`): what the trainer did, in order.
         findings (`list[Finding]`): diagnoses, deduplicated.
         eval_loss (`float | None`): the last evaluation loss, or None without evaluation.
+        baseline_loss (`float | None`): the loss of the best constant prediction on the first
+            batches' targets (the class frequencies, the target mean), or None where it cannot be
+            computed (a ``training_step``, a loss not recognised, diagnostics off).
     """
 
     global_step: int
@@ -87,22 +90,33 @@ class FitResult:
     events: list[Event] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     eval_loss: float | None = None
+    baseline_loss: float | None = None
 
     def report(self) -> str:
         """A short readable summary: steps, skips, rollbacks, then each finding with its fix."""
         return report(
-            self.findings, steps=self.global_step, skipped=self.skipped_steps, rollbacks=self.rollbacks
+            self.findings,
+            steps=self.global_step,
+            skipped=self.skipped_steps,
+            rollbacks=self.rollbacks,
+            baseline=self.baseline_loss,
         )
 
 
-def report(findings: Sequence[Finding], *, steps: int, skipped: int, rollbacks: int) -> str:
+def report(
+    findings: Sequence[Finding], *, steps: int, skipped: int, rollbacks: int, baseline: float | None = None
+) -> str:
     """A short readable summary of a run: counts, then one line per finding, errors first.
+
+    ``baseline``, when given, is quoted as the loss a constant prediction reaches.
 
     Example:
         >>> print(report([], steps=100, skipped=0, rollbacks=0))
         safeloop: 100 steps, 0 skipped, 0 rollbacks; no findings.
     """
     head = f"safeloop: {steps} steps, {skipped} skipped, {rollbacks} rollbacks"
+    if baseline is not None:
+        head += f", baseline loss {baseline:.4g} (a constant prediction)"
     if not findings:
         return head + "; no findings."
     counts = {s: sum(1 for f in findings if f.severity == s) for s in ("error", "warning", "info")}

@@ -7,6 +7,10 @@ non-finite steps past ``max_consecutive_skips`` is returned likewise, or raises
 (a log step's reduced metrics, the agreed NaN/Inf flags), so every process gets the same one at
 the same step boundary. The run loop, the only place that handles one, calls
 :meth:`Rollback.roll_back` on every process together.
+
+Its ``norms`` (a ``NormTrail``, fed by the log step) say whether the global gradient norms
+exploded before a refused step, a run of them or a spike: the ``exploding-grad`` finding then
+goes in front of the findings it explains, and ``DivergenceError`` ranks it first.
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ from safeloop.config import TrainerConfig
 from safeloop.data_cursor import DataCursor
 from safeloop.errors import DivergenceError, NonFiniteError
 from safeloop.findings import Reporter
-from safeloop.guards.divergence import Divergence, Spike
+from safeloop.guards.divergence import (
+    EXPLAINED_BY_EXPLOSION,
+    RISE_WINDOW,
+    Divergence,
+    Explosion,
+    NormTrail,
+    Spike,
+)
 from safeloop.guards.nonfinite import SkipRecord
 from safeloop.results import Event, Finding
 from safeloop.run_state import Progress, RunRecord
@@ -39,6 +50,9 @@ class DivergencePolicy:
         progress (`Progress`): the step of detection.
         reporter (`Reporter`): the ``loss-spike`` finding; all findings for an error.
         rollback_enabled (`bool`): ``rollback`` on, and checkpoints written.
+
+    Attributes:
+        norms (`NormTrail`): the recent global gradient norms (the log step feeds them).
     """
 
     def __init__(
@@ -48,10 +62,16 @@ class DivergencePolicy:
         self.progress = progress
         self.reporter = reporter
         self.rollback_enabled = rollback_enabled
+        self.norms = NormTrail()
 
     def on_spike(self, spike: Spike) -> Divergence | None:
         """Report a confirmed loss spike; return the divergence to roll back from, if rollback is on."""
         rolling = self.rollback_enabled
+        explosion = self.norms.explosion(spike.start_step, spike.step)
+        if explosion is not None and not self._already_reported(explosion):
+            found = self.norms.report(explosion, f"the loss spike of steps {spike.start_step}-{spike.step}")
+            if found is not None:
+                self.reporter.add(found, before=EXPLAINED_BY_EXPLOSION)
         self.reporter.add(
             Finding(
                 code="loss-spike",
@@ -79,8 +99,12 @@ class DivergencePolicy:
             if spike.grad_norm_ratio != spike.grad_norm_ratio
             else spike.grad_norm_ratio,
         }
+        if explosion is not None:
+            detail["exploding"] = explosion.detail()
         # read at this log step: the steps up to here ran on the diverging branch
-        return Divergence("loss-spike", spike.start_step, self.progress.global_step, spike.describe(), detail)
+        return Divergence(
+            "loss-spike", spike.start_step, self.progress.global_step, spike.describe(), detail, explosion
+        )
 
     def on_skip_run(self, record: SkipRecord, run: int) -> Divergence:
         """A run of ``run`` skipped steps ending at ``record``, past ``max_consecutive_skips``.
@@ -88,21 +112,38 @@ class DivergencePolicy:
         Raises:
             NonFiniteError: rollback is off (the run cannot go on with non-finite values).
         """
+        start = record.step - run + 1
+        explosion = self.norms.explosion(start)
         if not self.rollback_enabled:
+            advice = (
+                "where the values came from; lower the learning rate, clip gradients "
+                "(`clip_grad_norm=1.0`) or clean the data."
+                if explosion is None
+                else f"the cause: before them {explosion.describe()} (exploding gradients). Clip "
+                "gradients (`clip_grad_norm=1.0`), then lower the learning rate."
+            )
             raise NonFiniteError(
                 f"{run} optimizer steps in a row ended with a non-finite loss or gradients (the last "
                 f"at step {record.step}, loss {record.loss}, gradient norm {record.grad_norm}); "
                 f"`max_consecutive_skips={self.config.max_consecutive_skips}`. See the findings for "
-                "where the values came from; lower the learning rate, clip gradients "
-                "(`clip_grad_norm=1.0`) or clean the data.",
+                + advice,
                 findings=self.reporter.findings,
             )
         text = (
             f"{run} non-finite steps in a row (last loss {record.loss:.4g}, grad norm {record.grad_norm:.4g})"
         )
+        detail: dict[str, Any] = {"consecutive": run}
+        if explosion is not None:  # the global norm before the run over the median before that
+            detail.update(grad_norm_ratio=explosion.ratio, exploding=explosion.detail())
         # a skip decided on the device is learnt at the log step: the data was consumed up to now
-        return Divergence(
-            "nonfinite", record.step - run + 1, self.progress.global_step, text, {"consecutive": run}
+        return Divergence("nonfinite", start, self.progress.global_step, text, detail, explosion)
+
+    def _already_reported(self, explosion: Explosion) -> bool:
+        """An ``exploding-grad`` finding made since the window of ``explosion`` began (a log check's)."""
+        since = explosion.before - RISE_WINDOW
+        return any(
+            f.code == "exploding-grad" and f.step is not None and f.step >= since
+            for f in self.reporter.findings
         )
 
 
@@ -161,6 +202,7 @@ class Rollback:
                 "step": divergence.step,
                 "text": divergence.description,
                 "lr": lr_before[0],
+                "exploding": None if divergence.explosion is None else divergence.explosion.describe(),
             }
         )
         if record.rollbacks >= self.config.max_rollbacks:
@@ -216,7 +258,7 @@ class Rollback:
             f"  - step {d['step']}: {d['reason']}: {d['text']} (lr {d['lr']:.3g})" for d in divergences
         )
         causes = self._likely_causes()
-        self.reporter.add_all(causes)
+        self.reporter.add_all(causes, first={"exploding-grad": EXPLAINED_BY_EXPLOSION})
         ranked = "\n".join(f"  {i}. [{f.code}] {f.message}" for i, f in enumerate(causes, 1))
         return DivergenceError(
             f"training diverged {len(divergences)} time(s) and {why}:\n{lines}\n"
@@ -225,11 +267,30 @@ class Rollback:
         )
 
     def _likely_causes(self) -> list[Finding]:
+        """The causes of the divergences, most likely first: exploding gradients, bad data, the LR."""
         step = self.progress.global_step
         bad_data = self.reporter.of_code("nonfinite-input")
-        causes: list[Finding] = list(bad_data)
+        causes: list[Finding] = []
+        exploded = [(d["step"], d["exploding"]) for d in self.record.divergences if d.get("exploding")]
         ratios = [event.detail.get("grad_norm_ratio") for event in self.record.events_of("rollback")]
-        if any(isinstance(r, float) and r > 10 for r in ratios):
+        suggestion = (
+            "Clip gradients (`clip_grad_norm=1.0`), then lower the learning rate; for recurrent nets "
+            "(RNN/LSTM/GRU) clipping is the standard fix. Check the initialisation."
+        )
+        if exploded:
+            causes.append(
+                Finding(
+                    "exploding-grad",
+                    "warning",
+                    f"the gradients exploded before {len(exploded)} of the {len(self.record.divergences)} "
+                    "divergences: "
+                    + "; ".join(f"{text} (divergence at step {at})" for at, text in exploded)
+                    + ".",
+                    step=step,
+                    suggestion=suggestion,
+                )
+            )
+        elif any(isinstance(r, float) and r > 10 for r in ratios):
             causes.append(
                 Finding(
                     "exploding-grad",
@@ -237,9 +298,10 @@ class Rollback:
                     "the gradient norm rose more than 10x its running mean at the divergences "
                     f"({', '.join(f'{r:.3g}x' for r in ratios if isinstance(r, float))}).",
                     step=step,
-                    suggestion="Clip gradients (`clip_grad_norm=1.0`) and check the initialisation.",
+                    suggestion=suggestion,
                 )
             )
+        causes += bad_data
         lrs = [d["lr"] for d in self.record.divergences]
         causes.append(
             Finding(

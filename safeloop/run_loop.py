@@ -268,6 +268,8 @@ class RunLoop:
         assert self.eval_dataloader is not None  # invariant: only called with one
         loss = evaluate(self.accelerator, self.model, self.eval_dataloader, self.step.losses)
         self.record.eval_loss = loss
+        if self.diagnostics is not None:
+            self.diagnostics.after_evaluation(self.progress.global_step, loss)
         self.accelerator.log({"eval/loss": loss}, step=self.progress.global_step)
         self.callbacks.call("on_validation_end", loss)
 

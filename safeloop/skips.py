@@ -6,6 +6,10 @@ kept on the device: fused optimizers, the fp16 scaler). It keeps the recent micr
 that a skipped step's batches can be replayed), turns a skip into its ``"skip"`` event and
 findings, counts skips in the run's record, and asks the rollback policy what a run of skips
 past ``max_consecutive_skips`` leads to. It neither steps nor logs.
+
+When the global gradient norms rose more than 10x in the steps before a skip (the policy's
+``NormTrail``), the skip's findings start with ``exploding-grad`` and the ``nonfinite-*`` advice
+points to clipping rather than to the operations that make NaN/Inf on their own.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from safeloop.diagnostics.localize import Localisation, locate_nonfinite
 from safeloop.errors import NonFiniteError
 from safeloop.findings import Reporter
-from safeloop.guards.divergence import Divergence
+from safeloop.guards.divergence import EXPLAINED_BY_EXPLOSION, Divergence, Explosion
 from safeloop.guards.nonfinite import SkipRecord, SkipTracker
 from safeloop.metrics import StepValues
 from safeloop.results import Event, Finding
@@ -170,7 +174,15 @@ class SkipHandler:
         detail["consecutive"] = self.tracker.consecutive
         if where is not None:
             detail["origin"] = {"kind": where.kind, "batch_idx": where.batch_idx, "where": where.where}
-        return SkipOutcome(Event("skip", record.step, detail), tuple(_findings(record, where)), escalate)
+        norms = self.divergences.norms
+        explosion = norms.explosion(record.step)
+        findings = _findings(record, where, explosion)
+        if explosion is not None:
+            detail["exploding"] = explosion.detail()
+            what = "loss" if record.cause == "loss" else "gradients"
+            found = norms.report(explosion, f"the non-finite {what} of step {record.step}")
+            findings = ([] if found is None else [found]) + findings
+        return SkipOutcome(Event("skip", record.step, detail), tuple(findings), escalate)
 
     def _report(self, outcome: SkipOutcome) -> None:
         findings = list(outcome.findings)
@@ -180,7 +192,7 @@ class SkipHandler:
             known = {(f.code, f.params) for f in self.reporter.findings}
             findings = [f for f in findings if f.code != "nonfinite-input" or (f.code, f.params) not in known]
         # every process learns of the skip at the same point; each replayed its own batch
-        self.reporter.add_all(findings, agree=True)
+        self.reporter.add_all(findings, agree=True, first={"exploding-grad": EXPLAINED_BY_EXPLOSION})
 
 
 def _raise_policy_error(record: SkipRecord, outcome: SkipOutcome) -> NonFiniteError:
@@ -201,8 +213,18 @@ def _listed(names: Sequence[str]) -> str:
     return shown + more
 
 
-def _findings(record: SkipRecord, where: Localisation | None) -> list[Finding]:
+def _findings(record: SkipRecord, where: Localisation | None, explosion: Explosion | None) -> list[Finding]:
     findings = []
+    exploded = clip = ""
+    if explosion is not None:
+        exploded = (
+            f" It follows exploding gradients: the global gradient norm rose {explosion.ratio:.3g}x in "
+            f"the steps before (to {explosion.peak:.3g} at step {explosion.peak_step})."
+        )
+        clip = (
+            "The non-finite values follow exploding gradients (see `exploding-grad`): clip gradients "
+            "(`clip_grad_norm=1.0`), then lower the learning rate."
+        )
     if where is not None and where.kind == "input":
         findings.append(
             Finding(
@@ -236,10 +258,14 @@ def _findings(record: SkipRecord, where: Localisation | None) -> list[Finding]:
                 Finding(
                     code="nonfinite-loss",
                     severity="warning",
-                    message=f"step {record.step}: the loss was {record.loss}; the step was skipped.{origin}",
+                    message=(
+                        f"step {record.step}: the loss was {record.loss}; the step was skipped.{origin}"
+                        f"{exploded}"
+                    ),
                     params=params,
                     step=record.step,
-                    suggestion=(
+                    suggestion=clip
+                    or (
                         "Look for log/sqrt/division of values that can reach 0 or below, overflow in "
                         "exp, or a learning rate high enough to blow the weights up."
                     ),
@@ -253,11 +279,12 @@ def _findings(record: SkipRecord, where: Localisation | None) -> list[Finding]:
                 message=(
                     f"step {record.step}: the loss was finite ({record.loss:.4g}) but the gradient "
                     f"norm was {record.grad_norm}; non-finite gradients in "
-                    f"{_listed(record.params) or 'unknown parameters'}. The step was skipped."
+                    f"{_listed(record.params) or 'unknown parameters'}. The step was skipped.{exploded}"
                 ),
                 params=record.params,
                 step=record.step,
-                suggestion=(
+                suggestion=clip
+                or (
                     "Check operations with unbounded derivatives at some inputs (sqrt at 0, "
                     "norms of zero vectors, custom backward functions), or clip gradients."
                 ),

@@ -25,6 +25,7 @@ from safeloop.checkpoint.sharded import ShardedState, dcp_support_problem, shard
 from safeloop.checkpoint.zero_state import ZeroState, zero_checkpoint_problem
 from safeloop.config import TrainerConfig, build_config
 from safeloop.data_cursor import DataCursor
+from safeloop.diagnostics.advice import check_lr_advice
 from safeloop.diagnostics.session import Diagnostics, check_optimizer_before_prepare
 from safeloop.distributed import settle_collectives
 from safeloop.findings import Reporter
@@ -229,6 +230,7 @@ class SafeTrainer:
             self._diagnostics = Diagnostics(
                 acc, self.model, self.optimizer, self._reporter, log_every=config.log_every,
                 loss_fn=loss_fn, eval_dataloader=self.eval_dataloader, zero=zero,
+                custom_step=training_step is not None,
             )  # fmt: skip
         adaptive = None if config.adaptive_clip is None else AdaptiveClip(config.adaptive_clip)
         spikes = SpikeDetector(config.spike_zscore, config.spike_patience, config.spike_warmup)
@@ -352,6 +354,8 @@ class SafeTrainer:
             if self._diagnostics is not None:
                 self._diagnostics.finish()
             record = self._record
+            # advice the run can check is checked against it (a rate that trained after a rollback)
+            self._reporter.findings[:] = check_lr_advice(self._reporter.findings, record)
             result = FitResult(
                 global_step=self.global_step,
                 skipped_steps=record.skipped_steps,
@@ -360,6 +364,7 @@ class SafeTrainer:
                 events=list(record.events),
                 findings=list(self._reporter.findings),
                 eval_loss=record.eval_loss,
+                baseline_loss=None if self._diagnostics is None else self._diagnostics.baseline_value,
             )
             self._reporter.finish(result, self.config.checkpoint_dir)
             self._callbacks.call("on_fit_end", result)

@@ -12,7 +12,7 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 
-from safeloop.diagnostics.updates import CONTEXT_RANKS, CONVERGED, OTHER_RANK, Cause
+from safeloop.diagnostics.updates import CONVERGED, Cause, rank_causes
 from safeloop.results import Finding
 
 __all__ = [
@@ -197,17 +197,7 @@ class LossPlateau:
             `Finding`: one warning naming the causes, most likely first; ``info`` when nothing
             is measured wrong and the loss fell below ``PLATEAU_LEARNED`` of its start.
         """
-        fresh = {c.code for c in causes} | {"loss-plateau"}
-        seen: set[tuple[str, tuple[str, ...]]] = set()
-        earlier = []
-        for f in context:  # a fresh measurement of the same code supersedes an older finding
-            if f.severity == "info" or f.code in fresh or (f.code, f.params) in seen:
-                continue
-            seen.add((f.code, f.params))
-            text = f"(step {f.step}) " + (f.message if len(f.message) <= 200 else f.message[:197] + "...")
-            earlier.append(Cause(CONTEXT_RANKS.get(f.code, OTHER_RANK), f.code, text, f.params, f.suggestion))
-        # sorted() is stable: equal ranks keep the order they were measured or reported in
-        ranked = sorted([*causes, *earlier], key=lambda c: c.rank)
+        ranked = rank_causes(causes, context, own="loss-plateau")
         if ranked:
             listed = "; ".join(f"{i}) {c.code}: {c.text}" for i, c in enumerate(ranked, 1))
             message = f"At step {step}, {self.summary}. Measured causes, most likely first: {listed}."

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from safeloop.diagnostics.gradient_stats import GradientStats, GradientWindow
+from safeloop.diagnostics.no_learning import NoLearning
+from safeloop.diagnostics.oscillation import Oscillation
 from safeloop.diagnostics.plateau import LossPlateau
 from safeloop.diagnostics.updates import CONTEXT_RANKS, Cause, UpdateSize, listing
 from safeloop.results import Finding
@@ -50,6 +52,8 @@ VANISH_RELATIVE = 1e-7
 VANISH_SPREAD = 1e-3
 # Log checks in a row a condition must hold, so one odd batch or one log step raises nothing.
 STREAK_CHECKS = 3
+# Parameters named as those whose gradient norm rose most (``TrainingMonitor.layer_rise``).
+RISE_LAYERS = 3
 
 
 class TrainingMonitor:
@@ -105,6 +109,8 @@ class TrainingMonitor:
         )
         self.names = self._stats.names  # the parameter names the findings quote
         self._plateau = LossPlateau(log_every, plateau_window)
+        self.no_learning = NoLearning(log_every, plateau_window)  # judged once its baseline is set
+        self._oscillation = Oscillation(self._plateau.window)
         self._checks = 0
         self._history: deque[float] = deque(maxlen=_HISTORY_STEPS)
         self._streaks: dict[str, int] = {}
@@ -114,6 +120,8 @@ class TrainingMonitor:
         self._vanishing_now: list[int] = []
         self._no_grad: list[int] = []
         self._found: list[Finding] = []  # this monitor's findings so far, causes of a later plateau
+        self._last_lr: float | None = None
+        self._measured = False  # per-parameter values were read at the last check
 
     # -- device side: GradientStats measures ------------------------------------------------
 
@@ -137,6 +145,14 @@ class TrainingMonitor:
         """Forget the abandoned branch: the interval's measurements and the plateau's history."""
         self.clear()
         self._plateau.restart()
+        self.no_learning.restart()
+        self._oscillation.restart()
+        self._updates.restart()
+        # the norms and streaks of the abandoned branch (rising toward the divergence) are no
+        # reference for the restored state's
+        self._history.clear()
+        self._streaks.clear()
+        self._vanishing.clear()
 
     def before_update(self) -> None:
         """Copy the weights of 2+ dims before ``optimizer.step()`` (log steps only)."""
@@ -178,6 +194,7 @@ class TrainingMonitor:
         grad_norms: Sequence[float] = (),
         lr: float | None = None,
         context: Sequence[Finding] = (),
+        eval_loss: float | None = None,
     ) -> list[Finding]:
         """Turn one log interval's host values into new findings.
 
@@ -189,25 +206,38 @@ class TrainingMonitor:
             lr (`float`, *optional*): the current learning rate, quoted in messages.
             context (`Sequence[Finding]`): findings of the other monitors so far, ranked as causes
                 of a plateau.
+            eval_loss (`float`, *optional*): the last evaluation loss, quoted by ``no-learning``.
 
         Returns:
             `list[Finding]`: findings not reported before.
         """
         window = self._stats.decode(values)
+        self._last_lr, self._measured = lr, window is not None
         findings = [self._exploding(step, grad_norms, window)]
         if window is not None:
             findings += [self._layer_ratio(step, window), self._vanishing_grad(step, window)]
             self._no_grad = [i for i in self._stats.trainable if window.grads[i] == 0.0]
-            findings += self._updates.judge(step, self._ratios(window), losses, lr)
+            ratios = self._ratios(window)
+            findings += self._updates.judge(step, ratios, losses, lr)
+            findings.append(self._oscillation.check(step, losses, self._updates.median, ratios, lr))
         self._checks += 1
         found = [f for f in findings if f is not None]
         self._found += found
+        if self.no_learning.update(step, losses):
+            causes = self._causes(lr) if window is not None else []
+            found.append(
+                self.no_learning.finding(step, causes, [*context, *self._found], eval_loss=eval_loss)
+            )
         if self._plateau.update(losses):
             causes = self._causes(lr) if window is not None else []
             found.append(
                 self._plateau.finding(step, causes, [*context, *self._found], measured=window is not None)
             )
         return found
+
+    def causes_now(self) -> list[Cause]:
+        """The causes of a flat loss measured at the last check (none where nothing is measured)."""
+        return self._causes(self._last_lr) if self._measured else []
 
     def _ratios(self, window: GradientWindow) -> dict[str, float]:
         """``||dw|| / ||w||`` of the weights that say something about the learning rate."""
@@ -227,9 +257,42 @@ class TrainingMonitor:
         self._streaks[key] = self._streaks.get(key, 0) + 1 if condition else 0
         return self._streaks[key] >= STREAK_CHECKS and key not in self._reported
 
+    # Which layers' gradient norms rose most at the last log check, for the `exploding-grad` finding
+    # of a refused step or a divergence (rollback.py's NormTrail): (text for the message, their
+    # names); ("", ()) when per-parameter norms are not measured. Set by `_exploding` at each check.
+    layer_rise: tuple[str, tuple[str, ...]] = ("", ())
+    _previous_grads: tuple[int, list[float]] | None = None  # the last check's step and window.grads
+
+    def _rise_of_layers(self, step: int, window: GradientWindow) -> tuple[str, tuple[str, ...]]:
+        """The parameters whose interval mean gradient norm rose most since the previous check.
+
+        At the first check, with nothing to compare with, the largest mean gradient norms.
+        """
+        previous, self._previous_grads = self._previous_grads, (step, list(window.grads))
+        live = [i for i in self._stats.trainable if 0 < window.grads[i] < math.inf]
+        if previous is None:
+            top = sorted(((self.names[i], window.grads[i]) for i in live), key=lambda t: -t[1])[:RISE_LAYERS]
+            text = f"largest mean gradient norms of the log interval ending at step {step}: {listing(top)}"
+        else:
+            at, before = previous
+            top = sorted(
+                (
+                    (self.names[i], window.grads[i] / before[i])
+                    for i in live
+                    if window.grads[i] > before[i] > 0
+                ),
+                key=lambda t: -t[1],
+            )[:RISE_LAYERS]
+            rises = ", ".join(f"`{name}` {ratio:.3g}x" for name, ratio in top)
+            text = (
+                f"mean gradient norms that rose most from the log check of step {at} to step {step}: {rises}"
+            )
+        return (text, tuple(name for name, _ in top)) if top else ("", ())
+
     def _exploding(
         self, step: int, grad_norms: Sequence[float], window: GradientWindow | None
     ) -> Finding | None:
+        self.layer_rise = ("", ()) if window is None else self._rise_of_layers(step, window)
         finite = [(v, i) for i, v in enumerate(grad_norms) if math.isfinite(v)]
         warm = self._checks >= EXPLODE_WARMUP_CHECKS and len(self._history) >= EXPLODE_WARMUP_STEPS
         median = statistics.median(self._history) if warm else 0.0
@@ -252,6 +315,7 @@ class TrainingMonitor:
                 f"The global gradient norm reached {peak:.3g} at step {step - len(grad_norms) + 1 + at}, "
                 f"{peak / median:.0f}x its running median {median:.3g} (threshold {EXPLODE_FACTOR:.0f}x)"
                 + (f"; largest mean gradient norms this interval: {listing(top)}" if top else "")
+                + (f"; {self.layer_rise[0]}" if "rose most" in self.layer_rise[0] else "")
                 + ". Likely a learning rate too high for the model, weights growing without "
                 "normalisation, or a deep stack amplifying gradients."
             ),

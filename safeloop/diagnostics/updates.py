@@ -20,6 +20,7 @@ __all__ = [
     "Cause",
     "UpdateSize",
     "listing",
+    "rank_causes",
     "CONTEXT_RANKS",
     "OTHER_RANK",
     "CONVERGED",
@@ -52,7 +53,9 @@ LR_ANNEALED = 0.1
 # Where other monitors' findings rank among the measured causes (lower is more likely): weights
 # that do not move or get no gradient first, then broken structure, then updates too large.
 CONTEXT_RANKS = {
+    "loss-broadcast": -1,  # the loss itself cannot go below the baseline: certain, so first
     "lr-too-low": 0,
+    "label-distribution": 1,
     "vanishing-grad": 2,
     "dead-units": 3,
     "zero-params": 3,
@@ -86,6 +89,31 @@ class Cause:
     fix: str = ""
 
 
+def rank_causes(causes: Sequence[Cause], context: Sequence[Finding], *, own: str) -> list[Cause]:
+    """The measured causes and the run's earlier findings, most likely first.
+
+    Args:
+        causes (`Sequence[Cause]`): causes measured now, in any order.
+        context (`Sequence[Finding]`): findings reported so far; those of a code not measured now
+            join the causes (``info`` ones and the ``own`` code do not).
+        own (`str`): the code of the finding being ranked (its earlier reports are no cause).
+
+    Returns:
+        `list[Cause]`: by ``CONTEXT_RANKS`` (others ``OTHER_RANK``); equal ranks in the order given.
+    """
+    fresh = {c.code for c in causes} | {own, "loss-plateau", "no-learning"}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    earlier = []
+    for f in context:  # a fresh measurement of the same code supersedes an older finding
+        if f.severity == "info" or f.code in fresh or (f.code, f.params) in seen:
+            continue
+        seen.add((f.code, f.params))
+        text = f"(step {f.step}) " + (f.message if len(f.message) <= 200 else f.message[:197] + "...")
+        earlier.append(Cause(CONTEXT_RANKS.get(f.code, OTHER_RANK), f.code, text, f.params, f.suggestion))
+    # sorted() is stable: equal ranks keep the order they were measured or reported in
+    return sorted([*causes, *earlier], key=lambda c: c.rank)
+
+
 def listing(items: Sequence[tuple[str, float]], limit: int = 4) -> str:
     """Names with their values, the first ``limit`` of them, and how many more (for messages)."""
     text = ", ".join(f"`{name}` {value:.2g}" for name, value in items[:limit])
@@ -109,6 +137,13 @@ class UpdateSize:
         self._first: float | None = None  # the first interval's mean loss
         self._streak = {"lr-too-high": 0, "lr-too-low": 0}
         self._reported: set[str] = set()
+
+    def restart(self) -> None:
+        """Start over from the restored state (after a rollback): its losses and streaks only."""
+        self._best = math.inf
+        self._first = None
+        self._lrs.clear()
+        self._streak = {code: 0 for code in self._streak}
 
     def judge(
         self, step: int, ratios: dict[str, float], losses: Sequence[float], lr: float | None

@@ -8,8 +8,10 @@ Skipped where DeepSpeed is not installed (it is in the ``test`` extra).
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,15 @@ def ddp_run(tmp_path_factory) -> tuple[list[dict], Path]:
     return _launch(out_dir, MODE="ddp"), out_dir
 
 
+def test_the_baseline_loss_counts_the_targets_of_both_processes(ddp_run):
+    ddp, _ = ddp_run
+    targets = [t for record in ddp for t in record["first_targets"]]
+    frequencies = [count / len(targets) for count in collections.Counter(targets).values()]
+    expected = -sum(p * math.log(p) for p in frequencies)
+    assert len(ddp[0]["first_targets"]) == len(ddp[1]["first_targets"]) > 0
+    assert ddp[0]["baseline"] == ddp[1]["baseline"] == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_logs_the_per_layer_norms_update_ratios_and_findings_of_ddp(tmp_path, ddp_run, stage):
     ddp, ddp_dir = ddp_run
@@ -49,6 +60,7 @@ def test_zero_logs_the_per_layer_norms_update_ratios_and_findings_of_ddp(tmp_pat
     # statistics from this process's partitions, summed over the 2 processes
     assert [r["layout"] for r in results] == [[2, True, True]] * 2
     _assert_same_as_ddp(results, tmp_path / "ds", ddp, ddp_dir, kind="DEEPSPEED")
+    assert [r["baseline"] for r in results] == [ddp[0]["baseline"]] * 2
     # the updates themselves are DDP's, bit for bit (taking the step apart from the backward
     # changes nothing), and so are the losses
     assert results[0]["weights"] == ddp[0]["weights"]

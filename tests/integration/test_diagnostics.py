@@ -52,6 +52,10 @@ DIAGNOSTIC_CODES = {
     "loss-plateau",
     "eval-train-overlap",
     "normalization-mismatch",
+    "loss-broadcast",
+    "no-learning",
+    "label-distribution",
+    "train-eval-gap",
 }
 
 
@@ -483,6 +487,7 @@ def test_diagnostics_off_reports_no_diagnostic_code_and_the_run_still_trains():
     result = _fit(model, _loader(*_classes()), diagnostics=False, max_steps=20)
     assert not DIAGNOSTIC_CODES & {f.code for f in result.findings}, _listing(result.findings)
     assert result.global_step == 20 and not state_equal(head, model.head.state_dict())
+    assert result.baseline_loss is None
     _reset_accelerate()
     on = _fit(_DetachedBody(), _loader(*_classes()), max_steps=20)  # the same run, diagnosed
     assert "detached-params" in {f.code for f in on.findings}

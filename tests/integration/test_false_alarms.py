@@ -392,3 +392,129 @@ def test_sgd_momentum_with_a_schedule(schedule, steps):
     result = run_sgd_schedule(steps, schedule=schedule)
     assert_healthy(result, steps=steps, learned=0.5)
     assert result.history[-1]["lr"] < 0.2 * result.history[0]["lr"]  # the schedule ran
+
+
+# -- 9.-13. healthy runs close to the baseline-loss rules ---------------------------------------
+# no-learning compares the loss with a constant prediction's, label-distribution the class mixes,
+# train-eval-gap the two losses, lr-too-high (oscillating) the loss with its best.
+
+
+def run_hard_task(steps: int, seed: int = 0) -> FitResult:
+    """10 classes, 60% of the labels random: the loss can only fall slowly from ln(10)."""
+    gen = _gen(900 + seed)
+    x = torch.randn(4096, 16, generator=gen)
+    rule = (x @ torch.randn(16, 10, generator=gen)).argmax(1)
+    noise = torch.randint(0, 10, (4096,), generator=gen)
+    y = torch.where(torch.rand(4096, generator=gen) < 0.6, noise, rule)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return _fit(
+        model,
+        optimizer,
+        _loader(x, y, batch_size=64, seed=seed),
+        loss_fn=nn.CrossEntropyLoss(),
+        max_steps=steps,
+    )
+
+
+def test_a_hard_task_whose_loss_falls_slowly_from_the_baseline():
+    result = run_hard_task(400)
+    before, after = assert_healthy(result, steps=400, learned=0.99)
+    assert result.baseline_loss is not None and before < 1.05 * result.baseline_loss
+    assert after < 0.97 * result.baseline_loss  # a few % below a constant prediction, and falling
+
+
+def run_noisy_high_lr(steps: int, seed: int = 0) -> FitResult:
+    """SGD at a high but workable rate on batches of 8: a loss that jumps from step to step."""
+    gen = _gen(1000 + seed)
+    x = torch.randn(2048, 12, generator=gen)
+    y = (x @ torch.randn(12, 4, generator=gen) + 0.5 * torch.randn(2048, 4, generator=gen)).argmax(1)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return _fit(
+        model,
+        optimizer,
+        _loader(x, y, batch_size=8, seed=seed),
+        loss_fn=nn.CrossEntropyLoss(),
+        max_steps=steps,
+    )
+
+
+def test_a_high_but_fine_learning_rate_with_a_noisy_loss():
+    result = run_noisy_high_lr(400)
+    assert_healthy(result, steps=400, learned=0.7)
+    spread = [h["loss"] for h in result.history[5:]]
+    assert max(spread) > 1.3 * min(spread)  # the log-check means themselves jump
+
+
+def run_tiny_variance_regression(steps: int, seed: int = 0) -> FitResult:
+    """Targets of standard deviation 0.01: the baseline loss is 1e-4."""
+    gen = _gen(1100 + seed)
+    x = torch.randn(2048, 6, generator=gen)
+    y = 0.01 * (torch.tanh(x[:, :2]).sum(1, keepdim=True) + 0.1 * torch.randn(2048, 1, generator=gen))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return _fit(
+        model, optimizer, _loader(x, y, batch_size=64, seed=seed), loss_fn=nn.MSELoss(), max_steps=steps
+    )
+
+
+def test_a_regression_whose_targets_have_a_tiny_variance():
+    result = run_tiny_variance_regression(400)
+    assert_healthy(result, steps=400, learned=0.2)
+    assert result.baseline_loss is not None and result.baseline_loss < 3e-4
+    assert result.history[-1]["loss"] < result.baseline_loss
+
+
+def run_fine_tuning(steps: int, seed: int = 0) -> FitResult:
+    """A model trained first (a plain loop), then fine-tuned at a lower rate: below the baseline."""
+    gen = _gen(1200 + seed)
+    x = torch.randn(2048, 10, generator=gen)
+    y = (x @ torch.randn(10, 5, generator=gen) + 0.3 * torch.randn(2048, 5, generator=gen)).argmax(1)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 5))
+    pretrain = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        for inputs, targets in _loader(x, y, batch_size=64, seed=seed):
+            pretrain.zero_grad()
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            pretrain.step()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return _fit(
+        model,
+        optimizer,
+        _loader(x, y, batch_size=64, seed=seed),
+        loss_fn=nn.CrossEntropyLoss(),
+        max_steps=steps,
+    )
+
+
+def test_fine_tuning_that_starts_below_the_baseline():
+    result = run_fine_tuning(300)
+    before, _ = assert_healthy(result, steps=300, learned=1.0)
+    assert result.baseline_loss is not None and before < 0.6 * result.baseline_loss
+
+
+def run_imbalanced_with_eval(epochs: int, seed: int = 0) -> FitResult:
+    """Classes at 80/15/5% in both sets, split at random, evaluated each epoch."""
+    gen = _gen(1300 + seed)
+    x = torch.randn(1500, 8, generator=gen)
+    score = x @ torch.randn(8, generator=gen)
+    y = torch.bucketize(score, torch.quantile(score, torch.tensor([0.8, 0.95])))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = _loader(x[:1200], y[:1200], batch_size=32, seed=seed)
+    evaluation = DataLoader(TensorDataset(x[1200:], y[1200:]), batch_size=64)
+    return _fit(
+        model, optimizer, loader, eval_dataloader=evaluation, loss_fn=nn.CrossEntropyLoss(), max_epochs=epochs
+    )
+
+
+def test_imbalanced_classes_with_an_eval_set():
+    result = run_imbalanced_with_eval(epochs=5)  # 38 steps an epoch
+    assert_healthy(result, steps=5 * 38, learned=0.5)
+    assert result.eval_loss is not None and result.eval_loss < 0.5 * result.baseline_loss

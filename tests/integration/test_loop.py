@@ -162,8 +162,11 @@ def test_host_reads_happen_once_per_log_step_and_never_on_other_steps(monkeypatc
     )
     # the first step's extra reads: the preflight (zero-weight check), and with diagnostics the
     # first-batch checks (inputs finite, target range, initial loss: 6 reads here); once per fit.
-    # Diagnostics add nothing to other steps: their log-step values travel in the metrics' read.
-    assert reads == [7 if diagnostics else 1, 0, 0, 0, 1] + [0, 0, 0, 0, 1] * 3
+    # Diagnostics add nothing to other steps: their log-step values travel in the metrics' read;
+    # the first log step after 8 micro-batches also reads the baseline loss's statistics (two
+    # reads, once per fit).
+    baseline = 3 if diagnostics else 1
+    assert reads == [7 if diagnostics else 1, 0, 0, 0, 1] + [0, 0, 0, 0, baseline] + [0, 0, 0, 0, 1] * 2
 
 
 def test_optimizers_without_found_inf_read_the_guard_flag_once_per_step(monkeypatch):
@@ -175,8 +178,9 @@ def test_optimizers_without_found_inf_read_the_guard_flag_once_per_step(monkeypa
         log_every=5,
         max_steps=10,
     )
-    # the flag each step, the metrics on log steps, and the first step's checks once
-    assert reads[1:] == [1, 1, 1, 2, 1, 1, 1, 1, 2] and reads[0] == 8
+    # the flag each step, the metrics on log steps (the one after 8 micro-batches also the
+    # baseline loss's two), and the first step's checks once
+    assert reads[1:] == [1, 1, 1, 2, 1, 1, 1, 1, 4] and reads[0] == 8
 
 
 def test_guard_off_reads_nothing_outside_log_steps_with_any_optimizer(monkeypatch):
@@ -189,8 +193,9 @@ def test_guard_off_reads_nothing_outside_log_steps_with_any_optimizer(monkeypatc
         log_every=5,
         max_steps=10,
     )
-    # the first step's checks, the metrics on the log steps; nothing else
-    assert reads[1:] == [0, 0, 0, 1, 0, 0, 0, 0, 1] and reads[0] == 7
+    # the first step's checks, the metrics on the log steps (the one after 8 micro-batches also
+    # the baseline loss's two); nothing else
+    assert reads[1:] == [0, 0, 0, 1, 0, 0, 0, 0, 3] and reads[0] == 7
 
 
 def test_eval_loss_is_the_sample_weighted_mean_and_model_is_back_in_train_mode():

@@ -112,7 +112,23 @@ class StepNorms(Callback):
         self.steps.append(norms)
 
 
+class FirstTargets(Callback):
+    """The targets of this process's first micro-batches: what the baseline loss is measured on."""
+
+    def __init__(self, count: int = 8) -> None:
+        self.count = count
+        self.targets: list[int] = []
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, batch, batch_idx) -> None:
+        if self.batches < self.count:
+            self.targets += batch[1].tolist()
+            self.batches += 1
+
+
 def loss_function(fault: str):
+    if not fault:
+        return nn.CrossEntropyLoss()  # recognised: the run measures its baseline loss
     base, calls = nn.CrossEntropyLoss(), [0]
 
     def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -185,7 +201,7 @@ def main() -> None:
         return
     accelerator.init_trackers("deepspeed-test")
     model, optimizer, loader = model_optimizer_loader()
-    norms = StepNorms()
+    norms, first = StepNorms(), FirstTargets()
     options = {}
     if "CLIP" in os.environ:
         options["clip_grad_norm"] = float(os.environ["CLIP"])
@@ -203,7 +219,7 @@ def main() -> None:
             max_steps=int(os.environ.get("MAX_STEPS", "20")),
             log_every=5,
             nan_guard=os.environ.get("GUARD", "skip"),
-            callbacks=[norms],
+            callbacks=[norms, first],
             **options,
         )
     except RuntimeError as error:  # DeepSpeed refused to start on this machine
@@ -220,6 +236,8 @@ def main() -> None:
             findings=[[f.code, f.severity, list(f.params), f.step] for f in result.findings],
             events=[[e.kind, e.step] for e in result.events],
             reinit=[e.detail for e in result.events if e.kind == "reinit"],
+            baseline=result.baseline_loss,
+            first_targets=first.targets,
         )
     except NonFiniteError as error:
         record.update(error=type(error).__name__, steps=trainer.global_step)
