@@ -1,18 +1,18 @@
 """The diagnostics of one run, wired to the loop (``diagnostics=True``).
 
 The loop and the step say *when* (first micro-batch, after its backward, every step, log steps,
-the end of ``fit``); this module calls the checks of ``first_batch``,
-``targets``, ``data``, ``training`` and ``health`` and makes every process hold the same
-findings. Per-step work is device-only (the gradient norms the clipping step measured anyway);
-host reads happen on the first batches and at log steps, in the metrics' single transfer.
-Sharded runs: see ``sharded.py`` for what is measured under FSDP2, FSDP1 and DeepSpeed.
+the end of ``fit``); this module calls the checks of ``first_batch``, ``targets``, ``broadcast``,
+``data``, ``training``, ``health`` and ``baseline_watch`` (the baseline loss and the rules that
+compare with it) and makes every process hold the same findings. Per-step work is device-only
+(the gradient norms the clipping step measured anyway); host reads happen on the first batches and
+at log steps, in the metrics' single transfer. Sharded runs: see ``sharded.py`` for what is
+measured under FSDP2, FSDP1 and DeepSpeed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +22,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.nn.parallel import DistributedDataParallel
 
-from safeloop.diagnostics.baseline import BASELINE_BATCHES, Baseline, TargetSample, loss_form
+from safeloop.diagnostics.baseline import Baseline
+from safeloop.diagnostics.baseline_watch import BaselineWatch
 from safeloop.diagnostics.broadcast import check_broadcast, from_warnings
 from safeloop.diagnostics.data import DataProfile
 from safeloop.diagnostics.data_compare import compare_profiles
@@ -35,7 +36,6 @@ from safeloop.diagnostics.first_batch import (
     raise_if_fatal,
 )
 from safeloop.diagnostics.health import WeightHealth, lookup_tables
-from safeloop.diagnostics.labels import check_label_mix, check_train_eval_gap, class_counts, eval_targets
 from safeloop.diagnostics.sharded import shard_layout, unwrapped_name
 from safeloop.diagnostics.targets import check_initial_loss, check_inputs, check_targets
 from safeloop.diagnostics.training import TrainingMonitor
@@ -120,15 +120,14 @@ class Diagnostics:
         self._watch: ForwardWatch | None = None
         self._train_profile: DataProfile | None = DataProfile()
         self._eval_profile: DataProfile | None = None
-        self.baseline: Baseline | None = None
-        self._eval_targets: list[torch.Tensor] = []  # class targets of the first eval batches
-        self._eval_baseline = 0.0
-        self._gap_reported = False
-        self._targets = self._target_sample(None if custom_step else loss_fn, custom_step)
-        # every process measures at the same log check, whatever its own loss_fn and data: the
-        # micro-batches run are the same count everywhere; a process without a sample still joins
-        self._baseline_pending = True
-        self._micro_batches = 1  # the first one is the first-batch check's
+        self.baselines = BaselineWatch(
+            accelerator,
+            reporter,
+            self.monitor.no_learning,
+            None if custom_step else loss_fn,
+            custom_step=custom_step,
+            has_eval=eval_dataloader is not None,
+        )
 
     # -- the first micro-batch -------------------------------------------------------------
 
@@ -216,8 +215,7 @@ class Diagnostics:
                 # the real loss would crash here (an index error, or a device-side assert on
                 # CUDA); a zero stand-in lets every process reach the agreement, then all raise
                 return _zero_like_loss(outputs)
-            if self._targets is not None:
-                self._targets.see(outputs, targets)
+            self.baselines.see(outputs, targets)
             loss = loss_fn(outputs, targets)
             value = None
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
@@ -231,100 +229,22 @@ class Diagnostics:
     # -- the baseline loss ------------------------------------------------------------------
 
     @property
+    def baseline(self) -> Baseline | None:
+        """The baseline loss, once measured."""
+        return self.baselines.baseline
+
+    @property
     def baseline_value(self) -> float | None:
         """The baseline loss measured at the first log check, or None."""
-        return None if self.baseline is None else self.baseline.value
-
-    def _target_sample(self, loss_fn: LossFn | None, custom_step: bool) -> TargetSample | None:
-        form = None if loss_fn is None else loss_form(loss_fn)
-        why = None
-        if custom_step:
-            why = "the loss comes from `training_step`, whose targets and loss are not seen"
-        elif loss_fn is None:
-            why = "the model computes its own loss (no `loss_fn`)"
-        elif form is None:
-            why = f"`{getattr(loss_fn, '__name__', type(loss_fn).__name__)}` is not a loss recognised here"
-        elif form.problem is not None:
-            why = f"`{form.name}` uses {form.problem}"
-        if why is not None:
-            if self.accelerator.is_main_process:
-                logger.info(
-                    "safeloop: no baseline loss (the loss of the best constant prediction) for this run: %s; "
-                    "the no-learning check is off. Recognised: CrossEntropyLoss, NLLLoss, BCELoss, "
-                    "BCEWithLogitsLoss, MSELoss, L1Loss, SmoothL1Loss, HuberLoss and their F. forms.",
-                    why,
-                )
-            return None
-        assert form is not None  # invariant: no reason above means a recognised form
-        return TargetSample(form)
+        return None if self.baselines.baseline is None else self.baselines.baseline.value
 
     def loss_fn_now(self) -> LossFn | None:
         """The user's ``loss_fn`` wrapped to keep its targets while the baseline samples them, else None."""
-        self._micro_batches += 1
-        sample, loss_fn = self._targets, self.loss_fn
-        if sample is None or loss_fn is None or not sample.wants:
-            return None
-
-        def sampled(outputs: Any, targets: Any) -> Any:
-            sample.see(outputs, targets)
-            return loss_fn(outputs, targets)
-
-        return sampled
-
-    def _measure_baseline(self, step: int) -> None:
-        """At the first log check: the baseline from every process's targets (two small collectives)."""
-        sample, self._targets, self._baseline_pending = self._targets, None, False
-        acc = self.accelerator
-        counts = None if sample is None else sample.class_counts()  # before `statistics`, which lets go
-        stats = None if sample is None else sample.statistics()
-        length = -1 if stats is None else stats.numel()
-        bounds = torch.tensor([length, -length], dtype=torch.float64, device=acc.device)
-        high, low = reduce_across_processes(acc, bounds, "max").tolist()  # one read
-        if stats is None or sample is None or high != -low:  # a process saw no targets, or another layout
-            return
-        classes = sample.layout[0] if counts is not None else 0
-        if counts is not None:  # the label mix rides along: train counts, then eval counts
-            held = class_counts(self._eval_targets, classes, sample.form.ignore_index)
-            stats = torch.cat([stats, counts, held.to(counts.device)])
-        self._eval_targets = []
-        summed = reduce_across_processes(acc, stats.to(acc.device), "sum").tolist()  # one read
-        if counts is not None:
-            summed, train, held = summed[: -2 * classes], summed[-2 * classes : -classes], summed[-classes:]
-            evaluation = held if self.eval_dataloader is not None else None
-            self._report(check_label_mix(train, evaluation, sample.batches))
-            if evaluation is not None and sum(evaluation) > 0:
-                # the eval set's own constant-prediction loss: a scale for the train/eval gap when
-                # the training labels are degenerate (one class: a baseline of zero)
-                self._eval_baseline = -sum(v / sum(held) * math.log(v / sum(held)) for v in held if v > 0)
-        baseline = Baseline.of(sample.form, summed, sample.layout)
-        if baseline is None:
-            return
-        self.baseline = baseline
-        self.monitor.no_learning.baseline = baseline
-        if acc.is_main_process:
-            logger.info(
-                "safeloop: baseline loss %.4g (%s, %d targets)",
-                baseline.value,
-                baseline.how,
-                baseline.samples,
-            )
-            if acc.trackers:
-                acc.log({"baseline_loss": baseline.value}, step=step)
+        return self.baselines.loss_fn_now()
 
     def after_evaluation(self, step: int, eval_loss: float) -> None:
         """Judge an evaluation against the baseline and the train loss (no collective)."""
-        watch = self.monitor.no_learning
-        baseline = self.baseline
-        if baseline is None or not math.isfinite(eval_loss):
-            return
-        if watch.update_eval(step, eval_loss):
-            self._report([watch.finding(step, self.monitor.causes_now(), self.reporter.findings)])
-        if not self._gap_reported and watch.warmed:
-            reference = max(baseline.value, self._eval_baseline)
-            gap = check_train_eval_gap(step, watch.recent, eval_loss, reference)
-            if gap is not None:
-                self._gap_reported = True
-                self._report([gap])
+        self._report(self.baselines.after_evaluation(step, eval_loss, self.monitor.causes_now()))
 
     # -- data ------------------------------------------------------------------------------
 
@@ -340,9 +260,7 @@ class Diagnostics:
             iterator = iter(loader)
             try:
                 for batch in iterator:
-                    targets = eval_targets(batch)
-                    if targets is not None and self._targets is not None:
-                        self._eval_targets.append(targets.detach().cpu())  # before training: no step waits
+                    self.baselines.see_eval_batch(batch)
                     if not profile.add(batch):
                         break
             finally:
@@ -416,8 +334,8 @@ class Diagnostics:
             lr (`float`): the learning rate of the interval's last step.
         """
         health_values, monitor_values = values[:health_len], values[health_len:]
-        if self._baseline_pending and self._micro_batches >= BASELINE_BATCHES:
-            self._measure_baseline(step)
+        if self.baselines.due:
+            self._report(self.baselines.measure(step))
         if self.health is not None:
             self._report(self.health.check(step, health_values))
         applied = [s for s in record.per_step if s.finite is not False and not s.overflow]
@@ -437,8 +355,8 @@ class Diagnostics:
 
     def finish(self) -> None:
         """At the end of ``fit``: the baseline and the data profiles, if not measured yet (all processes)."""
-        if self._baseline_pending:
-            self._measure_baseline(self.reporter.progress.global_step)
+        if self.baselines.pending:
+            self._report(self.baselines.measure(self.reporter.progress.global_step))
         self._compare_data(final=True)
 
     def note_zero_at_start(self, names: set[str]) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from safeloop.diagnostics.gradient_stats import GradientStats, GradientWindow
+from safeloop.diagnostics.layer_rise import LayerRise
 from safeloop.diagnostics.no_learning import NoLearning
 from safeloop.diagnostics.oscillation import Oscillation
 from safeloop.diagnostics.plateau import LossPlateau
@@ -52,8 +53,6 @@ VANISH_RELATIVE = 1e-7
 VANISH_SPREAD = 1e-3
 # Log checks in a row a condition must hold, so one odd batch or one log step raises nothing.
 STREAK_CHECKS = 3
-# Parameters named as those whose gradient norm rose most (``TrainingMonitor.layer_rise``).
-RISE_LAYERS = 3
 
 
 class TrainingMonitor:
@@ -111,6 +110,7 @@ class TrainingMonitor:
         self._plateau = LossPlateau(log_every, plateau_window)
         self.no_learning = NoLearning(log_every, plateau_window)  # judged once its baseline is set
         self._oscillation = Oscillation(self._plateau.window)
+        self._rise = LayerRise(self.names)
         self._checks = 0
         self._history: deque[float] = deque(maxlen=_HISTORY_STEPS)
         self._streaks: dict[str, int] = {}
@@ -148,6 +148,7 @@ class TrainingMonitor:
         self.no_learning.restart()
         self._oscillation.restart()
         self._updates.restart()
+        self._rise.restart()
         # the norms and streaks of the abandoned branch (rising toward the divergence) are no
         # reference for the restored state's
         self._history.clear()
@@ -257,42 +258,18 @@ class TrainingMonitor:
         self._streaks[key] = self._streaks.get(key, 0) + 1 if condition else 0
         return self._streaks[key] >= STREAK_CHECKS and key not in self._reported
 
-    # Which layers' gradient norms rose most at the last log check, for the `exploding-grad` finding
-    # of a refused step or a divergence (rollback.py's NormTrail): (text for the message, their
-    # names); ("", ()) when per-parameter norms are not measured. Set by `_exploding` at each check.
-    layer_rise: tuple[str, tuple[str, ...]] = ("", ())
-    _previous_grads: tuple[int, list[float]] | None = None  # the last check's step and window.grads
+    @property
+    def layer_rise(self) -> tuple[str, tuple[str, ...]]:
+        """The layers whose gradient norms rose most at the last log check: (message text, names).
 
-    def _rise_of_layers(self, step: int, window: GradientWindow) -> tuple[str, tuple[str, ...]]:
-        """The parameters whose interval mean gradient norm rose most since the previous check.
-
-        At the first check, with nothing to compare with, the largest mean gradient norms.
+        For the ``exploding-grad`` finding of a refused step or a divergence.
         """
-        previous, self._previous_grads = self._previous_grads, (step, list(window.grads))
-        live = [i for i in self._stats.trainable if 0 < window.grads[i] < math.inf]
-        if previous is None:
-            top = sorted(((self.names[i], window.grads[i]) for i in live), key=lambda t: -t[1])[:RISE_LAYERS]
-            text = f"largest mean gradient norms of the log interval ending at step {step}: {listing(top)}"
-        else:
-            at, before = previous
-            top = sorted(
-                (
-                    (self.names[i], window.grads[i] / before[i])
-                    for i in live
-                    if window.grads[i] > before[i] > 0
-                ),
-                key=lambda t: -t[1],
-            )[:RISE_LAYERS]
-            rises = ", ".join(f"`{name}` {ratio:.3g}x" for name, ratio in top)
-            text = (
-                f"mean gradient norms that rose most from the log check of step {at} to step {step}: {rises}"
-            )
-        return (text, tuple(name for name, _ in top)) if top else ("", ())
+        return self._rise.last
 
     def _exploding(
         self, step: int, grad_norms: Sequence[float], window: GradientWindow | None
     ) -> Finding | None:
-        self.layer_rise = ("", ()) if window is None else self._rise_of_layers(step, window)
+        self._rise.update(step, None if window is None else window.grads, self._stats.trainable)
         finite = [(v, i) for i, v in enumerate(grad_norms) if math.isfinite(v)]
         warm = self._checks >= EXPLODE_WARMUP_CHECKS and len(self._history) >= EXPLODE_WARMUP_STEPS
         median = statistics.median(self._history) if warm else 0.0

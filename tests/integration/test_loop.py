@@ -264,6 +264,11 @@ def test_metrics_reach_accelerate_trackers(tmp_path):
     assert {"train/lr", "train/grad_norm"} <= train_logs[0][1].keys()
     assert any("eval/loss" in values for _, values in tracker.logged)
     assert tracker.config["max_steps"] == 8
+    # once, at the first log step after the 8 micro-batches it is measured on
+    baseline = [
+        (step, values["baseline_loss"]) for step, values in tracker.logged if "baseline_loss" in values
+    ]
+    assert result.baseline_loss is not None and baseline == [(8, pytest.approx(result.baseline_loss))]
 
 
 def test_clip_grad_value_clamps_every_gradient_element():

@@ -3,6 +3,7 @@ learning rate; and the baseline loss each run reports. Data is synthetic and mad
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -212,7 +213,8 @@ def test_adam_on_a_small_transformer_oscillates_at_a_high_learning_rate():
 # -- the baseline itself ------------------------------------------------------------------------
 
 
-def test_the_baseline_is_reported_in_the_result_and_the_report():
+def test_the_baseline_is_reported_in_the_result_and_the_report(caplog):
+    caplog.set_level(logging.INFO, logger="safeloop")
     x, y = _linear_classes(512, 8, 4)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -233,6 +235,9 @@ def test_the_baseline_is_reported_in_the_result_and_the_report():
         max_steps=20,
     )
     assert custom.baseline_loss is None and "baseline" not in custom.report()
+    said = [r.getMessage() for r in caplog.records if "no baseline loss" in r.getMessage()]
+    assert len(said) == 1 and "the loss comes from `training_step`" in said[0]
+    assert all(r.levelname == "INFO" for r in caplog.records if "no baseline loss" in r.getMessage())
 
 
 # -- after a rollback: the rules start from the restored state; advice checked against the run ---
