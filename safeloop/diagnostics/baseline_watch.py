@@ -134,10 +134,15 @@ class BaselineWatch:
         """Whether this log check measures: the first after ``BASELINE_BATCHES`` micro-batches."""
         return self.pending and self._micro_batches >= BASELINE_BATCHES
 
-    def measure(self, step: int) -> list[Finding]:
+    def measure(self, step: int, *, log: bool = False) -> list[Finding]:
         """The baseline from every process's sample, and the label mix (every process calls it).
 
         Two small all-reduces and two host reads, once per ``fit``.
+
+        Args:
+            step (`int`): the step it is measured at.
+            log (`bool`, *optional*, defaults to False): log the baseline to the trackers here (at
+                the end of ``fit``; at a log step it joins that step's values instead).
 
         Returns:
             `list[Finding]`: ``label-distribution`` findings (the same on every process).
@@ -177,7 +182,7 @@ class BaselineWatch:
                     baseline.how,
                     baseline.samples,
                 )
-                if acc.trackers:
+                if log and acc.trackers:
                     acc.log({"baseline_loss": baseline.value}, step=step)
         return found
 

@@ -334,7 +334,8 @@ class Diagnostics:
             lr (`float`): the learning rate of the interval's last step.
         """
         health_values, monitor_values = values[:health_len], values[health_len:]
-        if self.baselines.due:
+        measured = self.baselines.due
+        if measured:
             self._report(self.baselines.measure(step))
         if self.health is not None:
             self._report(self.health.check(step, health_values))
@@ -351,12 +352,15 @@ class Diagnostics:
             )
         )
         self._compare_data(final=False)
-        return self.monitor.tracker_values(monitor_values)
+        tracked = self.monitor.tracker_values(monitor_values)
+        if measured and self.baselines.baseline is not None:  # logged once, with this log step's values
+            tracked["baseline_loss"] = self.baselines.baseline.value
+        return tracked
 
     def finish(self) -> None:
         """At the end of ``fit``: the baseline and the data profiles, if not measured yet (all processes)."""
         if self.baselines.pending:
-            self._report(self.baselines.measure(self.reporter.progress.global_step))
+            self._report(self.baselines.measure(self.reporter.progress.global_step, log=True))
         self._compare_data(final=True)
 
     def note_zero_at_start(self, names: set[str]) -> None:

@@ -66,9 +66,12 @@ def _run(out_dir: Path, script: Path | None = None, *, processes: int = 2, **env
 
 
 def _logged(out_dir: Path) -> dict[int, dict[str, float]]:
-    """The tracker's entries by step (rank 0 logs)."""
+    """The tracker's entries by step (rank 0 logs), the calls of one step merged."""
+    logged: dict[int, dict[str, float]] = {}
     with open(out_dir / "metrics.jsonl") as fh:
-        return {row.pop("step"): row for row in map(json.loads, fh)}
+        for row in map(json.loads, fh):
+            logged.setdefault(row.pop("step"), {}).update(row)
+    return logged
 
 
 def _interval_means(step_norms: list[dict[str, float]], step: int, every: int) -> dict[str, float]:
