@@ -16,7 +16,7 @@ from safeloop.checkpoint.state import read_state
 from safeloop.checkpoint.store import latest_valid, list_checkpoints
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_with_checkpoints.py"
-TRIALS = 20
+TRIALS = 12  # 20 before the suite reached its time budget; the kill rate per trial is the same
 pytestmark = pytest.mark.slow
 
 
@@ -67,8 +67,9 @@ def test_sigkill_during_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_
 
     # the kills did land inside the write window (a temporary folder was left), not only between saves
     print(f"{killed_mid_write} of {TRIALS} kills hit a write")
-    # 9 of 20 measured here; 3 keeps the chance of a false failure below 0.1%
-    assert killed_mid_write >= 3, f"only {killed_mid_write} of {TRIALS} kills hit a write"
+    # 9 of 20 measured here (p ~ 0.45 a trial); at least 1 of 12 keeps the chance of a false
+    # failure below 0.1% (0.55 ** 12 = 0.08%)
+    assert killed_mid_write >= 1, f"only {killed_mid_write} of {TRIALS} kills hit a write"
 
     # one real resume from the last trial's leftovers: fit(resume_from="latest") continues
     proc = _start(tmp_path / f"trial{TRIALS - 1}", steps=resumed_steps[-1] + 2)
