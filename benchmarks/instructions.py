@@ -14,6 +14,7 @@ two runs' output files): that isolates the change. Needs ``valgrind`` on the PAT
     python benchmarks/instructions.py                      # bare loop and SafeTrainer (defaults)
     python benchmarks/instructions.py --loops safeloop     # SafeTrainer only
     python benchmarks/instructions.py --width 1536         # a larger model
+    python benchmarks/instructions.py --loops safeloop no-diagnostics  # the diagnostics' cost
 
 ``--run LOOP --steps N`` is the inner call that runs under valgrind.
 """
@@ -59,7 +60,7 @@ def run_bare(args: argparse.Namespace) -> None:
                 break
 
 
-def run_safeloop(args: argparse.Namespace) -> None:
+def run_safeloop(args: argparse.Namespace, diagnostics: bool = True) -> None:
     from safeloop import SafeTrainer
 
     model = make_model(args.width, args.depth, args.classes)
@@ -72,6 +73,7 @@ def run_safeloop(args: argparse.Namespace) -> None:
         clip_grad_norm=1.0,
         log_every=args.log_every,
         progress_bar=False,
+        diagnostics=diagnostics,
     ).fit()
 
 
@@ -103,13 +105,17 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--short", type=int, default=20)
     parser.add_argument("--long", type=int, default=120)
-    parser.add_argument("--loops", nargs="+", default=["bare", "safeloop"], choices=["bare", "safeloop"])
-    parser.add_argument("--run", choices=["bare", "safeloop"], help=argparse.SUPPRESS)
+    loops = ["bare", "safeloop", "no-diagnostics"]
+    parser.add_argument("--loops", nargs="+", default=["bare", "safeloop"], choices=loops)
+    parser.add_argument("--run", choices=loops, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run is not None:  # the inner call, under valgrind
         torch.set_num_threads(1)
-        (run_bare if args.run == "bare" else run_safeloop)(args)
+        if args.run == "bare":
+            run_bare(args)
+        else:
+            run_safeloop(args, diagnostics=args.run == "safeloop")
         return
     print(
         f"model: {args.depth}x{args.width} MLP, batch {args.batch}, AdamW, clip_grad_norm=1.0, "
@@ -121,9 +127,10 @@ def main() -> None:
         short, long = count(loop, args.short, args), count(loop, args.long, args)
         per_step[loop] = (long - short) / (args.long - args.short)
         print(f"{loop:<9} {short:>16,} / {long:>16,} instructions -> {per_step[loop] / 1e6:9.3f} M per step")
-    if len(per_step) == 2:
-        ratio = per_step["safeloop"] / per_step["bare"]
-        print(f"SafeTrainer / bare loop, instructions per step: {ratio:.4f} ({(ratio - 1) * 100:+.2f}%)")
+    for other, what in (("bare", "SafeTrainer / bare loop"), ("no-diagnostics", "diagnostics on / off")):
+        if "safeloop" in per_step and other in per_step:
+            ratio = per_step["safeloop"] / per_step[other]
+            print(f"{what}, instructions per step: {ratio:.4f} ({(ratio - 1) * 100:+.2f}%)")
 
 
 if __name__ == "__main__":

@@ -36,12 +36,23 @@ from torch.nn import functional as F
 
 from safeloop.diagnostics.targets import _recognise
 
-__all__ = ["Baseline", "LossForm", "TargetSample", "loss_form", "BASELINE_BATCHES", "BASELINE_SAMPLES"]
+__all__ = [
+    "Baseline",
+    "LossForm",
+    "TargetSample",
+    "loss_form",
+    "BASELINE_BATCHES",
+    "BASELINE_SAMPLES",
+    "BASELINE_ELEMENTS",
+]
 
 # The first batches measure the class frequencies or target moments; 8 batches (at most 4096
 # samples) is what the data profile takes too.
 BASELINE_BATCHES = 8
 BASELINE_SAMPLES = 4096
+# ... and at most 4M target elements (16 MB as float32) kept on the device: dense targets (images
+# for an autoencoder, per-pixel masks) stop the sample early instead of filling the memory.
+BASELINE_ELEMENTS = 1 << 22
 _GOLDEN_STEPS = 80  # golden-section steps: the bracket shrinks by 0.618 per step, to ~1e-17 of it
 
 
@@ -177,6 +188,7 @@ class TargetSample:
         self._targets: list[torch.Tensor] = []
         self._classes: int | None = None
         self._samples = 0
+        self._elements = 0
         self._batches = 0
         self._shape: tuple[int, ...] = ()
         self.closed = False
@@ -184,7 +196,12 @@ class TargetSample:
     @property
     def wants(self) -> bool:
         """Whether the next micro-batch's targets are still wanted."""
-        return not self.closed and len(self._targets) < self.max_batches and self._samples < self.max_samples
+        return (
+            not self.closed
+            and len(self._targets) < self.max_batches
+            and self._samples < self.max_samples
+            and self._elements < BASELINE_ELEMENTS
+        )
 
     def see(self, outputs: Any, targets: Any) -> None:
         """Keep a detached copy of ``targets`` (device only), and the class count of ``outputs``."""
@@ -202,6 +219,7 @@ class TargetSample:
         self._targets.append(targets.detach().clone())
         self._shape = tuple(targets.shape[1:])
         self._samples += int(targets.shape[0])
+        self._elements += targets.numel()
         self._batches += 1
 
     @property

@@ -25,6 +25,8 @@ __all__ = [
     "check_train_eval_gap",
     "LABEL_MIN_SAMPLES",
     "LABEL_MIX_DISTANCE",
+    "LABEL_MIX_NOISE",
+    "ONE_CLASS_SAMPLES",
     "GAP_SHARE",
     "GAP_RATIO",
 ]
@@ -36,6 +38,10 @@ LABEL_MIN_SAMPLES = 32
 # one set differ by the sampling noise, about sqrt(C / n) / 2: 0.14 for 10 classes on 128 samples
 # a side; 0.4 is a different set.
 LABEL_MIX_DISTANCE = 0.4
+# ... and at least 2.5 times the distance sampling noise alone gives (see check_label_mix).
+LABEL_MIX_NOISE = 2.5
+# One class in this many training targets and no eval set: a missing class is then below 0.3%.
+ONE_CLASS_SAMPLES = 1024
 # The eval loss above the train loss by more than half the baseline loss, and more than twice it:
 # the model fits the training set far better than data it has not seen.
 GAP_SHARE = 0.5
@@ -92,29 +98,20 @@ def check_label_mix(
     if total < LABEL_MIN_SAMPLES:
         return found
     classes = len(train)
+    held = 0.0 if evaluation is None else sum(evaluation)
+    if evaluation is not None and held < LABEL_MIN_SAMPLES:
+        evaluation = None
     present = [c for c in range(classes) if train[c] > 0]
     if len(present) == 1 and classes >= 2:
-        only = present[0]
-        found.append(
-            Finding(
-                "label-distribution",
-                "warning",
-                f"All {int(total)} training targets in the first {batches} batches are class {only} (of "
-                f"{classes} classes the model outputs): a model that always predicts class {only} "
-                "reaches a loss near zero without looking at its inputs, and learns nothing else. "
-                "Likely cause: the labels were overwritten or filtered to one class, or the training "
-                "data is sorted by class and not shuffled.",
-                ("train labels",),
-                0,
-                "Check the label column and any filtering of the training set, and shuffle it "
-                "(`DataLoader(..., shuffle=True)`); count the labels with `torch.bincount(labels)`.",
-            )
-        )
-    held = 0.0 if evaluation is None else sum(evaluation)
-    if evaluation is None or held < LABEL_MIN_SAMPLES:
+        found.append(_one_class(present[0], classes, int(total), batches, evaluation))
+    if evaluation is None:
         return found
     distance = 0.5 * sum(abs(a / total - b / held) for a, b in zip(train, evaluation, strict=True))
-    if distance >= LABEL_MIX_DISTANCE:
+    # two samples of one distribution differ by about sqrt(C (1/n1 + 1/n2)) / 2: a few classes on
+    # a few hundred samples a side can be told apart, a hundred classes on 64 samples cannot
+    seen = sum(1 for a, b in zip(train, evaluation, strict=True) if a > 0 or b > 0)
+    noise = 0.5 * math.sqrt(seen * (1 / total + 1 / held))
+    if distance >= max(LABEL_MIX_DISTANCE, LABEL_MIX_NOISE * noise):
         found.append(
             Finding(
                 "label-distribution",
@@ -132,6 +129,41 @@ def check_label_mix(
             )
         )
     return found
+
+
+def _one_class(
+    only: int, classes: int, total: int, batches: int, evaluation: Sequence[float] | None
+) -> Finding:
+    """Every training target in the first batches is class ``only``.
+
+    A warning when that cannot be a rare class missing from a small sample (the eval batches hold
+    the others, or the sample is large); info otherwise.
+    """
+    bound = 3 / total  # the other classes' share is below 3/n with 95% confidence ("rule of three")
+    others = 0.0 if evaluation is None else 1 - evaluation[only] / sum(evaluation)
+    certain = others > max(3 * bound, 0.05) or (evaluation is None and total >= ONE_CLASS_SAMPLES)
+    where = f" while {others:.0%} of the first eval targets are other classes" if others > 0 else ""
+    message = (
+        f"All {total} training targets in the first {batches} batches are class {only} (of {classes} "
+        f"classes the model outputs){where}: a model that always predicts class {only} reaches a loss "
+        "near zero without looking at its inputs, and learns nothing else. Likely cause: the labels "
+        "were overwritten or filtered to one class, or the training data is sorted by class and not "
+        "shuffled."
+    )
+    if not certain:
+        message += (
+            f" (Or the other classes are rare: below {bound:.1%} of the samples, with 95% confidence, "
+            "which this sample cannot rule out.)"
+        )
+    return Finding(
+        "label-distribution",
+        "warning" if certain else "info",
+        message,
+        ("train labels",),
+        0,
+        "Check the label column and any filtering of the training set, and shuffle it "
+        "(`DataLoader(..., shuffle=True)`); count the labels with `torch.bincount(labels)`.",
+    )
 
 
 def check_train_eval_gap(step: int, train_loss: float, eval_loss: float, baseline: float) -> Finding | None:

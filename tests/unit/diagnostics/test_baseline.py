@@ -159,3 +159,12 @@ def test_the_sample_stops_after_its_batches_and_keeps_one_layout():
     sample.see(torch.zeros(4, 3), torch.ones(4, 3))  # another layout: left out
     sample.see(torch.zeros(4, 2), torch.ones(4, 2))
     assert not sample.wants and sample.batches == 2 and sample.layout == (2,)
+
+
+def test_dense_targets_stop_the_sample_at_its_element_budget():
+    sample = TargetSample(loss_form(nn.MSELoss()))
+    images = torch.zeros(64, 3, 128, 128)  # 3.1M elements a batch
+    sample.see(images, images)
+    assert sample.wants
+    sample.see(images, images)
+    assert not sample.wants and sample.batches == 2

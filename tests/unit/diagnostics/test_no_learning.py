@@ -104,12 +104,27 @@ def test_one_class_and_a_mix_apart():
     assert apart[0].params == ("train labels", "eval labels")
 
 
+def test_one_class_is_a_warning_only_where_a_rare_class_cannot_explain_it():
+    assert check_label_mix([0.0, 64.0, 0.0], None, 8)[0].severity == "info"  # rarer than 4.7%?
+    assert "below 4.7% of the samples" in check_label_mix([0.0, 64.0, 0.0], None, 8)[0].message
+    assert check_label_mix([1024.0, 0.0], None, 32)[0].severity == "warning"
+    eval_spread = check_label_mix([256.0, 0.0, 0.0, 0.0, 0.0], [60.0, 60.0, 60.0, 60.0, 60.0], 8)
+    assert [f.severity for f in eval_spread] == ["warning", "warning"]  # one class, and the mix apart
+    assert "while 80% of the first eval targets are other classes" in eval_spread[0].message
+    fraud = check_label_mix([256.0, 0.0], [297.0, 3.0], 8)  # 1% positives: none in 256 is likely
+    assert [f.severity for f in fraud] == ["info"]
+
+
 def test_a_random_split_and_small_samples_raise_nothing():
     gen = torch.Generator().manual_seed(5)
     labels = torch.randint(0, 10, (256,), generator=gen)
     train, held = torch.bincount(labels[:128], minlength=10), torch.bincount(labels[128:], minlength=10)
     assert check_label_mix(train.double(), held.double(), 4) == []
     assert check_label_mix(torch.tensor([0.0, 20.0]), torch.tensor([20.0, 0.0]), 2) == []  # < 32 targets
+    # 100 classes, 64 eval targets: two samples of one set are far apart by chance alone
+    many = torch.randint(0, 100, (320,), generator=gen)
+    train100, held100 = torch.bincount(many[:256], minlength=100), torch.bincount(many[256:], minlength=100)
+    assert check_label_mix(train100.tolist(), held100.tolist(), 8) == []
 
 
 def test_train_eval_gap():
