@@ -50,6 +50,7 @@ class NoLearning:
         self.window = window or max(PLATEAU_CHECKS, math.ceil(PLATEAU_MIN_STEPS / max(log_every, 1)))
         self.baseline: Baseline | None = None
         self._means: deque[float] = deque(maxlen=2 * self.window)
+        self._lrs: deque[float] = deque(maxlen=self.window)
         self._streak = 0
         self._reported = False
         self._evals: list[float] = []
@@ -66,18 +67,24 @@ class NoLearning:
     def restart(self) -> None:
         """Start over from the restored state (after a rollback): the abandoned branch is no history."""
         self._means.clear()
+        self._lrs.clear()
         self._evals.clear()
         self._streak = 0
         self.recent = math.nan
         self._lowest = math.inf
 
-    def update(self, step: int, losses: Sequence[float]) -> bool:
+    def update(self, step: int, losses: Sequence[float], lr: float | None = None) -> bool:
         """Add one log check's per-step losses; True the first time the rule holds.
 
         Args:
             step (`int`): the global step of the check.
             losses (`Sequence[float]`): the interval's per-step losses (non-finite ones ignored).
+            lr (`float`, *optional*): the learning rate now; no verdict while it still rises over
+                the window (a warm-up, whose first steps barely move the loss).
         """
+        rising = lr is not None and any(old < lr for old in self._lrs)
+        if lr is not None:
+            self._lrs.append(lr)
         finite = [v for v in losses if math.isfinite(v)]
         if finite:
             self._means.append(statistics.fmean(finite))
@@ -99,7 +106,7 @@ class NoLearning:
             last >= (1 - NO_LEARNING_NEAR) * baseline.value
             and self._lowest >= (1 - NO_LEARNING_LEFT) * baseline.value
         )
-        self._streak = self._streak + 1 if near and descent < NO_LEARNING_DRIFT else 0
+        self._streak = self._streak + 1 if near and descent < NO_LEARNING_DRIFT and not rising else 0
         if self._streak < NO_LEARNING_CHECKS:
             return False
         self._reported = True

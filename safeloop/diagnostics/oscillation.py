@@ -45,6 +45,7 @@ class Oscillation:
         self.window = window
         self._means: deque[float] = deque(maxlen=max(window, OSC_RECENT))
         self._errors: deque[float] = deque(maxlen=OSC_RECENT)
+        self._lrs: deque[float] = deque(maxlen=window)
         self._best = math.inf
         self._best_step = 0
         self._streak = 0
@@ -55,6 +56,7 @@ class Oscillation:
         """Start over from the restored state (after a rollback)."""
         self._means.clear()
         self._errors.clear()
+        self._lrs.clear()
         self._best = math.inf
         self._streak = 0
 
@@ -75,6 +77,11 @@ class Oscillation:
             ratios (`dict[str, float]`): the ratio of each weight (the most moved are named).
             lr (`float`, *optional*): the learning rate now.
         """
+        # a rate that rose within the window (warm-up, a warm restart, a one-cycle schedule) makes
+        # the loss rise with it by design: no verdict until it has stopped rising
+        rising = lr is not None and any(old < lr for old in self._lrs)
+        if lr is not None:
+            self._lrs.append(lr)
         finite = [v for v in losses if math.isfinite(v)]
         if not finite:
             return None
@@ -103,6 +110,7 @@ class Oscillation:
             and recent - self._best > OSC_NOISE * error
             and slope >= 0  # not descending: a loss still recovering from a bump is left alone
             and median_ratio >= OSC_RATIO
+            and not rising
         )
         self._streak = self._streak + 1 if held else 0
         if self._streak < OSC_CHECKS:

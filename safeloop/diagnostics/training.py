@@ -224,7 +224,7 @@ class TrainingMonitor:
         self._checks += 1
         found = [f for f in findings if f is not None]
         self._found += found
-        if self.no_learning.update(step, losses):
+        if self.no_learning.update(step, losses, lr):
             causes = self._causes(lr) if window is not None else []
             found.append(
                 self.no_learning.finding(step, causes, [*context, *self._found], eval_loss=eval_loss)

@@ -177,3 +177,16 @@ def test_small_updates_or_a_loss_near_its_best_are_no_oscillation():
     assert _oscillation_run(bouncing, ratio=0.003) is None  # a normal update size
     noisy = [3.0, 2.0, 1.4, 1.0] + [0.9] * 30  # a noisy loss at its level
     assert _oscillation_run(noisy, ratio=0.05, noise=0.2) is None
+
+
+def test_no_verdict_while_the_learning_rate_still_rises():
+    rule, rng = _no_learning(), random.Random(0)
+    for check in range(1, 41):  # a linear warm-up over the whole run: the loss barely moves
+        losses = [1.61 + rng.gauss(0, 0.02) for _ in range(10)]
+        assert not rule.update(10 * check, losses, lr=1e-5 * check)
+    bouncing = [3.0, 2.0, 1.4, 1.0, 0.9, 0.9, 0.95, 1.0, 1.05, 1.0, 1.1, 1.15, 1.2, 1.1, 1.2, 1.25, 1.2, 1.2]
+    osc, rng = Oscillation(window=10), random.Random(0)
+    for check, level in enumerate(bouncing, 1):  # a warm restart every check: the rate rises again
+        lr = 0.1 if check % 2 else 0.05
+        losses = [level + rng.gauss(0, 0.05) for _ in range(10)]
+        assert osc.check(10 * check, losses, 0.02, {"a.weight": 0.04}, lr) is None
