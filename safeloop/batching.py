@@ -2,16 +2,24 @@
 
 First match wins (docs/api.md, "Batches"): a ``training_step``; a mapping batch (Hugging Face style);
 an ``(inputs, targets)`` pair. Anything else is a ``ConfigError`` that says which rule failed.
+
+When the model (or, for the targets, ``loss_fn``) raises on a batch that holds what no model takes
+(text, bytes, PIL images, None, NumPy arrays), or on a batch key that ``forward`` has no parameter
+for, the error is re-raised as a ``ConfigError`` that names the place, the value and the fix, with
+torch's error as its ``__cause__``. Nothing is inspected on healthy steps: only an exception is.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from safeloop.errors import ConfigError
+from safeloop.errors import ConfigError, SafeLoopError
 from safeloop.results import Finding
 
 __all__ = ["compute_loss", "batch_size_of", "LossComputer", "LossFn", "TrainingStep"]

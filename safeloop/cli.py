@@ -2,13 +2,17 @@
 
 safeloop verify DIR             check every checkpoint in DIR (or one folder); exit 1 on damage
 safeloop inspect CKPT           step, health, files and sizes, tensors, optimizer hyper-parameters
+safeloop inspect RUN_DIR        a checkpoint_dir's checkpoints: valid / unfinished / DAMAGED, size, latest
 safeloop consolidate CKPT OUT   the whole model weights as model.safetensors (from shards too)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +26,18 @@ from safeloop.checkpoint.store import list_checkpoints
 from safeloop.errors import CheckpointError
 
 __all__ = ["main"]
+
+_DIGITS = re.compile(r"(\d+)")
+_STEP_FOLDER = re.compile(r"^step-\d{8}$")
+_EXPECTED = (
+    "`safeloop inspect` takes a checkpoint folder (such as runs/exp1/step-00000500, holding "
+    f"{MANIFEST}) or a run's checkpoint_dir (such as runs/exp1, holding step-NNNNNNNN folders)"
+)
+
+
+def _natural(name: str) -> tuple[list[str | int], str]:
+    """Sort key: the numbers in a name compare as numbers (``optimizer/2`` before ``optimizer/10``)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(name))], name
 
 
 def _verify(target: Path) -> int:
@@ -62,7 +78,70 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _inspect(folder: Path) -> int:
+def _inspect(path: Path) -> int:
+    if not path.exists():
+        print(f"{path} does not exist: check the path.\n{_EXPECTED}.")
+        return 1
+    if not path.is_dir():
+        print(f"{path} is a file, not a folder.\n{_EXPECTED}.")
+        return 1
+    if (path / MANIFEST).exists():
+        return _inspect_checkpoint(path)
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return _inspect_run(path, checkpoints)
+    if _STEP_FOLDER.match(path.name):
+        parent = shlex.quote(str(path.parent))
+        print(
+            f"{path}: not a valid checkpoint: an unfinished one, {path / MANIFEST} is missing (a write "
+            "interrupted before its end; resuming ignores it).\n"
+            f"`safeloop inspect {parent}` lists the checkpoints beside it."
+        )
+        return 1
+    print(
+        f"{path}: not a valid checkpoint, nor a checkpoint_dir: it has no {MANIFEST} and no "
+        f"step-NNNNNNNN folders.\n{_EXPECTED}. If this is the checkpoint_dir of a run, the run has "
+        "saved no checkpoint in it yet."
+    )
+    return 1
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for file in folder.rglob("*"):
+        with contextlib.suppress(OSError):  # deleted meanwhile (rotated by a run writing here)
+            total += file.stat().st_size if file.is_file() else 0
+    return total
+
+
+def _inspect_run(root: Path, checkpoints: list[tuple[int, Path]]) -> int:
+    """List a checkpoint_dir's checkpoints (each verified as ``verify`` does) and the latest valid one."""
+    checks = [verify_checkpoint(folder) for _, folder in checkpoints]
+    latest = next((check.path for check in reversed(checks) if check.ok), None)
+    count = f"{len(checks)} checkpoint" + ("s" if len(checks) > 1 else "")
+    print(f"{root} is a checkpoint_dir, not a checkpoint: it holds {count}")
+    for check in checks:
+        if check.ok:
+            state, note = "valid", ('latest: what resume_from="latest" loads' if check.path == latest else "")
+        elif not check.complete:
+            state, note = "unfinished", f"no {MANIFEST} (an interrupted write; ignored when resuming)"
+        else:
+            state, note = "DAMAGED", check.problem
+        line = f"  {check.path.name}  {state:<10} {_size(_folder_bytes(check.path)):>10}"
+        print(f"{line}  {note}" if note else line)
+    if latest is None and any(check.complete for check in checks):
+        print(
+            '  none is valid: resume_from="latest" refuses to start over damaged state; restore them '
+            "from a copy, or start fresh in another checkpoint_dir"
+        )
+    elif latest is None:
+        print('  none is finished: resume_from="latest" starts fresh')
+    example = latest if latest is not None else checkpoints[-1][1]
+    print(f"Inspect one with: safeloop inspect {shlex.quote(str(example))}")
+    return 0
+
+
+def _inspect_checkpoint(folder: Path) -> int:
     check = verify_checkpoint(folder)
     if not check.ok:
         print(f"{folder}: not a valid checkpoint: {check.problem}")
@@ -76,16 +155,17 @@ def _inspect(folder: Path) -> int:
     healthy = manifest.get("meta", {}).get("healthy")
     print(f"  healthy: {healthy}, skipped steps so far: {trainer['skipped_steps']}")
     print("  files:")
-    for name, entry in sorted(manifest["files"].items()):
+    width = max([20, *(len(name) for name in manifest["files"])])
+    for name, entry in sorted(manifest["files"].items(), key=lambda item: _natural(item[0])):
         digests = entry["sha256"]
         chunks = f" (+{len(digests) - 1} more chunks)" if len(digests) > 1 else ""
-        print(f"    {name:<20} {_size(entry['size']):>10}  sha256 {digests[0][:16]}...{chunks}")
-    shards = sorted(name for name in manifest["files"] if name.startswith("shards/"))
+        print(f"    {name:<{width}} {_size(entry['size']):>10}  sha256 {digests[0][:16]}...{chunks}")
+    shards = sorted((name for name in manifest["files"] if name.startswith("shards/")), key=_natural)
     if shards:
         print(f"  {_sharding(manifest)}")
     for file in [name for name in (MODEL_FILE, *shards, TENSORS_FILE) if name in manifest["files"]]:
         with safe_open(str(folder / file), framework="pt") as tensors:
-            keys = list(tensors.keys())
+            keys = sorted(tensors.keys(), key=_natural)
             print(f"  {file}: {len(keys)} tensors")
             for key in keys[:20]:
                 piece = tensors.get_slice(key)
@@ -107,7 +187,7 @@ def _inspect(folder: Path) -> int:
         engine = json.dumps(values.get("engine"))
         print(f"  DeepSpeed ZeRO-{values.get('stage')}: engine {engine}, optimizer {', '.join(steps)}")
     elif values:
-        shown = dict(list(values.items())[:6])
+        shown = {name: values[name] for name in sorted(values, key=_natural)[:6]}
         more = f" ... and {len(values) - 6} more" if len(values) > 6 else ""
         print(f"  optimizer hyper-parameters (per parameter): {json.dumps(shown)}{more}")
     return 0
@@ -130,8 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check every checkpoint in a folder; exit 1 on damage")
     verify.add_argument("path", type=Path)
-    inspect = commands.add_parser("inspect", help="describe one checkpoint folder")
-    inspect.add_argument("path", type=Path)
+    inspect = commands.add_parser(
+        "inspect", help="describe one checkpoint folder, or list the checkpoints of a checkpoint_dir"
+    )
+    inspect.add_argument("path", type=Path, help="a checkpoint folder, or a checkpoint_dir")
     merge = commands.add_parser(
         "consolidate", help="write a checkpoint's whole model weights as model.safetensors (sharded or not)"
     )

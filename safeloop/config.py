@@ -69,6 +69,7 @@ class TrainerConfig:
         diagnostics (`bool`): run the checks of docs/diagnostics.md and report findings.
         log_every (`int`): optimizer steps between metric reads on the host.
         progress_bar (`bool`): show a tqdm bar on the main process.
+        summary (`bool`): print the end-of-fit summary on the main process.
         log_with (`tuple`): Accelerate trackers to start when safeloop builds the Accelerator.
         project_dir (`str | None`): where those trackers write.
     """
@@ -100,6 +101,7 @@ class TrainerConfig:
     diagnostics: bool = True
     log_every: int = 10
     progress_bar: bool = True
+    summary: bool = True
     log_with: tuple[Any, ...] = ()
     project_dir: str | None = None
 
@@ -194,7 +196,7 @@ def build_config(
     )
     check_positive_float(problems, "spike_zscore", a["spike_zscore"], optional=False)
     check_count(problems, "spike_patience", a["spike_patience"], optional=False)
-    for name in ("progress_bar", "async_checkpoint", "rollback", "diagnostics"):
+    for name in ("progress_bar", "summary", "async_checkpoint", "rollback", "diagnostics"):
         if not isinstance(a[name], bool):
             problems.append(f"`{name}` must be True or False; got {seen(a[name])}.")
     project_dir = a["project_dir"]

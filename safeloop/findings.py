@@ -147,10 +147,13 @@ class Reporter:
             self.callbacks.call(hook, event)
 
     def finish(self, result: FitResult, checkpoint_dir: str | None) -> None:
-        """End of ``fit`` (main process): log the report; write ``findings.json`` to ``checkpoint_dir``."""
+        """End of ``fit`` (main process): the report logged at INFO, ``findings.json`` written.
+
+        The report reaches the terminal in the trainer's summary (``summary=True``); each finding
+        was logged at its own severity when found.
+        """
         if not self.accelerator.is_main_process:
             return
         if checkpoint_dir is not None:
             write_findings(checkpoint_dir, result.findings)
-        serious = any(f.severity != "info" for f in result.findings)
-        logger.log(logging.WARNING if serious else logging.INFO, "%s", result.report())
+        logger.info("%s", result.report())

@@ -1,12 +1,16 @@
-"""Preemption: SIGTERM or SIGUSR1 make the trainer checkpoint at the next step boundary and return.
+"""Preemption and Ctrl-C: the trainer checkpoints at the next step boundary and stops.
 
-Cluster schedulers send SIGTERM (SLURM can be asked for SIGUSR1) some time before they kill a job.
-The handler only records the signal; the trainer acts at a step boundary, never mid-step.
+Cluster schedulers send SIGTERM (SLURM can be asked for SIGUSR1) some time before they kill a job:
+``fit`` then returns (``FitResult.status == "preempted"``). Ctrl-C (SIGINT) is handled the same
+way, except that ``fit`` then raises ``KeyboardInterrupt`` again, so that a script stops where a
+user expects; a second Ctrl-C stops at once. The handlers only record the signal; the trainer
+acts at a step boundary, never mid-step.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -15,24 +19,32 @@ from accelerate import Accelerator
 
 from safeloop.distributed import agree_any
 
-__all__ = ["PreemptionWatch", "PREEMPTION_SIGNALS"]
+__all__ = ["PreemptionWatch", "PREEMPTION_SIGNALS", "INTERRUPT_SIGNAL"]
 
 PREEMPTION_SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s
 )
 
 
-class PreemptionWatch:
-    """Installs handlers for the run's duration and remembers the first signal received."""
+INTERRUPT_SIGNAL = signal.SIGINT
 
-    def __init__(self) -> None:
+
+class PreemptionWatch:
+    """Installs handlers for the run's duration and remembers the first signal received.
+
+    Args:
+        interrupts (`bool`, *optional*, defaults to True): handle SIGINT too (Ctrl-C).
+    """
+
+    def __init__(self, interrupts: bool = True) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._signals = PREEMPTION_SIGNALS + ((INTERRUPT_SIGNAL,) if interrupts else ())
 
     def __enter__(self) -> PreemptionWatch:
         # signal handlers can only be set from the main thread; elsewhere the run is not watched
         if threading.current_thread() is threading.main_thread():
-            for signum in PREEMPTION_SIGNALS:
+            for signum in self._signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -42,8 +54,23 @@ class PreemptionWatch:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == INTERRUPT_SIGNAL and self.received == INTERRUPT_SIGNAL:
+            # the second Ctrl-C: the user will not wait for the step to end
+            signal.signal(signum, self._previous.get(signum, signal.default_int_handler))
+            raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
+            if signum == INTERRUPT_SIGNAL:
+                sys.stderr.write(
+                    "\nsafeloop: Ctrl-C: finishing this step and saving a checkpoint (with checkpoint_dir), "
+                    "then stopping; press Ctrl-C again to stop at once.\n"
+                )
+                sys.stderr.flush()
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the signal received is SIGINT (Ctrl-C)."""
+        return self.received == INTERRUPT_SIGNAL
 
     @property
     def name(self) -> str:

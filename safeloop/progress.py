@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from safeloop.config import TrainerConfig
 from safeloop.metrics import LogRecord
 
-__all__ = ["ProgressBar", "planned_steps"]
+__all__ = ["ProgressBar", "bar_safe_logging", "planned_steps"]
 
 
 def planned_steps(config: TrainerConfig, dataloader: Any) -> int | None:
@@ -54,6 +59,40 @@ class ProgressBar:
             loss=f"{record.loss:.4g}", lr=f"{lr:.3g}", grad_norm=f"{record.grad_norm:.3g}", refresh=False
         )
 
+    def write(self, text: str) -> None:
+        """Print ``text`` to stdout above the bar (the bar, when shown, is drawn again below it)."""
+        tqdm.write(text, file=sys.stdout)
+
     def close(self) -> None:
         """Close the bar (idempotent)."""
         self._bar.close()
+
+
+def _console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
+        sys.stdout,
+        sys.stderr,
+    )
+
+
+@contextlib.contextmanager
+def bar_safe_logging(enabled: bool) -> Iterator[None]:
+    """While the bar is shown, send console log records through ``tqdm.write`` so none is glued to it.
+
+    The console handlers of the ``safeloop`` logger and of the root logger are swapped for tqdm's
+    for the duration; with no handler configured anywhere (Python's last-resort handler prints
+    warnings to stderr), one is added to ``safeloop`` that prints what that handler would. The
+    levels, and handlers that write to files, are left as they are.
+    """
+    if not enabled:
+        yield
+        return
+    package, root = logging.getLogger("safeloop"), logging.getLogger()
+    loggers = [log for log in (package, root) if any(_console(h) for h in log.handlers)]
+    if not loggers and not package.hasHandlers():
+        loggers = [package]
+    if not loggers:
+        yield
+        return
+    with logging_redirect_tqdm(loggers=loggers):
+        yield

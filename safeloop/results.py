@@ -13,6 +13,7 @@ from typing import Any, Literal
 __all__ = ["Event", "Finding", "FitResult", "report"]
 
 Severity = Literal["info", "warning", "error"]
+Status = Literal["completed", "preempted", "interrupted", "diverged"]
 _ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
@@ -81,6 +82,11 @@ class FitResult:
         baseline_loss (`float | None`): the loss of the best constant prediction on the first
             batches' targets (the class frequencies, the target mean), or None where it cannot be
             computed (a ``training_step``, a loss not recognised, diagnostics off).
+        status (`str`): how the run ended: ``"completed"`` (``max_steps`` or ``max_epochs``
+            reached, or the data ran out), ``"preempted"`` (SIGTERM or SIGUSR1: stopped after a
+            step, with a checkpoint), ``"interrupted"`` (SIGINT, Ctrl-C: the same, then ``fit``
+            raises ``KeyboardInterrupt``; callbacks' ``on_fit_end`` still gets the result), or
+            ``"diverged"`` (reserved: a divergence past the rollbacks raises ``DivergenceError``).
     """
 
     global_step: int
@@ -91,6 +97,7 @@ class FitResult:
     findings: list[Finding] = field(default_factory=list)
     eval_loss: float | None = None
     baseline_loss: float | None = None
+    status: Status = "completed"
 
     def report(self) -> str:
         """A short readable summary: steps, skips, rollbacks, then each finding with its fix."""
@@ -100,21 +107,31 @@ class FitResult:
             skipped=self.skipped_steps,
             rollbacks=self.rollbacks,
             baseline=self.baseline_loss,
+            status=self.status,
         )
 
 
 def report(
-    findings: Sequence[Finding], *, steps: int, skipped: int, rollbacks: int, baseline: float | None = None
+    findings: Sequence[Finding],
+    *,
+    steps: int,
+    skipped: int,
+    rollbacks: int,
+    baseline: float | None = None,
+    status: str | None = None,
 ) -> str:
-    """A short readable summary of a run: counts, then one line per finding, errors first.
+    """A short readable summary of a run: how it ended, counts, then one line per finding, errors first.
 
-    ``baseline``, when given, is quoted as the loss a constant prediction reaches.
+    ``baseline``, when given, is quoted as the loss a constant prediction reaches; ``status``,
+    when given, opens the summary (``completed``, ``preempted``, ``interrupted``).
 
     Example:
         >>> print(report([], steps=100, skipped=0, rollbacks=0))
         safeloop: 100 steps, 0 skipped, 0 rollbacks; no findings.
     """
-    head = f"safeloop: {steps} steps, {skipped} skipped, {rollbacks} rollbacks"
+    head = (
+        f"safeloop: {status + ', ' if status else ''}{steps} steps, {skipped} skipped, {rollbacks} rollbacks"
+    )
     if baseline is not None:
         head += f", baseline loss {baseline:.4g} (a constant prediction)"
     if not findings:

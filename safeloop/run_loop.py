@@ -284,6 +284,7 @@ class RunLoop:
             lasting = self.checkpoints.lasting_path_of(step)  # a temporary folder is removed at the end
             path = None if lasting is None else str(lasting)
         name = self._preemption.name
-        self.reporter.event(Event("preempt", step, {"signal": name or "another rank's", "path": path}))
+        kind = "interrupt" if self._preemption.interrupted else "preempt"
+        self.reporter.event(Event(kind, step, {"signal": name or "another rank's", "path": path}))
         where = f", checkpoint {path}" if path else " (no checkpoint_dir: nothing saved)"
-        logger.warning("safeloop: %s received; stopped after step %d%s", name, step, where)
+        logger.warning("safeloop: %s received; stopped after step %d%s", name or "a stop signal", step, where)

@@ -9,6 +9,7 @@ docs/architecture.md walks one optimizer step through the components.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,14 @@ from safeloop.log_step import LogStep
 from safeloop.metrics import MetricBuffer
 from safeloop.optimizer_step import OptimizerStep
 from safeloop.preemption import PreemptionWatch
-from safeloop.progress import ProgressBar, planned_steps
-from safeloop.results import Finding, FitResult
+from safeloop.progress import ProgressBar, bar_safe_logging, planned_steps
+from safeloop.results import Finding, FitResult, Status
 from safeloop.rollback import DivergencePolicy, Rollback
 from safeloop.run_loop import RunLoop
 from safeloop.run_state import Progress, RunRecord
 from safeloop.skips import SkipHandler
 from safeloop.stepping import decides_on_device
+from safeloop.summary import fit_summary
 from safeloop.zero import check_deepspeed_clipping, zero_engine
 
 __all__ = ["SafeTrainer"]
@@ -112,6 +114,8 @@ class SafeTrainer:
         callbacks (`Sequence[Callback]`, *optional*): observers of the loop.
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric logs.
         progress_bar (`bool`, *optional*, defaults to True): tqdm bar on the main process.
+        summary (`bool`, *optional*, defaults to True): print a short summary at the end of ``fit``
+            on the main process (how the run ended, loss first -> last, findings, checkpoints).
         log_with (`str | list`, *optional*): Accelerate trackers (``"tensorboard"``, ...) to start.
         project_dir (`str`, *optional*): where those trackers write.
 
@@ -163,6 +167,7 @@ class SafeTrainer:
         callbacks: Sequence[Callback] = (),
         log_every: int = 10,
         progress_bar: bool = True,
+        summary: bool = True,
         log_with: str | Sequence[Any] | None = None,
         project_dir: str | None = None,
     ) -> None:
@@ -349,8 +354,10 @@ class SafeTrainer:
         if self._diagnostics is not None:
             self._diagnostics.profile_eval()
         self._metrics.restart_clock()
+        watch, started, first_step = PreemptionWatch(), time.perf_counter(), self.global_step
         try:
-            self._loop.run(bar, PreemptionWatch())  # epochs, rollbacks, preemption, final checkpoint
+            with bar_safe_logging(self.config.progress_bar and self.accelerator.is_main_process):
+                self._loop.run(bar, watch)  # epochs, rollbacks, preemption, Ctrl-C, final checkpoint
             if self._diagnostics is not None:
                 self._diagnostics.finish()
             record = self._record
@@ -365,8 +372,21 @@ class SafeTrainer:
                 findings=list(self._reporter.findings),
                 eval_loss=record.eval_loss,
                 baseline_loss=None if self._diagnostics is None else self._diagnostics.baseline_value,
+                status=self._end_status(watch),
             )
             self._reporter.finish(result, self.config.checkpoint_dir)
+            if self.config.summary and self.accelerator.is_main_process:
+                saved = self._checkpoints.last_saved_step
+                latest = None if saved is None else self._checkpoints.lasting_path_of(saved)
+                text = fit_summary(
+                    result,
+                    seconds=time.perf_counter() - started,
+                    steps_run=self.global_step - first_step,
+                    checkpoint_dir=self.config.checkpoint_dir,
+                    latest=None if latest is None else str(latest),
+                )
+                bar.close()  # the summary goes below the finished bar
+                bar.write(text)
             self._callbacks.call("on_fit_end", result)
             settle_collectives(self.accelerator)
         finally:
@@ -374,7 +394,14 @@ class SafeTrainer:
             self._checkpoints.remove_temporary()
             if self._owns_accelerator and self.config.log_with:
                 self.accelerator.end_training()
+        if result.status == "interrupted":
+            raise KeyboardInterrupt  # Ctrl-C: the step finished and the checkpoint is written
         return result
+
+    def _end_status(self, watch: PreemptionWatch) -> Status:
+        if not self._loop.preempted:
+            return "completed"
+        return "interrupted" if watch.interrupted else "preempted"
 
     def _start_trackers(self) -> None:
         """Start the Accelerate trackers of ``log_with`` when safeloop built the Accelerator."""

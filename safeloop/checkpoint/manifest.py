@@ -224,16 +224,42 @@ def _valid_entry(entry: object) -> bool:
     )
 
 
-def digest_mismatch(path: Path, name: str, expected: object, found: list[str]) -> str | None:
+def digest_mismatch(
+    path: Path, name: str, expected: object, found: list[str], size: int | None = None
+) -> str | None:
+    """Why a file's chunk digests are not the manifest's, naming the first bytes that differ; None if equal.
+
+    Args:
+        path (`Path`): the checkpoint folder.
+        name (`str`): the file's name in it.
+        expected (`object`): the manifest's ``sha256`` list for the file.
+        found (`list[str]`): the digests computed, one per chunk.
+        size (`int`, *optional*): the file's size in the manifest. The byte range of the first
+            differing chunk ends at the end of the file: the manifest's size or the size on disk,
+            the smaller of those that reach into the chunk (both are named when they differ).
+    """
     if found == expected:
         return None
     if not isinstance(expected, list) or len(expected) != len(found):
         return f"{path / name} does not match the manifest's SHA-256 list (wrong number of chunks)"
     chunk = next(i for i, (want, got) in enumerate(zip(expected, found, strict=True)) if want != got)
-    return (
-        f"{path / name} does not match its SHA-256 in the manifest "
-        f"(bytes {chunk * CHUNK_BYTES}-{(chunk + 1) * CHUNK_BYTES - 1} differ)"
-    )
+    start, end = chunk * CHUNK_BYTES, (chunk + 1) * CHUNK_BYTES
+    try:
+        on_disk: int | None = (path / name).stat().st_size
+    except OSError:
+        on_disk = None
+    ends = {"the manifest's size": size, "the size on disk": on_disk}
+    fits = sorted((n, which) for which, n in ends.items() if n is not None and start < n < end)
+    if fits:
+        end = fits[0][0]
+    note = ""
+    if size is not None and on_disk is not None and size != on_disk:
+        clipped = f", up to {fits[0][1]}" if fits else ""
+        note = (
+            f"{clipped}; the file has {on_disk} bytes on disk, the manifest says {size}: something "
+            "wrote to it after its size was checked"
+        )
+    return f"{path / name} does not match its SHA-256 in the manifest (bytes {start}-{end - 1} differ{note})"
 
 
 def verify_checkpoint(path: str | os.PathLike[str], *, shards: bool = True) -> Verification:
@@ -254,7 +280,7 @@ def verify_checkpoint(path: str | os.PathLike[str], *, shards: bool = True) -> V
     with hash_pool() as pool:
         started = [(name, entry, file_digests(path / name, entry["size"], pool)) for name, entry in entries]
         for name, entry, futures in started:
-            problem = digest_mismatch(path, name, entry.get("sha256"), results(futures))
+            problem = digest_mismatch(path, name, entry.get("sha256"), results(futures), entry["size"])
             if problem:
                 pool.shutdown(cancel_futures=True)
                 return Verification(path, True, False, problem, check.manifest)
@@ -369,7 +395,8 @@ class VerifiedReader:
                 if name not in self._digests:
                     self._digests[name] = file_digests(self.path / name, entry["size"], self._pool)
             for name, entry in files:
-                problem = digest_mismatch(self.path, name, entry.get("sha256"), results(self._digests[name]))
+                found = results(self._digests[name])
+                problem = digest_mismatch(self.path, name, entry.get("sha256"), found, entry["size"])
                 if problem:
                     raise CheckpointError(problem)
         finally:

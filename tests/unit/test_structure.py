@@ -207,3 +207,12 @@ def test_the_projects_files_stand_alone_and_cite_no_file_outside_the_repository(
         text = (ROOT / name).read_text(encoding="utf-8")
         cited += [f"{name}: {item}" for item in outside if item in text]
     assert not cited, cited
+
+
+def test_the_package_ships_its_type_marker():
+    import importlib.resources
+
+    root = Path(__file__).resolve().parents[2]
+    assert importlib.resources.files("safeloop").joinpath("py.typed").is_file()
+    # setuptools puts only modules in the wheel unless the marker is named as package data
+    assert 'safeloop = ["py.typed"]' in (root / "pyproject.toml").read_text()

@@ -17,6 +17,10 @@ class PrintStep(Callback):
         sys.stdout.write(f"SAVED {event.step}\n")
         sys.stdout.flush()
 
+    def on_fit_end(self, trainer, result):
+        sys.stdout.write(f"END {result.status} {result.global_step}\n")
+        sys.stdout.flush()
+
 
 def main() -> None:
     checkpoint_dir, steps = sys.argv[1], int(sys.argv[2])
@@ -38,6 +42,7 @@ def main() -> None:
         seed=0,
         callbacks=[PrintStep()],
         progress_bar=False,
+        summary=False,
     ).fit(resume_from="latest")
     preempt = [e for e in result.events if e.kind == "preempt"]
     detail = preempt[0].detail if preempt else {}
