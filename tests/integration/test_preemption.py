@@ -59,8 +59,9 @@ def test_fit_after_a_preempted_fit_goes_on_to_max_steps(tmp_path):
     )
     first = trainer.fit()
     assert first.global_step == 3 and [e.kind for e in first.events].count("preempt") == 1
+    assert first.status == "preempted" and first.report().startswith("safeloop: preempted, 3 steps")
     second = trainer.fit()  # the same trainer, in the same process: it continues
-    assert second.global_step == 10
+    assert second.global_step == 10 and second.status == "completed"
 
 
 def test_a_preemption_between_log_steps_logs_the_partial_interval_before_its_checkpoint(tmp_path):
