@@ -6,6 +6,7 @@ a user fixing one argument should not discover the next one on the following run
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -22,6 +23,7 @@ from safeloop.validation import (
     check_count,
     check_objects,
     check_positive_float,
+    check_prepared_optimizer,
     check_scheduler,
     is_int,
     normalise_log_with,
@@ -31,6 +33,8 @@ from safeloop.validation import (
 __all__ = ["TrainerConfig", "build_config", "config_fields", "OBJECT_ARGUMENTS", "MIXED_PRECISION_CHOICES"]
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+
+logger = logging.getLogger("safeloop")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +210,7 @@ def build_config(
         )
     accelerator = a["accelerator"]
     check_accelerator(problems, accelerator, a["gradient_accumulation_steps"], mixed_precision, a["log_with"])
+    check_prepared_optimizer(problems, optimizer, accelerator, a["gradient_accumulation_steps"])
     callback_items = check_callbacks(problems, a["callbacks"], callback_base)
     trackers = normalise_log_with(problems, a["log_with"])
     if problems:
@@ -218,6 +223,13 @@ def build_config(
         settings[name] = float(a[name])
     if accelerator is not None:
         settings["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
+        inherited = a["gradient_accumulation_steps"] is None and accelerator.gradient_accumulation_steps != 1
+        if inherited and accelerator.is_main_process:
+            logger.info(
+                "safeloop: your Accelerator's gradient_accumulation_steps=%d is used "
+                "(SafeTrainer's `gradient_accumulation_steps` was left unset)",
+                accelerator.gradient_accumulation_steps,
+            )
     settings["gradient_accumulation_steps"] = settings["gradient_accumulation_steps"] or 1
     settings["checkpoint_dir"] = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
     settings["log_with"] = trackers

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from safeloop.batching import collate_problem
 from safeloop.checkpoint.format import capture_rng, restore_rng
+from safeloop.errors import ConfigError
 
 __all__ = ["DataCursor", "RngSnapshot", "sampler_generator"]
 
@@ -145,6 +147,11 @@ class DataCursor:
                         RngSnapshot.restore(now_rng, self.loader)
                     continue
                 yield batch_idx, batch
+        except (TypeError, RuntimeError) as exc:  # torch's collate refusing a PIL image, a None: say so
+            problem = collate_problem(exc)
+            if problem is None:
+                raise
+            raise ConfigError(problem) from exc
         finally:
             close = getattr(batches, "close", None)
             if close is not None:

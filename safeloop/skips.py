@@ -14,6 +14,7 @@ points to clipping rather than to the operations that make NaN/Inf on their own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from safeloop.metrics import StepValues
 from safeloop.results import Event, Finding
 from safeloop.rollback import DivergencePolicy
 from safeloop.run_state import RunRecord
+from safeloop.sample_indices import SampleIndices
 
 __all__ = ["SkipHandler", "SkipOutcome"]
 
@@ -65,6 +67,8 @@ class SkipHandler:
         record (`RunRecord`): where skips are counted.
         reporter (`Reporter`): findings and events.
         divergences (`DivergencePolicy`): decides what a run of skips leads to.
+        sample_indices (`SampleIndices`, *optional*): the dataset indices of the micro-batches,
+            so that a bad input names its samples' dataset indices.
 
     Attributes:
         tracker (`SkipTracker`): the run of skips under way (guard state, checkpointed).
@@ -83,6 +87,7 @@ class SkipHandler:
         record: RunRecord,
         reporter: Reporter,
         divergences: DivergencePolicy,
+        sample_indices: SampleIndices | None = None,
     ) -> None:
         self.policy = policy
         self.tracker = SkipTracker(max_consecutive_skips=max_consecutive_skips)
@@ -92,8 +97,12 @@ class SkipHandler:
         self.record = record
         self.reporter = reporter
         self.divergences = divergences
-        # references only (no copies): the batches stay alive until they leave the window
-        self._batches: deque[tuple[int, int, Any]] = deque(maxlen=history_steps * accumulation)
+        self.sample_indices = sample_indices
+        # references only (no copies): the batches stay alive until they leave the window; with
+        # each, the dataset indices it was drawn from (a tuple of ints), or None when not known
+        self._batches: deque[tuple[int, int, Any, tuple[Any, ...] | None]] = deque(
+            maxlen=history_steps * accumulation
+        )
         self._first_batch: tuple[int, int] | None = None  # (step, batch_idx) of the fit's first batch
 
     @property
@@ -105,7 +114,8 @@ class SkipHandler:
         """Keep a micro-batch of optimizer step ``step`` for a possible replay."""
         if self._first_batch is None:
             self._first_batch = (step, batch_idx)
-        self._batches.append((step, batch_idx, batch))
+        indices = None if self.sample_indices is None else self.sample_indices.take(batch_idx)
+        self._batches.append((step, batch_idx, batch, indices))
 
     def after_rollback(self) -> None:
         """Drop the remembered batches (an abandoned branch's) and end the run of skips."""
@@ -168,15 +178,21 @@ class SkipHandler:
         return self.divergences.on_skip_run(record, self.tracker.consecutive)
 
     def _describe(self, record: SkipRecord, *, escalate: bool) -> SkipOutcome:
-        batches = [(idx, batch) for step, idx, batch in self._batches if step == record.step]
+        kept = [(idx, batch, indices) for step, idx, batch, indices in self._batches if step == record.step]
+        batches = [(idx, batch) for idx, batch, _ in kept]
         where = locate_nonfinite(self.model, batches, self.loss_of) if batches else None
         detail = record.detail()
         detail["consecutive"] = self.tracker.consecutive
+        samples = None
         if where is not None:
             detail["origin"] = {"kind": where.kind, "batch_idx": where.batch_idx, "where": where.where}
+            if where.kind == "input":
+                drawn = next((indices for idx, _, indices in kept if idx == where.batch_idx), None)
+                samples = _samples(where, drawn, self.sample_indices)
+                detail["origin"].update(samples.detail())
         norms = self.divergences.norms
         explosion = norms.explosion(record.step)
-        findings = _findings(record, where, explosion)
+        findings = _findings(record, where, explosion, samples)
         if explosion is not None:
             detail["exploding"] = explosion.detail()
             what = "loss" if record.cause == "loss" else "gradients"
@@ -188,8 +204,18 @@ class SkipHandler:
         findings = list(outcome.findings)
         origin = outcome.event.detail.get("origin")
         if origin is not None and (outcome.event.step, origin["batch_idx"]) == self._first_batch:
-            # the first-batch check already reported the same tensor of the same batch: not a repeat
-            known = {(f.code, f.params) for f in self.reporter.findings}
+            # the first-batch check already reported the same tensor of the same batch: not a repeat,
+            # but the replay knows the samples' dataset indices, which that finding lacks
+            known = {(f.code, f.params): f for f in self.reporter.findings}
+            for finding in findings:
+                first = (
+                    known.get((finding.code, finding.params)) if finding.code == "nonfinite-input" else None
+                )
+                if first is not None and origin.get("dataset_indices"):
+                    self.reporter.replace(
+                        first,
+                        dataclasses.replace(first, message=f"{first.message} Skipped {finding.message}"),
+                    )
             findings = [f for f in findings if f.code != "nonfinite-input" or (f.code, f.params) not in known]
         # every process learns of the skip at the same point; each replayed its own batch
         self.reporter.add_all(findings, agree=True, first={"exploding-grad": EXPLAINED_BY_EXPLOSION})
@@ -207,13 +233,81 @@ def _raise_policy_error(record: SkipRecord, outcome: SkipOutcome) -> NonFiniteEr
     )
 
 
+@dataclass(frozen=True)
+class _Samples:
+    """The samples of a batch that held a non-finite input, and their dataset indices.
+
+    Attributes:
+        rows (`tuple[int, ...]`): their positions in the batch (empty: a 0-d tensor).
+        indices (`tuple | None`): the dataset index of each row, when rows and indices match.
+        drawn (`tuple | None`): every index the batch was drawn from, when they do not.
+        note (`str`): why the indices are not known, or a caveat on them; empty otherwise.
+    """
+
+    rows: tuple[int, ...]
+    indices: tuple[Any, ...] | None = None
+    drawn: tuple[Any, ...] | None = None
+    note: str = ""
+
+    def detail(self) -> dict[str, Any]:
+        """For the skip event's ``origin``."""
+        return {
+            "rows": list(self.rows),
+            "dataset_indices": None if self.indices is None else list(self.indices),
+        }
+
+    def describe(self, where: Localisation) -> str:
+        """``sample 3 of batch 29 (dataset index 1234) holds 1 NaN/Inf values in batch[0]``."""
+        if not self.rows:
+            text = f"{where.where} of batch {where.batch_idx} holds {where.count} NaN/Inf values"
+        else:
+            one = len(self.rows) == 1
+            text = f"{'sample' if one else 'samples'} {_numbers(self.rows)} of batch {where.batch_idx}"
+            if self.indices is not None:
+                text += f" ({'dataset index' if one else 'dataset indices'} {_numbers(self.indices)}"
+                text += f", {self.note})" if self.note else ")"
+            text += f" {'holds' if one else 'hold'} {where.count} NaN/Inf values in {where.where}"
+        if self.indices is None and self.drawn is not None:
+            text += (
+                f" (the batch was drawn from dataset indices {_numbers(self.drawn)}, not one per "
+                f"row of {where.where}: a `collate_fn` that packs or drops samples)"
+            )
+        elif self.indices is None and self.note:
+            text += f" (no dataset index: {self.note})"
+        return text
+
+
+def _samples(where: Localisation, drawn: tuple[Any, ...] | None, known: SampleIndices | None) -> _Samples:
+    """Match the bad rows of ``where`` with the indices the batch was drawn from."""
+    if known is None:
+        return _Samples(where.rows)
+    if known.unknown is not None:
+        return _Samples(where.rows, note=known.unknown)
+    if drawn is None:
+        return _Samples(where.rows, note="they were not kept for this batch")
+    if not where.rows or where.samples != len(drawn):
+        return _Samples(where.rows, drawn=drawn)
+    note = "" if known.ordered else "if the `collate_fn` keeps the samples' order"
+    return _Samples(where.rows, tuple(drawn[r] for r in where.rows), note=note)
+
+
+def _numbers(values: Sequence[Any]) -> str:
+    shown = ", ".join(str(v) for v in values[:_MAX_NAMED])
+    return shown + (f" and {len(values) - _MAX_NAMED} more" if len(values) > _MAX_NAMED else "")
+
+
 def _listed(names: Sequence[str]) -> str:
     shown = ", ".join(f"`{n}`" for n in names[:_MAX_NAMED])
     more = f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else ""
     return shown + more
 
 
-def _findings(record: SkipRecord, where: Localisation | None, explosion: Explosion | None) -> list[Finding]:
+def _findings(
+    record: SkipRecord,
+    where: Localisation | None,
+    explosion: Explosion | None,
+    samples: _Samples | None = None,
+) -> list[Finding]:
     findings = []
     exploded = clip = ""
     if explosion is not None:
@@ -226,17 +320,18 @@ def _findings(record: SkipRecord, where: Localisation | None, explosion: Explosi
             "(`clip_grad_norm=1.0`), then lower the learning rate."
         )
     if where is not None and where.kind == "input":
+        samples = samples or _Samples(where.rows)
+        look = ""
+        if samples.indices:
+            look = f" Look at `dataset[{samples.indices[0]!r}]` first."
         findings.append(
             Finding(
                 code="nonfinite-input",
                 severity="error",
-                message=(
-                    f"step {record.step}: {where.where} of batch {where.batch_idx} holds "
-                    f"{where.count} NaN/Inf values, so the loss was {record.loss}."
-                ),
+                message=f"step {record.step}: {samples.describe(where)}, so the loss was {record.loss}.",
                 params=(where.where,),
                 step=record.step,
-                suggestion="Clean the data: drop or impute NaN/Inf in the dataset or its transform.",
+                suggestion=f"Clean the data: drop or impute NaN/Inf in the dataset or its transform.{look}",
             )
         )
     if record.cause == "loss":

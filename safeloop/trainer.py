@@ -43,9 +43,11 @@ from safeloop.results import Finding, FitResult, Status
 from safeloop.rollback import DivergencePolicy, Rollback
 from safeloop.run_loop import RunLoop
 from safeloop.run_state import Progress, RunRecord
+from safeloop.sample_indices import SampleIndices
 from safeloop.skips import SkipHandler
 from safeloop.stepping import decides_on_device
 from safeloop.summary import fit_summary
+from safeloop.validation import name_unknown_keywords
 from safeloop.zero import check_deepspeed_clipping, zero_engine
 
 __all__ = ["SafeTrainer"]
@@ -121,6 +123,7 @@ class SafeTrainer:
 
     Raises:
         ConfigError: listing every invalid argument.
+        TypeError: for an argument not in this list, naming the closest accepted ones.
 
     Example:
         >>> loss_fn = torch.nn.CrossEntropyLoss()
@@ -128,6 +131,7 @@ class SafeTrainer:
         >>> result = trainer.fit()  # doctest: +SKIP
     """
 
+    @name_unknown_keywords
     def __init__(
         self,
         model: torch.nn.Module,
@@ -255,6 +259,8 @@ class SafeTrainer:
             record=self._record,
             reporter=self._reporter,
             divergences=policy,
+            # the dataset indices of each micro-batch (a tuple of ints per batch), for a bad input
+            sample_indices=None if config.nan_guard == "off" else SampleIndices(self.train_dataloader),
         )
         step = OptimizerStep(
             config, acc, self.model, self.optimizer, self.lr_scheduler, losses=losses,

@@ -6,9 +6,12 @@ Messages give the argument, the value seen (``_seen``) and what is allowed.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -23,12 +26,27 @@ __all__ = [
     "check_callables",
     "check_scheduler",
     "check_accelerator",
+    "check_prepared_optimizer",
     "check_callbacks",
     "normalise_log_with",
+    "name_unknown_keywords",
+    "unknown_keywords_message",
 ]
 
 _MAX_LISTED = 10
 _MAX_REPR = 80
+# keywords a new user reaches for that belong to another object than the trainer
+_LR = "the learning rate is set on the optimizer: `torch.optim.AdamW(model.parameters(), lr=...)`"
+_ELSEWHERE = {
+    "lr": _LR,
+    "learning_rate": _LR,
+    "batch_size": "the batch size is set on the DataLoader: `DataLoader(dataset, batch_size=...)`",
+    "device": (
+        "Accelerate places the model and batches; to choose, pass `accelerator=Accelerator(cpu=True)` "
+        "or launch with `accelerate launch`"
+    ),
+}
+_Init = TypeVar("_Init", bound=Callable[..., None])
 
 
 def seen(value: object) -> str:
@@ -182,8 +200,10 @@ def check_accelerator(
     if gradient_accumulation_steps is not None and gradient_accumulation_steps != own:
         problems.append(
             f"`gradient_accumulation_steps={gradient_accumulation_steps!r}` disagrees with the "
-            f"given accelerator's {own}. Set it on one of them only: "
-            "`Accelerator(gradient_accumulation_steps=...)` or leave `accelerator=None`."
+            f"given accelerator's {own} (its `gradient_accumulation_steps`, which "
+            "`accelerator.accumulate` follows). Set it on one of them only: leave "
+            f"`gradient_accumulation_steps` unset to use the Accelerator's {own}, or build it with "
+            f"`Accelerator(gradient_accumulation_steps={gradient_accumulation_steps!r})`."
         )
     if mixed_precision is not None and mixed_precision != accelerator.mixed_precision:
         problems.append(
@@ -195,6 +215,30 @@ def check_accelerator(
         problems.append(
             f"`log_with={log_with!r}` only applies when safeloop builds the Accelerator; with `accelerator=` "
             "pass `Accelerator(log_with=...)` and call `accelerator.init_trackers(...)` yourself."
+        )
+
+
+def check_prepared_optimizer(
+    problems: list[str], optimizer: object, accelerator: object, gradient_accumulation_steps: object
+) -> None:
+    """Refuse an optimizer prepared by an Accelerator that is not given, when accumulations differ.
+
+    Without ``accelerator=`` safeloop builds its own Accelerator, and Accelerate keeps one
+    accumulation setting per process: the new one would replace the one the optimizer was
+    prepared with, silently.
+    """
+    if accelerator is not None or not getattr(optimizer, "_is_accelerate_prepared", False):
+        return
+    state = getattr(optimizer, "gradient_state", None)
+    theirs = getattr(state, "num_steps", 1)
+    ours = gradient_accumulation_steps if is_int(gradient_accumulation_steps) else 1
+    if theirs != ours:
+        problems.append(
+            f"`optimizer` was already prepared by an Accelerator with gradient_accumulation_steps={theirs}, "
+            f"but no `accelerator=` was given: safeloop would build its own Accelerator with "
+            f"gradient_accumulation_steps={ours}, and the accumulation of the first would be silently "
+            "lost. Pass that Accelerator as `accelerator=`, or pass the model and optimizer unprepared "
+            f"(safeloop prepares them) with `gradient_accumulation_steps={theirs}`."
         )
 
 
@@ -242,3 +286,62 @@ def normalise_log_with(problems: list[str], log_with: object) -> tuple[Any, ...]
         return items
     # a single tracker instance (accelerate.tracking.GeneralTracker)
     return (log_with,)
+
+
+def unknown_keywords_message(owner: str, unknown: Sequence[str], accepted: Sequence[str]) -> str:
+    """Python's message for unexpected keyword arguments, with the closest accepted names.
+
+    Example:
+        >>> unknown_keywords_message("SafeTrainer", ["max_epoch"], ["max_epochs", "max_steps"])
+        "SafeTrainer got an unexpected keyword argument 'max_epoch'; did you mean `max_epochs`?"
+    """
+    hints = []
+    unmatched = False
+    for name in unknown:
+        close = _closest(name, accepted)
+        if name in _ELSEWHERE:
+            hints.append(_ELSEWHERE[name] + ".")
+        elif close:
+            hints.append("did you mean " + " or ".join(f"`{c}`" for c in close) + "?")
+        else:
+            hints.append("")
+            unmatched = True
+    if len(unknown) == 1:
+        text = f"{owner} got an unexpected keyword argument {unknown[0]!r}"
+        text += f"; {hints[0]}" if hints[0] else "."
+    else:
+        listed = ", ".join(f"{n!r}" + (f" ({h})" if h else "") for n, h in zip(unknown, hints, strict=True))
+        text = f"{owner} got unexpected keyword arguments: {listed}."
+    if unmatched:
+        text += f" It accepts: {', '.join(accepted)}."
+    return text
+
+
+def _closest(name: str, accepted: Sequence[str]) -> list[str]:
+    """The accepted names closest to ``name``: the best match, and any other about as close."""
+    close = difflib.get_close_matches(name, accepted, n=3, cutoff=0.6)
+    if not close:
+        return []
+    score = [difflib.SequenceMatcher(None, name, c).ratio() for c in close]
+    return [c for c, r in zip(close, score, strict=True) if r >= score[0] - 0.05]
+
+
+def name_unknown_keywords(init: _Init) -> _Init:
+    """Make ``init`` (an ``__init__``) refuse unknown keywords with the closest accepted names.
+
+    Still Python's ``TypeError``, raised before ``init`` runs; the signature seen by
+    ``inspect.signature`` is ``init``'s own (``functools.wraps``).
+    """
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = inspect.signature(init).parameters.values()
+    accepted = tuple(p.name for p in parameters if p.kind in kinds and p.name != "self")
+    known = frozenset(accepted)
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = [name for name in kwargs if name not in known]
+        if unknown:
+            raise TypeError(unknown_keywords_message(type(self).__name__, unknown, accepted))
+        init(self, *args, **kwargs)
+
+    return checked  # type: ignore[return-value]

@@ -7,6 +7,7 @@ states it consumes (dropout) and the buffers it updates (BatchNorm running stati
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,12 +28,17 @@ class Localisation:
         batch_idx (`int`): index of the micro-batch in its epoch.
         where (`str`): the input's key or position, or the module's qualified name.
         count (`int`): non-finite elements seen there.
+        rows (`tuple[int, ...]`): for an input, the samples (positions along its first dimension)
+            holding them; empty for a 0-d tensor and for the other kinds.
+        samples (`int | None`): for an input, the length of its first dimension.
     """
 
     kind: str
     batch_idx: int
     where: str = ""
     count: int = 0
+    rows: tuple[int, ...] = ()
+    samples: int | None = None
 
 
 def named_tensors(value: Any, path: str) -> Iterable[tuple[str, torch.Tensor]]:
@@ -71,6 +77,20 @@ def nonfinite_inputs(batch: Any) -> list[tuple[str, int]]:
     return found
 
 
+def _first_nonfinite_input(batch: Any) -> Localisation | None:
+    """The first tensor of ``batch`` holding NaN/Inf, with the samples that hold them (host reads)."""
+    for path, tensor in named_tensors(batch, "batch"):
+        count = _nonfinite_count(tensor)
+        if not count:
+            continue
+        if tensor.dim() == 0:
+            return Localisation("input", 0, path, count)
+        bad = (~torch.isfinite(tensor)).reshape(tensor.shape[0], -1).any(dim=1)
+        rows = tuple(int(i) for i in torch.nonzero(bad).flatten().tolist())
+        return Localisation("input", 0, path, count, rows, int(tensor.shape[0]))
+    return None
+
+
 def locate_nonfinite(
     model: torch.nn.Module,
     batches: Iterable[tuple[int, Any]],
@@ -91,10 +111,9 @@ def locate_nonfinite(
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     try:
         for batch_idx, batch in batches:
-            bad_inputs = nonfinite_inputs(batch)
-            if bad_inputs:
-                path, count = bad_inputs[0]
-                return Localisation("input", batch_idx, path, count)
+            bad_input = _first_nonfinite_input(batch)
+            if bad_input is not None:
+                return dataclasses.replace(bad_input, batch_idx=batch_idx)
             found, loss = _replay(model, batch, loss_of)
             if found is not None:
                 name, count = found

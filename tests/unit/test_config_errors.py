@@ -496,7 +496,8 @@ def test_gradient_accumulation_steps_conflicting_with_the_accelerator_is_rejecte
         gradient_accumulation_steps=4,
     )
     assert "Set it on one of them only" in message
-    assert "Accelerator(gradient_accumulation_steps=...)" in message
+    assert "leave `gradient_accumulation_steps` unset to use the Accelerator's 2" in message
+    assert "`Accelerator(gradient_accumulation_steps=4)`" in message
 
 
 def test_mixed_precision_conflicting_with_the_accelerator_is_rejected_with_both_values():
