@@ -24,7 +24,7 @@ import torch
 
 from safeloop.diagnostics.localize import Localisation, locate_nonfinite
 from safeloop.errors import NonFiniteError
-from safeloop.findings import Reporter
+from safeloop.findings import Reporter, agree_findings
 from safeloop.guards.divergence import EXPLAINED_BY_EXPLOSION, Divergence, Explosion
 from safeloop.guards.nonfinite import SkipRecord, SkipTracker
 from safeloop.metrics import StepValues
@@ -201,24 +201,24 @@ class SkipHandler:
         return SkipOutcome(Event("skip", record.step, detail), tuple(findings), escalate)
 
     def _report(self, outcome: SkipOutcome) -> None:
-        findings = list(outcome.findings)
-        origin = outcome.event.detail.get("origin")
-        if origin is not None and (outcome.event.step, origin["batch_idx"]) == self._first_batch:
-            # the first-batch check already reported the same tensor of the same batch: not a repeat,
-            # but the replay knows the samples' dataset indices, which that finding lacks
-            known = {(f.code, f.params): f for f in self.reporter.findings}
+        # every process learns of the skip at the same point; each replayed its own batch, so the
+        # findings are agreed first and everything after is decided on the agreed ones alone
+        findings = agree_findings(self.reporter.accelerator, list(outcome.findings))
+        if self._first_batch is not None and outcome.event.step == self._first_batch[0]:
+            # the first-batch check already reported the same tensor of the same batch: not a
+            # repeat, but the replay knows the samples' dataset indices, which that finding lacks
+            first_batch = f" of batch {self._first_batch[1]} "
+            known = {(f.code, f.params): f for f in self.reporter.findings if f.code == "nonfinite-input"}
+            kept = []
             for finding in findings:
-                first = (
-                    known.get((finding.code, finding.params)) if finding.code == "nonfinite-input" else None
-                )
-                if first is not None and origin.get("dataset_indices"):
-                    self.reporter.replace(
-                        first,
-                        dataclasses.replace(first, message=f"{first.message} Skipped {finding.message}"),
-                    )
-            findings = [f for f in findings if f.code != "nonfinite-input" or (f.code, f.params) not in known]
-        # every process learns of the skip at the same point; each replayed its own batch
-        self.reporter.add_all(findings, agree=True, first={"exploding-grad": EXPLAINED_BY_EXPLOSION})
+                first = known.get((finding.code, finding.params))
+                if first is None or first_batch not in finding.message:
+                    kept.append(finding)
+                elif "(dataset ind" in finding.message:
+                    completed = f"{first.message} Skipped {finding.message}"
+                    self.reporter.replace(first, dataclasses.replace(first, message=completed))
+            findings = kept
+        self.reporter.add_all(findings, first={"exploding-grad": EXPLAINED_BY_EXPLOSION})
 
 
 def _raise_policy_error(record: SkipRecord, outcome: SkipOutcome) -> NonFiniteError:
