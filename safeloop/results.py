@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Event", "Finding", "FitResult", "report"]
+__all__ = ["Event", "Finding", "FitResult", "report", "severity_counts"]
 
 Severity = Literal["info", "warning", "error"]
 Status = Literal["completed", "preempted", "interrupted", "diverged"]
@@ -111,6 +111,12 @@ class FitResult:
         )
 
 
+def severity_counts(findings: Sequence[Finding]) -> str:
+    """``"1 error, 2 warnings"``: the findings by severity, or ``"no findings"``."""
+    counts = {s: sum(1 for f in findings if f.severity == s) for s in ("error", "warning", "info")}
+    return ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n) or "no findings"
+
+
 def report(
     findings: Sequence[Finding],
     *,
@@ -136,9 +142,7 @@ def report(
         head += f", baseline loss {baseline:.4g} (a constant prediction)"
     if not findings:
         return head + "; no findings."
-    counts = {s: sum(1 for f in findings if f.severity == s) for s in ("error", "warning", "info")}
-    summary = ", ".join(f"{n} {s}{'s' if n != 1 else ''}" for s, n in counts.items() if n)
-    lines = [f"{head}; {summary}:"]
+    lines = [f"{head}; {severity_counts(findings)}:"]
     for finding in sorted(findings, key=lambda f: _ORDER[f.severity]):
         seen = f" x{finding.count}" if finding.count > 1 else ""
         first_line = finding.message.splitlines()[0] if finding.message else ""

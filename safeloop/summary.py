@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from safeloop.results import FitResult
+from safeloop.results import FitResult, report, severity_counts
 
 __all__ = ["fit_summary"]
 
@@ -65,12 +65,10 @@ def fit_summary(
         if result.baseline_loss is not None:
             loss += f"; a constant prediction scores {result.baseline_loss:.4g}"
         lines.append(loss)
-    body = result.report().splitlines()  # its head repeats the counts; the findings follow
-    counts = body[0].split("; ", 1)[1] if "; " in body[0] else "no findings"
-    lines.append(
-        f"  {result.skipped_steps} skipped steps, {result.rollbacks} rollbacks; {counts.rstrip(':.')}"
-    )
-    lines += [line for line in body[1:] if not line.startswith("  [info]")]
+    counts = severity_counts(result.findings)
+    lines.append(f"  {result.skipped_steps} skipped steps, {result.rollbacks} rollbacks; {counts}")
+    serious = [f for f in result.findings if f.severity != "info"]
+    lines += report(serious, steps=0, skipped=0, rollbacks=0).splitlines()[1:]  # their lines only
     if checkpoint_dir is not None:
         where = f"  checkpoints in {checkpoint_dir}"
         if latest is not None:

@@ -44,6 +44,7 @@ __all__ = [
     "BASELINE_BATCHES",
     "BASELINE_SAMPLES",
     "BASELINE_ELEMENTS",
+    "count_classes",
 ]
 
 # The first batches measure the class frequencies or target moments; 8 batches (at most 4096
@@ -266,23 +267,9 @@ class TargetSample:
             return None
         if self._targets[0].is_floating_point():
             return None
-        return self._counts(torch.cat([t.reshape(-1) for t in self._targets]))
-
-    def _counts(self, targets: torch.Tensor) -> torch.Tensor:
-        """Class counts on the device, without a host read.
-
-        Ignored and out-of-range targets go to an extra bin: boolean indexing and ``bincount``
-        would each wait for the device.
-        """
-        classes = self._classes or 0
-        index = targets.long()
-        valid = (index >= 0) & (index < classes)
-        if self.form.ignore_index is not None:
-            valid &= index != self.form.ignore_index
-        index = torch.where(valid, index, classes)
-        counts = torch.zeros(classes + 1, dtype=torch.float64, device=targets.device)
-        counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.float64))
-        return counts[:classes]
+        return count_classes(
+            torch.cat([t.reshape(-1) for t in self._targets]), self._classes, self.form.ignore_index
+        )
 
     @property
     def batches(self) -> int:
@@ -296,11 +283,27 @@ class TargetSample:
         if targets.is_floating_point():  # class probabilities, classes along dim 1
             probabilities = targets.double().movedim(1, -1).reshape(-1, classes)
             return probabilities.sum(0), float(probabilities.shape[0])
-        counts = self._counts(targets.reshape(-1))
+        counts = count_classes(targets.reshape(-1), classes, form.ignore_index)
         total = counts.sum()
         if form.weight is not None:
             counts = counts * form.weight.detach().double().to(counts.device)
         return counts, total
+
+
+def count_classes(targets: torch.Tensor, classes: int, ignore_index: int | None) -> torch.Tensor:
+    """The count of each class among class-index ``targets`` (float64, on their device).
+
+    Ignored and out-of-range targets go to an extra bin that is dropped: boolean indexing and
+    ``bincount`` would each wait for the device.
+    """
+    index = targets.reshape(-1).long()
+    valid = (index >= 0) & (index < classes)
+    if ignore_index is not None:
+        valid &= index != ignore_index
+    index = torch.where(valid, index, classes)
+    counts = torch.zeros(classes + 1, dtype=torch.float64, device=targets.device)
+    counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    return counts[:classes]
 
 
 def _entropy(p: Sequence[float]) -> float:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from safeloop.diagnostics.baseline import BASELINE_BATCHES, Baseline, TargetSample, loss_form
-from safeloop.diagnostics.labels import check_label_mix, check_train_eval_gap, class_counts, eval_targets
+from safeloop.diagnostics.baseline import BASELINE_BATCHES, Baseline, TargetSample, count_classes, loss_form
+from safeloop.diagnostics.labels import check_label_mix, check_train_eval_gap, eval_targets
 from safeloop.diagnostics.no_learning import NoLearning
 from safeloop.diagnostics.updates import Cause
 from safeloop.distributed import reduce_across_processes
@@ -158,7 +158,13 @@ class BaselineWatch:
             return []
         classes = sample.layout[0] if counts is not None else 0
         if counts is not None:  # the label mix rides along: train counts, then eval counts
-            held = class_counts(self._eval_targets, classes, sample.form.ignore_index)
+            held = (
+                count_classes(
+                    torch.cat([t.reshape(-1) for t in self._eval_targets]), classes, sample.form.ignore_index
+                )
+                if self._eval_targets
+                else torch.zeros(classes, dtype=torch.float64)
+            )
             stats = torch.cat([stats, counts, held.to(counts.device)])
         self._eval_targets = []
         summed = reduce_across_processes(acc, stats.to(acc.device), "sum").tolist()  # one read

@@ -20,7 +20,6 @@ from safeloop.results import Finding
 
 __all__ = [
     "eval_targets",
-    "class_counts",
     "check_label_mix",
     "check_train_eval_gap",
     "LABEL_MIN_SAMPLES",
@@ -58,17 +57,6 @@ def eval_targets(batch: Any) -> torch.Tensor | None:
     if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dim() == 0:
         return None
     return targets
-
-
-def class_counts(targets: list[torch.Tensor], classes: int, ignore_index: int | None) -> torch.Tensor:
-    """The count of each class in host ``targets`` (float64, length ``classes``; others left out)."""
-    if not targets:
-        return torch.zeros(classes, dtype=torch.float64)
-    kept = torch.cat([t.reshape(-1) for t in targets])
-    if ignore_index is not None:
-        kept = kept[kept != ignore_index]
-    kept = kept[(kept >= 0) & (kept < classes)]
-    return torch.bincount(kept.long(), minlength=classes).double()
 
 
 def _mix(counts: Sequence[float], limit: int = 4) -> str:

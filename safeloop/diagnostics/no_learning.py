@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from safeloop.diagnostics.baseline import Baseline
-from safeloop.diagnostics.plateau import PLATEAU_CHECKS, PLATEAU_MIN_STEPS
+from safeloop.diagnostics.plateau import PLATEAU_CHECKS
 from safeloop.diagnostics.updates import Cause, rank_causes
 from safeloop.results import Finding
 
@@ -42,12 +42,11 @@ class NoLearning:
     window is compared with the baseline and with the window before it.
 
     Args:
-        log_every (`int`): optimizer steps between two checks.
-        window (`int`, *optional*): log checks per window; defaults to the plateau's.
+        window (`int`): log checks per window (the plateau's: at least 5 checks and 100 steps).
     """
 
-    def __init__(self, log_every: int, window: int | None = None) -> None:
-        self.window = window or max(PLATEAU_CHECKS, math.ceil(PLATEAU_MIN_STEPS / max(log_every, 1)))
+    def __init__(self, window: int) -> None:
+        self.window = window
         self.baseline: Baseline | None = None
         self._means: deque[float] = deque(maxlen=2 * self.window)
         self._lrs: deque[float] = deque(maxlen=self.window)

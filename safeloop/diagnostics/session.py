@@ -22,7 +22,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.nn.parallel import DistributedDataParallel
 
-from safeloop.diagnostics.baseline import Baseline
 from safeloop.diagnostics.baseline_watch import BaselineWatch
 from safeloop.diagnostics.broadcast import check_broadcast, from_warnings
 from safeloop.diagnostics.data import DataProfile
@@ -227,11 +226,6 @@ class Diagnostics:
         return checked
 
     # -- the baseline loss ------------------------------------------------------------------
-
-    @property
-    def baseline(self) -> Baseline | None:
-        """The baseline loss, once measured."""
-        return self.baselines.baseline
 
     @property
     def baseline_value(self) -> float | None:

@@ -108,7 +108,7 @@ class TrainingMonitor:
         )
         self.names = self._stats.names  # the parameter names the findings quote
         self._plateau = LossPlateau(log_every, plateau_window)
-        self.no_learning = NoLearning(log_every, plateau_window)  # judged once its baseline is set
+        self.no_learning = NoLearning(self._plateau.window)  # judged once its baseline is set
         self._oscillation = Oscillation(self._plateau.window)
         self._rise = LayerRise(self.names)
         self._checks = 0

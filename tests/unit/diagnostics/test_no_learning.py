@@ -26,7 +26,7 @@ def _feed(rule: NoLearning, levels: list[float], noise: float = 0.02, seed: int 
 
 
 def _no_learning() -> NoLearning:
-    rule = NoLearning(log_every=10)
+    rule = NoLearning(window=10)
     rule.baseline = BASELINE
     return rule
 
@@ -61,7 +61,7 @@ def test_a_run_below_the_baseline_from_the_start_is_learning():
 
 
 def test_no_baseline_or_a_zero_one_judges_nothing():
-    rule = NoLearning(log_every=10)
+    rule = NoLearning(window=10)
     assert _feed(rule, [2.0] * 40) is None
     rule.baseline = Baseline(0.0, "one class", 64)
     assert _feed(rule, [2.0] * 40) is None
