@@ -2,6 +2,7 @@
 
 from safeloop.callbacks import Callback
 from safeloop.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteError, SafeLoopError
+from safeloop.lr_finder.result import LRFinderResult
 from safeloop.results import Event, Finding, FitResult
 from safeloop.trainer import SafeTrainer
 
@@ -9,6 +10,7 @@ __all__ = [
     "SafeTrainer",
     "Callback",
     "FitResult",
+    "LRFinderResult",
     "Event",
     "Finding",
     "SafeLoopError",

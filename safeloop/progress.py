@@ -42,11 +42,12 @@ class ProgressBar:
         total (`int`, *optional*): planned optimizer steps.
         enabled (`bool`): False on non-main processes or when the user turned it off.
         initial (`int`): steps already done (a resumed run).
+        desc (`str`, *optional*, defaults to ``"train"``): the bar's label.
     """
 
-    def __init__(self, total: int | None, *, enabled: bool, initial: int = 0) -> None:
+    def __init__(self, total: int | None, *, enabled: bool, initial: int = 0, desc: str = "train") -> None:
         self._bar = tqdm(
-            total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True
+            total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True
         )
 
     def advance(self) -> None:

@@ -23,6 +23,7 @@ import torch
 from safeloop.checkpoint.checkpointer import Checkpointer
 from safeloop.config import TrainerConfig
 from safeloop.data_cursor import DataCursor
+from safeloop.diagnostics.updates import find_lr_hint
 from safeloop.errors import DivergenceError, NonFiniteError
 from safeloop.findings import Reporter
 from safeloop.guards.divergence import (
@@ -312,7 +313,8 @@ class Rollback:
                 + ".",
                 step=step,
                 suggestion=f"Start from a learning rate below {min(lrs) * self.config.rollback_lr_factor:.3g}"
-                ", with warm-up (e.g. `get_linear_schedule_with_warmup`) and gradient clipping.",
+                ", with warm-up (e.g. `get_linear_schedule_with_warmup`) and gradient clipping; "
+                f"{find_lr_hint(min(lrs), too_high=True)}.",
             )
         )
         return causes

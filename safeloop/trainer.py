@@ -8,6 +8,7 @@ docs/architecture.md walks one optimizer step through the components.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,12 +30,17 @@ from safeloop.data_cursor import DataCursor
 from safeloop.diagnostics.advice import check_lr_advice
 from safeloop.diagnostics.session import Diagnostics, check_optimizer_before_prepare
 from safeloop.distributed import settle_collectives
+from safeloop.errors import ConfigError
 from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE, SpikeDetector
 from safeloop.hooks import CallbackList
 from safeloop.launch import build_accelerator
 from safeloop.log_step import LogStep
+from safeloop.lr_finder.curve import DEFAULT_RULE, log_spaced
+from safeloop.lr_finder.result import LRFinderResult
+from safeloop.lr_finder.snapshot import TrainingSnapshot
+from safeloop.lr_finder.sweep import RangeTest, finish_result, lr_finder_problems
 from safeloop.metrics import MetricBuffer
 from safeloop.optimizer_step import OptimizerStep
 from safeloop.preemption import PreemptionWatch
@@ -51,6 +57,8 @@ from safeloop.validation import name_unknown_keywords
 from safeloop.zero import check_deepspeed_clipping, zero_engine
 
 __all__ = ["SafeTrainer"]
+
+logger = logging.getLogger("safeloop")
 
 
 class SafeTrainer:
@@ -233,7 +241,8 @@ class SafeTrainer:
         manager, note = build_manager(config, acc, engine, engine_problem)
         if note is not None:
             self._reporter.keep(note)
-        losses = LossComputer(loss_fn, training_step)
+        losses = self._losses = LossComputer(loss_fn, training_step)
+        self._zero, self._fitting = zero, False
         self._diagnostics = None
         if config.diagnostics:
             self._diagnostics = Diagnostics(
@@ -346,6 +355,17 @@ class SafeTrainer:
                 more than ``max_consecutive_skips`` skipped steps in a row.
             CheckpointError: when ``resume_from`` names no valid checkpoint.
         """
+        if self._fitting:
+            raise ConfigError(
+                "fit() was called while fit() runs (from a callback?); a trainer runs one fit at a time"
+            )
+        self._fitting = True
+        try:
+            return self._fit(resume_from)
+        finally:
+            self._fitting = False
+
+    def _fit(self, resume_from: str | os.PathLike[str] | None) -> FitResult:
         if self.config.seed is not None:
             set_seed(self.config.seed)  # the training RNG stream starts from a known point
         self._checkpoints.resume(resume_from)
@@ -402,6 +422,82 @@ class SafeTrainer:
                 self.accelerator.end_training()
         if result.status == "interrupted":
             raise KeyboardInterrupt  # Ctrl-C: the step finished and the checkpoint is written
+        return result
+
+    def find_lr(
+        self,
+        min_lr: float = 1e-7,
+        max_lr: float = 10.0,
+        num_steps: int = 100,
+        *,
+        stop_factor: float = 4.0,
+        smoothing: float = 0.9,
+        rule: str = DEFAULT_RULE,
+        snapshot: str = "auto",
+    ) -> LRFinderResult:
+        """Run a learning-rate range test and put everything back as it was, bitwise.
+
+        One optimizer step per learning rate, evenly spaced in log from ``min_lr`` to ``max_lr``,
+        on the trainer's own model, optimizer, data, accumulation, mixed precision, clipping and
+        NaN/Inf guard. Afterwards the parameters, buffers, optimizer and scheduler state, fp16 loss
+        scale, every RNG and the data position are those from before: a ``fit()`` after
+        ``find_lr()`` trains exactly as a ``fit()`` without it. Callbacks and trackers see nothing
+        of the sweep. Call it before ``fit()`` or between fits, on every process.
+
+        Args:
+            min_lr (`float`, *optional*, defaults to 1e-7): the first learning rate.
+            max_lr (`float`, *optional*, defaults to 10.0): the last one.
+            num_steps (`int`, *optional*, defaults to 100): optimizer steps (at least 10); a
+                training loader with fewer batches is started over.
+            stop_factor (`float`, *optional*, defaults to 4.0): stop when the smoothed loss passes
+                this multiple of its best.
+            smoothing (`float`, *optional*, defaults to 0.9): the debiased moving average's beta
+                (about the last 10 points).
+            rule (`str`, *optional*, defaults to ``"minimum"``): the suggestion rule (``"minimum"``,
+                ``"steepest"``, ``"valley"``).
+            snapshot (`str`, *optional*, defaults to ``"auto"``): keep the state in host
+                ``"memory"`` or in a temporary safetensors file on ``"disk"``; ``"auto"``: memory
+                unless the copy exceeds half of the available host memory.
+
+        Returns:
+            `LRFinderResult`: the curve, the suggestion (or the verdict when there is none), a plot.
+
+        Raises:
+            ConfigError: a bad argument, a call while ``fit()`` runs, or DeepSpeed.
+        """
+        problems = lr_finder_problems(min_lr, max_lr, num_steps, stop_factor, smoothing, rule, snapshot)
+        if self._fitting:
+            problems.append("find_lr() was called while fit() runs (from a callback?); call it before fit()")
+        if self._zero is not None:
+            problems.append(
+                "find_lr() does not run under DeepSpeed (its engine owns the optimizer's state and "
+                "learning rates); run it without DeepSpeed at the same total batch size, then train here"
+            )
+        if problems:
+            raise ConfigError("find_lr: " + "; ".join(problems))
+        config, modes = self.config, [module.training for module in self.model.modules()]
+        saved = TrainingSnapshot.capture(
+            self.accelerator, self.model, self.optimizer, self.lr_scheduler, self.train_dataloader, snapshot
+        )
+        self._fitting = True
+        test = RangeTest(
+            self.accelerator, self.model, self.optimizer, self.train_dataloader, self._losses,
+            clip_grad_norm=config.clip_grad_norm, clip_grad_value=config.clip_grad_value,
+            progress_bar=config.progress_bar,
+        )  # fmt: skip
+        try:
+            self.model.train()
+            sweep = test.run(
+                log_spaced(min_lr, max_lr, num_steps), stop_factor=stop_factor, smoothing=smoothing
+            )
+        finally:
+            self._fitting = False
+            saved.restore()
+            for module, mode in zip(self.model.modules(), modes, strict=True):
+                module.training = mode
+        result = finish_result(sweep, saved.cost, rule, smoothing)
+        if self.accelerator.is_main_process:
+            logger.info("safeloop: find_lr: %s", result.message)
         return result
 
     def _end_status(self, watch: PreemptionWatch) -> Status:

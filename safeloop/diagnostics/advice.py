@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from safeloop.diagnostics.updates import find_lr_hint
 from safeloop.results import Finding
 from safeloop.run_state import RunRecord
 
@@ -88,7 +89,7 @@ def check_lr_advice(findings: Sequence[Finding], record: RunRecord) -> list[Find
     advice = (
         f"Use a learning rate between {trained.lr:.3g} and {trained.diverged_at:.3g}: this run trained at "
         f"{trained.lr:.3g} after its rollback to step {trained.step} (logged loss {trained.loss_from:.3g} "
-        f"to {trained.loss_to:.3g}) and diverged at {trained.diverged_at:.3g}. Start from {trained.lr:.3g} "
-        "(a short learning-rate range test pins the best rate), with warm-up and gradient clipping."
+        f"to {trained.loss_to:.3g}) and diverged at {trained.diverged_at:.3g}. Start from {trained.lr:.3g}, "
+        f"with warm-up and gradient clipping; {find_lr_hint(trained.diverged_at, too_high=True)}."
     )
     return [dataclasses.replace(f, suggestion=advice) if _lowers_the_rate(f) else f for f in findings]

@@ -21,7 +21,7 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 
-from safeloop.diagnostics.updates import LR_TARGET_RATIO, listing
+from safeloop.diagnostics.updates import LR_TARGET_RATIO, find_lr_hint, listing
 from safeloop.results import Finding
 
 __all__ = ["Oscillation", "OSC_RATIO", "OSC_ABOVE_BEST", "OSC_RECENT", "OSC_NOISE", "OSC_CHECKS"]
@@ -141,6 +141,6 @@ class Oscillation:
             step=step,
             suggestion=(
                 f"Lower the learning rate{target} (3 to 10 times lower), or decay it (cosine, "
-                "step or `ReduceLROnPlateau`); a short learning-rate range test pins it."
+                f"step or `ReduceLROnPlateau`); {find_lr_hint(lr, too_high=True)}."
             ),
         )

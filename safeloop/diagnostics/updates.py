@@ -114,6 +114,22 @@ def rank_causes(causes: Sequence[Cause], context: Sequence[Finding], *, own: str
     return sorted([*causes, *earlier], key=lambda c: c.rank)
 
 
+def find_lr_hint(lr: float | None, *, too_high: bool) -> str:
+    """The ``find_lr`` call that sweeps around ``lr`` in the direction a finding points to.
+
+    Args:
+        lr (`float`, *optional*): the learning rate the finding saw (None: not known).
+        too_high (`bool`): the rate looks too high (sweep mostly below it), else too low.
+    """
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        return "`trainer.find_lr()` (a learning-rate range test) measures the rate that trains"
+    low, high = (lr / 1e4, lr * 10) if too_high else (lr / 10, lr * 1e4)
+    return (
+        f"`trainer.find_lr(min_lr={low:.0e}, max_lr={high:.0e})` (a learning-rate range test, "
+        "before `fit()`) measures the rate that trains"
+    )
+
+
 def listing(items: Sequence[tuple[str, float]], limit: int = 4) -> str:
     """Names with their values, the first ``limit`` of them, and how many more (for messages)."""
     text = ", ".join(f"`{name}` {value:.2g}" for name, value in items[:limit])
@@ -227,7 +243,9 @@ class UpdateSize:
             params=tuple(name for name, _ in off),
             step=step,
             suggestion=f"Multiply the learning rate by about {factor:.0e}{target} so the ratio nears "
-            f"{LR_TARGET_RATIO:g}" + ("; add warm-up or gradient clipping." if high else "."),
+            f"{LR_TARGET_RATIO:g}"
+            + ("; add warm-up or gradient clipping" if high else "")
+            + f"; {find_lr_hint(lr, too_high=high)}.",
         )
 
     def causes(self, lr: float | None) -> list[Cause]:
@@ -238,6 +256,6 @@ class UpdateSize:
         high = median > LR_HIGH_RATIO
         at_lr = f" at lr {lr:.3g}" if lr is not None else ""
         text = f"median update-to-weight ratio {median:.2g}{at_lr}, healthy ~{LR_TARGET_RATIO:g}"
-        fix = f"Multiply the learning rate by about {_factor(median):.0e}."
+        fix = f"Multiply the learning rate by about {_factor(median):.0e}; {find_lr_hint(lr, too_high=high)}."
         code = "lr-too-high" if high else "lr-too-low"
         return [Cause(CONTEXT_RANKS[code], code, text, tuple(n for n, _ in self._off(high)), fix)]

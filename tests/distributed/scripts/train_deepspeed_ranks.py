@@ -10,7 +10,8 @@ weight and a learning one) instead of the deep sigmoid MLP; ``OPTIMIZER=other-mo
 optimizer from another instance of the model; ``ACCUM`` sets gradient accumulation (both
 Accelerate's and the DeepSpeed config's); ``LOOP=hand-written`` runs Accelerate's documented loop
 instead of SafeTrainer (only the final weights are recorded); ``SCHEDULER=1`` halves the learning
-rate every 2 steps. Each rank writes
+rate every 2 steps; ``FIND_LR=N`` runs ``find_lr(num_steps=N)`` before ``fit`` (its curve is
+recorded: the fit after it must still equal the hand-written loop). Each rank writes
 ``<out_dir>/result_<rank>.json`` (named on a ``RESULT`` line): findings, events, losses, each step's
 whole gradient norm per parameter (read by a callback before the step: ``safe_get_full_grad`` under
 DeepSpeed, a test-only collective), and the final fp32 weights. Rank 0's tracker writes every
@@ -227,6 +228,16 @@ def main() -> None:
             raise
         skip(f"DeepSpeed could not start on CPU: {error!r}")
     record = {"rank": accelerator.process_index, "distributed_type": str(accelerator.distributed_type)}
+    if os.environ.get("FIND_LR"):
+        found = trainer.find_lr(num_steps=int(os.environ["FIND_LR"]))
+        record["find_lr"] = {
+            "lrs": found.lrs,
+            "losses": found.losses,
+            "suggestion": found.suggestion,
+            "verdict": found.verdict,
+            "passes": found.loader_passes,
+            "stop": found.stop_reason,
+        }
     try:
         result = trainer.fit()
         record.update(
