@@ -196,7 +196,10 @@ def _fresh_accelerate() -> None:
     PartialState._reset_state()
 
 
-def safeloop_suggestions(problem: Problem) -> dict[str, float | None]:
+def safeloop_sweep(
+    problem: Problem, num_steps: int, order: int
+) -> tuple[dict[str, float | None], str | None]:
+    """Every rule's suggestion from one ``find_lr`` (data order ``order``), and its verdict."""
     _fresh_accelerate()
     model = problem.build()
     optimizer = problem.optimizer(list(model.parameters()), 1e-3)
@@ -204,10 +207,9 @@ def safeloop_suggestions(problem: Problem) -> dict[str, float | None]:
     trainer = SafeTrainer(
         model, optimizer, loader, loss_fn=problem.loss_fn, progress_bar=False, summary=False
     )
-    result = trainer.find_lr()
-    found = dict(result.suggestions)
-    found["verdict"] = result.verdict  # type: ignore[assignment]
-    return found
+    torch.manual_seed(1000 + order)  # the sweep's shuffle order
+    result = trainer.find_lr(num_steps=num_steps)
+    return dict(result.suggestions), result.verdict
 
 
 def lightning_suggestion(problem: Problem) -> float | None:
@@ -245,46 +247,69 @@ def lightning_suggestion(problem: Problem) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=2, help="data orders each trained rate is averaged over")
+    parser.add_argument("--sweeps", type=int, default=3, help="find_lr runs (data orders) per sweep length")
+    parser.add_argument("--steps", type=int, nargs="+", default=[100, 300], help="find_lr num_steps to try")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("safeloop").setLevel(logging.WARNING)
-    rows = []
+    cache: dict[tuple[str, float], float] = {}
+    tally: dict[str, list[int]] = {}
+
     for name in args.problems:
         problem = PROBLEMS[name]()
-        finals = [
-            statistics.fmean(train(problem, lr, seed) for seed in range(args.seeds)) for lr in problem.grid
-        ]
+
+        def final_loss(lr: float, problem: Problem = problem) -> float:
+            key = (problem.name, lr)
+            if key not in cache:
+                cache[key] = statistics.fmean(train(problem, lr, seed) for seed in range(args.seeds))
+            return cache[key]
+
+        finals = [final_loss(lr) for lr in problem.grid]
         best = min(finals)
         good = [lr for lr, final in zip(problem.grid, finals, strict=True) if final <= BAND * best]
-        band = (min(good), max(good))
-        found = safeloop_suggestions(problem)
-        found["lightning"] = lightning_suggestion(problem)
-        print(
-            f"\n{name}: grid "
-            + ", ".join(f"{lr:.3g}:{f:.4g}" for lr, f in zip(problem.grid, finals, strict=True))
-        )
-        print(f"  band (within 10% of best {best:.4g}): {band[0]:.3g}..{band[1]:.3g}")
-        for rule, lr in found.items():
-            if rule == "verdict":
-                print(f"  verdict: {lr}")
-                continue
+
+        def verdict_on(
+            lr: float | None, good: list[float] = good, best: float = best, problem: Problem = problem
+        ) -> str:
             if lr is None:
-                print(f"  {rule:<10} none")
-                continue
-            final = statistics.fmean(train(problem, lr, seed) for seed in range(args.seeds))
-            # inside the band: between its good grid rates, or between a good and a bad one with a
-            # final loss of its own within 10% of the best
+                return "none"
+            final = final_loss(lr)
+            # in the band: between good grid rates, or beside a good one with its own final loss
+            # within 10% of the best
             below = max((g for g in problem.grid if g <= lr), default=None)
             above = min((g for g in problem.grid if g >= lr), default=None)
-            inside = band[0] <= lr <= band[1] or ((below in good or above in good) and final <= BAND * best)
-            print(f"  {rule:<10} {lr:.3g}  in band: {inside}  final {final:.4g} ({final / best:.2f}x best)")
-            rows.append((name, rule, lr, inside, final / best))
-    print("\nsummary: rule -> problems inside the band")
-    for rule in ("minimum", "steepest", "valley", "lightning"):
-        hits = [r for r in rows if r[1] == rule]
-        worst = max((r[4] for r in hits), default=0)
-        print(f"  {rule:<10} {sum(r[3] for r in hits)}/{len(hits)}  worst final {worst:.2f}x best")
+            inside = min(good) <= lr <= max(good) or (
+                (below in good or above in good) and final <= BAND * best
+            )
+            return f"{lr:.3g} ({final / best:.2f}x{', in' if inside else ', OUT'})"
+
+        print(
+            f"\n{name}: "
+            + ", ".join(f"{lr:.3g}: {f:.4g}" for lr, f in zip(problem.grid, finals, strict=True))
+        )
+        print(f"  band (final loss within 10% of the best, {best:.4g}): {min(good):.3g}..{max(good):.3g}")
+        for num_steps in args.steps:
+            for order in range(args.sweeps):
+                found, verdict = safeloop_sweep(problem, num_steps, order)
+                shown = {rule: verdict_on(lr) for rule, lr in found.items()} if order == 0 else {}
+                minimum = verdict_on(found["minimum"]) if verdict is None else f"verdict {verdict}"
+                tally.setdefault(f"minimum, {num_steps} steps", []).append(", in" in minimum)
+                others = "; ".join(f"{r} {v}" for r, v in shown.items() if r != "minimum")
+                print(
+                    f"  find_lr({num_steps} steps, order {order}): minimum {minimum}"
+                    + (f"; {others}" if others else "")
+                )
+                if order == 0 and num_steps == args.steps[0]:
+                    for rule in ("steepest", "valley"):
+                        tally.setdefault(rule, []).append(", in" in shown[rule])
+        lightning = lightning_suggestion(problem)
+        shown = verdict_on(lightning) if lightning is not None else "not installed"
+        tally.setdefault("lightning", []).append(", in" in shown)
+        print(f"  lightning Tuner.lr_find (defaults): {shown}")
+    print("\nsuggestions inside the band:")
+    for rule, hits in tally.items():
+        print(f"  {rule:<22} {sum(hits)}/{len(hits)}")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ still moves with every point):
   part of the curve and the rule lands too low; kept for comparison.
 
 A verdict replaces the suggestion when the curve cannot support one: the loss did not respond to
-the learning rate (it fell less than 2% from where it started, or never went clearly below the
-loss of the best constant prediction), the fall is within the noise of a sweep that ran to its end
-without a blow-up, or the sweep stopped before the loss went down. A sweep that ended in a blow-up
-did respond to the rate; when its fall is within the noise the suggestion says that it rests on
-where the loss blew up.
+the learning rate (it fell less than 2% from where it started, or it never went below 98% of the
+loss of the best constant prediction and fell by less than the noise), the fall is within the
+noise of a sweep that ran to its end without a blow-up, or the sweep stopped before the loss went
+down. A sweep that ended in a blow-up did respond to the rate; when its fall is within the noise
+the suggestion says that it rests on where the loss blew up.
 """
 
 from __future__ import annotations
@@ -230,7 +230,14 @@ def judge(
     fall = start - best
     scale = abs(start) if start else 1.0
     sweep = f"over {lrs[0]:.3g}..{lrs[-1]:.3g}"
-    if baseline is not None and best >= _BASELINE_SHARE * baseline:
+    # a sweep cut short by a blow-up may not have had the steps to get below the constant
+    # prediction on average: there, no single step may have got below it either
+    never_below = best if not stopped_early else min(raw)
+    if (
+        baseline is not None
+        and never_below >= _BASELINE_SHARE * baseline
+        and measured.significance < SIGNIFICANT
+    ):
         return Verdict(
             "no-response",
             f"the loss does not respond to the learning rate: its best smoothed value {best:.4g} (at lr "

@@ -105,7 +105,8 @@ class LRFinderResult:
         title = "learning-rate range test" if self.verdict is None else f"no suggestion: {self.verdict}"
         ax.set_title(title)
         if self.smoothed_losses:  # the blow-up at the end would flatten the rest of the curve
-            low, high = min(self.smoothed_losses), max(self.smoothed_losses[: max(1, len(self.lrs) // 10)])
+            low = min(min(self.smoothed_losses), min(self.losses))
+            high = max(self.smoothed_losses[: max(1, len(self.lrs) // 10)])
             span = max(high - low, 1e-12)
             ax.set_ylim(low - 0.1 * span, high + 0.6 * span)
         ax.legend(loc="best")

@@ -37,6 +37,14 @@ __all__ = ["RangeTest", "Sweep", "lr_finder_problems", "finish_result"]
 logger = logging.getLogger("safeloop")
 
 MIN_STEPS = 10
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (FSDP2), else the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 _NONFINITE_IN_A_ROW = 3  # one bad batch is kept out; three in a row is the blow-up
 
 
@@ -94,6 +102,8 @@ class Sweep:
     nonfinite_steps: int = 0
     loader_passes: int = 1
     baseline: float | None = None
+    # every weight (2-D and more) that got no gradient at the first step, when none got one
+    unreached: list[str] = field(default_factory=list)
 
 
 class RangeTest:
@@ -131,6 +141,9 @@ class RangeTest:
         self.clip_grad_value = clip_grad_value
         self.progress_bar = progress_bar and accelerator.is_main_process
         self.stepper = GatedStep(optimizer, accelerator.scaler)
+        unwrapped = accelerator.unwrap_model(model)
+        self._weights = [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad and p.dim() >= 2]
+        self._first = True
         form = None if losses.loss_fn is None or losses.training_step else loss_form(losses.loss_fn)
         self._sample = TargetSample(form) if form is not None and form.problem is None else None
 
@@ -148,7 +161,7 @@ class RangeTest:
             for lr in lrs:
                 for group, ratio in zip(groups, ratios, strict=True):
                     group["lr"] = lr * ratio
-                loss = self._step(batches)
+                loss = self._step(batches, sweep)
                 sweep.steps += 1
                 bar.advance()
                 if loss is None:
@@ -195,7 +208,7 @@ class RangeTest:
                 )
             sweep.loader_passes += 1
 
-    def _step(self, batches: Iterator[Any]) -> float | None:
+    def _step(self, batches: Iterator[Any], sweep: Sweep) -> float | None:
         """One optimizer step over an accumulation window; its loss (None: no gradient to follow)."""
         acc, window = self.accelerator, []
         while True:
@@ -207,7 +220,32 @@ class RangeTest:
                 acc.backward(loss)
                 window.append(loss.detach())
                 if acc.sync_gradients:
+                    if self._first:
+                        self._first = False
+                        sweep.unreached = self._unreached()
                     return self._finish(window)
+
+    def _unreached(self) -> list[str]:
+        """Every weight, when none of them got a non-zero gradient at this first step (else none).
+
+        One all-reduce and one host read, once per sweep: a model whose gradients reach no weight
+        (all-zero weights, every layer's input cut) cannot respond to any learning rate.
+        """
+        if not self._weights:
+            return []
+        device = self.accelerator.device
+        reached = torch.stack(
+            [
+                torch.zeros((), device=device)
+                if p.grad is None
+                else (_local(p.grad) != 0).any().to(device=device, dtype=torch.float32)
+                for _, p in self._weights
+            ]
+        )
+        reached = reduce_across_processes(self.accelerator, reached, "max")  # any process's shard
+        if any(v > 0 for v in reached.tolist()):
+            return []
+        return [name for name, _ in self._weights]
 
     def _loss_fn(self) -> Callable[[Any, Any], Any] | None:
         """The user's ``loss_fn``, wrapped to keep the first targets for the baseline loss."""
@@ -276,6 +314,16 @@ def finish_result(sweep: Sweep, cost: SnapshotCost, rule: str, smoothing: float)
             "`.item()` values cuts it from the weights; `fit()` names where"
         )
         return _result(sweep, cost, rule, {}, None, "no-response", message)
+    if sweep.unreached:
+        shown = ", ".join(f"`{name}`" for name in sweep.unreached[:5])
+        more = f" and {len(sweep.unreached) - 5} more" if len(sweep.unreached) > 5 else ""
+        message = (
+            f"the loss does not respond to the learning rate: at the first step no weight got a non-zero "
+            f"gradient ({shown}{more}), so only biases, if anything, can move. All-zero weights (an "
+            "init that zeroed them: the trainer's `reinit_zero_params` re-initialises them in `fit()`), "
+            "or every layer's input cut from the graph; `fit()` with `diagnostics=True` names which"
+        )
+        return _result(sweep, cost, rule, suggestions, None, "no-response", message)
     suggestion = None if verdict is not None else suggestions.get(rule)
     if verdict is not None:
         return _result(sweep, cost, rule, suggestions, None, verdict.code, verdict.message)

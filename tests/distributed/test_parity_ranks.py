@@ -2,8 +2,8 @@
 
 The single-process parity is in ``tests/integration/test_parity.py``; here the trainer and
 Accelerate's documented loop run under torchrun, with gradient accumulation, and the final
-weights must be equal bit for bit, though the trainer ran ``find_lr`` first. The script is the DeepSpeed test's (``MODE=ddp`` needs no
-DeepSpeed).
+weights must be equal bit for bit, though the trainer ran ``find_lr`` first. The script is the
+DeepSpeed test's (``MODE=ddp`` needs no DeepSpeed).
 """
 
 from __future__ import annotations

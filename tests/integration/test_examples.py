@@ -13,14 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run_example(name: str) -> subprocess.CompletedProcess[str]:
+def _run_example(name: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "examples" / name)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
-        cwd=ROOT,
+        cwd=cwd,
     )
 
 
@@ -52,3 +52,15 @@ def test_divergence_example_blows_up_by_hand_and_recovers_with_one_rollback():
     final = float(re.search(r"final loss: (\S+)", safe).group(1))
     assert math.isfinite(final) and final < 0.5  # 0.18 measured; 12 at the first step
     assert "rolled back to step 0" in proc.stderr, "the rollback warning was not logged"
+
+
+@pytest.mark.slow
+def test_find_lr_example_suggests_a_rate_and_trains_with_it(tmp_path):
+    proc = _run_example("find_lr.py", cwd=tmp_path)  # the plot goes to the working directory
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"find_lr: suggested learning rate (\S+) \(minimum", proc.stdout)
+    assert found is not None, proc.stdout[-2000:]
+    lr = float(found.group(1))
+    assert 1e-4 < lr < 0.1  # the optimizer was built at 1e-6: the suggestion replaced it
+    assert f"learning rate: {lr:.3g}" in proc.stdout
+    assert float(re.search(r"eval loss: (\S+)", proc.stdout).group(1)) < 1.0

@@ -150,7 +150,7 @@ def sharded_trainer(
 def main() -> None:
     out_dir, mode = sys.argv[1], os.environ.get("MODE", "fsdp2")
     # MODE: fsdp2, fsdp1 or ddp; ORIG=0: FSDP1 with use_orig_params=False;
-    # UNUSED=1: a layer never called; ACCUM: gradient accumulation steps
+    # UNUSED=1: a layer never called; ACCUM: gradient accumulation steps; FIND_LR=N: find_lr first
     tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
     accelerator = build_accelerator(mode, tracker)
     accelerator.init_trackers("fsdp-test")
@@ -177,6 +177,9 @@ def main() -> None:
         log_every=5,
         callbacks=[norms],
     )
+    found = None
+    if os.environ.get("FIND_LR"):  # a range test first: the fit after it must train as without it
+        found = trainer.find_lr(num_steps=int(os.environ["FIND_LR"]))
     result = trainer.fit()
     # the layout the diagnostics measure by, worked out from the prepared model as they do
     layout = shard_layout(accelerator, accelerator.unwrap_model(trainer.model).parameters(), trainer.model)
@@ -192,6 +195,7 @@ def main() -> None:
         "shard_count": layout.shard_count,
         "per_param": layout.per_param,
         "local_numels": {unwrapped(n): p.numel() for n, p in trainer.model.named_parameters()},
+        "find_lr": None if found is None else [found.lrs, found.losses, found.suggestion, found.verdict],
     }
     end_run(accelerator)
     print_result(record)
