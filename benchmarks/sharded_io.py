@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -82,7 +83,20 @@ def load_through_manager(manager: CheckpointManager, state: Any, step: int) -> N
 def print_timings(results: dict[str, list[float]]) -> None:
     """Best and median of each timing."""
     for key, values in results.items():
-        print(f"{key:<10} best {min(values):7.3f} s   median {statistics.median(values):7.3f} s")
+        print(f"{key:<12} best {min(values):7.3f} s   median {statistics.median(values):7.3f} s")
+
+
+class _TorchWriterState:
+    """``ShardedState`` writing its shards with torch's ``HuggingFaceStorageWriter`` itself.
+
+    safeloop's save before its own shard writer: the same files, each built in memory first.
+    """
+
+    def __init__(self, shards: ShardedState) -> None:
+        self.capture = shards.capture
+
+    def write(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
 
 
 def _evict(folder: Path) -> None:
@@ -124,22 +138,27 @@ def run_sharded(rounds: int, build: Build) -> None:
     dist.broadcast_object_list(holder)  # a path string, between the benchmark's own processes
     root = Path(holder[0])
     manager = CheckpointManager(root / "safeloop", accelerator, every=1, keep=rounds + 1)
-    results: dict[str, list[float]] = {
-        key: []
-        for key in (
-            "safe save", "dcp save", "dcp-st save", "warm safe", "warm dcp", "warm dcp-st",
-            "cold safe", "cold dcp", "cold dcp-st",
-        )
-    }  # fmt: skip
+    # "torch save": safeloop's whole save with torch's own safetensors writer (its writer before)
+    torch_manager = CheckpointManager(root / "torch-writer", accelerator, every=1, keep=rounds + 1)
+    saves = ("safe save", "dcp save", "dcp-st save", "shard save", "torch save")
+    loads = tuple(f"{cache} {name}" for cache in ("warm", "cold") for name in ("safe", "dcp", "dcp-st"))
+    results: dict[str, list[float]] = {key: [] for key in saves + loads}
     values: dict = {}
 
     def safeloop_save(step: int) -> None:
         save_through_manager(manager, shards, step)
 
-    def safetensors_save(step: int) -> None:  # DCP's safetensors writer alone: no manifest, no hashes
+    def safetensors_save(step: int) -> None:  # torch's own safetensors writer: no manifest, no hashes
         taken = shards.capture()
         values[step] = taken.values
-        shards.write(taken.tensors, root / f"st-{step}")
+        writer = HuggingFaceStorageWriter(str(root / f"st-{step}"), save_distributed=True)
+        dcp.save(taken.tensors, storage_writer=writer)
+
+    def shard_save(step: int) -> None:  # safeloop's shard writer alone: no manifest, no hashes
+        shards.write(shards.capture().tensors, root / f"sw-{step}")
+
+    def torch_writer_save(step: int) -> None:
+        save_through_manager(torch_manager, _TorchWriterState(shards), step)
 
     def safetensors_load(step: int) -> None:  # DCP's safetensors reader alone: nothing verified
         shards.load(root / f"st-{step}", values[step])
@@ -159,11 +178,15 @@ def run_sharded(rounds: int, build: Build) -> None:
             model, inner, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
         )
 
+    save_runs = dict(
+        zip(saves, (safeloop_save, dcp_save, safetensors_save, shard_save, torch_writer_save), strict=True)
+    )
     try:
         for step in range(1, rounds + 1):
-            results["safe save"].append(_timed(accelerator, functools.partial(safeloop_save, step)))
-            results["dcp save"].append(_timed(accelerator, functools.partial(dcp_save, step)))
-            results["dcp-st save"].append(_timed(accelerator, functools.partial(safetensors_save, step)))
+            # the order alternates: the disk's and the page cache's state carries over from one
+            # save to the next, so no writer always follows the same other one
+            for key in saves if step % 2 else reversed(saves):
+                results[key].append(_timed(accelerator, functools.partial(save_runs[key], step)))
             for cache in ("warm", "cold"):
                 for name, run in (("safe", safeloop_load), ("dcp", dcp_load), ("dcp-st", safetensors_load)):
                     if cache == "cold":
@@ -190,15 +213,27 @@ def _report(results: dict[str, list[float]], root: Path, rounds: int, processes:
     print_timings(results)
 
     def ratio(ours: str, base: str) -> str:
-        return f"{min(results[ours]) / min(results[base]):.2f}"
+        """Best over best, then the median of the rounds' own ratios (each round's runs are paired)."""
+        paired = statistics.median(a / b for a, b in zip(results[ours], results[base], strict=True))
+        return f"{min(results[ours]) / min(results[base]):.2f} (median per round {paired:.2f})"
 
-    print(f"save ratio vs DCP default writer (best/best): {ratio('safe save', 'dcp save')}")
-    warm, cold = ratio("warm safe", "warm dcp"), ratio("cold safe", "cold dcp")
-    print(f"load ratio vs DCP default reader, warm: {warm}, cold: {cold}")
+    def per_round(ours: str, base: str) -> str:
+        return " ".join(f"{a / b:.2f}" for a, b in zip(results[ours], results[base], strict=True))
+
+    print(f"save ratio vs DCP default writer, best/best: {ratio('safe save', 'dcp save')}")
+    print(f"  per round: {per_round('safe save', 'dcp save')}")
+    for cache in ("warm", "cold"):
+        print(
+            f"{cache} load ratio vs DCP default reader, best/best: {ratio(f'{cache} safe', f'{cache} dcp')}"
+        )
+        print(f"  per round: {per_round(f'{cache} safe', f'{cache} dcp')}")
+    print(f"torch's safetensors writer alone vs DCP's default writer: {ratio('dcp-st save', 'dcp save')}")
+    print(f"safeloop's shard writer alone vs DCP's default writer: {ratio('shard save', 'dcp save')}")
+    print(f"safeloop vs its shard writer alone: {ratio('safe save', 'shard save')}")
     print(
-        f"DCP's safetensors writer alone vs its default writer: {ratio('dcp-st save', 'dcp save')}; "
-        f"safeloop vs DCP's safetensors writer: {ratio('safe save', 'dcp-st save')}"
+        f"safeloop with torch's safetensors writer vs DCP's default writer: {ratio('torch save', 'dcp save')}"
     )
+    print(f"  per round: {per_round('torch save', 'dcp save')}")
     warm, cold = ratio("warm dcp-st", "warm dcp"), ratio("cold dcp-st", "cold dcp")
     print(f"DCP's safetensors reader alone vs its default reader, warm: {warm}, cold: {cold}")
     warm, cold = ratio("warm safe", "warm dcp-st"), ratio("cold safe", "cold dcp-st")
