@@ -19,8 +19,9 @@ A verdict replaces the suggestion when the curve cannot support one: the loss di
 the learning rate (it fell less than 2% from where it started, or it never went below 98% of the
 loss of the best constant prediction and fell by less than the noise), the fall is within the
 noise of a sweep that ran to its end without a blow-up, or the sweep stopped before the loss went
-down. A sweep that ended in a blow-up did respond to the rate; when its fall is within the noise
-the suggestion says that it rests on where the loss blew up.
+down. A sweep that ended in a blow-up (cut short, or its smoothed loss rose 10% above its start
+after the minimum) did respond to the rate; when its fall is within the noise the suggestion says
+that it rests on where the loss blew up.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ _NOISY = 0.05  # a point-to-point scatter above this share of the start can hide
 # the fall to the smoothed minimum exceeds 1.2 standard errors half of the time, 2.4 one time in 10
 SIGNIFICANT = 2.5
 _BASELINE_SHARE = 0.98  # a best loss above this share of the baseline learned nothing beyond it
+_RISE = 0.1  # a smoothed loss this share above the start, after the minimum, is a blow-up
 
 
 def log_spaced(min_lr: float, max_lr: float, num_steps: int) -> list[float]:
@@ -210,7 +212,8 @@ def judge(
         lrs (`Sequence[float]`): the learning rates of the finite points.
         raw (`Sequence[float]`): their losses.
         smoothed (`Sequence[float]`): the debiased average.
-        stopped_early (`bool`): the sweep ended before ``max_lr`` (the loss blew up).
+        stopped_early (`bool`): the sweep ended before ``max_lr`` (the loss blew up). A smoothed
+            loss that rose 10% above its start after its minimum counts as a blow-up too.
         baseline (`float`, *optional*): the loss of the best constant prediction, when known.
         smoothing (`float`): the moving average's beta (the smoothed value's standard error).
     """
@@ -230,9 +233,14 @@ def judge(
     fall = start - best
     scale = abs(start) if start else 1.0
     sweep = f"over {lrs[0]:.3g}..{lrs[-1]:.3g}"
-    # a sweep cut short by a blow-up may not have had the steps to get below the constant
-    # prediction on average: there, no single step may have got below it either
-    never_below = best if not stopped_early else min(raw)
+    # The loss blew up when the sweep was cut short, or when it rose clearly above its start after
+    # its minimum (without reaching `stop_factor`): either way it responded to the rate, and the
+    # rate just below the blow-up is what the suggestion reads.
+    rise = max(smoothed[lowest:]) - start
+    blew_up = stopped_early or rise > max(_RISE * scale, SIGNIFICANT * error)
+    # a blown-up sweep may not have had the steps to get below the constant prediction on
+    # average: there, no single step may have got below it either
+    never_below = min(raw) if blew_up else best
     if (
         baseline is not None
         and never_below >= _BASELINE_SHARE * baseline
@@ -248,7 +256,7 @@ def judge(
             "match the inputs); a model that needs many steps to get past that level needs a longer "
             "sweep (`num_steps`)",
         )
-    if fall < _RESPONSE * scale:
+    if fall < _RESPONSE * scale and not blew_up:
         if noise > _NOISY * scale:
             return Verdict(
                 "noise",
@@ -263,7 +271,7 @@ def judge(
             "(detached layers, `torch.no_grad`, all-zero weights) or a loss that does not depend on them "
             "trains at no learning rate: look at the findings first (`fit()` with `diagnostics=True`)",
         )
-    if fall < SIGNIFICANT * error and not stopped_early:
+    if fall < SIGNIFICANT * error and not blew_up:
         # (a sweep that ended in a blow-up did respond to the rate: its minimum is where the loss
         # last held before it, and the suggestion stands on that)
         return Verdict(
@@ -272,7 +280,7 @@ def judge(
             f"fell {fall:.3g} below the start ({start:.4g}), {fall / error:.1f} standard errors. Sweep "
             "with larger batches (gradient accumulation) or more steps (`num_steps`)",
         )
-    if lowest <= _first_point(n) + 1 and stopped_early:
+    if lowest <= _first_point(n) + 1 and blew_up:
         return Verdict(
             "no-descent",
             f"the sweep stopped before the loss went down: the lowest smoothed loss is at lr "

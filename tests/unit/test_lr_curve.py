@@ -109,3 +109,12 @@ def test_a_loss_that_only_rises_has_no_descent_and_asks_for_a_lower_start():
     verdict = judge(lrs, raw, smoothed, stopped_early=True, baseline=None, smoothing=0.9)
     assert verdict is not None and verdict.code in ("no-descent", "no-response")
     assert verdict.code != "no-descent" or "min_lr=" in verdict.message
+
+
+def test_a_shallow_dip_before_a_rise_is_a_response_not_a_flat_curve():
+    # the loss barely dips (1.5%) before the rate is too high, then rises well above its start
+    # without reaching the stop factor (the sweep ran to max_lr): it responded to the rate
+    lrs = log_spaced(1e-7, 10.0, 100)
+    raw, smoothed = _curve(lrs, lambda lr: 1.39 - 0.03 * (0.05 < lr < 0.5) + 1.2 * (lr >= 0.5), noise=0.02)
+    assert judge(lrs, raw, smoothed, stopped_early=False, baseline=1.386, smoothing=0.9) is None
+    assert 0.005 < suggest(lrs, smoothed)["minimum"] < 0.05
