@@ -305,6 +305,8 @@ def test_a_tiny_adam_learning_rate_reports_lr_too_low_and_a_plateau_ranking_it_f
     low = _only(result, "lr-too-low")
     assert low.severity == "warning" and set(low.params) == {"0.weight", "2.weight"}
     assert "lr 1e-08" in low.message and "1e+04" in low.suggestion
+    # the fix names the range test to run around the rate the run used: one decade below, four above
+    assert "`trainer.find_lr(min_lr=1e-09, max_lr=1e-04)`" in low.suggestion
     plateau = _only(result, "loss-plateau")
     assert plateau.severity == "warning" and plateau.step > low.step
     assert "Measured causes, most likely first: 1) lr-too-low" in plateau.message

@@ -41,6 +41,7 @@ def test_a_rate_that_trained_after_a_rollback_bounds_every_suggestion_that_lower
     )
     assert revised[0].suggestion.startswith(expected) and revised[2].suggestion.startswith(expected)
     assert "logged loss 2.66 to 0.18" in revised[0].suggestion
+    assert "`trainer.find_lr(min_lr=" in revised[0].suggestion  # the range test to pin it
     assert revised[1] == DEAD and revised[3] == PLATEAU_OTHER  # advice that does not lower the rate
     assert revised[0].message == HIGH.message
 
