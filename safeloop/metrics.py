@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 __all__ = ["MetricBuffer", "LogRecord", "StepValues"]
 
@@ -68,6 +69,7 @@ class MetricBuffer:
         self.capacity = capacity
         self._rows: list[torch.Tensor] = []
         self._has_flag = False
+        self._zeros: torch.Tensor | None = None
         self._since = time.perf_counter()
 
     def __len__(self) -> int:
@@ -78,7 +80,7 @@ class MetricBuffer:
         loss: torch.Tensor,
         grad_norm: torch.Tensor,
         flag: torch.Tensor | None = None,
-        nonfinite_params: torch.Tensor | None = None,
+        param_norms: torch.Tensor | None = None,
         overflow: torch.Tensor | None = None,
     ) -> None:
         """Keep the step's values, still on the device.
@@ -87,21 +89,31 @@ class MetricBuffer:
             loss (`torch.Tensor`): detached scalar loss of the step (mean over micro-batches).
             grad_norm (`torch.Tensor`): global gradient norm of the step.
             flag (`torch.Tensor`, *optional*): the guard's finite flag (1 applied, 0 skipped).
-            nonfinite_params (`torch.Tensor`, *optional*): bool per parameter of the model.
+            param_norms (`torch.Tensor`, *optional*): the gradient norm of each parameter of the
+                model; a non-finite one names a parameter whose gradient was not finite (read on
+                the host at the log step, not turned into a mask here every step).
             overflow (`torch.Tensor`, *optional*): the fp16 scaler's found-inf for the step.
         """
-        parts = [loss.detach().float().reshape(1), grad_norm.detach().float().reshape(1).to(loss.device)]
+        device = loss.device
+        # one cat of views (it promotes every part to float32): this runs every step, and each
+        # .float()/.to() would be one more dispatched op
+        parts = [loss.reshape(1), grad_norm.reshape(1)]
         self._has_flag = flag is not None
         if flag is not None:
-            parts.append(flag.float().reshape(1).to(loss.device))
-            parts.append(
-                torch.zeros(1, device=loss.device) if overflow is None else overflow.float().reshape(1)
-            )
-            if nonfinite_params is not None:
-                parts.append(nonfinite_params.float().reshape(-1).to(loss.device))
+            parts.append(flag.reshape(1))
+            parts.append(self._zero(device) if overflow is None else overflow.reshape(1))
+            if param_norms is not None:
+                parts.append(param_norms.reshape(-1))
+        parts = [p if p.device == device else p.to(device) for p in parts]
         if len(self._rows) >= self.capacity:
             self._rows.pop(0)  # collect() was not called in time: never grow without bound
-        self._rows.append(torch.cat(parts))
+        self._rows.append(torch.cat(parts).float())
+
+    def _zero(self, device: torch.device) -> torch.Tensor:
+        """A float32 zero of shape (1,) on ``device``, made once (no allocation per step)."""
+        if self._zeros is None or self._zeros.device != device:
+            self._zeros = torch.zeros(1, device=device)
+        return self._zeros
 
     def clear(self) -> None:
         """Drop the buffered rows unread (their steps were undone by a rollback)."""
@@ -143,7 +155,7 @@ class MetricBuffer:
             return None, []
         width = max(row.numel() for row in self._rows)
         # rows without a mask (no gradient measured) are padded so that one stack holds all
-        rows = [torch.nn.functional.pad(row, (0, width - row.numel())) for row in self._rows]
+        rows = [row if row.numel() == width else F.pad(row, (0, width - row.numel())) for row in self._rows]
         stacked = torch.stack(rows).flatten()
         tail = 0 if extra is None else extra.numel()
         if extra is not None:
@@ -170,7 +182,7 @@ class MetricBuffer:
     def _step_values(self, row: list[float]) -> StepValues:
         if not self._has_flag:
             return StepValues(loss=row[0], grad_norm=row[1])
-        bad = tuple(i for i, v in enumerate(row[4:]) if v > 0)
+        bad = tuple(i for i, v in enumerate(row[4:]) if not math.isfinite(v))
         # flags are agreed by all ranks, so their means over processes are exactly 0.0 or 1.0
         return StepValues(
             loss=row[0], grad_norm=row[1], finite=row[2] >= 1.0, overflow=row[3] > 0, bad_params=bad

@@ -42,7 +42,6 @@ class StepOutcome:
         loss (`torch.Tensor`): the window's loss (mean over its micro-batches).
         norms (`GradNorms`): the global gradient norm before clipping, and per parameter.
         flag (`torch.Tensor | None`): the agreed finite flag (int32 0/1); None with the guard off.
-        nonfinite (`torch.Tensor | None`): which parameters' gradients were not finite.
         overflow (`torch.Tensor | None`): the fp16 loss scaler refused the step on its own.
         applied (`bool | None`): whether the update was applied, when that was read on the host
             this step; None when the decision stayed on the device (or the guard is off).
@@ -52,7 +51,6 @@ class StepOutcome:
     loss: torch.Tensor
     norms: GradNorms
     flag: torch.Tensor | None
-    nonfinite: torch.Tensor | None
     overflow: torch.Tensor | None
     applied: bool | None
     lr: float
@@ -158,7 +156,6 @@ class OptimizerStep:
         losses, self._window_losses = self._window_losses, []
         window_loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         norms, flag = self._measure(window_loss)
-        nonfinite = None if norms.per_param is None or flag is None else ~torch.isfinite(norms.per_param)
         # the scaler's own verdict, read before the guard's flag is merged into it
         overflow = true_overflow(self.stepper.overflow(), window_loss) if self.guarded else None
         if self.config.nan_guard == "raise":
@@ -166,7 +163,7 @@ class OptimizerStep:
             # scaler overflow is the scaler's business (it skips and lowers its scale), not an error
             ok = flag if overflow is None else torch.maximum(flag, overflow.to(flag))  # type: ignore[arg-type]
             if not bool(ok.item()):
-                self.skips.learn(step, [self.skips.host_values(window_loss, norms.total, nonfinite)])
+                self.skips.learn(step, [self.skips.host_values(window_loss, norms.total, norms.per_param)])
         self.callbacks.call("on_before_optimizer_step", self.optimizer)
         lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
         if self.diagnostics is None:
@@ -181,7 +178,7 @@ class OptimizerStep:
         if self.zero is not None and self.zero.overflowed:
             # DeepSpeed refused the step on its own (an fp16 overflow: its loss scaler's business)
             overflow = torch.ones((), device=window_loss.device)
-        return StepOutcome(window_loss, norms, flag, nonfinite, overflow, applied, lr)
+        return StepOutcome(window_loss, norms, flag, overflow, applied, lr)
 
     def _measure(self, window_loss: torch.Tensor) -> tuple[GradNorms, torch.Tensor | None]:
         if self.zero is not None:

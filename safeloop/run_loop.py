@@ -201,7 +201,11 @@ class RunLoop:
                 outcome = self.step.finish(self.progress.global_step + 1)
                 self.progress.advance(outcome.lr)
                 self.metrics.record(
-                    outcome.loss, outcome.norms.total, outcome.flag, outcome.nonfinite, outcome.overflow
+                    outcome.loss,
+                    outcome.norms.total,
+                    outcome.flag,
+                    outcome.norms.per_param if outcome.flag is not None else None,
+                    outcome.overflow,
                 )
                 divergence = self._learn_at_step(outcome)
                 if divergence is not None:
@@ -217,7 +221,7 @@ class RunLoop:
         values = (
             _APPLIED
             if outcome.applied
-            else self.skips.host_values(outcome.loss, outcome.norms.total, outcome.nonfinite)
+            else self.skips.host_values(outcome.loss, outcome.norms.total, outcome.norms.per_param)
         )
         return self.skips.learn(self.progress.global_step, [values])
 

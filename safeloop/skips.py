@@ -15,6 +15,7 @@ points to clipping rather than to the operations that make NaN/Inf on their own.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,10 +128,18 @@ class SkipHandler:
         return tuple(self.param_names[i] for i in positions if i < len(self.param_names))
 
     def host_values(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor, nonfinite: torch.Tensor | None
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, param_norms: torch.Tensor | None
     ) -> StepValues:
-        """A refused step's values read on the host (host reads: refused steps only)."""
-        bad = () if nonfinite is None else tuple(torch.nonzero(nonfinite).flatten().tolist())
+        """A refused step's values read on the host (host reads: refused steps only).
+
+        ``param_norms`` are the gradient norms per parameter: a non-finite one names a parameter
+        whose gradient was not finite.
+        """
+        bad = (
+            ()
+            if param_norms is None
+            else tuple(i for i, v in enumerate(param_norms.tolist()) if not math.isfinite(v))
+        )
         return StepValues(loss=float(loss), grad_norm=float(grad_norm), finite=False, bad_params=bad)
 
     def learn(self, last_step: int, per_step: Sequence[StepValues]) -> Divergence | None:

@@ -77,8 +77,8 @@ class GatedStep:
         if flag is None:
             self.optimizer.step()
             return None
-        bad = (1 - flag).to(torch.float32)
         if self.scaler is not None:
+            bad = (1 - flag).to(torch.float32)
             # with the guard's flag merged into the scaler's found_inf, the scaler skips the step
             # (and lowers its scale) as for an overflow
             for value in self._scaler_found_inf():
@@ -86,7 +86,7 @@ class GatedStep:
             self.optimizer.step()
             return None
         if self.device_side:
-            self.inner.found_inf = bad  # type: ignore[attr-defined]
+            self.inner.found_inf = (1 - flag).to(torch.float32)  # type: ignore[attr-defined]
             try:
                 self.optimizer.step()
             finally:

@@ -124,7 +124,9 @@ class GradientStats:
             self._per_param, self._sum, self._rows = False, None, []
             return
         # a skipped step's NaN/Inf norms would poison the whole interval; they count as 0 here
-        clean = per_param.detach().float().nan_to_num(0.0, 0.0, 0.0)
+        if per_param.dtype != torch.float32:  # (a .float() that is a no-op is still an op per step)
+            per_param = per_param.float()
+        clean = per_param.nan_to_num(0.0, 0.0, 0.0)
         self._count += 1
         if self._shard_count is not None:
             # shard norms add up over processes only as squares, and a step's norm is the root of

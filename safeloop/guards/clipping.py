@@ -83,8 +83,12 @@ def grad_norms(parameters: Iterable[torch.nn.Parameter]) -> GradNorms:
         else:
             norms.extend(torch.linalg.vector_norm(g, 2.0) for g in device_grads)
         order.extend(indices)
-    stacked = torch.stack([norm.to(first_device) for norm in norms])
+    stacked = torch.stack([norm if norm.device == first_device else norm.to(first_device) for norm in norms])
     total = torch.linalg.vector_norm(stacked, 2.0)
+    if len(positions) == len(params) and order == sorted(order):
+        # every parameter has a gradient, one device and dtype (the usual case): already in
+        # `parameters` order, no reordering (it would cost a dozen small ops every step)
+        return GradNorms(total=total, per_param=stacked)
     # one slot per parameter, in `parameters` order (0.0 for those without a gradient), so that
     # an index names the same parameter as `model.parameters()` does
     # (a Python reordering: an index tensor built here would be a host-to-device copy per step)

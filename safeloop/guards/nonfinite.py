@@ -36,9 +36,11 @@ def finite_flag(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         >>> finite_flag(torch.tensor(1.0), torch.tensor(float("inf")))
         tensor(0, dtype=torch.int32)
     """
-    loss_ok = torch.isfinite(loss.detach().float()).all()
-    norm_ok = torch.isfinite(grad_norm.detach().float()).all()
-    return (loss_ok & norm_ok).to(torch.int32)
+    # loss + 0 * norm: NaN when the norm is NaN or infinite (0 * inf is NaN), the loss itself
+    # otherwise, so one isfinite sees both; without the .float()/.detach() copies of two checks
+    # (three ops instead of ten: this runs every step)
+    flag = torch.isfinite(torch.add(loss, grad_norm, alpha=0))
+    return (flag.all() if flag.dim() else flag).to(torch.int32)
 
 
 def true_overflow(scaler_found_inf: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor | None:
