@@ -230,6 +230,22 @@ class GradientStats:
         norms = dict(zip(self.weights, values[:w], strict=True))
         return GradientWindow(grads, norms, dict(zip(self.weights, values[w:], strict=True)))
 
+    @property
+    def measures_weight_norms(self) -> bool:
+        """Whether the next ``measurements()`` holds the norm of each whole weight (not sharded)."""
+        return self._per_param and self._shard_count is None and bool(self.weights)
+
+    def weight_norms(self, values: Sequence[float]) -> dict[str, float] | None:
+        """Each weight's norm from the host values of ``measurements()``, by name (not sharded).
+
+        Returns:
+            `dict[str, float] | None`: None when the values hold no whole-weight norms.
+        """
+        n, w = len(self._params), len(self.weights)
+        if self._shard_count is not None or not self._pending or len(values) != n + 2 * w:
+            return None
+        return {self.names[i]: v for i, v in zip(self.weights, values[n : n + w], strict=True)}
+
     def tracker_values(self, values: Sequence[float]) -> dict[str, float]:
         """Tracker entries for ``accelerator.log``, from the host values of ``measurements()``.
 

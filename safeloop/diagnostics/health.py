@@ -72,24 +72,45 @@ class WeightHealth:
                 masks.append(param.grad.detach().flatten(1).abs().amax(dim=1) > 0)
         self._row_masks = masks
 
-    def measurements(self) -> torch.Tensor | None:
+    def measurements(self, nonzero: bool = True) -> torch.Tensor | None:
         """The device vector to read at a log step: per weight "not all zero", then row masks.
 
         The trainer reads it together with the training metrics, in the same transfer.
+
+        Args:
+            nonzero (`bool`, *optional*, defaults to True): measure "not all zero" here; False
+                when the caller has each weight's norm anyway (a norm of 0 is an all-zero weight)
+                and hands it to :meth:`check`, which saves a pass over every weight.
         """
         if not self.weights:
             return None
         device = self.weights[0][1].device
-        parts = [torch.stack([p.detach().any().to(device) for _, p in self.weights]).float()]
+        parts = []
+        if nonzero:
+            parts.append(torch.stack([p.detach().any().to(device) for _, p in self.weights]).float())
         if self._row_masks is not None:
             parts += [mask.to(device).float() for mask in self._row_masks]
-        return torch.cat(parts)
+        return torch.cat(parts) if parts else None
 
-    def check(self, step: int, values: list[float]) -> list[Finding]:
-        """Turn the host values of ``measurements()`` into new findings."""
+    def check(
+        self, step: int, values: list[float], weight_norms: dict[str, float] | None = None
+    ) -> list[Finding]:
+        """Turn the host values of ``measurements()`` into new findings.
+
+        Args:
+            step (`int`): the log step.
+            values (`list[float]`): the host values of ``measurements()``.
+            weight_norms (`dict[str, float]`, *optional*): each weight's norm, when
+                ``measurements(nonzero=False)`` left "not all zero" to them. A norm of exactly 0
+                is an all-zero weight (a NaN norm is not: its weight holds a NaN).
+        """
         if not self.weights:
             return []
-        nonzero, rows = values[: len(self.weights)], values[len(self.weights) :]
+        if weight_norms is not None:
+            nonzero = [1.0 if weight_norms.get(name, 1.0) != 0.0 else 0.0 for name, _ in self.weights]
+            rows = values
+        else:
+            nonzero, rows = values[: len(self.weights)], values[len(self.weights) :]
         findings = [
             self._collapsed(name, step) for (name, _), ok in zip(self.weights, nonzero, strict=True) if not ok
         ]

@@ -95,6 +95,7 @@ class Diagnostics:
         if self.layout.reason is not None and accelerator.is_main_process:
             logger.info("safeloop diagnostics under %s: %s", accelerator.distributed_type, self.layout.reason)
         # weight health needs whole rows (units) of a weight: not under any sharding yet
+        self._zero_from_norms = False  # weight health reads all-zero weights from the monitor's norms
         self.health = (
             None
             if self.sharded
@@ -307,7 +308,15 @@ class Diagnostics:
 
     def measurements(self) -> tuple[torch.Tensor | None, int]:
         """The device vector to read with the metrics, and the length of its health part."""
-        parts = [self.health.measurements() if self.health is not None else None, self.monitor.measurements()]
+        # an all-zero weight has a norm of 0: with the monitor's weight norms at hand, weight
+        # health does not scan every weight a second time
+        self._zero_from_norms = (
+            self.health is not None
+            and self.monitor.measures_weight_norms
+            and {name for name, _ in self.health.weights} <= set(self.monitor.weight_names)
+        )
+        health = None if self.health is None else self.health.measurements(nonzero=not self._zero_from_norms)
+        parts = [health, self.monitor.measurements()]
         health_len = 0 if parts[0] is None else parts[0].numel()
         present = [p.float() for p in parts if p is not None]
         if not present:
@@ -332,7 +341,10 @@ class Diagnostics:
         if measured:
             self._report(self.baselines.measure(step))
         if self.health is not None:
-            self._report(self.health.check(step, health_values))
+            norms = self.monitor.weight_norms(monitor_values) if self._zero_from_norms else None
+            if self._zero_from_norms and norms is None:  # (not measured after all: no verdict on zeros)
+                norms = {name: 1.0 for name, _ in self.health.weights}
+            self._report(self.health.check(step, health_values, norms))
         applied = [s for s in record.per_step if s.finite is not False and not s.overflow]
         self._report(
             self.monitor.check(

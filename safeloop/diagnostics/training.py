@@ -172,6 +172,20 @@ class TrainingMonitor:
         """
         return self._stats.measurements()
 
+    @property
+    def weight_names(self) -> list[str]:
+        """The names of the weights (2+ dims) whose norms ``measurements()`` holds."""
+        return [self.names[i] for i in self._stats.weights]
+
+    @property
+    def measures_weight_norms(self) -> bool:
+        """Whether the next ``measurements()`` holds each whole weight's norm."""
+        return self._stats.measures_weight_norms
+
+    def weight_norms(self, values: Sequence[float]) -> dict[str, float] | None:
+        """Each weight's norm by name, from the host values of ``measurements()`` (or None)."""
+        return self._stats.weight_norms(values)
+
     def tracker_values(self, values: Sequence[float]) -> dict[str, float]:
         """Tracker entries for ``accelerator.log``, from the host values of ``measurements()``.
 
