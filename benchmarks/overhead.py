@@ -14,12 +14,14 @@ SafeTrainer with ``diagnostics=False``, and the same three ratios compare ``diag
     python benchmarks/overhead.py --fused         # AdamW(fused=True) in both loops
     python benchmarks/overhead.py --nan-guard off # SafeTrainer without the NaN/Inf guard
     python benchmarks/overhead.py --only-diagnostics  # skip the bare loop: diagnostics on vs off
+    python benchmarks/overhead.py --instructions  # instructions per step (valgrind), not time
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -118,7 +120,24 @@ def main() -> None:
     parser.add_argument(
         "--only-diagnostics", action="store_true", help="time only SafeTrainer, diagnostics on and off"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per step with valgrind's callgrind instead of timing "
+        "(benchmarks/instructions.py: batch 64, clip 1.0 in both loops, 60-step minus 20-step runs); "
+        "benchmarks/step_profile.py attributes the difference to torch ops and safeloop's functions",
+    )
     args = parser.parse_args()
+    if args.instructions:
+        import instructions
+
+        loops = ["safeloop", "no-diagnostics"] if args.only_diagnostics else ["bare", "safeloop"]
+        sys.argv = [
+            "instructions.py", "--width", str(args.width), "--depth", str(args.depth),
+            "--log-every", str(args.log_every), "--short", "20", "--long", "60", "--loops", *loops,
+        ]  # fmt: skip
+        instructions.main()
+        return
     torch.set_num_threads(args.threads)
 
     runs: dict[str, Callable[[], float]] = {}

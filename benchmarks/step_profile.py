@@ -107,11 +107,16 @@ def main() -> None:
         base_calls, base_own = short.get(key, (0, 0.0))
         rows.append(((calls - base_calls) / extra, (own - base_own) / extra, key))
     print(
-        f"\nsafeloop's Python functions per step (calls, own time in microseconds), the {args.top} most called:"
+        f"\nsafeloop's Python functions per step (calls, own time in microseconds), "
+        f"the {args.top} most called:"
     )
     for calls, own, key in sorted(rows, key=lambda row: -row[0])[: args.top]:
         if calls > 0:
             print(f"  {calls:7.2f}  {own * 1e6:8.1f} us  {key}")
+    print(f"\nthe {args.top} with the most own time per step (log-step work included, averaged):")
+    for calls, own, key in sorted(rows, key=lambda row: -row[1])[: args.top]:
+        print(f"  {calls:7.2f}  {own * 1e6:8.1f} us  {key}")
+    print(f"  total own time of safeloop's functions per step: {sum(r[1] for r in rows) * 1e6:.1f} us")
 
 
 if __name__ == "__main__":

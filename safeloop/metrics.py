@@ -95,19 +95,21 @@ class MetricBuffer:
             overflow (`torch.Tensor`, *optional*): the fp16 scaler's found-inf for the step.
         """
         device = loss.device
-        # one cat of views (it promotes every part to float32): this runs every step, and each
-        # .float()/.to() would be one more dispatched op
+        # one cat of views: this runs every step, and each .float()/.to() that is a no-op would
+        # still be one more dispatched op
         parts = [loss.reshape(1), grad_norm.reshape(1)]
         self._has_flag = flag is not None
         if flag is not None:
-            parts.append(flag.reshape(1))
+            # (float32 like the rest: a cat of mixed dtypes takes a slow path, one copy per part)
+            parts.append(flag.reshape(1).float())
             parts.append(self._zero(device) if overflow is None else overflow.reshape(1))
             if param_norms is not None:
                 parts.append(param_norms.reshape(-1))
         parts = [p if p.device == device else p.to(device) for p in parts]
         if len(self._rows) >= self.capacity:
             self._rows.pop(0)  # collect() was not called in time: never grow without bound
-        self._rows.append(torch.cat(parts).float())
+        row = torch.cat(parts)
+        self._rows.append(row if row.dtype == torch.float32 else row.float())
 
     def _zero(self, device: torch.device) -> torch.Tensor:
         """A float32 zero of shape (1,) on ``device``, made once (no allocation per step)."""
