@@ -16,8 +16,8 @@ shards planned by DCP and streamed by safeloop's writer in the layout of DCP's
 ``HuggingFaceStorageWriter``, the JSON state, per-process files, the hashed manifest, fsyncs and
 the rename) against DCP's default ``FileSystemWriter`` (``.distcp`` files and a pickled
 ``.metadata``, fsynced), against torch's ``HuggingFaceStorageWriter`` alone and safeloop's shard
-writer alone (no manifest, no hashes), and safeloop's save with torch's writer in place of its own,
-all starting from the live model with ``get_state_dict``, in an order that alternates per round
+writer alone (hashing as it writes, no manifest), and safeloop's save with torch's writer in place
+of its own, all starting from the live model with ``get_state_dict``, in an order that alternates per round
 (each round's ratio is printed too);
 loads back into the live model (safeloop: every file's hash checked, then DCP's
 ``HuggingFaceStorageReader``), warm and cold; and, for scale, ``save_file`` of the same whole state

@@ -8,6 +8,8 @@ collective: all processes call it together. It never reads a file a manifest doe
 Protocol of one save (``checkpoint_dir`` must be one folder all processes see):
 1. the main process makes the temporary folder; every process learns whether it could;
 2. every process writes and fsyncs ``rank-NNNNN.safetensors``; all agree that all did;
+   with sharded state, every process then writes, fsyncs and hashes its shard files, all agree
+   that all did, and the digests are gathered (``spread_hashing.gather_shard_digests``);
 3. the main process writes the shared files, lists every file in the manifest and renames the
    folder into place (in a background thread with ``async_save``); all agree that it did.
 """
@@ -29,7 +31,7 @@ import torch
 from accelerate import Accelerator
 
 from safeloop.checkpoint.sharded import DCP_ERRORS, SHARD_DIR
-from safeloop.checkpoint.spread_hashing import shards_problem, spread_digests
+from safeloop.checkpoint.spread_hashing import gather_shard_digests, shards_problem
 from safeloop.checkpoint.state import SavedState, rank_file, rank_file_name, read_state, state_files
 from safeloop.checkpoint.store import CheckpointWriter, checkpoint_name, list_checkpoints, rotate
 from safeloop.distributed import agree_any, broadcast_int
@@ -54,9 +56,10 @@ class Snapshot:
         rank (`dict[str, Any]`): this process's RNG states.
         trainer (`dict[str, Any]`): the trainer's counters and guard state (JSON values).
         meta (`dict[str, Any]`): facts for the manifest (``healthy``, ``epoch``).
-        write_shards (`Callable[[Path], None]`, *optional*): sharded model and optimizer state
-            (FSDP2): every process writes its shards into the folder it is given (a collective);
-            ``model`` is then None.
+        write_shards (`Callable[[Path], dict[str, list[str]] | None]`, *optional*): sharded
+            model and optimizer state (FSDP, DeepSpeed): every process writes its shards into the
+            folder it is given (a collective) and returns the chunk digests it took of its files
+            while writing them, by name (None: they are hashed from disk); ``model`` is then None.
     """
 
     step: int
@@ -65,7 +68,7 @@ class Snapshot:
     rank: dict[str, Any]
     trainer: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
-    write_shards: Callable[[Path], None] | None = None
+    write_shards: Callable[[Path], dict[str, list[str]] | None] | None = None
 
 
 class CheckpointManager:
@@ -151,20 +154,19 @@ class CheckpointManager:
         self._agree(problem, "writing the per-process files", snapshot.step)
         shard_digests: dict[str, list[str] | None] = {}
         if snapshot.write_shards is not None:
+            written: dict[str, list[str]] = {}
             try:  # every process its own shards, into the folder's shards/ (DCP: a collective)
-                snapshot.write_shards(writer.tmp / SHARD_DIR)
+                written = snapshot.write_shards(writer.tmp / SHARD_DIR) or {}
             except DCP_ERRORS as err:
                 problem = f"process {acc.process_index} could not write its shards: {err}"
             self._agree(problem, "writing the model and optimizer shards", snapshot.step)
-            if self.async_save:  # the main process hashes them in the background, with the rest
-                names = sorted(path.name for path in (writer.tmp / SHARD_DIR).glob("*.safetensors"))
-                shard_digests = {f"{SHARD_DIR}/{name}": None for name in names} if main else {}
-            else:  # every process hashes its share (a collective; the same answer on all)
-                names = sorted(
-                    f"{SHARD_DIR}/{p.name}" for p in (writer.tmp / SHARD_DIR).glob("*.safetensors")
-                )
-                shard_digests, problem = spread_digests(acc, writer.tmp, names)  # type: ignore[assignment]
-                self._agree(problem, "hashing the shards", snapshot.step)
+            # the digests each process took while writing, gathered (a collective); files no
+            # writer hashed are hashed by all processes, or with async_save by the main process
+            # in the background, with the rest
+            shard_digests, problem = gather_shard_digests(
+                acc, writer.tmp, written, hash_rest=not self.async_save
+            )
+            self._agree(problem, "hashing the shards", snapshot.step)
         self.last_saved_step = snapshot.step
         self.saved_steps.append(snapshot.step)
         if not main:

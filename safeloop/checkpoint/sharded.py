@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import os
 import struct
 import warnings
 from collections.abc import Iterator
@@ -32,8 +31,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import save_file
 
+from safeloop.checkpoint.hashed_write import save_hashed
 from safeloop.errors import CheckpointError
 from safeloop.stepping import unwrap_optimizer
 
@@ -106,10 +105,15 @@ class _StreamingShardWriter(HuggingFaceStorageWriter):  # type: ignore[misc,vali
     shapes, ``DCP_SHARDING_INFO`` offsets, version and format) are what torch's writer gives, so
     ``HuggingFaceStorageReader`` reads files of either. A plan shaped otherwise than this torch's
     writer shapes it (another torch) is left to torch's own code.
+
+    Each file is hashed as it is written (``hashed_write.py``): :attr:`digests` holds the chunk
+    digests of the files this process wrote, by name, for the manifest (none for a file left to
+    torch's code, which is hashed from disk later).
     """
 
     def __init__(self, path: Path) -> None:
         super().__init__(str(path), save_distributed=True)
+        self.digests: dict[str, list[str]] = {}
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this process's shard file and fsync it (nothing when it holds no tensor)."""
@@ -128,22 +132,24 @@ class _StreamingShardWriter(HuggingFaceStorageWriter):  # type: ignore[misc,vali
                 raise CheckpointError(f"{item.index.fqn!r} is not a tensor: it cannot go into a shard file")
             tensor = planner.resolve_data(item).detach().cpu()
             storage = tensor.untyped_storage()
-            if storage.nbytes() != tensor.nbytes or storage.data_ptr() in storages:
+            if (
+                storage.nbytes() != tensor.nbytes
+                or storage.data_ptr() in storages
+                or not tensor.is_contiguous()
+            ):
                 # safetensors refuses tensors that share memory: a view into a larger buffer (a
                 # padded shard, a flat parameter) is copied out, as torch's writer does, and so is
                 # one tensor under a second name (FSDP1 with use_orig_params=False gives every
-                # parameter of a FlatParameter the same `step`), which torch's writer fails on
-                tensor = tensor.clone()
+                # parameter of a FlatParameter the same `step`), which torch's writer fails on;
+                # a strided view is made contiguous (save_file refuses it too)
+                tensor = tensor.clone(memory_format=torch.contiguous_format)
             storages.add(tensor.untyped_storage().data_ptr())
             tensors[item.index.fqn] = tensor
             offsets[item.index.fqn] = {"saved_offsets": list(item.tensor_data.chunk.offsets)}
             results.append(WriteResult(item.index, tensor.nbytes, _ShardSpan(name, 0, tensor.nbytes)))
-        if tensors:
-            path = Path(self.path) / name
+        if tensors:  # fsynced (durable before the folder is published) and hashed for the manifest
             metadata = {_SHARDING_KEY: json.dumps(offsets), _VERSION_KEY: _VERSION, "format": _FORMAT}
-            save_file(tensors, path, metadata=metadata)
-            with path.open("rb") as fh:  # durable before the folder is published, as torch's are
-                os.fsync(fh.fileno())
+            self.digests[name] = save_hashed(tensors, Path(self.path) / name, metadata)
         done: Future[list[WriteResult]] = Future()
         done.set_result(results)
         return done
@@ -251,10 +257,17 @@ class ShardedState:
             shapes = {key: list(tensor.shape) for key, tensor in tensors.items()}  # global, not local
         return ShardSnapshot(tensors, values, shapes, fresh)
 
-    def write(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-        """Write the shards into ``folder`` (a collective: every process calls it with its own)."""
+    def write(self, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, list[str]]:
+        """Write the shards into ``folder`` (a collective: every process calls it with its own).
+
+        Returns:
+            `dict[str, list[str]]`: the chunk digests of the files this process wrote, by name in
+            ``folder``, taken as they were written (see ``hashed_write.py``).
+        """
+        writer = _StreamingShardWriter(folder)
         with _quiet_internals():
-            dcp.save(tensors, storage_writer=_StreamingShardWriter(folder))
+            dcp.save(tensors, storage_writer=writer)
+        return dict(writer.digests)
 
     def load(self, folder: Path, values: dict[str, Any], fresh: bool = False) -> None:
         """Read the shards of ``folder`` into the model and optimizer (a collective).

@@ -1,11 +1,12 @@
 """Hashing a sharded checkpoint's files with every process, each taking its share.
 
 A sharded checkpoint is as large as the model and optimizer state together; one process
-hashing all of it would cost what writing or reading the data costs. Here each process hashes
-every N-th shard file (its SHA-256 per 16 MiB chunk, in a thread pool) and the digests are
-gathered as JSON on every process: for the manifest when saving, against the manifest when
-loading, at the cost of one process's share. The folder must be one all processes see, as for
-any checkpoint.
+hashing all of it would cost what writing or reading the data costs. When saving, each process
+hashes the shard files it writes as it writes them (``hashed_write.py``) and the digests are
+gathered as JSON on every process (:func:`gather_shard_digests`); a file no writer hashed, and every
+file when loading, is hashed by one process: each takes every N-th file (its SHA-256 per 16 MiB
+chunk, in a thread pool), at the cost of one process's share. The folder must be one all
+processes see, as for any checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +19,42 @@ from safeloop.checkpoint.manifest import check_manifest, digest_mismatch, file_d
 from safeloop.checkpoint.sharded import SHARD_DIR
 from safeloop.distributed import gather_json
 
-__all__ = ["spread_digests", "shards_problem"]
+__all__ = ["gather_shard_digests", "spread_digests", "shards_problem"]
+
+
+def gather_shard_digests(
+    accelerator: Accelerator, root: Path, written: dict[str, list[str]], *, hash_rest: bool = True
+) -> tuple[dict[str, list[str] | None], str]:
+    """The chunk digests of every file in ``root``'s shards folder, for the manifest (a collective).
+
+    Called once every process has written and fsynced its shard files. The digests each process
+    took as it wrote its own files are gathered; the files no process hashed (a writer that
+    returned none) are hashed from disk, each by one process.
+
+    Args:
+        accelerator (`Accelerator`): the run's processes.
+        root (`Path`): the temporary checkpoint folder.
+        written (`dict[str, list[str]]`): this process's files (names in the shards folder)
+            and the digests it took while writing them.
+        hash_rest (`bool`, *optional*, defaults to True): False leaves the files no writer
+            hashed to the caller (None in the answer): the main process of an asynchronous
+            save hashes them in the background.
+
+    Returns:
+        `tuple[dict[str, list[str] | None], str]`: digests by name relative to ``root``
+        (``shards/...``), and the problems (empty when none). Every process gets the same answer.
+    """
+    mine = {f"{SHARD_DIR}/{name}": digests for name, digests in written.items()}
+    taken: dict[str, list[str]] = {}
+    for part in gather_json(accelerator, mine):
+        taken.update(part)
+    # every file on disk is listed, and every file a process says it wrote (adopting it checks
+    # that it is there): none goes unlisted
+    on_disk = {f"{SHARD_DIR}/{path.name}" for path in (root / SHARD_DIR).glob("*.safetensors")}
+    names = sorted(on_disk | taken.keys())
+    rest = [name for name in names if name not in taken]
+    hashed, problem = spread_digests(accelerator, root, rest) if rest and hash_rest else ({}, "")
+    return {name: taken.get(name, hashed.get(name)) for name in names}, problem
 
 
 def spread_digests(

@@ -134,6 +134,8 @@ def test_fsdp_a_spike_on_rank_one_rolls_both_ranks_back_to_the_same_sharded_chec
     # they bring point the wrong way (a loss merely scaled up would be a larger step the right way)
     spike = {"MODE": mode, "MAX_STEPS": "24", "SPIKE_ON_RANK1_AT_STEP": "10", "POISON": "1",
              "SPIKE_WARMUP": "4", "LOG_EVERY": "1"}  # fmt: skip
+    if mode == "fsdp1":  # use_orig_params=False: its FlatParameters' optimizer state is saved and restored
+        spike["ORIG"] = "0"  # (use_orig_params=True: the resume and resharding tests above)
     results = _run(tmp_path / "run", SCRIPT, CKPT_DIR=str(tmp_path / "ckpt"), **spike)
     for r in results:
         assert r["rollbacks"] == 1

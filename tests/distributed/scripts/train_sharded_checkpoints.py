@@ -5,9 +5,10 @@ torchrun (2 processes, gloo). An MLP with AdamW and StepLR, a shuffled loader (4
 per rank per epoch), seed 0. Environment:
 
 - ``MODE``: ``fsdp2`` (default), ``fsdp1`` (``use_orig_params=True``, the first two layers in FSDP
-  modules of their own, the last in the root's), ``zero1``/``zero2``/``zero3`` (DeepSpeed ZeRO
-  of that stage; exits with code 3 and a ``SKIP`` line without DeepSpeed) or ``ddp`` (unsharded;
-  also as one plain process, to resume a sharded checkpoint there);
+  modules of their own, the last in the root's; ``ORIG=0``: ``use_orig_params=False``, the model
+  wrapped here before the optimizer is built on its FlatParameters), ``zero1``/``zero2``/``zero3``
+  (DeepSpeed ZeRO of that stage; exits with code 3 and a ``SKIP`` line without DeepSpeed) or
+  ``ddp`` (unsharded; also as one plain process, to resume a sharded checkpoint there);
 - ``MAX_STEPS`` bounds the run; ``CKPT_DIR``, ``CKPT_EVERY`` (3) and ``KEEP`` (3) set the
   checkpoints; ``RESUME=1`` resumes from the newest of ``CKPT_DIR``, ``RESUME_FROM`` from a folder;
 - ``SPIKE_ON_RANK1_AT_STEP=k`` multiplies rank 1's loss by ``SPIKE_FACTOR`` (50) from step k on
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.tensor import DTensor
 
 from safeloop import Callback, SafeTrainer
@@ -106,6 +108,15 @@ def main() -> None:
     model = nn.Sequential(
         nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)
     )
+    if mode == "fsdp1" and os.environ.get("ORIG") == "0":
+        # FSDP1 with use_orig_params=False, wrapped here with the plugin's policy before the
+        # optimizer is built on its FlatParameters (Accelerate leaves an FSDP model as it is)
+        model = FSDP1(
+            model,
+            auto_wrap_policy=accelerator.state.fsdp_plugin.auto_wrap_policy,
+            use_orig_params=False,
+            device_id=accelerator.device,
+        )
     x, y = classification_data(n=128).tensors
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     spike_at = int(os.environ.get("SPIKE_ON_RANK1_AT_STEP", "0"))
