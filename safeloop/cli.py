@@ -4,6 +4,7 @@ safeloop verify DIR             check every checkpoint in DIR (or one folder); e
 safeloop inspect CKPT           step, health, files and sizes, tensors, optimizer hyper-parameters
 safeloop inspect RUN_DIR        a checkpoint_dir's checkpoints: valid / unfinished / DAMAGED, size, latest
 safeloop consolidate CKPT OUT   the whole model weights as model.safetensors (from shards too)
+safeloop report RUN_DIR         the run's record drawn: report.html (self-contained) and PNGs beside it
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from safeloop.checkpoint.manifest import MANIFEST, verify_checkpoint
 from safeloop.checkpoint.state import JSON_FILE, MODEL_FILE, TENSORS_FILE
 from safeloop.checkpoint.store import list_checkpoints
 from safeloop.errors import CheckpointError
+from safeloop.report.optional import MissingExtra
+from safeloop.report.reading import RecordError
+from safeloop.report.render import write_report
 
 __all__ = ["main"]
 
@@ -204,9 +208,30 @@ def _consolidate(path: Path, out_dir: Path, max_shard_size: str) -> int:
     return 0
 
 
+def _report(target: Path, output: Path | None) -> int:
+    """Exit 0 with the files written; 2 with one line on stderr when the record cannot be drawn."""
+    try:
+        files = write_report(target, output)
+    except (MissingExtra, RecordError) as error:
+        print(f"safeloop report: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the report's own files: a folder not writable, a full disk
+        where = error.filename or output or target
+        why = error.strerror or error
+        print(f"safeloop report: could not write {where}: {why}; choose another -o", file=sys.stderr)
+        return 2
+    for note in files.notes:
+        print(f"note: {note}")
+    names = ", ".join(path.name for path in files.images)
+    print(f"wrote {files.page}" + (f" and beside it {names}" if names else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``safeloop`` command; return its exit code."""
-    parser = argparse.ArgumentParser(prog="safeloop", description="Check and inspect safeloop checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="safeloop", description="Check and inspect safeloop checkpoints, and draw a run's record."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check every checkpoint in a folder; exit 1 on damage")
     verify.add_argument("path", type=Path)
@@ -224,7 +249,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge.add_argument(
         "--max-shard-size", default="5GB", help="split above this size, with an index file (default 5GB)"
     )
+    report = commands.add_parser(
+        "report", help="draw a run's record as one self-contained HTML page, with the PNGs beside it"
+    )
+    report.add_argument("path", type=Path, help="a run's checkpoint_dir (holding metrics.jsonl), or the file")
+    report.add_argument(
+        "-o", "--output", type=Path, default=None,
+        help="the HTML page to write (default: report.html beside the record); the PNGs go beside it",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args.path, args.output)
     if args.command == "verify":
         return _verify(args.path)
     if args.command == "consolidate":

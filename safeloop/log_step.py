@@ -24,6 +24,7 @@ from safeloop.distributed import reduce_across_processes
 from safeloop.guards.divergence import Divergence, SpikeDetector
 from safeloop.metrics import LogRecord, MetricBuffer
 from safeloop.progress import ProgressBar
+from safeloop.report.record import RecordWriter
 from safeloop.rollback import DivergencePolicy
 from safeloop.run_state import Progress, RunRecord
 from safeloop.skips import SkipHandler
@@ -59,6 +60,8 @@ class LogStep:
         spikes (`SpikeDetector`): fed with every applied step's loss.
         divergences (`DivergencePolicy`): what a confirmed spike leads to.
         diagnostics (`Diagnostics`, *optional*): their measurements ride along in the same read.
+        run_file (`RecordWriter`, *optional*): the run's record (``metrics.jsonl``), appended the
+            entry and the per-layer values, already on the host here.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class LogStep:
         spikes: SpikeDetector,
         divergences: DivergencePolicy,
         diagnostics: Diagnostics | None,
+        run_file: RecordWriter | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.metrics = metrics
@@ -81,6 +85,7 @@ class LogStep:
         self.spikes = spikes
         self.divergences = divergences
         self.diagnostics = diagnostics
+        self.run_file = run_file
         divergences.norms.unread = self._unread_norms
 
     def _unread_norms(self) -> tuple[int, list[float]]:
@@ -137,6 +142,8 @@ class LogStep:
             {**{f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")}, **tracked},
             step=step,
         )
+        if self.run_file is not None:
+            self.run_file.log(entry, tracked)
         bar.show(record, entry["lr"])
         if divergence is not None:
             return LogOutcome(divergence)

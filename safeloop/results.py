@@ -6,6 +6,7 @@ to JSON as it is.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -109,6 +110,60 @@ class FitResult:
             baseline=self.baseline_loss,
             status=self.status,
         )
+
+    def plot(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        clip_grad_norm: float | None = None,
+        lr_finder: Any = None,
+    ) -> Any:
+        """Draw the run from memory: loss, learning rate, gradient norm, what the run did, findings.
+
+        The panels of ``safeloop report`` stacked in one figure (docs/report.md): the loss raw
+        and smoothed with the baseline loss, every skip, rollback (its abandoned branch faded),
+        re-initialisation and preemption marked on the step axis; the learning rate with the
+        rollbacks' cuts; the global gradient norm; the findings, most severe first. A
+        ``FitResult`` keeps no per-layer values and only the last evaluation loss: the heat maps
+        and the evaluation curve come from the run's record, ``safeloop report CHECKPOINT_DIR``.
+        Needs matplotlib: ``pip install "safeloop[report]"``.
+
+        Args:
+            path (`str`, *optional*): write the figure there (PNG, SVG, PDF by the suffix).
+            clip_grad_norm (`float`, *optional*): the run's threshold, drawn on the gradient norm.
+            lr_finder (`LRFinderResult`, *optional*): a range test to draw below.
+
+        Returns:
+            `matplotlib.figure.Figure`: the figure (not registered with pyplot).
+
+        Raises:
+            ImportError: matplotlib is not installed (naming the extra that installs it).
+        """
+        from safeloop.report.optional import require_matplotlib
+
+        require_matplotlib("FitResult.plot")
+        from safeloop.report.data import assemble, records_from_memory
+        from safeloop.report.panels import overview
+
+        lines = records_from_memory(
+            history=self.history,
+            events=[event.to_dict() for event in self.events],
+            findings=[finding.to_dict() for finding in self.findings],
+            global_step=self.global_step,
+            status=self.status,
+            eval_loss=self.eval_loss,
+            baseline_loss=self.baseline_loss,
+            settings={"clip_grad_norm": clip_grad_norm},
+            lr_find=None if lr_finder is None else asdict(lr_finder),
+        )
+        note = (
+            "drawn from a FitResult, which keeps no per-layer values and only the last evaluation "
+            "loss: `safeloop report CHECKPOINT_DIR` draws those from the run's record"
+        )
+        figure = overview(assemble(lines, source="FitResult", notes=[note]))
+        if path is not None:
+            figure.savefig(os.fspath(path), dpi=100)
+        return figure
 
 
 def severity_counts(findings: Sequence[Finding]) -> str:

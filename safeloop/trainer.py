@@ -45,6 +45,7 @@ from safeloop.metrics import MetricBuffer
 from safeloop.optimizer_step import OptimizerStep
 from safeloop.preemption import PreemptionWatch
 from safeloop.progress import ProgressBar, bar_safe_logging, planned_steps
+from safeloop.report.record import RecordWriter
 from safeloop.results import Finding, FitResult, Status
 from safeloop.rollback import DivergencePolicy, Rollback
 from safeloop.run_loop import RunLoop
@@ -230,6 +231,9 @@ class SafeTrainer:
         self._progress = Progress(step_lr=initial_lr)
         self._record = RunRecord()
         self._reporter = Reporter(acc, self._progress, self._record, self._callbacks)
+        # the run's record, metrics.jsonl in checkpoint_dir (off without one, or off the main process)
+        self._run_file = RecordWriter.for_run(config, acc, self._progress, self._record, self._reporter)
+        self._callbacks.callbacks += self._run_file.hooks  # evaluations and rollbacks, when they happen
         engine = sharded_engine(acc, self.model)
         # under DeepSpeed the engine's backward and step are called apart (see zero.py)
         zero = zero_engine(acc, self.model)
@@ -310,7 +314,7 @@ class SafeTrainer:
         log = LogStep(
             acc, self._metrics, self._progress, self._record,
             skips=skips if step.guarded and on_device else None,
-            spikes=spikes, divergences=policy, diagnostics=self._diagnostics,
+            spikes=spikes, divergences=policy, diagnostics=self._diagnostics, run_file=self._run_file,
         )  # fmt: skip
         self._loop = RunLoop(
             config, acc, self.model, self.eval_dataloader, progress=self._progress, record=self._record,
@@ -369,6 +373,7 @@ class SafeTrainer:
         if self.config.seed is not None:
             set_seed(self.config.seed)  # the training RNG stream starts from a known point
         self._checkpoints.resume(resume_from)
+        self._run_file.start(resume_from)
         self._start_trackers()
         self.model.train()
         self._callbacks.call("on_fit_start")
@@ -401,6 +406,7 @@ class SafeTrainer:
                 status=self._end_status(watch),
             )
             self._reporter.finish(result, self.config.checkpoint_dir)
+            self._run_file.finish(result)
             if self.config.summary and self.accelerator.is_main_process:
                 saved = self._checkpoints.last_saved_step
                 latest = None if saved is None else self._checkpoints.lasting_path_of(saved)
@@ -417,6 +423,7 @@ class SafeTrainer:
             settle_collectives(self.accelerator)
         finally:
             bar.close()
+            self._run_file.close()  # a fit ended by an exception gets its end line here
             self._checkpoints.remove_temporary()
             if self._owns_accelerator and self.config.log_with:
                 self.accelerator.end_training()
@@ -496,6 +503,7 @@ class SafeTrainer:
             for module, mode in zip(self.model.modules(), modes, strict=True):
                 module.training = mode
         result = finish_result(sweep, saved.cost, rule, smoothing)
+        self._run_file.lr_find(result)  # the curve in the run's record, for `safeloop report`
         if self.accelerator.is_main_process:
             logger.info("safeloop: find_lr: %s", result.message)
         return result

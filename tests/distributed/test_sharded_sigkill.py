@@ -118,7 +118,9 @@ def _kill_trials(tmp_path: Path, modes: list[str]) -> None:
         leftovers = {p.name for p in checkpoint_dir.iterdir()} - {
             p.name for _, p in list_checkpoints(checkpoint_dir)
         }
-        assert all(name.startswith(".step-") or name == "findings.json" for name in leftovers), leftovers
+        assert all(
+            name.startswith(".step-") or name in ("findings.json", "metrics.jsonl") for name in leftovers
+        ), leftovers
         mid_write += any(name.startswith(".step-") for name in leftovers)
     print(f"{sorted(set(modes))}: {mid_write} of {len(modes)} kills hit a write")
     assert mid_write >= 4, f"only {mid_write} of {len(modes)} kills hit a write"  # 5 aimed at writes

@@ -57,6 +57,7 @@ def test_resume_after_17_of_40_steps_equals_the_straight_run_bitwise(tmp_path, a
     _reset_accelerate()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "findings.json",  # the run's findings, written at the end of fit
+        "metrics.jsonl",  # the run's record, appended at each log step (docs/report.md)
         "step-00000010",
         "step-00000015",
         "step-00000017",
@@ -85,7 +86,9 @@ def test_resume_after_17_of_40_steps_equals_the_straight_run_bitwise(tmp_path, a
 def test_checkpoints_rotate_and_the_final_one_is_not_written_twice(tmp_path):
     trainer, _, _ = _trainer(tmp_path, max_steps=12, checkpoint_every=3, keep_checkpoints=2)
     result = trainer.fit()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["findings.json", "step-00000009", "step-00000012"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "findings.json", "metrics.jsonl", "step-00000009", "step-00000012"
+    ]
     saved = [e.step for e in result.events if e.kind == "checkpoint"]
     assert saved == [0, 3, 6, 9, 12]
     manifest = json.loads((tmp_path / "step-00000012" / "manifest.json").read_text())
@@ -209,4 +212,4 @@ def test_a_failed_asynchronous_save_surfaces_at_the_next_step_and_leaves_older_c
     # raised at the first step boundary that sees the failed write, at the latest by the next save
     assert 4 <= trainer.global_step <= 6
     # nothing half written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000000", "step-00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "step-00000000", "step-00000002"]
