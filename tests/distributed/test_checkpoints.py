@@ -38,6 +38,12 @@ def test_two_processes_save_resume_mid_epoch_and_end_equal_to_the_straight_run(t
     assert resumed[0]["final"] == resumed[1]["final"], "ranks hold different parameters after resuming"
     assert resumed[0]["final"] == straight[0]["final"], "the resumed run differs from the straight one"
     assert straight[0]["final"] != straight[0]["initial"]
+    # the run's record: written by the main process only (each log step once), continued by the resume
+    lines = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["v"] == 1 for line in lines)
+    assert [line["type"] for line in lines].count("fit") == 2  # the first fit, then the resumed one
+    logged = [line["step"] for line in lines if line["type"] == "log"]
+    assert logged == sorted(set(logged)) and logged[-1] == 16, logged
 
 
 def test_a_spike_on_rank_one_only_rolls_both_ranks_back_to_the_same_step(tmp_path):
