@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from safeloop.data_cursor import RngSnapshot
 from safeloop.stepping import unwrap_optimizer
 
-__all__ = ["TrainingSnapshot", "SnapshotCost", "SNAPSHOT_PLACES"]
+__all__ = ["TrainingSnapshot", "SnapshotCost", "SNAPSHOT_PLACES", "local_part"]
 
 SNAPSHOT_PLACES = ("auto", "memory", "disk")
 
@@ -53,7 +53,7 @@ class SnapshotCost:
     restore_seconds: float = 0.0
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a DTensor (FSDP2), else the tensor itself."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
@@ -137,7 +137,7 @@ class TrainingSnapshot:
         snapshot._groups = [
             {k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in inner.param_groups
         ]
-        size = sum(_local(t).numel() * _local(t).element_size() for _, t in tensors)
+        size = sum(local_part(t).numel() * local_part(t).element_size() for _, t in tensors)
         if where == "auto":
             available = _available_memory()
             where = "disk" if available is not None and size > available // 2 else "memory"
@@ -145,7 +145,7 @@ class TrainingSnapshot:
         with torch.no_grad():
             for key, live in tensors:
                 snapshot._slots.append(_Slot(live, key))
-                snapshot._copies[key] = _local(live).detach().to("cpu", copy=True).contiguous()
+                snapshot._copies[key] = local_part(live).detach().to("cpu", copy=True).contiguous()
         if where == "disk":
             snapshot._folder = Path(tempfile.mkdtemp(prefix="safeloop-lr-finder-"))
             save_file(
@@ -177,7 +177,7 @@ class TrainingSnapshot:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for slot in self._slots:
-                _local(slot.live).copy_(copies[slot.key])
+                local_part(slot.live).copy_(copies[slot.key])
         # the optimizer's state: entries the sweep created go, the captured ones come back as the
         # same objects (a momentum buffer, a step count the optimizer replaced rather than updated)
         inner.state.clear()

@@ -28,7 +28,7 @@ from safeloop.guards.clipping import clip_and_measure
 from safeloop.guards.nonfinite import finite_flag
 from safeloop.lr_finder.curve import RULES, SIGNIFICANT, DebiasedEma, Fall, judge, suggest
 from safeloop.lr_finder.result import LRFinderResult
-from safeloop.lr_finder.snapshot import SNAPSHOT_PLACES, SnapshotCost
+from safeloop.lr_finder.snapshot import SNAPSHOT_PLACES, SnapshotCost, local_part
 from safeloop.progress import ProgressBar
 from safeloop.stepping import GatedStep
 
@@ -37,12 +37,6 @@ __all__ = ["RangeTest", "Sweep", "lr_finder_problems", "finish_result"]
 logger = logging.getLogger("safeloop")
 
 MIN_STEPS = 10
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a DTensor (FSDP2), else the tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 _NONFINITE_IN_A_ROW = 3  # one bad batch is kept out; three in a row is the blow-up
@@ -238,7 +232,7 @@ class RangeTest:
             [
                 torch.zeros((), device=device)
                 if p.grad is None
-                else (_local(p.grad) != 0).any().to(device=device, dtype=torch.float32)
+                else (local_part(p.grad) != 0).any().to(device=device, dtype=torch.float32)
                 for _, p in self._weights
             ]
         )
