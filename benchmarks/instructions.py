@@ -93,10 +93,8 @@ def count(loop: str, steps: int, args: argparse.Namespace) -> int:
     return int(found[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_loop_arguments(parser: argparse.ArgumentParser, long: int) -> None:
+    """The model, data and run lengths both loops share (also ``step_profile.py``'s)."""
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--classes", type=int, default=10)
@@ -104,7 +102,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--short", type=int, default=20)
-    parser.add_argument("--long", type=int, default=120)
+    parser.add_argument("--long", type=int, default=long)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_loop_arguments(parser, long=120)
     loops = ["bare", "safeloop", "no-diagnostics"]
     parser.add_argument("--loops", nargs="+", default=["bare", "safeloop"], choices=loops)
     parser.add_argument("--run", choices=loops, help=argparse.SUPPRESS)

@@ -28,7 +28,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from instructions import run_bare, run_safeloop
+from instructions import add_loop_arguments, run_bare, run_safeloop
 
 
 def _reset() -> None:
@@ -72,14 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--samples", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--short", type=int, default=20)
-    parser.add_argument("--long", type=int, default=60)
+    add_loop_arguments(parser, long=60)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     torch.set_num_threads(1)

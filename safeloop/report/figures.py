@@ -235,7 +235,8 @@ def draw_lr(ax: Axes, data: RunData) -> None:
         gid="safeloop-lr",
         drawstyle="steps-pre",
     )
-    branches = _abandoned(ax, data, "lr", label=False, drawstyle="steps-pre")
+    # (linear axis: a schedule reads best on one; a cosine's tail would fill a log one)
+    _abandoned(ax, data, "lr", label=False, drawstyle="steps-pre")
     for i, event in enumerate(data.events_of("lr_scale")):
         detail = event["detail"]
         after = (detail.get("lr_after") or [None])[0]
@@ -249,7 +250,6 @@ def draw_lr(ax: Axes, data: RunData) -> None:
             f"x{detail.get('factor', '')}", (event["step"], after), xytext=(5, -10),
             textcoords="offset points", fontsize=7, color="C3",
         )  # fmt: skip
-    del branches  # a schedule reads best on a linear axis (a cosine's tail would fill a log one)
     mark_run(ax, data, labels=False, skips=False)
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate")

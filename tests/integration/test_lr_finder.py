@@ -89,13 +89,13 @@ def test_find_lr_between_fits_puts_back_weights_optimizer_scheduler_rng_and_coun
     rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     scheduler_state, groups = scheduler.state_dict(), [dict(g) for g in optimizer.param_groups]
     counters = (trainer.accelerator.step, trainer.global_step, trainer.epoch)
-    modes = [m.training for m in model.modules()]
-    model.eval()  # a mode the sweep must put back
+    model.eval()  # a mode the sweep must put back (it trains in train mode)
     modes = [m.training for m in model.modules()]
 
     result = trainer.find_lr(num_steps=20)
 
-    assert result.steps == 20 or result.stop_reason != "max_lr"
+    assert result.steps >= 10 and len(result.lrs) >= 10  # the sweep did train
+    assert result.lrs[-1] > result.lrs[0] * 1e3  # through rates a thousand times its first one
     assert _equal(before, _state(trainer))
     assert torch.equal(rng[0], torch.get_rng_state()) and rng[1] == random.getstate()
     assert np.array_equal(rng[2], np.random.get_state()[1])

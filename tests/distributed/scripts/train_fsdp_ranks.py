@@ -147,6 +147,17 @@ def sharded_trainer(
         sys.exit(SKIP_CODE)
 
 
+def wrap_flat(model: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """FSDP1 with ``use_orig_params=False``, wrapped here with the plugin's policy before the
+    optimizer is built on its FlatParameters (Accelerate leaves an FSDP model as it is)."""
+    return FSDP1(
+        model,
+        auto_wrap_policy=accelerator.state.fsdp_plugin.auto_wrap_policy,
+        use_orig_params=False,
+        device_id=accelerator.device,
+    )
+
+
 def main() -> None:
     out_dir, mode = sys.argv[1], os.environ.get("MODE", "fsdp2")
     # MODE: fsdp2, fsdp1 or ddp; ORIG=0: FSDP1 with use_orig_params=False;
@@ -158,13 +169,7 @@ def main() -> None:
     if os.environ.get("UNUSED") == "1":  # the first-batch gradient-reach check must name `aux`
         model = WithUnused(model)
     if mode == "fsdp1" and os.environ.get("ORIG") == "0":
-        # the plugin's wrap policy, applied here (Accelerate leaves an FSDP model as it is)
-        model = FSDP1(
-            model,
-            auto_wrap_policy=accelerator.state.fsdp_plugin.auto_wrap_policy,
-            use_orig_params=False,
-            device_id=accelerator.device,
-        )
+        model = wrap_flat(model, accelerator)
     x, y = classification_data(n=128).tensors
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     norms = StepNorms()

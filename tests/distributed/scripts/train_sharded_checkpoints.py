@@ -36,12 +36,11 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.tensor import DTensor
 
 from safeloop import Callback, SafeTrainer
 from tests.distributed.scripts.train_deepspeed_ranks import build_accelerator as build_deepspeed_accelerator
-from tests.distributed.scripts.train_fsdp_ranks import build_accelerator
+from tests.distributed.scripts.train_fsdp_ranks import build_accelerator, wrap_flat
 from tests.helpers.models import classification_data
 from tests.helpers.recording import JsonLinesTracker, end_run, print_result
 
@@ -109,14 +108,7 @@ def main() -> None:
         nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)
     )
     if mode == "fsdp1" and os.environ.get("ORIG") == "0":
-        # FSDP1 with use_orig_params=False, wrapped here with the plugin's policy before the
-        # optimizer is built on its FlatParameters (Accelerate leaves an FSDP model as it is)
-        model = FSDP1(
-            model,
-            auto_wrap_policy=accelerator.state.fsdp_plugin.auto_wrap_policy,
-            use_orig_params=False,
-            device_id=accelerator.device,
-        )
+        model = wrap_flat(model, accelerator)
     x, y = classification_data(n=128).tensors
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     spike_at = int(os.environ.get("SPIKE_ON_RANK1_AT_STEP", "0"))
