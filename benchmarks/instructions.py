@@ -2,26 +2,33 @@
 
 Wall and CPU time on a shared 2-core machine vary by +-20% between identical runs; instruction
 counts do not (the same binary, inputs and environment give the same count, whatever else the
-machine does). Each loop runs twice under callgrind, for ``--short`` and ``--long`` steps, and the
-difference divided by the extra steps is the count of one step: start-up, imports, the first
-step's checks and the end of ``fit`` cancel out. Whole-process totals still vary by about 0.1%
-between identical runs (threads that wait on timers: checkpoint hashing, gloo), which is 0.4M
-instructions per step over 40 extra steps; 100 extra steps (the default) divide that by 2.5. For
-a before/after comparison of the same loop, compare per function (``callgrind_annotate`` of the
-two runs' output files): that isolates the change. Needs ``valgrind`` on the PATH; each run takes
-4-8 minutes on this 2-core machine. Usage:
+machine does). Each loop runs once under callgrind with collection off (start-up and imports are
+not counted); it is switched on when the data loader fetches the first sample of batch
+``--short`` and off at the first sample of batch ``--long``, so the count
+covers exactly the steps ``short + 1 .. long`` (their data, forward, backward, optimizer step,
+and the log steps among them, one in ``log_every``), with the first step's checks, the set-up and
+the end of ``fit`` outside it. Per step = that count / (long - short). A second run of the same
+loop gives the same count within about 0.01%.
+
+For the functions that make the difference, ``--keep DIR`` keeps the callgrind files and
+``--functions DIR`` compares them (exclusive instructions per function and per step, SafeTrainer
+minus bare, ``callgrind_annotate``). Python's own functions appear as the interpreter's C
+functions; ``step_profile.py`` names the Python side. Needs ``valgrind`` on the PATH; a run takes
+about 4 minutes on this 2-core machine. Usage:
 
     python benchmarks/instructions.py                      # bare loop and SafeTrainer (defaults)
     python benchmarks/instructions.py --loops safeloop     # SafeTrainer only
     python benchmarks/instructions.py --width 1536         # a larger model
     python benchmarks/instructions.py --loops safeloop no-diagnostics  # the diagnostics' cost
+    python benchmarks/instructions.py --keep /tmp/cg && python benchmarks/instructions.py --functions /tmp/cg
 
-``--run LOOP --steps N`` is the inner call that runs under valgrind.
+``--run LOOP`` is the inner call that runs under valgrind.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -33,8 +40,32 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import make_loader, make_model
+from torch.utils.data import DataLoader, TensorDataset
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+class _WindowedDataset(TensorDataset):
+    """Switches callgrind's collection on at sample ``first`` and off at sample ``last``."""
+
+    def __init__(self, dataset: TensorDataset, first: int | None, last: int | None) -> None:
+        super().__init__(*dataset.tensors)
+        self.toggles, self.fetched = {first, last} - {None}, 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if self.fetched in self.toggles:
+            torch._C._valgrind_toggle()
+        self.fetched += 1
+        return super().__getitem__(index)
+
+
+def make_windowed_loader(args: argparse.Namespace) -> DataLoader:
+    """``overhead.make_loader``'s data; under ``--window`` it counts the steps short+1 .. long."""
+    loader = make_loader(args.width, args.classes, args.samples, args.batch)
+    if not getattr(args, "window", False):  # step_profile.py's arguments have no --window
+        return loader
+    dataset = _WindowedDataset(loader.dataset, args.short * args.batch, args.long * args.batch)
+    return DataLoader(dataset, batch_size=args.batch, shuffle=True)
 
 
 def run_bare(args: argparse.Namespace) -> None:
@@ -42,7 +73,7 @@ def run_bare(args: argparse.Namespace) -> None:
 
     model = make_model(args.width, args.depth, args.classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = make_loader(args.width, args.classes, args.samples, args.batch)
+    loader = make_windowed_loader(args)
     accelerator = Accelerator(cpu=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     loss_fn = nn.CrossEntropyLoss()
@@ -67,7 +98,7 @@ def run_safeloop(args: argparse.Namespace, diagnostics: bool = True) -> None:
     SafeTrainer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-3),
-        make_loader(args.width, args.classes, args.samples, args.batch),
+        make_windowed_loader(args),
         loss_fn=nn.CrossEntropyLoss(),
         max_steps=args.steps,
         clip_grad_norm=1.0,
@@ -77,13 +108,18 @@ def run_safeloop(args: argparse.Namespace, diagnostics: bool = True) -> None:
     ).fit()
 
 
-def count(loop: str, steps: int, args: argparse.Namespace) -> int:
-    """Instructions of one whole process running ``loop`` for ``steps`` steps under callgrind."""
+def count(loop: str, args: argparse.Namespace) -> int:
+    """Instructions of the steps ``short + 1 .. long`` of ``loop``, counted by callgrind.
+
+    With ``--keep DIR`` the callgrind output is kept as ``DIR/LOOP.out`` for ``--functions``.
+    """
+    out_file = "/dev/null" if args.keep is None else str(Path(args.keep) / f"{loop}.out")
     command = [
-        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-        sys.executable, __file__, "--run", loop, "--steps", str(steps),
+        "valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out_file}",
+        sys.executable, __file__, "--run", loop, "--window", "--steps", str(args.long + 1),
+        "--short", str(args.short), "--long", str(args.long),
         "--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch),
-        "--log-every", str(args.log_every),
+        "--log-every", str(args.log_every), "--samples", str(args.samples),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -91,6 +127,41 @@ def count(loop: str, steps: int, args: argparse.Namespace) -> int:
     if not found:
         raise RuntimeError(f"no callgrind total in the output:\n{done.stderr[-2000:]}")
     return int(found[-1])
+
+
+_FUNCTION_LINE = re.compile(r"^\s*([\d,]+) \([ \d.]+%\)\s+(.*?)(?: \[(.*)\])?$")
+
+
+def function_counts(out_file: Path) -> dict[str, int]:
+    """Exclusive instructions per function of one callgrind output file (``callgrind_annotate``)."""
+    listing = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", "--inclusive=no", str(out_file)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    counts: dict[str, int] = {}
+    for line in listing.split("file:function", 1)[-1].splitlines():
+        match = _FUNCTION_LINE.match(line)
+        if match is None:
+            continue
+        where = match.group(2)
+        # the function's name alone: callgrind names an inlined template after whichever library
+        # it met first, which differs between runs
+        name = re.sub(r"'\d+$", "", where.split(":", 1)[-1])  # f'2: f called recursively
+        counts[name] = counts.get(name, 0) + int(match.group(1).replace(",", ""))
+    return counts
+
+
+def compare_functions(folder: Path, steps: int, top: int) -> None:
+    """Print the functions that differ most per step between the kept SafeTrainer and bare runs."""
+    per_step = {}
+    for loop in ("bare", "safeloop"):
+        per_step[loop] = {name: n / steps for name, n in function_counts(folder / f"{loop}.out").items()}
+    bare, safe = per_step["bare"], per_step["safeloop"]
+    added = {name: safe.get(name, 0.0) - bare.get(name, 0.0) for name in bare | safe}
+    print(f"per step: bare {sum(bare.values()) / 1e6:.3f} M, SafeTrainer {sum(safe.values()) / 1e6:.3f} M, "
+          f"added {sum(added.values()) / 1e6:+.3f} M; the functions that differ most:")  # fmt: skip
+    for name, value in sorted(added.items(), key=lambda item: -abs(item[1]))[:top]:
+        print(f"{value / 1e3:+10.1f} k  {name[:150]}")
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser, long: int) -> None:
@@ -109,11 +180,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_loop_arguments(parser, long=120)
+    add_loop_arguments(parser, long=60)
     loops = ["bare", "safeloop", "no-diagnostics"]
     parser.add_argument("--loops", nargs="+", default=["bare", "safeloop"], choices=loops)
+    parser.add_argument("--keep", metavar="DIR", help="keep the callgrind output files in DIR")
+    parser.add_argument(
+        "--functions", metavar="DIR", help="compare per function the bare and safeloop runs kept in DIR"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="loops counted at the same time")
+    parser.add_argument("--top", type=int, default=40, help="with --functions: how many to print")
     parser.add_argument("--run", choices=loops, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--window", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run is not None:  # the inner call, under valgrind
         torch.set_num_threads(1)
@@ -122,16 +200,22 @@ def main() -> None:
         else:
             run_safeloop(args, diagnostics=args.run == "safeloop")
         return
+    if args.functions is not None:
+        compare_functions(Path(args.functions), args.long - args.short, args.top)
+        return
+    steps = args.long - args.short
     print(
         f"model: {args.depth}x{args.width} MLP, batch {args.batch}, AdamW, clip_grad_norm=1.0, "
-        f"log_every={args.log_every}; per step = (count({args.long}) - count({args.short})) / "
-        f"{args.long - args.short}"
+        f"log_every={args.log_every}; per step = instructions of steps {args.short + 1}..{args.long} / "
+        f"{steps}"
     )
+    # one process per loop, side by side (instruction counts do not depend on the machine's load)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        counted = dict(zip(args.loops, pool.map(lambda loop: count(loop, args), args.loops), strict=True))
     per_step = {}
-    for loop in args.loops:
-        short, long = count(loop, args.short, args), count(loop, args.long, args)
-        per_step[loop] = (long - short) / (args.long - args.short)
-        print(f"{loop:<9} {short:>16,} / {long:>16,} instructions -> {per_step[loop] / 1e6:9.3f} M per step")
+    for loop, total in counted.items():
+        per_step[loop] = total / steps
+        print(f"{loop:<14} {total:>16,} instructions -> {per_step[loop] / 1e6:9.3f} M per step")
     for other, what in (("bare", "SafeTrainer / bare loop"), ("no-diagnostics", "diagnostics on / off")):
         if "safeloop" in per_step and other in per_step:
             ratio = per_step["safeloop"] / per_step[other]

@@ -22,15 +22,45 @@ class CallbackList:
     """
 
     def __init__(self, callbacks: Sequence[Any], trainer: object = None) -> None:
-        self.callbacks = tuple(callbacks)
         self.trainer = trainer
+        # per hook, the callbacks that define it: four hooks fire every step, and a callback that
+        # leaves one to ``Callback``'s no-op would cost a call per step for nothing
+        self._defining: dict[str, tuple[Any, ...]] = {}
+        self.callbacks = tuple(callbacks)
+
+    @property
+    def callbacks(self) -> tuple[Any, ...]:
+        """The callbacks, in call order."""
+        return self._callbacks
+
+    @callbacks.setter
+    def callbacks(self, callbacks: Sequence[Any]) -> None:
+        self._callbacks = tuple(callbacks)
+        self._defining.clear()
 
     def call(self, hook: str, *args: Any) -> None:
         """Call ``hook`` on each callback with the trainer, then ``args``.
+
+        Callbacks that inherit the hook from ``safeloop.Callback`` unchanged (a no-op) are
+        skipped.
 
         Args:
             hook (`str`): a method name of ``safeloop.Callback``.
             *args: the hook's arguments after the trainer.
         """
-        for callback in self.callbacks:
+        defining = self._defining.get(hook)
+        if defining is None:
+            defining = self._defining[hook] = tuple(c for c in self._callbacks if not _inherits_noop(c, hook))
+        for callback in defining:
             getattr(callback, hook)(self.trainer, *args)
+
+
+def _inherits_noop(callback: Any, hook: str) -> bool:
+    """Whether ``callback``'s ``hook`` is ``safeloop.Callback``'s own no-op (not overridden)."""
+    if hook in getattr(callback, "__dict__", {}):  # set on the instance
+        return False
+    function = getattr(type(callback), hook, None)
+    # by name, so that this module need not import the Callback class
+    return getattr(function, "__qualname__", None) == f"Callback.{hook}" and (
+        getattr(function, "__module__", None) == "safeloop.callbacks"
+    )

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from safeloop.diagnostics.updates import LR_TARGET_RATIO, find_lr_hint, listing
+from safeloop.diagnostics.window_stats import sample_variance
 from safeloop.results import Finding
 
 __all__ = ["Oscillation", "OSC_RATIO", "OSC_ABOVE_BEST", "OSC_RECENT", "OSC_NOISE", "OSC_CHECKS"]
@@ -86,7 +87,7 @@ class Oscillation:
         if not finite:
             return None
         mean = statistics.fmean(finite)
-        spread = statistics.variance(finite) / len(finite) if len(finite) > 1 else 0.0
+        spread = sample_variance(finite) / len(finite) if len(finite) > 1 else 0.0
         self._means.append(mean)
         self._errors.append(spread)
         if len(self._means) < OSC_RECENT:

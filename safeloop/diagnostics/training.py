@@ -13,8 +13,6 @@ every process sees the same means and decides the same. Nothing here changes the
 from __future__ import annotations
 
 import math
-import statistics
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -25,6 +23,7 @@ from safeloop.diagnostics.no_learning import NoLearning
 from safeloop.diagnostics.oscillation import Oscillation
 from safeloop.diagnostics.plateau import LossPlateau
 from safeloop.diagnostics.updates import CONTEXT_RANKS, Cause, UpdateSize, listing
+from safeloop.diagnostics.window_stats import WindowMedian
 from safeloop.results import Finding
 
 __all__ = [
@@ -112,7 +111,7 @@ class TrainingMonitor:
         self._oscillation = Oscillation(self._plateau.window)
         self._rise = LayerRise(self.names)
         self._checks = 0
-        self._history: deque[float] = deque(maxlen=_HISTORY_STEPS)
+        self._history = WindowMedian(_HISTORY_STEPS)
         self._streaks: dict[str, int] = {}
         self._vanishing: dict[int, int] = {}
         self._reported: set[str] = set()
@@ -286,7 +285,7 @@ class TrainingMonitor:
         self._rise.update(step, None if window is None else window.grads, self._stats.trainable)
         finite = [(v, i) for i, v in enumerate(grad_norms) if math.isfinite(v)]
         warm = self._checks >= EXPLODE_WARMUP_CHECKS and len(self._history) >= EXPLODE_WARMUP_STEPS
-        median = statistics.median(self._history) if warm else 0.0
+        median = self._history.median() if warm else 0.0
         self._history.extend(v for v, _ in finite)
         if not finite or median <= 0 or "global" in self._reported:
             return None

@@ -83,7 +83,12 @@ def grad_norms(parameters: Iterable[torch.nn.Parameter]) -> GradNorms:
         else:
             norms.extend(torch.linalg.vector_norm(g, 2.0) for g in device_grads)
         order.extend(indices)
-    stacked = torch.stack([norm if norm.device == first_device else norm.to(first_device) for norm in norms])
+    if len(grouped) == 1:  # one device and dtype: no per-norm device check (this runs every step)
+        stacked = torch.stack(norms)
+    else:
+        stacked = torch.stack(
+            [norm if norm.device == first_device else norm.to(first_device) for norm in norms]
+        )
     total = torch.linalg.vector_norm(stacked, 2.0)
     if len(positions) == len(params) and order == sorted(order):
         # every parameter has a gradient, one device and dtype (the usual case): already in
