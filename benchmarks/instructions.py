@@ -4,22 +4,23 @@ Wall and CPU time on a shared 2-core machine vary by +-20% between identical run
 counts do not (the same binary, inputs and environment give the same count, whatever else the
 machine does). Each loop runs once under callgrind with collection off (start-up and imports are
 not counted); it is switched on when the data loader fetches the first sample of batch
-``--short`` and off at the first sample of batch ``--long``, so the count
-covers exactly the steps ``short + 1 .. long`` (their data, forward, backward, optimizer step,
-and the log steps among them, one in ``log_every``), with the first step's checks, the set-up and
-the end of ``fit`` outside it. Per step = that count / (long - short). A second run of the same
-loop gives the same count within about 0.01%.
+``--short`` and off at the first sample of batch ``--long``. Accelerate's loader fetches one
+batch ahead, so the count covers exactly the ``long - short`` steps ``short .. long - 1`` (1-based:
+their data, forward, backward, optimizer step, and the log steps among them, one in
+``log_every``), with the first step's checks, the set-up and the end of ``fit`` outside it.
+Per step = that count / (long - short).
 
 For the functions that make the difference, ``--keep DIR`` keeps the callgrind files and
 ``--functions DIR`` compares them (exclusive instructions per function and per step, SafeTrainer
 minus bare, ``callgrind_annotate``). Python's own functions appear as the interpreter's C
 functions; ``step_profile.py`` names the Python side. Needs ``valgrind`` on the PATH; a run takes
-about 4 minutes on this 2-core machine. Usage:
+about 10 minutes per loop on this 2-core machine (the loops run side by side). Usage:
 
     python benchmarks/instructions.py                      # bare loop and SafeTrainer (defaults)
     python benchmarks/instructions.py --loops safeloop     # SafeTrainer only
     python benchmarks/instructions.py --width 1536         # a larger model
     python benchmarks/instructions.py --loops safeloop no-diagnostics  # the diagnostics' cost
+    python benchmarks/instructions.py --processes 2 --jobs 1  # DDP on 2 CPU processes, per process
     python benchmarks/instructions.py --keep /tmp/cg && python benchmarks/instructions.py --functions /tmp/cg
 
 ``--run LOOP`` is the inner call that runs under valgrind.
@@ -109,11 +110,15 @@ def run_safeloop(args: argparse.Namespace, diagnostics: bool = True) -> None:
 
 
 def count(loop: str, args: argparse.Namespace) -> int:
-    """Instructions of the steps ``short + 1 .. long`` of ``loop``, counted by callgrind.
+    """Instructions of the counted steps of ``loop`` (the most of any process), by callgrind.
 
-    With ``--keep DIR`` the callgrind output is kept as ``DIR/LOOP.out`` for ``--functions``.
+    With ``--processes N`` (N > 1) the loop runs under ``torchrun`` on N CPU processes (DDP,
+    gloo), each under its own callgrind, and each process's count is printed. With ``--keep DIR``
+    the callgrind output is kept as ``DIR/LOOP.out`` (``DIR/LOOP.RANK-PID.out`` per process) for
+    ``--functions``.
     """
-    out_file = "/dev/null" if args.keep is None else str(Path(args.keep) / f"{loop}.out")
+    name = f"{loop}.out" if args.processes == 1 else f"{loop}.%q{{LOCAL_RANK}}-%p.out"
+    out_file = "/dev/null" if args.keep is None else str(Path(args.keep) / name)
     command = [
         "valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out_file}",
         sys.executable, __file__, "--run", loop, "--window", "--steps", str(args.long + 1),
@@ -121,12 +126,20 @@ def count(loop: str, args: argparse.Namespace) -> int:
         "--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch),
         "--log-every", str(args.log_every), "--samples", str(args.samples),
     ]  # fmt: skip
+    if args.processes > 1:
+        command = ["torchrun", "--nproc_per_node", str(args.processes), "--no-python", *command]
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    found = _COLLECTED.findall(done.stderr)
-    if not found:
-        raise RuntimeError(f"no callgrind total in the output:\n{done.stderr[-2000:]}")
-    return int(found[-1])
+    found = [int(n) for n in _COLLECTED.findall(done.stderr + done.stdout)]
+    if len(found) != args.processes:
+        raise RuntimeError(
+            f"{len(found)} callgrind totals for {args.processes} processes:\n{done.stderr[-2000:]}"
+        )
+    if args.processes > 1:
+        print(
+            f"{loop}: per process {', '.join(f'{n / (args.long - args.short) / 1e6:.3f} M' for n in found)}"
+        )
+    return max(found)
 
 
 _FUNCTION_LINE = re.compile(r"^\s*([\d,]+) \([ \d.]+%\)\s+(.*?)(?: \[(.*)\])?$")
@@ -188,6 +201,7 @@ def main() -> None:
         "--functions", metavar="DIR", help="compare per function the bare and safeloop runs kept in DIR"
     )
     parser.add_argument("--jobs", type=int, default=2, help="loops counted at the same time")
+    parser.add_argument("--processes", type=int, default=1, help="DDP processes per loop (torchrun, gloo)")
     parser.add_argument("--top", type=int, default=40, help="with --functions: how many to print")
     parser.add_argument("--run", choices=loops, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -206,7 +220,7 @@ def main() -> None:
     steps = args.long - args.short
     print(
         f"model: {args.depth}x{args.width} MLP, batch {args.batch}, AdamW, clip_grad_norm=1.0, "
-        f"log_every={args.log_every}; per step = instructions of steps {args.short + 1}..{args.long} / "
+        f"log_every={args.log_every}; per step = instructions of steps {args.short}..{args.long - 1} / "
         f"{steps}"
     )
     # one process per loop, side by side (instruction counts do not depend on the machine's load)

@@ -58,10 +58,10 @@ def settle_collectives(accelerator: Accelerator) -> None:
 
 
 def agree_all_finite(accelerator: Accelerator, flag: torch.Tensor) -> torch.Tensor:
-    """Return the minimum of an int32 0/1 flag over all processes (1 only if every rank is finite).
+    """Return the minimum of a 0/1 flag over all processes (1 only if every rank is finite).
 
     Every rank reaches this once per optimizer step, so all of them take the same branch: a
-    NaN on one rank makes every rank skip the same step. int32, as NCCL cannot reduce bool.
+    NaN on one rank makes every rank skip the same step. A number, as NCCL cannot reduce bool.
     """
     if accelerator.num_processes == 1:
         return flag

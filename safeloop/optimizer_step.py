@@ -41,7 +41,7 @@ class StepOutcome:
     Attributes:
         loss (`torch.Tensor`): the window's loss (mean over its micro-batches).
         norms (`GradNorms`): the global gradient norm before clipping, and per parameter.
-        flag (`torch.Tensor | None`): the agreed finite flag (int32 0/1); None with the guard off.
+        flag (`torch.Tensor | None`): the agreed finite flag (float32 0/1); None with the guard off.
         overflow (`torch.Tensor | None`): the fp16 loss scaler refused the step on its own.
         applied (`bool | None`): whether the update was applied, when that was read on the host
             this step; None when the decision stayed on the device (or the guard is off).

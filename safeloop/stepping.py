@@ -68,7 +68,7 @@ class GatedStep:
         """Apply the step when ``flag`` is 1 (or None, guard off).
 
         Args:
-            flag (`torch.Tensor`, *optional*): int32 device scalar, already agreed by all ranks.
+            flag (`torch.Tensor`, *optional*): float32 0/1 device scalar, already agreed by all ranks.
 
         Returns:
             `bool | None`: whether the step was applied when that was read on the host, None

@@ -209,7 +209,7 @@ class ZeroEngine:
             `tuple[GradNorms, torch.Tensor | None]`: ``total`` is the global norm (one all-reduce
             of two scalars when partitioned), ``per_param`` the norm of this process's part of
             each gradient (the diagnostics sum their squares over processes), both divided by
-            the fp16 loss scale, if any; and, with ``loss``, the guard's int32 flag, agreed by
+            the fp16 loss scale, if any; and, with ``loss``, the guard's float32 0/1 flag, agreed by
             every process (1: the loss everywhere and every gradient are finite).
         """
         # ZeRO-3 synchronises its reduce stream at the end of the backward: the reads below find
@@ -240,7 +240,7 @@ class ZeroEngine:
         elif loss is not None and distributed:  # stage 0: whole reduced gradients, the same everywhere
             torch.distributed.all_reduce(bad_loss)
         total = squares.sqrt()
-        flag = None if loss is None else (torch.isfinite(total) & (bad_loss == 0)).to(torch.int32)
+        flag = None if loss is None else (torch.isfinite(total) & (bad_loss == 0)).to(torch.float32)
         return GradNorms(total=total, per_param=per_param), flag
 
     # -- all-zero weights at the first step (the reinit_zero_params guard) -------------------

@@ -104,8 +104,7 @@ class GradientStats:
         self.weights = [i for i in self.trainable if dims[i] >= 2]
         self._per_param = not sharded and bool(self.trainable)
         self._measure_updates = measure_updates
-        self._sum: torch.Tensor | None = None
-        self._rows: list[torch.Tensor] = []  # sharded: squared shard norms, one row per step
+        self._rows: list[torch.Tensor] = []  # the interval's per-parameter norms, one row per step
         self._count = 0
         self._snapshot: list[torch.Tensor] | None = None
         self._update: torch.Tensor | None = None
@@ -121,23 +120,16 @@ class GradientStats:
         if per_param is None or not self._per_param:
             return
         if per_param.numel() != len(self._params):  # not the parameters given: degrade, never misname
-            self._per_param, self._sum, self._rows = False, None, []
+            self._per_param, self._rows = False, []
             return
-        # a skipped step's NaN/Inf norms would poison the whole interval; they count as 0 here
-        if per_param.dtype != torch.float32:  # (a .float() that is a no-op is still an op per step)
-            per_param = per_param.float()
-        clean = per_param.nan_to_num(0.0, 0.0, 0.0)
+        # kept as they are, one device vector per step: the log step cleans and sums them in three
+        # ops for the whole interval instead of two ops every step
+        self._rows.append(per_param)
         self._count += 1
-        if self._shard_count is not None:
-            # shard norms add up over processes only as squares, and a step's norm is the root of
-            # that sum: keep the step's row (measurements(), every log_every steps, empties the list)
-            self._rows.append(clean * clean)
-            return
-        self._sum = clean if self._sum is None else self._sum.add_(clean)
 
     def clear(self) -> None:
         """Drop the interval's unread measurements (its steps were undone by a rollback)."""
-        self._sum, self._count, self._snapshot, self._update = None, 0, None, None
+        self._count, self._snapshot, self._update = 0, None, None
         self._rows = []
 
     def before_update(self) -> None:
@@ -167,16 +159,21 @@ class GradientStats:
         Returns:
             `torch.Tensor | None`: the vector, or None where per-parameter norms are not available.
         """
-        count, summed, rows, update = self._count, self._sum, self._rows, self._update
-        self._count, self._sum, self._rows, self._update = 0, None, [], None
+        count, rows, update = self._count, self._rows, self._update
+        self._count, self._rows, self._update = 0, [], None
         if not self._per_param:
             self._pending = None
             return None
         self._pending = count
         device = self._local(self.trainable[0]).device
         nan = float("nan")
-        if self._shard_count is not None:
-            summed = torch.cat(rows) if rows else None
+        summed = None
+        if rows:
+            # a skipped step's NaN/Inf norms would poison the whole interval; they count as 0 here
+            clean = torch.stack(rows).float().nan_to_num_(0.0, 0.0, 0.0)
+            # sharded: shard norms add up over processes only as squares, and a step's norm is
+            # the root of that sum: one row of squares per step, summed by the caller's all-reduce
+            summed = (clean * clean).flatten() if self._shard_count is not None else clean.sum(dim=0)
         parts = [
             torch.full((len(self._params),), nan, device=device) if summed is None else summed.to(device)
         ]

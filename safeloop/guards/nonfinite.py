@@ -20,27 +20,28 @@ Escalation = Literal["continue", "escalate"]
 
 
 def finite_flag(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """Return an int32 device scalar: 1 when the loss and the global gradient norm are finite.
+    """Return a float32 device scalar: 1 when the loss and the global gradient norm are finite.
 
     The global norm is non-finite as soon as one gradient element is, so one scalar covers
-    every gradient. int32 rather than bool: NCCL cannot reduce bool tensors.
+    every gradient. A number rather than a bool: NCCL cannot reduce bool tensors; float32, the
+    dtype of the step's metric row, so that it joins the row without a cast every step.
 
     Args:
         loss (`torch.Tensor`): the step's loss (mean over its micro-batches).
         grad_norm (`torch.Tensor`): the global gradient norm before clipping.
 
     Returns:
-        `torch.Tensor`: 0-dim int32, 1 (finite) or 0.
+        `torch.Tensor`: 0-dim float32, 1.0 (finite) or 0.0.
 
     Example:
         >>> finite_flag(torch.tensor(1.0), torch.tensor(float("inf")))
-        tensor(0, dtype=torch.int32)
+        tensor(0.)
     """
     # loss + 0 * norm: NaN when the norm is NaN or infinite (0 * inf is NaN), the loss itself
     # otherwise, so one isfinite sees both; without the .float()/.detach() copies of two checks
     # (three ops instead of ten: this runs every step)
     flag = torch.isfinite(torch.add(loss, grad_norm, alpha=0))
-    return (flag.all() if flag.dim() else flag).to(torch.int32)
+    return (flag.all() if flag.dim() else flag).to(torch.float32)
 
 
 def true_overflow(scaler_found_inf: torch.Tensor | None, loss: torch.Tensor) -> torch.Tensor | None:

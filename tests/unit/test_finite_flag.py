@@ -17,7 +17,7 @@ def test_the_flag_is_one_exactly_when_both_values_are_finite(loss, norm, dtype):
     loss_t = torch.tensor(loss).to(dtype) if abs(loss) != HUGE else torch.tensor(loss)
     flag = finite_flag(loss_t, torch.tensor(norm))
     expected = int(torch.isfinite(loss_t).item() and torch.isfinite(torch.tensor(norm)).item())
-    assert flag.dtype == torch.int32 and flag.dim() == 0
+    assert flag.dtype == torch.float32 and flag.dim() == 0
     assert int(flag) == expected
 
 
