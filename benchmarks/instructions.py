@@ -49,9 +49,9 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 class _WindowedDataset(TensorDataset):
     """Switches callgrind's collection on at sample ``first`` and off at sample ``last``."""
 
-    def __init__(self, dataset: TensorDataset, first: int | None, last: int | None) -> None:
+    def __init__(self, dataset: TensorDataset, first: int, last: int) -> None:
         super().__init__(*dataset.tensors)
-        self.toggles, self.fetched = {first, last} - {None}, 0
+        self.toggles, self.fetched = {first, last}, 0
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         if self.fetched in self.toggles:
@@ -61,7 +61,7 @@ class _WindowedDataset(TensorDataset):
 
 
 def make_windowed_loader(args: argparse.Namespace) -> DataLoader:
-    """``overhead.make_loader``'s data; under ``--window`` it counts the steps short+1 .. long."""
+    """``overhead.make_loader``'s data; under ``--window`` callgrind counts steps short .. long - 1."""
     loader = make_loader(args.width, args.classes, args.samples, args.batch)
     if not getattr(args, "window", False):  # step_profile.py's arguments have no --window
         return loader

@@ -124,7 +124,7 @@ def main() -> None:
         "--instructions",
         action="store_true",
         help="count instructions per step with valgrind's callgrind instead of timing "
-        "(benchmarks/instructions.py: batch 64, clip 1.0 in both loops, 60-step minus 20-step runs); "
+        "(benchmarks/instructions.py: batch 64, clip 1.0 in both loops, steps 20-59 of one run per loop); "
         "benchmarks/step_profile.py attributes the difference to torch ops and safeloop's functions",
     )
     args = parser.parse_args()

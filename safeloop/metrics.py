@@ -119,11 +119,14 @@ class MetricBuffer:
         return torch.cat([part.to(device) for part in parts])
 
     def _zero(self, like: torch.Tensor) -> torch.Tensor:
-        """A 0-dim zero with ``like``'s dtype and device, made once (no allocation per step)."""
-        zero = self._zeros
-        if zero is None or zero.device != like.device or zero.dtype != like.dtype:
-            zero = self._zeros = torch.zeros((), dtype=like.dtype, device=like.device)
-        return zero
+        """A 0-dim zero with ``like``'s dtype and device, made once (no allocation, no check per step).
+
+        Should the flag later live on another device, the row's ``stack`` refuses the pair and
+        :meth:`_row_across_devices` moves them.
+        """
+        if self._zeros is None:
+            self._zeros = torch.zeros((), dtype=like.dtype, device=like.device)
+        return self._zeros
 
     def clear(self) -> None:
         """Drop the buffered rows unread (their steps were undone by a rollback)."""
