@@ -20,6 +20,7 @@ about 10 minutes per loop on this 2-core machine (the loops run side by side). U
     python benchmarks/instructions.py --loops safeloop     # SafeTrainer only
     python benchmarks/instructions.py --width 1536         # a larger model
     python benchmarks/instructions.py --loops safeloop no-diagnostics  # the diagnostics' cost
+    python benchmarks/instructions.py --accumulation 4 --loops safeloop noise-scale-off  # noise scale
     python benchmarks/instructions.py --processes 2 --jobs 1  # DDP on 2 CPU processes, per process
     python benchmarks/instructions.py --keep /tmp/cg && python benchmarks/instructions.py --functions /tmp/cg
 
@@ -75,7 +76,7 @@ def run_bare(args: argparse.Namespace) -> None:
     model = make_model(args.width, args.depth, args.classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = make_windowed_loader(args)
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.accumulation)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
@@ -84,7 +85,8 @@ def run_bare(args: argparse.Namespace) -> None:
             with accelerator.accumulate(model):
                 loss = loss_fn(model(inputs), targets)
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad()
             steps += 1
@@ -92,16 +94,19 @@ def run_bare(args: argparse.Namespace) -> None:
                 break
 
 
-def run_safeloop(args: argparse.Namespace, diagnostics: bool = True) -> None:
+def run_safeloop(args: argparse.Namespace, diagnostics: bool = True, noise_scale: str = "auto") -> None:
     from safeloop import SafeTrainer
 
     model = make_model(args.width, args.depth, args.classes)
+    accumulation = getattr(args, "accumulation", 1)
     SafeTrainer(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-3),
         make_windowed_loader(args),
         loss_fn=nn.CrossEntropyLoss(),
-        max_steps=args.steps,
+        max_steps=max(1, args.steps // accumulation),
+        gradient_accumulation_steps=accumulation,
+        gradient_noise_scale=noise_scale,
         clip_grad_norm=1.0,
         log_every=args.log_every,
         progress_bar=False,
@@ -125,6 +130,7 @@ def count(loop: str, args: argparse.Namespace) -> int:
         "--short", str(args.short), "--long", str(args.long),
         "--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch),
         "--log-every", str(args.log_every), "--samples", str(args.samples),
+        "--accumulation", str(args.accumulation),
     ]  # fmt: skip
     if args.processes > 1:
         command = ["torchrun", "--nproc_per_node", str(args.processes), "--no-python", *command]
@@ -187,6 +193,12 @@ def add_loop_arguments(parser: argparse.ArgumentParser, long: int) -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--short", type=int, default=20)
     parser.add_argument("--long", type=int, default=long)
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=1,
+        help="micro-batches per step; --short/--long count micro-batches",
+    )
 
 
 def main() -> None:
@@ -194,7 +206,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_loop_arguments(parser, long=60)
-    loops = ["bare", "safeloop", "no-diagnostics"]
+    # safeloop: every default; noise-scale-off / split: gradient_noise_scale="off" / "split"
+    loops = ["bare", "safeloop", "no-diagnostics", "noise-scale-off", "split"]
     parser.add_argument("--loops", nargs="+", default=["bare", "safeloop"], choices=loops)
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind output files in DIR")
     parser.add_argument(
@@ -212,16 +225,17 @@ def main() -> None:
         if args.run == "bare":
             run_bare(args)
         else:
-            run_safeloop(args, diagnostics=args.run == "safeloop")
+            noise_scale = {"noise-scale-off": "off", "split": "split"}.get(args.run, "auto")
+            run_safeloop(args, diagnostics=args.run != "no-diagnostics", noise_scale=noise_scale)
         return
     if args.functions is not None:
         compare_functions(Path(args.functions), args.long - args.short, args.top)
         return
-    steps = args.long - args.short
+    steps = (args.long - args.short) / args.accumulation
     print(
-        f"model: {args.depth}x{args.width} MLP, batch {args.batch}, AdamW, clip_grad_norm=1.0, "
-        f"log_every={args.log_every}; per step = instructions of steps {args.short}..{args.long - 1} / "
-        f"{steps}"
+        f"model: {args.depth}x{args.width} MLP, batch {args.batch}, accumulation {args.accumulation}, AdamW, "
+        f"clip_grad_norm=1.0, log_every={args.log_every}; per step = instructions of micro-batches "
+        f"{args.short}..{args.long - 1} / {steps:g}"
     )
     # one process per loop, side by side (instruction counts do not depend on the machine's load)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -230,7 +244,11 @@ def main() -> None:
     for loop, total in counted.items():
         per_step[loop] = total / steps
         print(f"{loop:<14} {total:>16,} instructions -> {per_step[loop] / 1e6:9.3f} M per step")
-    for other, what in (("bare", "SafeTrainer / bare loop"), ("no-diagnostics", "diagnostics on / off")):
+    for other, what in (
+        ("bare", "SafeTrainer / bare loop"),
+        ("no-diagnostics", "diagnostics on / off"),
+        ("noise-scale-off", "noise scale on / off"),
+    ):
         if "safeloop" in per_step and other in per_step:
             ratio = per_step["safeloop"] / per_step[other]
             print(f"{what}, instructions per step: {ratio:.4f} ({(ratio - 1) * 100:+.2f}%)")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from safeloop.errors import CheckpointError, ConfigError, DivergenceError, NonFiniteError, SafeLoopError
 from safeloop.lr_finder.result import LRFinderResult
-from safeloop.results import Event, Finding, FitResult
+from safeloop.results import Event, Finding, FitResult, NoiseScaleEstimate
 
 if TYPE_CHECKING:
     from safeloop.callbacks import Callback
@@ -22,6 +22,7 @@ __all__ = [
     "Callback",
     "FitResult",
     "LRFinderResult",
+    "NoiseScaleEstimate",
     "Event",
     "Finding",
     "SafeLoopError",

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from safeloop.diagnostics.noise_scale import NOISE_SCALE_CHOICES
 from safeloop.errors import ConfigError
 from safeloop.guards.divergence import DEFAULT_PATIENCE, DEFAULT_WARMUP, DEFAULT_ZSCORE
 from safeloop.guards.nonfinite import NAN_GUARD_CHOICES
@@ -71,6 +72,9 @@ class TrainerConfig:
         keep_checkpoints (`int`): newest checkpoints kept.
         async_checkpoint (`bool`): the main process writes checkpoints in a background thread.
         diagnostics (`bool`): run the checks of docs/diagnostics.md and report findings.
+        gradient_noise_scale (`str`): ``"auto"`` (measured where accumulation or several
+            processes give two batch sizes for free), ``"split"`` (also on one process without
+            accumulation, each batch run as two halves) or ``"off"``.
         log_every (`int`): optimizer steps between metric reads on the host.
         progress_bar (`bool`): show a tqdm bar on the main process.
         summary (`bool`): print the end-of-fit summary on the main process.
@@ -103,6 +107,7 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     async_checkpoint: bool = False
     diagnostics: bool = True
+    gradient_noise_scale: str = "auto"
     log_every: int = 10
     progress_bar: bool = True
     summary: bool = True
@@ -172,6 +177,11 @@ def build_config(
         problems.append(
             f"`nan_guard` must be one of {', '.join(map(repr, NAN_GUARD_CHOICES))}; "
             f"got {seen(a['nan_guard'])}."
+        )
+    if a["gradient_noise_scale"] not in NOISE_SCALE_CHOICES:
+        problems.append(
+            f"`gradient_noise_scale` must be one of {', '.join(map(repr, NOISE_SCALE_CHOICES))}; "
+            f"got {seen(a['gradient_noise_scale'])}."
         )
     skips = a["max_consecutive_skips"]
     if not is_int(skips) or skips < 0:

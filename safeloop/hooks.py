@@ -56,10 +56,12 @@ class CallbackList:
 
 
 def _inherits_noop(callback: Any, hook: str) -> bool:
-    """Whether ``callback``'s ``hook`` is ``safeloop.Callback``'s own no-op (not overridden)."""
+    """Whether ``callback``'s ``hook`` is ``safeloop.Callback``'s own no-op (not overridden), or absent."""
     if hook in getattr(callback, "__dict__", {}):  # set on the instance
         return False
     function = getattr(type(callback), hook, None)
+    if function is None:  # an internal hooks object (the run record's) without this hook: nothing to do
+        return True
     # by name, so that this module need not import the Callback class
     return getattr(function, "__qualname__", None) == f"Callback.{hook}" and (
         getattr(function, "__module__", None) == "safeloop.callbacks"

@@ -137,6 +137,9 @@ class LogStep:
             "overflow_skips": self.record.overflow_skips,
             "rollbacks": self.record.rollbacks,
         }
+        noise_scale = None if diagnostics is None else diagnostics.noise_scale_value
+        if noise_scale is not None:  # absent until measured
+            entry["gradient_noise_scale"] = noise_scale
         self.record.history.append(entry)
         self.accelerator.log(
             {**{f"train/{k}": v for k, v in entry.items() if k not in ("step", "epoch")}, **tracked},

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from safeloop.batching import LossComputer
+from safeloop.batching import LossComputer, batch_size_of
 from safeloop.config import TrainerConfig
+from safeloop.diagnostics.noise_scale import NoiseScaleProbe, split_halves
 from safeloop.diagnostics.session import Diagnostics
 from safeloop.distributed import agree_all_finite
 from safeloop.findings import Reporter
@@ -115,12 +116,17 @@ class OptimizerStep:
     def micro_batch(self, batch: Any) -> torch.Tensor:
         """Forward and backward one micro-batch (inside ``accelerator.accumulate``); return its loss."""
         diagnostics = self.diagnostics
+        noise = None if diagnostics is None or diagnostics.noise is None else diagnostics.noise.probe
+        if noise is not None:
+            noise.see(batch_size_of(batch))
         if diagnostics is not None and not diagnostics.first_done:
             loss = diagnostics.first_loss(
                 batch, lambda loss_fn: self.losses.with_loss_fn(self.model, batch, loss_fn)
             )
         elif diagnostics is not None and (sampled := diagnostics.loss_fn_now()) is not None:
             loss = self.losses.with_loss_fn(self.model, batch, sampled)  # the baseline's targets
+        elif noise is not None and noise.mode == "split":
+            return self._split_micro_batch(batch, noise)
         else:
             loss = self.losses(self.model, batch)
         if self.zero is not None:  # Accelerate's backward would also take DeepSpeed's step, unguarded
@@ -129,6 +135,34 @@ class OptimizerStep:
             self.accelerator.backward(loss)
         if diagnostics is not None:
             diagnostics.after_first_backward()
+        if noise is not None:
+            noise.after_backward(first=not self._window_losses)
+        self.callbacks.call("on_after_backward")
+        self._window_losses.append(loss.detach())
+        return loss
+
+    def _split_micro_batch(self, batch: Any, noise: NoiseScaleProbe) -> torch.Tensor:
+        """``gradient_noise_scale="split"``: the batch as two halves, each loss weighted by its share."""
+        halves = split_halves(batch)
+        if halves is None:  # (a batch that cannot be cut: this step is not measured)
+            return self._whole_micro_batch(batch)
+        total = batch_size_of(batch)
+        losses = []
+        for index, half in enumerate(halves):
+            share = batch_size_of(half) / total
+            loss = self.losses(self.model, half)
+            self.accelerator.backward(loss * share)
+            if index == 0:
+                noise.after_first_half(share)
+            losses.append(loss.detach() * share)
+        self.callbacks.call("on_after_backward")
+        loss = losses[0] + losses[1]  # the whole batch's mean loss
+        self._window_losses.append(loss)
+        return loss
+
+    def _whole_micro_batch(self, batch: Any) -> torch.Tensor:
+        loss = self.losses(self.model, batch)
+        self.accelerator.backward(loss)
         self.callbacks.call("on_after_backward")
         self._window_losses.append(loss.detach())
         return loss
@@ -158,6 +192,8 @@ class OptimizerStep:
         norms, flag = self._measure(window_loss)
         # the scaler's own verdict, read before the guard's flag is merged into it
         overflow = true_overflow(self.stepper.overflow(), window_loss) if self.guarded else None
+        if self.diagnostics is not None and self.diagnostics.noise is not None:
+            self.diagnostics.noise.probe.at_step(norms.total, flag)
         if self.config.nan_guard == "raise":
             # host sync, once per optimizer step: "raise" must stop before any update; an fp16
             # scaler overflow is the scaler's business (it skips and lowers its scale), not an error

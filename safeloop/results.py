@@ -1,7 +1,8 @@
 """What a run reports: events, findings and the result of ``fit``.
 
 All three are frozen dataclasses whose fields are plain Python values, so a run can be written
-to JSON as it is.
+to JSON as it is; ``FitResult.trace`` aside (the bounded per-layer picture ``FitResult.plot``
+draws, compared by nothing and left out of the ``repr``).
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["Event", "Finding", "FitResult", "report", "severity_counts"]
+if TYPE_CHECKING:
+    from safeloop.report.trace import RunTrace
+
+__all__ = ["Event", "Finding", "FitResult", "NoiseScaleEstimate", "report", "severity_counts"]
 
 Severity = Literal["info", "warning", "error"]
 Status = Literal["completed", "preempted", "interrupted", "diverged"]
@@ -68,6 +72,28 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class NoiseScaleEstimate:
+    """The measured gradient noise scale of a run (docs/diagnostics.md, ``batch-size``).
+
+    Attributes:
+        value (`float`): ``B_simple`` in samples, at the end of the run (the moving averages).
+        samples (`int`): samples behind it (the measured steps' batches, all processes).
+        steps (`int`): optimizer steps measured.
+        batch_size (`int`): the run's batch per optimizer step (all micro-batches and processes).
+        first (`float | None`): the first reported value (after 20 measured steps); the noise
+            scale grows as the loss falls, so it is usually the smaller one.
+        first_step (`int | None`): the step of ``first``.
+    """
+
+    value: float
+    samples: int
+    steps: int
+    batch_size: int
+    first: float | None = None
+    first_step: int | None = None
+
+
+@dataclass(frozen=True)
 class FitResult:
     """What ``SafeTrainer.fit`` returns.
 
@@ -88,6 +114,13 @@ class FitResult:
             step, with a checkpoint), ``"interrupted"`` (SIGINT, Ctrl-C: the same, then ``fit``
             raises ``KeyboardInterrupt``; callbacks' ``on_fit_end`` still gets the result), or
             ``"diverged"`` (reserved: a divergence past the rollbacks raises ``DivergenceError``).
+        gradient_noise_scale (`NoiseScaleEstimate | None`): the measured gradient noise scale
+            at the end of the run (``.value`` in samples, ``.samples`` and ``.steps`` behind it,
+            ``.first`` at its first report), or None where it was not measured.
+        trace (`RunTrace | None`): what :meth:`plot` draws beyond the history: the per-layer
+            gradient norms and update ratios (downsampled past 1,000 log steps, extremes kept)
+            and each evaluation with its step, and the trainer's settings; bounded in size. None
+            in a ``FitResult`` built by hand. Not compared, not in the ``repr``.
     """
 
     global_step: int
@@ -99,6 +132,8 @@ class FitResult:
     eval_loss: float | None = None
     baseline_loss: float | None = None
     status: Status = "completed"
+    gradient_noise_scale: NoiseScaleEstimate | None = None
+    trace: RunTrace | None = field(default=None, repr=False, compare=False)
 
     def report(self) -> str:
         """A short readable summary: steps, skips, rollbacks, then each finding with its fix."""
@@ -118,19 +153,21 @@ class FitResult:
         clip_grad_norm: float | None = None,
         lr_finder: Any = None,
     ) -> Any:
-        """Draw the run from memory: loss, learning rate, gradient norm, what the run did, findings.
+        """Draw the run from memory: the panels of ``safeloop report``, stacked in one figure.
 
-        The panels of ``safeloop report`` stacked in one figure (docs/report.md): the loss raw
-        and smoothed with the baseline loss, every skip, rollback (its abandoned branch faded),
-        re-initialisation and preemption marked on the step axis; the learning rate with the
-        rollbacks' cuts; the global gradient norm; the findings, most severe first. A
-        ``FitResult`` keeps no per-layer values and only the last evaluation loss: the heat maps
-        and the evaluation curve come from the run's record, ``safeloop report CHECKPOINT_DIR``.
-        Needs matplotlib: ``pip install "safeloop[report]"``.
+        The loss raw and smoothed with the baseline loss and the evaluation losses, every skip,
+        rollback (its abandoned branch faded), re-initialisation and preemption marked on the
+        step axis; the learning rate with the rollbacks' cuts; the global gradient norm against
+        the clip threshold; the per-layer gradient norms and update-to-weight ratios as heat maps
+        (one row per measured layer, log colour scale; also those of each abandoned branch);
+        the range test; the findings, most severe first (docs/report.md). The same reader and
+        panels as the command, fed from :attr:`trace` instead of ``metrics.jsonl``: it works
+        without a ``checkpoint_dir``. Needs matplotlib: ``pip install "safeloop[report]"``.
 
         Args:
             path (`str`, *optional*): write the figure there (PNG, SVG, PDF by the suffix).
-            clip_grad_norm (`float`, *optional*): the run's threshold, drawn on the gradient norm.
+            clip_grad_norm (`float`, *optional*): the threshold drawn on the gradient norm;
+                defaults to the run's own ``clip_grad_norm``.
             lr_finder (`LRFinderResult`, *optional*): a range test to draw below.
 
         Returns:
@@ -138,6 +175,10 @@ class FitResult:
 
         Raises:
             ImportError: matplotlib is not installed (naming the extra that installs it).
+
+        Example:
+            >>> result = trainer.fit()  # doctest: +SKIP
+            >>> result.plot("run.png")  # doctest: +SKIP
         """
         from safeloop.report.optional import require_matplotlib
 
@@ -155,12 +196,15 @@ class FitResult:
             baseline_loss=self.baseline_loss,
             settings={"clip_grad_norm": clip_grad_norm},
             lr_find=None if lr_finder is None else asdict(lr_finder),
+            trace=self.trace,
         )
-        note = (
-            "drawn from a FitResult, which keeps no per-layer values and only the last evaluation "
-            "loss: `safeloop report CHECKPOINT_DIR` draws those from the run's record"
-        )
-        figure = overview(assemble(lines, source="FitResult", notes=[note]))
+        notes = []
+        if self.trace is None:
+            notes.append(
+                "drawn from a FitResult without its trace (built by hand?): no per-layer values, and "
+                "the last evaluation loss only"
+            )
+        figure = overview(assemble(lines, source="FitResult", notes=notes))
         if path is not None:
             figure.savefig(os.fspath(path), dpi=100)
         return figure

@@ -302,8 +302,15 @@ class Rollback:
                     suggestion=suggestion,
                 )
             )
-        causes += bad_data
+        causes += bad_data + self.reporter.of_code("no-target-tokens")
         lrs = [d["lr"] for d in self.record.divergences]
+        if not self._updates_applied():
+            # every step was refused from the first one: the weights are still the initial ones,
+            # so no learning rate played a part; the first loss's own diagnosis says what did
+            first = [f for f in self.reporter.of_code("nonfinite-loss") if f.step == 0]
+            if not causes:
+                causes += first or [self._before_any_update(step)]
+            return causes
         causes.append(
             Finding(
                 "lr-too-high",
@@ -318,6 +325,33 @@ class Rollback:
             )
         )
         return causes
+
+    def _updates_applied(self) -> bool:
+        """Whether any update reached the weights (a learning rate can only be blamed then).
+
+        A loss spike is measured after ``warmup`` finite steps; a resumed run applied updates
+        before its checkpoint.
+        """
+        record = self.record
+        return (
+            record.applied_steps > 0
+            or any(d["reason"] == "loss-spike" for d in record.divergences)
+            or bool(record.events_of("resume"))
+        )
+
+    def _before_any_update(self, step: int) -> Finding:
+        return Finding(
+            "nonfinite-loss",
+            "warning",
+            "every step was non-finite from the first one, before any update was applied: the "
+            "weights are the initial ones, so the learning rate is not the cause; the model, the "
+            "loss or the data make NaN/Inf on their own.",
+            step=step,
+            suggestion=(
+                "Run one batch by hand and look where the first NaN/Inf appears: the inputs, a "
+                "module's output, or the loss (a log of zero, a mean over an empty selection)."
+            ),
+        )
 
 
 def scale_learning_rates(

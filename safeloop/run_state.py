@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from safeloop.report.trace import RunTrace
 from safeloop.results import Event
 
 __all__ = ["Stateful", "Progress", "RunRecord"]
@@ -75,21 +76,29 @@ class RunRecord:
         events (`list[Event]`): what the trainer did, in order.
         eval_loss (`float | None`): the last evaluation loss.
         skipped_steps (`int`): steps the NaN/Inf guard skipped.
+        applied_steps (`int`): steps of this ``fit`` whose update the host knows was applied (the
+            guard's flag read, at the step or at a log step); a learning rate can only be blamed
+            after one. Not saved in checkpoints: a resumed run has applied updates before.
         overflow_skips (`int`): steps the fp16 loss scaler skipped on its own (overflows).
         rollbacks (`int`): rollbacks made.
         lr_scale (`float`): the product of every rollback's learning-rate factor.
         divergences (`list[dict]`): each divergence met (reason, step, numbers, learning rate),
             for the error that ends a run out of rollbacks; not saved in checkpoints.
+        trace (`RunTrace`): per-layer values and evaluations, downsampled to a bounded size, for
+            ``FitResult.plot`` (fed by the record's writer); not saved in checkpoints: a resume
+            starts it again.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     eval_loss: float | None = None
     skipped_steps: int = 0
+    applied_steps: int = 0
     overflow_skips: int = 0
     rollbacks: int = 0
     lr_scale: float = 1.0
     divergences: list[dict[str, Any]] = field(default_factory=list)
+    trace: RunTrace = field(default_factory=RunTrace)
 
     def note_rollback(self, factor: float) -> float:
         """Count a rollback that scales learning rates by ``factor``; return the new total scale."""
@@ -122,3 +131,5 @@ class RunRecord:
         self.overflow_skips = int(state["overflow_skips"])
         self.rollbacks = int(state.get("rollbacks", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        # its columns point into the history replaced above: what follows the resume is traced anew
+        self.trace = RunTrace(settings=self.trace.settings)

@@ -162,6 +162,7 @@ class SkipHandler:
             if values.overflow:
                 self.record.overflow_skips += 1
             elif values.finite is not False:
+                self.record.applied_steps += 1
                 self.tracker.observe(True)
             else:
                 record = SkipRecord(

@@ -46,7 +46,7 @@ from safeloop.optimizer_step import OptimizerStep
 from safeloop.preemption import PreemptionWatch
 from safeloop.progress import ProgressBar, bar_safe_logging, planned_steps
 from safeloop.report.record import RecordWriter
-from safeloop.results import Finding, FitResult, Status
+from safeloop.results import Finding, FitResult, NoiseScaleEstimate, Status
 from safeloop.rollback import DivergencePolicy, Rollback
 from safeloop.run_loop import RunLoop
 from safeloop.run_state import Progress, RunRecord
@@ -122,6 +122,11 @@ class SafeTrainer:
         diagnostics (`bool`, *optional*, defaults to True): run the checks of
             ``docs/diagnostics.md`` (first batch, data, gradients, learning rate, plateau) and
             report findings; False costs nothing.
+        gradient_noise_scale (`str`, *optional*, defaults to ``"auto"``): measure the gradient
+            noise scale (the ``batch-size`` advice) where gradient accumulation or several DDP
+            processes give two batch sizes for free; ``"split"`` also on one process without
+            accumulation, by running each batch as two halves (a second forward and backward
+            per step, not bitwise equal to the unsplit run); ``"off"``. Needs ``diagnostics``.
         callbacks (`Sequence[Callback]`, *optional*): observers of the loop.
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric logs.
         progress_bar (`bool`, *optional*, defaults to True): tqdm bar on the main process.
@@ -177,6 +182,7 @@ class SafeTrainer:
         keep_checkpoints: int = 3,
         async_checkpoint: bool = False,
         diagnostics: bool = True,
+        gradient_noise_scale: str = "auto",
         callbacks: Sequence[Callback] = (),
         log_every: int = 10,
         progress_bar: bool = True,
@@ -252,7 +258,7 @@ class SafeTrainer:
             self._diagnostics = Diagnostics(
                 acc, self.model, self.optimizer, self._reporter, log_every=config.log_every,
                 loss_fn=loss_fn, eval_dataloader=self.eval_dataloader, zero=zero,
-                custom_step=training_step is not None,
+                custom_step=training_step is not None, noise_scale=config.gradient_noise_scale,
             )  # fmt: skip
         adaptive = None if config.adaptive_clip is None else AdaptiveClip(config.adaptive_clip)
         spikes = SpikeDetector(config.spike_zscore, config.spike_patience, config.spike_warmup)
@@ -402,8 +408,10 @@ class SafeTrainer:
                 events=list(record.events),
                 findings=list(self._reporter.findings),
                 eval_loss=record.eval_loss,
+                trace=record.trace.copy(),  # per-layer values and evaluations, bounded, for plot()
                 baseline_loss=None if self._diagnostics is None else self._diagnostics.baseline_value,
                 status=self._end_status(watch),
+                gradient_noise_scale=self._noise_estimate(),
             )
             self._reporter.finish(result, self.config.checkpoint_dir)
             self._run_file.finish(result)
@@ -507,6 +515,10 @@ class SafeTrainer:
         if self.accelerator.is_main_process:
             logger.info("safeloop: find_lr: %s", result.message)
         return result
+
+    def _noise_estimate(self) -> NoiseScaleEstimate | None:
+        noise = None if self._diagnostics is None else self._diagnostics.noise
+        return None if noise is None else noise.estimate()
 
     def _end_status(self, watch: PreemptionWatch) -> Status:
         if not self._loop.preempted:

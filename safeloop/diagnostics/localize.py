@@ -17,6 +17,9 @@ import torch
 
 __all__ = ["Localisation", "nonfinite_inputs", "locate_nonfinite", "named_tensors"]
 
+# where a model that computes its own loss (Hugging Face style) returns it
+_OWN_LOSS = ("output['loss']", "output.loss")
+
 
 @dataclass(frozen=True)
 class Localisation:
@@ -138,7 +141,9 @@ def _replay(
         def check(module: torch.nn.Module, args: Any, output: Any) -> None:
             if first:
                 return
-            for _, tensor in named_tensors(output, "output"):
+            for path, tensor in named_tensors(output, "output"):
+                if module is model and path in _OWN_LOSS:
+                    continue  # a model that computes its own loss returns it: the loss, not a module's output
                 count = _nonfinite_count(tensor)
                 if count:
                     first.append((name or type(module).__name__, count))

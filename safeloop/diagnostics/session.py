@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from safeloop.diagnostics.broadcast import check_broadcast, from_warnings
 from safeloop.diagnostics.data import DataProfile
 from safeloop.diagnostics.data_compare import compare_profiles
 from safeloop.diagnostics.first_batch import (
+    RAISED_CODES,
     check_double_backward,
     check_gradient_reach,
     check_loss,
@@ -35,12 +36,14 @@ from safeloop.diagnostics.first_batch import (
     raise_if_fatal,
 )
 from safeloop.diagnostics.health import WeightHealth, lookup_tables
+from safeloop.diagnostics.noise_scale import WIDTH, build_monitor, describe_unmeasured
+from safeloop.diagnostics.own_loss import OwnLossCheck, explain_nonfinite_first_loss
 from safeloop.diagnostics.sharded import shard_layout, unwrapped_name
-from safeloop.diagnostics.targets import check_initial_loss, check_inputs, check_targets
+from safeloop.diagnostics.targets import NO_TARGET_TOKENS, check_initial_loss, check_inputs, check_targets
 from safeloop.diagnostics.training import TrainingMonitor
 from safeloop.diagnostics.watch import ForwardWatch, GradientReach
 from safeloop.distributed import agree_any, reduce_across_processes
-from safeloop.errors import ConfigError
+from safeloop.errors import ConfigError, SafeLoopError
 from safeloop.findings import Reporter, agree_findings
 from safeloop.metrics import LogRecord
 from safeloop.results import Finding
@@ -68,6 +71,11 @@ class Diagnostics:
         zero (`ZeroEngine`, *optional*): DeepSpeed's engine, whose partitions are measured.
         custom_step (`bool`, *optional*, defaults to False): a ``training_step`` computes the loss
             (no baseline loss: its targets and loss are not seen).
+        noise_scale (`str`, *optional*, defaults to ``"auto"``): ``gradient_noise_scale``.
+
+    Attributes:
+        noise (`NoiseScaleMonitor | None`): the gradient noise scale (its probe measures each
+            step), or None where it is not measured (``noise_scale_reason`` says why).
     """
 
     def __init__(
@@ -82,12 +90,14 @@ class Diagnostics:
         eval_dataloader: Any = None,
         zero: ZeroEngine | None = None,
         custom_step: bool = False,
+        noise_scale: str = "auto",
     ) -> None:
         self.accelerator = accelerator
         self.prepared = model
         self.optimizer = optimizer
         self.reporter = reporter
         self.loss_fn = loss_fn
+        self.custom_step = custom_step
         self.eval_dataloader = eval_dataloader
         self.model = accelerator.unwrap_model(model)
         self.layout = shard_layout(accelerator, self.model.parameters(), model, zero)
@@ -113,6 +123,14 @@ class Diagnostics:
             shapes=self.layout.shapes,
             local=self.layout.local,
         )
+        self.noise, self.noise_scale_reason = build_monitor(
+            noise_scale,
+            accelerator,
+            model,
+            sharded=self.sharded or accelerator.distributed_type == DistributedType.DEEPSPEED,
+        )
+        if self.noise_scale_reason is not None and accelerator.is_main_process:
+            logger.info(describe_unmeasured([self.noise_scale_reason]))
         self.first_done = False
         self._reach: GradientReach | None = None
         # ZeRO: the parameters the first backward reached (hooks), for the all-zero weight check
@@ -149,23 +167,46 @@ class Diagnostics:
             # under DeepSpeed this ran before `prepare` (check_optimizer_before_prepare)
             findings += check_optimizer(self.model, self.optimizer)
         had_grads = any(p.grad is not None for p in self.model.parameters())
+        own = self._own_loss_check(batch)
+        declared: list[Finding] = []
+        if self.loss_fn is None and not self.custom_step and isinstance(batch, Mapping):
+            # before the forward: an index out of range is a device-side assert on CUDA. Agreed
+            # on every process with a mapping batch, with targets or not (a collective)
+            declared = self._agree([] if own is None else own.before_forward())
+            raise_if_fatal(declared)
         loss_findings: list[Finding] = []
         caught: list[warnings.WarningMessage] = []
+        captured: list[Any] = []
+        handle = None
+        if own is not None:  # the outputs of the model's own forward: its logits' width
+            handle = self.model.register_forward_hook(lambda module, args, out: captured.append(out))
         try:
             with ForwardWatch(self.model) as watch, warnings.catch_warnings(record=True) as caught:
                 # "always": torch's broadcasting warning must be seen even if shown before (a
                 # notebook's second `fit`); it is a finding, not a line the user may have missed
                 warnings.simplefilter("always")
-                loss = compute(self._checked_loss_fn(loss_findings))
+                loss = compute(self._checked_loss_fn(loss_findings, batch))
+        except Exception as exc:
+            if own is not None and not isinstance(exc, SafeLoopError):
+                self._explain_forward_error(own, exc)
+            raise
         finally:
             # outside the catch, so the user's filters decide again; the user's own warnings
             # come out as before, also when the forward raised
             loss_findings += from_warnings(caught, loss_findings)
+            if handle is not None:
+                handle.remove()
+        if own is not None and captured and loss.numel() == 1:
+            loss_findings += own.after_forward(captured[0])
+            value = float(loss.detach())  # host read, first batch only
+            loss_findings += explain_nonfinite_first_loss(
+                value, batch, captured[0], self.model, masked=own.masked
+            )
         self._watch = watch
         if not had_grads:  # a training_step that called backward itself left gradients behind
             findings += check_double_backward(self.model)
         findings += loss_findings + check_loss(loss, watch)
-        findings = self._agree(findings)
+        findings = self._agree(findings) + declared
         raise_if_fatal(findings)
         self._report(findings)
         if self.layout.reach_hooks:  # ZeRO: which parameters the coming backward reaches
@@ -202,7 +243,27 @@ class Diagnostics:
                 findings=findings,
             )
 
-    def _checked_loss_fn(self, found: list[Finding]) -> LossFn | None:
+    def _own_loss_check(self, batch: Any) -> OwnLossCheck | None:
+        """The checks of a model that computes its own loss from the batch's targets, if that is the case."""
+        if self.loss_fn is not None or self.custom_step or not isinstance(batch, Mapping):
+            return None
+        own = OwnLossCheck(self.model, batch)
+        return own if own.targets else None
+
+    def _explain_forward_error(self, own: OwnLossCheck, exc: Exception) -> None:
+        """Raise a ``ConfigError`` from ``exc`` when a target check explains it; else return.
+
+        Only this process raised: no agreement (the others may be waiting in a collective, as
+        with any exception in a forward).
+        """
+        explained = own.after_error(exc)
+        if any(f.severity == "error" and f.code in RAISED_CODES for f in explained):
+            try:
+                raise_if_fatal(explained)
+            except ConfigError as error:
+                raise error from exc
+
+    def _checked_loss_fn(self, found: list[Finding], batch: Any = None) -> LossFn | None:
         """The user's ``loss_fn`` wrapped in the target checks, which report into ``found``."""
         loss_fn = self.loss_fn
         if loss_fn is None:
@@ -211,7 +272,7 @@ class Diagnostics:
         def checked(outputs: Any, targets: Any) -> torch.Tensor:
             problems = check_targets(loss_fn, outputs, targets)
             found.extend(problems)
-            if any(f.severity == "error" for f in problems):
+            if any(f.severity == "error" and f.code in RAISED_CODES for f in problems):
                 # the real loss would crash here (an index error, or a device-side assert on
                 # CUDA); a zero stand-in lets every process reach the agreement, then all raise
                 return _zero_like_loss(outputs)
@@ -221,6 +282,8 @@ class Diagnostics:
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 value = float(loss.detach())
                 found.extend(check_initial_loss(loss_fn, outputs, targets, value))
+                masked = any(f.code == NO_TARGET_TOKENS for f in problems)
+                found.extend(explain_nonfinite_first_loss(value, batch, outputs, self.model, masked=masked))
             found.extend(check_broadcast(loss_fn, outputs, targets, value))
             return loss
 
@@ -318,6 +381,8 @@ class Diagnostics:
         health = None if self.health is None else self.health.measurements(nonzero=not self._zero_from_norms)
         parts = [health, self.monitor.measurements()]
         health_len = 0 if parts[0] is None else parts[0].numel()
+        if self.noise is not None:  # last, a fixed width: check() takes it off the end
+            parts.append(self.noise.measurements(self.accelerator.device))
         present = [p.float() for p in parts if p is not None]
         if not present:
             return None, 0
@@ -336,6 +401,9 @@ class Diagnostics:
             record (`LogRecord`): the interval's metrics.
             lr (`float`): the learning rate of the interval's last step.
         """
+        if self.noise is not None:
+            values, noise_values = values[: len(values) - WIDTH], values[len(values) - WIDTH :]
+            self.noise.update(step, noise_values)
         health_values, monitor_values = values[:health_len], values[health_len:]
         measured = self.baselines.due
         if measured:
@@ -364,10 +432,17 @@ class Diagnostics:
         return tracked
 
     def finish(self) -> None:
-        """At the end of ``fit``: the baseline and the data profiles, if not measured yet (all processes)."""
+        """At the end of ``fit``: the baseline, data profiles and batch-size advice (all processes)."""
         if self.baselines.pending:
             self._report(self.baselines.measure(self.reporter.progress.global_step, log=True))
         self._compare_data(final=True)
+        if self.noise is not None:  # the same averaged values on every process: the same finding
+            self._report(self.noise.findings(self.reporter.progress.global_step))
+
+    @property
+    def noise_scale_value(self) -> float | None:
+        """The gradient noise scale now (samples), or None (not measured, or not yet)."""
+        return None if self.noise is None else self.noise.value
 
     def note_zero_at_start(self, names: set[str]) -> None:
         """The weights the first step's check found all zero and left so (weight health skips them)."""
@@ -377,6 +452,8 @@ class Diagnostics:
     def forget_interval(self) -> None:
         """Forget what a rollback undid: unread measurements and the plateau's history."""
         self.monitor.after_rollback()
+        if self.noise is not None:
+            self.noise.forget()
 
     # -- findings --------------------------------------------------------------------------
 

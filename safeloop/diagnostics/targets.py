@@ -28,7 +28,10 @@ __all__ = [
     "check_inputs",
     "check_targets",
     "check_initial_loss",
+    "class_range_findings",
+    "no_targets_finding",
     "RAISED_CODES",
+    "NO_TARGET_TOKENS",
     "ACTIVATION_LOSS_MISMATCH",
     "INITIAL_LOSS_FACTOR",
     "TARGET_STD_MAX",
@@ -42,6 +45,9 @@ __all__ = [
 # BCEWithLogitsLoss, NLLLoss without log_softmax). Not ``initial-loss-high``: the loss is not high,
 # it is squeezed near ln(C) (or unbounded below for NLLLoss), so a separate code says what it is.
 ACTIVATION_LOSS_MISMATCH = "activation-loss-mismatch"
+
+# Every target of the first batch is the ignore index: nothing to learn from, a NaN mean loss.
+NO_TARGET_TOKENS = "no-target-tokens"
 
 # A fresh classifier starts near ln(C); 3x that means logits of several units.
 INITIAL_LOSS_FACTOR = 3.0
@@ -175,19 +181,62 @@ def check_targets(loss_fn: Any, outputs: Any, targets: Any) -> list[Finding]:
 
 def _class_range(loss: _Loss, outputs: torch.Tensor, targets: torch.Tensor) -> list[Finding]:
     classes = _classes(outputs)
-    kept = targets if loss.ignore_index is None else targets[targets != loss.ignore_index]
+    if loss.ignore_index is not None and bool((targets == loss.ignore_index).all()):
+        return [no_targets_finding(f"the targets given to `{loss.name}`", targets, loss.ignore_index)]
+    dim = "outputs.shape[1]" if outputs.dim() >= 2 else "outputs.shape[0]"
+    ignored = f" (or `ignore_index={loss.ignore_index}`)" if loss.ignore_index is not None else ""
+    return class_range_findings(
+        f"`{loss.name}` got class targets",
+        targets,
+        classes,
+        f"the outputs have {classes} classes (`{dim}`)",
+        ignore_index=loss.ignore_index,
+        ignored=ignored,
+    )
+
+
+def class_range_findings(
+    head: str,
+    targets: torch.Tensor,
+    classes: int,
+    where: str,
+    *,
+    ignore_index: int | None,
+    ignored: str = "",
+    shift: str = "`targets - 1`",
+    resize: str = "set the output size to the number of classes (>= {n}), or remap the labels",
+    negative: str = "pass `ignore_index={low}` if {low} marks samples to skip, or map them to -100",
+) -> list[Finding]:
+    """A ``target-out-of-range`` error when integer class targets fall outside ``[0, classes)``.
+
+    Shared by the checks of a ``loss_fn`` and of a model that computes its own loss, which word the
+    head of the message and the fixes their own way.
+
+    Args:
+        head (`str`): the start of the message, e.g. ``"`CrossEntropyLoss` got class targets"``.
+        targets (`torch.Tensor`): the integer targets.
+        classes (`int`): the number of classes the outputs have.
+        where (`str`): where that number comes from, e.g. ``"the outputs have 3 classes (...)"``.
+        ignore_index (`int`, *optional*): the target value the loss skips.
+        ignored (`str`, *optional*): how to name the ignore index after the valid range.
+        shift (`str`, *optional*): the expression that renumbers labels 1..C.
+        resize (`str`, *optional*): the fix for too few outputs (``{n}``: classes needed).
+        negative (`str`, *optional*): the fix for negative labels (``{low}``: the lowest).
+
+    Returns:
+        `list[Finding]`: one ``target-out-of-range`` error, or nothing when every target fits.
+    """
+    kept = targets if ignore_index is None else targets[targets != ignore_index]
     if kept.numel() == 0:
         return []
     low, high = int(kept.min()), int(kept.max())
     if low >= 0 and high < classes:
         return []
     bad = int(((kept < 0) | (kept >= classes)).sum())
-    dim = "outputs.shape[1]" if outputs.dim() >= 2 else "outputs.shape[0]"
-    ignored = f" (or `ignore_index={loss.ignore_index}`)" if loss.ignore_index is not None else ""
     causes, fixes = [], []
     if low == 1 and high == classes:
         causes.append(f"the labels look numbered 1..{classes} instead of 0..{classes - 1}")
-        fixes.append("shift them with `targets - 1` (or in the dataset)")
+        fixes.append(f"shift them with {shift} (or in the dataset)")
     elif high >= classes and classes == 1:
         causes.append("the model has a single output unit, which cross-entropy reads as one class")
         fixes.append("give the last layer 2 outputs, or use `BCEWithLogitsLoss` with float 0/1 targets")
@@ -196,21 +245,50 @@ def _class_range(loss: _Loss, outputs: torch.Tensor, targets: torch.Tensor) -> l
             f"the last layer has {classes} outputs but the labels reach {high}, so there are at least "
             f"{high + 1} classes"
         )
-        fixes.append(f"set the output size to the number of classes (>= {high + 1}), or remap the labels")
+        fixes.append(resize.format(n=high + 1))
     if low < 0:
         causes.append(f"negative labels ({low}) that are not the ignore index")
-        fixes.append(f"pass `ignore_index={low}` if {low} marks samples to skip, or map them to -100")
+        fixes.append(negative.format(low=low))
     message = (
-        f"`{loss.name}` got class targets from {low} to {high}, but the outputs have {classes} classes "
-        f"(`{dim}`), so valid targets are 0..{classes - 1}{ignored}: {bad} of {kept.numel()} targets in "
-        "the first batch are out of range. The loss would fail (IndexError on CPU, a device-side "
-        f"assert on CUDA). Likely cause: {'; '.join(causes)}."
+        f"{head} from {low} to {high}, but {where}, so valid targets are 0..{classes - 1}{ignored}: "
+        f"{bad} of {kept.numel()} targets in the first batch are out of range. The loss would fail "
+        f"(IndexError on CPU, a device-side assert on CUDA). Likely cause: {'; '.join(causes)}."
     )
     return [
         Finding(
             "target-out-of-range", "error", message, step=0, suggestion=_sentence("; or ".join(fixes)) + "."
         )
     ]
+
+
+def no_targets_finding(what: str, targets: torch.Tensor, ignore_index: int, note: str = "") -> Finding:
+    """A ``no-target-tokens`` error: every target of the first batch is the ignore index.
+
+    Args:
+        what (`str`): the targets, e.g. ``"`batch['labels']`"``.
+        targets (`torch.Tensor`): those targets (all equal to ``ignore_index``, or ``note`` says why).
+        ignore_index (`int`): the value the loss skips.
+        note (`str`, *optional*): a sentence on how the loss reads them (a causal LM's shift).
+
+    Returns:
+        `Finding`: the error, naming the share masked (not raised: one batch may be all padding,
+        and the NaN guard skips its step; a run of them ends in ``DivergenceError`` naming it).
+    """
+    total = targets.numel()
+    masked = int((targets == ignore_index).sum())
+    message = (
+        f"{_sentence(what)}, first batch: {masked} of {total} targets ({masked / max(total, 1):.0%}) "
+        f"are the ignore index {ignore_index}{note}. No target is left to learn from, so a mean-reduced "
+        "cross-entropy divides 0 by 0 and the loss is NaN (a sum gives 0): the step teaches nothing. "
+        "Likely cause: the collator or preprocessing masks every label (prompt masking that also covers "
+        "the answer, truncation that cuts the answer off, labels padded with -100 past their length, "
+        f"or `labels` built from a mask instead of the token ids)."
+    )
+    suggestion = (
+        "Look at one collated batch: `(batch['labels'] != -100).sum(-1)` must be positive for every "
+        "sample; mask only the prompt and the padding, and truncate the prompt rather than the answer."
+    )
+    return Finding(NO_TARGET_TOKENS, "error", message, step=0, suggestion=suggestion)
 
 
 def _unit_range(loss: _Loss, targets: torch.Tensor, what: str) -> list[Finding]:

@@ -310,29 +310,66 @@ def records_from_memory(
     baseline_loss: float | None,
     settings: Mapping[str, Any] | None = None,
     lr_find: Mapping[str, Any] | None = None,
+    trace: Any = None,
 ) -> list[dict[str, Any]]:
     """Record lines for a run held in memory (``FitResult``), in the order the record would have them.
 
     The history keeps the abandoned branches too; each entry's ``rollbacks`` count says which
     rollback came before it, so rollback ``n``'s event is placed before the first entry written
-    after it. ``FitResult`` keeps only the last evaluation loss and no per-layer values.
+    after it. The trace (a :class:`~safeloop.report.trace.RunTrace`) adds the per-layer values
+    to the log lines of the entries it kept them for, each evaluation where it ran (after the
+    entries and rollbacks before it), and the trainer's settings. Without one (or without
+    evaluations in it), the last evaluation loss is placed at the last step.
+
+    Args:
+        history (`Sequence[Mapping]`): the ``FitResult``'s history, abandoned branches included.
+        events (`Sequence[Mapping]`): its events, as dicts, in order.
+        findings (`Sequence[Mapping]`): its findings, as dicts.
+        global_step (`int`): its last step.
+        status (`str`): how it ended.
+        eval_loss (`float | None`): its last evaluation loss.
+        baseline_loss (`float | None`): its constant-prediction loss.
+        settings (`Mapping`, *optional*): settings that override the trace's (None values do not).
+        lr_find (`Mapping`, *optional*): an ``LRFinderResult`` as a dict.
+        trace (`RunTrace`, *optional*): the per-layer values and evaluations kept in memory.
+
+    Returns:
+        `list[dict]`: the lines, for :func:`assemble`.
     """
-    lines: list[dict[str, Any]] = [
-        {"type": "fit", "step": 0, "resumed_from": None, "settings": dict(settings or {})}
-    ]
-    if lr_find is not None:
-        lines.append({"type": "lr_find", **lr_find})
-    position = 0
-    for event in events:
+    chosen = dict(getattr(trace, "settings", None) or {})
+    chosen.update({k: v for k, v in (settings or {}).items() if v is not None})
+    layers, rows = (None, {}) if trace is None else trace.lines()
+    if trace is not None and trace.stride > 1:
+        # a column holds several log steps: the heat map's first column is as wide as the others
+        chosen.pop("log_every", None)
+    # each line's place in time: (history entries before it, rollbacks before it, kind, order)
+    timed: list[tuple[tuple[int, int, int, int], dict[str, Any]]] = []
+    for position, entry in enumerate(history):
+        line = {"type": "log", **entry, **rows.get(position, {})}
+        timed.append(((position + 1, int(entry.get("rollbacks", 0)), 0, position), line))
+    place = (0, 0)
+    for order, event in enumerate(events):
         if event["kind"] == "rollback":
             number = int(event["detail"].get("rollback", 0))
-            while position < len(history) and int(history[position].get("rollbacks", 0)) < number:
-                lines.append({"type": "log", **history[position]})
-                position += 1
-        lines.append({"type": "event", **event})
-    lines.extend({"type": "log", **entry} for entry in history[position:])
-    if eval_loss is not None:
-        lines.append({"type": "eval", "step": global_step, "loss": eval_loss})
+            after = next(
+                (p for p, entry in enumerate(history) if int(entry.get("rollbacks", 0)) >= number),
+                len(history),
+            )
+            place = (after, number)
+        timed.append(((*place, 1, order), {"type": "event", **event}))
+    if trace is not None and trace.evals:
+        for order, (step, loss, before, rollbacks) in enumerate(trace.evals):
+            timed.append(((before, rollbacks, 2, order), {"type": "eval", "step": step, "loss": loss}))
+    elif eval_loss is not None:
+        timed.append(
+            ((len(history), len(events), 2, 0), {"type": "eval", "step": global_step, "loss": eval_loss})
+        )
+    lines: list[dict[str, Any]] = [{"type": "fit", "step": 0, "resumed_from": None, "settings": chosen}]
+    if lr_find is not None:
+        lines.append({"type": "lr_find", **lr_find})
+    if layers is not None:
+        lines.append({"type": "layers", **layers})
+    lines.extend(line for _, line in sorted(timed, key=lambda item: item[0]))
     lines.extend({"type": "finding", **finding} for finding in findings)
     end = {"step": global_step, "status": status, "baseline_loss": baseline_loss, "eval_loss": eval_loss}
     lines.append({"type": "end", **end})

@@ -84,7 +84,7 @@ def _scale(ax: Axes, live: list[np.ndarray], branches: list[np.ndarray], *, spre
     """A log axis for values spanning more than ``spread`` times, and limits set by the live run.
 
     An abandoned branch that blew up would squash the live curve to a line at the bottom: it may
-    rise at most 4 decades (log) or 3 live ranges (linear) above the live run's top; its points
+    rise at most 2 decades (log) or 3 live ranges (linear) above the live run's top; its points
     above that are drawn on that line as ``^``, and its peak is written in the corner.
     """
     shown, gone = _finite(live), _finite(branches)
@@ -98,7 +98,7 @@ def _scale(ax: Axes, live: list[np.ndarray], branches: list[np.ndarray], *, spre
         return
     low, high = shown.min(), shown.max()
     if log:
-        cap = high * 1e4
+        cap = high * 1e2  # two decades: the run that went on keeps most of the height
         bottom, top = min(low, gone.min()) / 1.5, cap * 4
     else:
         span = max(high - low, abs(high) * 0.1, 1e-12)
@@ -165,8 +165,9 @@ def mark_run(ax: Axes, data: RunData, *, labels: bool, skips: bool = True) -> No
         if labels:
             ax.annotate(
                 f"rollback {detail.get('rollback', '')}\n{detail.get('reason', '')}\n-> step {at}",
-                xy=(found, 0.97), xycoords=bottom, ha="left", va="top", fontsize=7, color="C3",
-                xytext=(3, 0), textcoords="offset points",
+                xy=(found, 0.62), xycoords=bottom, ha="left", va="top", fontsize=7, color="C3",
+                xytext=(4, 0), textcoords="offset points", zorder=6,
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
             )  # fmt: skip
     for kind, (color, style, text) in _MARKS.items():
         events = data.events_of(kind)
@@ -247,9 +248,10 @@ def draw_lr(ax: Axes, data: RunData) -> None:
             gid="safeloop-lr-cut", label="rollback lowers the rate" if i == 0 else None,
         )  # fmt: skip
         ax.annotate(
-            f"x{detail.get('factor', '')}", (event["step"], after), xytext=(5, -10),
-            textcoords="offset points", fontsize=7, color="C3",
+            f"x{detail.get('factor', '')}", (event["step"], after), xytext=(7, 2),
+            textcoords="offset points", fontsize=7, color="C3", va="bottom",
         )  # fmt: skip
+    ax.margins(y=0.15)  # a cut's triangle at the lowest rate stays inside the axes
     mark_run(ax, data, labels=False, skips=False)
     ax.set_ylabel("learning rate")
     ax.set_title("Learning rate")

@@ -23,6 +23,10 @@ from safeloop.report.series import bucket_columns, layer_matrix
 __all__ = ["draw_layers"]
 
 
+def _plain_label(value: float, _: Any) -> str:
+    return f"{value:.2g}" if value > 0 else ""
+
+
 def _minor_label(value: float, _: Any) -> str:
     lead = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0
     return f"{value:.2g}" if lead in (2, 5) else ""
@@ -75,11 +79,19 @@ def draw_layers(ax: Axes, data: RunData, kind: str, branch: Branch | None = None
     colorbar = ax.figure.colorbar(mesh, cax=cax, extend="both")
     colorbar.set_label(label, fontsize=8)
     decades = math.log10(norm.vmax / norm.vmin)
-    # under two decades the decade ticks alone say too little: the 2s and 5s between are labelled
-    colorbar.ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label) if decades < 2 else NullFormatter())
-    colorbar.ax.tick_params(labelsize=7)
     if kind == "update_ratios":
+        # the landmarks the caption and the diagnostics name, written as they write them
+        colorbar.set_ticks([RATIO_LOW, RATIO_HEALTHY, RATIO_HIGH * 10], labels=["1e-6", "1e-3", "1"])
+        colorbar.ax.yaxis.set_minor_formatter(NullFormatter())
         colorbar.ax.axhline(RATIO_HEALTHY, color="k", linewidth=1)
+    elif decades < 2:
+        # the decade ticks alone say too little: the 2s and 5s between are labelled, all alike
+        # (a lone 10^0 in other type beside 0.5 and 2 reads as another kind of mark)
+        colorbar.ax.yaxis.set_major_formatter(FuncFormatter(_plain_label))
+        colorbar.ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+    else:
+        colorbar.ax.yaxis.set_minor_formatter(NullFormatter())
+    colorbar.ax.tick_params(which="both", labelsize=7)
     title = "Per-layer gradient norm" if kind == "grad_norms" else "Per-layer update-to-weight ratio"
     if branch is not None:
         title += f": {branch.title}"

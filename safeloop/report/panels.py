@@ -60,13 +60,17 @@ def panels_for(data: RunData) -> list[Panel]:
         height = _layer_height(data, kind)
         if len(getattr(data, kind)) and getattr(data, kind).names:
             panels.append(Panel(name, title, caption, _heat(kind), height))
+        branch_caption = _BRANCH if kind == "grad_norms" else _BRANCH_RATIO
         for i, branch in enumerate(data.branches, start=1):
             if len(getattr(branch, kind)):
-                panels.append(
-                    Panel(
-                        f"{name}-branch-{i}", f"{title}, {branch.title}", _BRANCH, _heat(kind, branch), height
-                    )
+                panel = Panel(
+                    f"{name}-branch-{i}",
+                    f"{title}, {branch.title}",
+                    branch_caption,
+                    _heat(kind, branch),
+                    height,
                 )
+                panels.append(panel)
     if data.lr_find:
         panels.append(Panel("lr-find", "Learning-rate range test", _LR_FIND, draw_lr_find, 3.2))
     return panels
@@ -178,6 +182,11 @@ _BRANCH = (
     "The same heat map for the log steps that a rollback abandoned (or that a resume rewrote), "
     "on its own colour scale (read the bar: a blow-up spans many decades): the layers whose "
     "gradients grew first before the divergence stand out here."
+)
+_BRANCH_RATIO = (
+    "The update-to-weight ratios of the log steps that a rollback abandoned (or that a resume "
+    "rewrote), on the same fixed scale as above: dark red is an update as large as the weight "
+    "or larger, the learning rate too high for that layer."
 )
 _LR_FIND = (
     "The learning-rate range test (SafeTrainer.find_lr) run in this folder: the loss at each rate, "

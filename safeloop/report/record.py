@@ -10,6 +10,10 @@ is :mod:`safeloop.report.format`; docs/report.md describes it.
 
 Writing costs no host read: every value written is already a Python number where it is written.
 A failing write (a full disk) is logged once and turns the writer off; training goes on.
+
+The same values go to the run's trace in memory (``RunRecord.trace``, a bounded
+:class:`~safeloop.report.trace.RunTrace`) on every process, with or without a file:
+``FitResult.plot`` draws from it what ``safeloop report`` draws from the file.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ class RecordWriter:
     """Appends the run's record to ``checkpoint_dir/metrics.jsonl`` (main process only).
 
     A writer built without a folder (no ``checkpoint_dir``, or another process than the main
-    one) is off: every method returns at once, and :attr:`hooks` is empty.
+    one) writes no file; it still hands the per-layer values and the evaluations to the record's
+    trace (``record.trace``), which :attr:`hooks` feeds with the evaluations.
 
     Args:
         directory (`str | None`): the run's ``checkpoint_dir``, or None (off).
@@ -78,7 +83,8 @@ class RecordWriter:
         self._events_done = 0
         self._written_findings: dict[tuple[str, tuple[str, ...]], Finding] = {}
         self._layers: tuple[tuple[str, ...], tuple[str, ...]] | None = None
-        self.hooks: tuple[RecordHooks, ...] = () if self.path is None else (RecordHooks(self),)
+        record.trace.settings = dict(self.settings)  # what the fit line holds, for FitResult.plot
+        self.hooks: tuple[RecordHooks, ...] = (RecordHooks(self),)
 
     @classmethod
     def for_run(
@@ -151,8 +157,6 @@ class RecordWriter:
             tracked (`Mapping[str, float]`): the diagnostics' tracker values
                 (``grad_norm/<name>``, ``update_ratio/<name>``, ``baseline_loss``).
         """
-        if not self._active:
-            return
         grads: dict[str, float] = {}
         ratios: dict[str, float] = {}
         extra: dict[str, float] = {}
@@ -163,6 +167,11 @@ class RecordWriter:
                 ratios[key[len(_RATIO) :]] = value
             elif key == "baseline_loss":
                 extra[key] = value
+        record = self.record  # the entry is the history's last (LogStep appends it first)
+        rollbacks = int(entry.get("rollbacks", record.rollbacks))
+        record.trace.log(len(record.history) - 1, rollbacks, {"grad_norms": grads, "update_ratios": ratios})
+        if not self._active:
+            return
         lines: list[str] = []
         self._events(lines)
         self._findings(lines, self.reporter.findings)
@@ -178,8 +187,10 @@ class RecordWriter:
         self._emit(lines)
 
     def evaluated(self, loss: float) -> None:
-        """Append an evaluation's loss at the step it was measured."""
-        self._append(dump_line("eval", {"step": self.progress.global_step, "loss": float(loss)}))
+        """Append an evaluation's loss at the step it was measured (and keep it in the trace)."""
+        step, record = self.progress.global_step, self.record
+        record.trace.evaluated(step, loss, len(record.history), record.rollbacks)
+        self._append(dump_line("eval", {"step": step, "loss": float(loss)}))
 
     def rolled_back(self) -> None:
         """Append the rollback's events now, so that a run killed before its next log step shows it."""
@@ -331,7 +342,7 @@ class RecordWriter:
         logger.warning(
             "safeloop: could not write the run record %s (%s); training goes on without it", self.path, error
         )
-        self.path, self.hooks, self._active = None, (), False
+        self.path, self._active = None, False  # the hooks stay: the trace goes on
 
 
 def _loads(raw: bytes) -> dict[str, Any] | None:
@@ -343,10 +354,11 @@ def _loads(raw: bytes) -> dict[str, Any] | None:
 
 
 class RecordHooks:
-    """The writer's place among the callbacks: evaluations and rollbacks are written when they happen.
+    """The writer's place among the callbacks: evaluations and rollbacks are noted when they happen.
 
-    The trainer passed as every hook's first argument is not used: the writer reads the run's
-    state objects. The hooks called every micro-batch are plain no-ops, so they cost a call.
+    It has these two hooks only: the callback list skips a hook an object lacks, so a run pays
+    nothing per micro-batch for it. The trainer passed as each hook's first argument is not used:
+    the writer reads the run's state objects.
 
     Args:
         writer (`RecordWriter`): where the lines go.
@@ -356,41 +368,9 @@ class RecordHooks:
         self.writer = writer
 
     def on_validation_end(self, trainer: object, eval_loss: float) -> None:
-        """An evaluation: its loss at its step."""
+        """An evaluation: its loss at its step, in the file and in the trace."""
         self.writer.evaluated(eval_loss)
 
     def on_rollback(self, trainer: object, event: Event) -> None:
         """A rollback: its events now."""
         self.writer.rolled_back()
-
-    def on_fit_start(self, trainer: object) -> None:
-        """Nothing (``fit`` calls :meth:`RecordWriter.start`)."""
-
-    def on_train_batch_start(self, trainer: object, batch: Any, batch_idx: int) -> None:
-        """Nothing."""
-
-    def on_after_backward(self, trainer: object) -> None:
-        """Nothing."""
-
-    def on_before_optimizer_step(self, trainer: object, optimizer: Any) -> None:
-        """Nothing."""
-
-    def on_train_batch_end(self, trainer: object, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Nothing."""
-
-    def on_fit_end(self, trainer: object, result: FitResult) -> None:
-        """Nothing (``fit`` calls :meth:`RecordWriter.finish`)."""
-
-    def on_skip(self, trainer: object, event: Event) -> None:
-        """Nothing: skips are written with the next log step."""
-
-    def on_checkpoint(self, trainer: object, event: Event) -> None:
-        """Nothing."""
-
-    def on_finding(self, trainer: object, finding: Finding) -> None:
-        """Nothing: findings are written with the next log step."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("on_"):  # a hook added to Callback later: nothing to do for the record
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)

@@ -71,3 +71,29 @@ class WithUnused(nn.Module):
 
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def noisy_regression(
+    features: int = 16, noise: float = 1.0, offset: float = 0.25, n: int = 8192, seed: int = 0
+) -> tuple[TensorDataset, nn.Linear, float]:
+    """Linear regression with Gaussian inputs and noise, whose gradient noise scale is known.
+
+    ``y = x . w* + e`` with ``x ~ N(0, I_d)``, ``e ~ N(0, noise^2)``, a model ``w = w* + delta`` and the
+    mean squared error. A sample's gradient is ``2 x (x . delta - e)``, so ``G = 2 delta`` and, by
+    Isserlis' theorem, ``tr(S) = 4 ((d + 1) |delta|^2 + d noise^2)``: ``B_simple = tr(S) / |G|^2 =
+    ((d + 1) |delta|^2 + d noise^2) / |delta|^2``, exact while the weights stay put (``lr=0``).
+
+    Returns:
+        `tuple[TensorDataset, nn.Linear, float]`: the data, the model at ``w* + delta`` (no bias)
+        and the true ``B_simple``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(features, generator=generator)
+    x = torch.randn(n, features, generator=generator)
+    y = (x @ w_star + noise * torch.randn(n, generator=generator)).unsqueeze(1)
+    delta = offset * torch.randn(features, generator=generator)
+    model = nn.Linear(features, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_((w_star + delta).unsqueeze(0))
+    square = float(delta.square().sum())
+    return TensorDataset(x, y), model, ((features + 1) * square + features * noise**2) / square

@@ -41,6 +41,7 @@ DIAGNOSTIC_CODES = {
     "detached-params",
     "nonfinite-input",
     "target-out-of-range",
+    "no-target-tokens",
     "initial-loss-high",
     "target-scale",
     "activation-loss-mismatch",
@@ -56,6 +57,7 @@ DIAGNOSTIC_CODES = {
     "no-learning",
     "label-distribution",
     "train-eval-gap",
+    "batch-size",
 }
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from safeloop import Callback, SafeTrainer
-from safeloop.report.data import assemble
+from safeloop.report.data import assemble, records_from_memory
 from safeloop.report.format import RECORD_FILE
 from safeloop.report.reading import read_lines, read_run
 from safeloop.testing import nonfinite_loss, spiking_loss
@@ -55,7 +55,10 @@ def _lines(folder) -> list[dict]:
 
 def test_a_run_with_a_skip_a_rollback_and_a_reinit_has_each_in_its_record_and_its_report(tmp_path):
     pytest.importorskip("matplotlib")
+    import numpy as np
+
     from safeloop.report.panels import draw_panel, panels_for
+    from safeloop.report.series import layer_matrix
 
     loss_fn = nonfinite_loss(spiking_loss(nn.MSELoss(), at_calls=range(40, 46), factor=30.0), at_calls={5})
     evaluations = []
@@ -103,10 +106,55 @@ def test_a_run_with_a_skip_a_rollback_and_a_reinit_has_each_in_its_record_and_it
     assert "safeloop-eval" in gids
 
     memory = result.plot(tmp_path / "result.png")  # the same marks from memory
-    assert {"safeloop-skip", "safeloop-rollback", "safeloop-abandoned", "safeloop-reinit"} <= {
-        artist.get_gid() for artist in memory.findobj()
-    }
+    assert {
+        "safeloop-skip",
+        "safeloop-rollback",
+        "safeloop-abandoned",
+        "safeloop-reinit",
+        "safeloop-eval",
+    } <= {artist.get_gid() for artist in memory.findobj()}
     assert (tmp_path / "result.png").stat().st_size > 10_000
+    # and the run from memory is the run from the file: live steps, branch, evaluations, layer tables
+    lines = records_from_memory(
+        history=result.history, events=[e.to_dict() for e in result.events], findings=[],
+        global_step=result.global_step, status=result.status, eval_loss=result.eval_loss,
+        baseline_loss=result.baseline_loss, trace=result.trace,
+    )  # fmt: skip
+    kept = assemble(lines, source="memory")
+    assert [e["step"] for e in kept.history] == [e["step"] for e in data.history]
+    assert [e["step"] for e in kept.branches[0].entries] == abandoned
+    assert kept.evals == data.evals and kept.settings["clip_grad_norm"] == data.settings["clip_grad_norm"]
+    for kind in ("grad_norms", "update_ratios"):
+        names, steps, matrix = layer_matrix(getattr(kept, kind))
+        file_names, file_steps, file_matrix = layer_matrix(getattr(data, kind))
+        assert names == file_names and steps.tolist() == file_steps.tolist()
+        assert np.allclose(matrix, file_matrix, rtol=1e-5, equal_nan=True)  # the file keeps 6 digits
+        branch_steps = layer_matrix(getattr(kept.branches[0], kind))[1]
+        assert branch_steps.tolist() == layer_matrix(getattr(branch, kind))[1].tolist()
+
+
+def test_fit_result_plot_without_a_checkpoint_dir_has_a_heat_map_row_per_layer_and_the_eval_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    trainer = _trainer(
+        _model(),
+        max_epochs=3,
+        clip_grad_norm=5.0,
+        eval_dataloader=DataLoader(_data(128, seed=1), batch_size=64),
+    )
+    result = trainer.fit()
+    assert not list(tmp_path.rglob(RECORD_FILE))
+    figure = result.plot(tmp_path / "run.png")
+    meshes = {a.get_gid(): a for a in figure.findobj() if str(a.get_gid()).startswith("safeloop-heatmap-")}
+    assert meshes["safeloop-heatmap-grad_norms"].get_array().shape == (4, len(result.history))
+    assert meshes["safeloop-heatmap-update_ratios"].get_array().shape == (2, len(result.history))
+    labels = [t.get_text() for t in meshes["safeloop-heatmap-grad_norms"].axes.get_yticklabels()]
+    assert labels == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    (evals,) = [a for a in figure.findobj() if a.get_gid() == "safeloop-eval"]
+    assert evals.get_xdata().tolist() == [16, 32, 48]  # one evaluation per epoch of 16 steps
+    assert evals.get_ydata()[-1] == result.eval_loss
+    (clip,) = [a for a in figure.findobj() if a.get_gid() == "safeloop-clip"]  # the run's own threshold
+    assert clip.get_ydata()[0] == 5.0
+    assert (tmp_path / "run.png").stat().st_size > 10_000
 
 
 def test_a_killed_runs_record_parses_up_to_its_last_log_step(tmp_path):

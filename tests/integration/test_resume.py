@@ -87,7 +87,10 @@ def test_checkpoints_rotate_and_the_final_one_is_not_written_twice(tmp_path):
     trainer, _, _ = _trainer(tmp_path, max_steps=12, checkpoint_every=3, keep_checkpoints=2)
     result = trainer.fit()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "findings.json", "metrics.jsonl", "step-00000009", "step-00000012"
+        "findings.json",
+        "metrics.jsonl",
+        "step-00000009",
+        "step-00000012",
     ]
     saved = [e.step for e in result.events if e.kind == "checkpoint"]
     assert saved == [0, 3, 6, 9, 12]

@@ -1,0 +1,55 @@
+"""The gradient noise scale under DDP on 2 CPU processes (gloo), against the closed form and accumulation.
+
+One launch (``scripts/noise_scale_ranks.py``): each process's gradient before the all-reduce
+against the reduced one must land within 20% of the regression's known ``B_simple``, agree with
+one process accumulating the same two batch sizes (16 and 32 samples), and the communication
+hook that reads the local gradients must leave DDP's updates bit for bit as they were.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from safeloop import SafeTrainer
+from tests.distributed.test_fsdp import _run
+from tests.helpers.models import noisy_regression
+
+SCRIPT = Path(__file__).parent / "scripts" / "noise_scale_ranks.py"
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_measures_the_closed_form_noise_scale_and_agrees_with_accumulation(tmp_path):
+    ranks = _run(tmp_path / "ddp", SCRIPT)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    # the values are averaged over processes in the log step's read: both hold the same estimate
+    assert ranks[0]["value"] == ranks[1]["value"] and ranks[0]["codes"] == ranks[1]["codes"]
+    ddp, true = ranks[0]["value"], ranks[0]["true"]
+    assert ddp == pytest.approx(true, rel=0.2)
+    assert ranks[0]["batch"] == 32 and ranks[0]["steps"] == 800 and "batch-size" in ranks[0]["codes"]
+    assert ranks[0]["logged"][0] is None and ranks[0]["logged"][-1] == ddp
+    # the hook reads each bucket and hands it to DDP's all-reduce: the updates are DDP's own
+    assert ranks[0]["parity"] and ranks[1]["parity"]
+
+    # one process accumulating 2 micro-batches of 16 measures the same two sizes
+    dataset, model, _ = noisy_regression(n=65536)
+    result = SafeTrainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        DataLoader(dataset, batch_size=16, shuffle=True),
+        loss_fn=nn.MSELoss(),
+        max_steps=800,
+        gradient_accumulation_steps=2,
+        seed=1,
+        rollback=False,
+        progress_bar=False,
+        summary=False,
+    ).fit()
+    accumulated = result.gradient_noise_scale
+    assert accumulated is not None and accumulated.batch_size == 32
+    assert accumulated.value == pytest.approx(true, rel=0.2)
+    assert accumulated.value == pytest.approx(ddp, rel=0.2)
