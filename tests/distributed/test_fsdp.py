@@ -79,8 +79,16 @@ def _interval_means(step_norms: list[dict[str, float]], step: int, every: int) -
     return {name: sum(s[name] for s in window) / len(window) for name in window[0]}
 
 
+# the DDP reference measures the gradient noise scale (its communication hook); sharded runs do not
+_DDP_ONLY = ("batch-size", "train/gradient_noise_scale", "findings/batch-size")
+
+
 def _warnings(result: dict) -> list[tuple[str, list[str], int]]:
-    return [(code, params, step) for code, severity, params, step in result["findings"] if severity != "info"]
+    return [
+        (code, params, step)
+        for code, severity, params, step in result["findings"]
+        if severity != "info" and code not in _DDP_ONLY
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +117,7 @@ def _assert_same_as_ddp(
     assert sorted(logged_fsdp) == sorted(logged_ddp) == [5, 10, 15, 20]
     for step in logged_fsdp:
         fsdp_values, ddp_values = logged_fsdp[step], logged_ddp[step]
-        assert set(fsdp_values) == set(ddp_values)
+        assert set(fsdp_values) == set(ddp_values) - set(_DDP_ONLY)
         grads = {k.split("/", 1)[1]: v for k, v in fsdp_values.items() if k.startswith("grad_norm/")}
         assert len(grads) == 40  # every weight and bias of the 20 layers
         # the interval mean of each step's whole-gradient norm (gathered by the test's callback)
