@@ -232,6 +232,8 @@ def main() -> None:
         compare_functions(Path(args.functions), args.long - args.short, args.top)
         return
     steps = (args.long - args.short) / args.accumulation
+    if args.keep is not None:  # callgrind cannot create the folder and fails at the first write
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
     print(
         f"model: {args.depth}x{args.width} MLP, batch {args.batch}, accumulation {args.accumulation}, AdamW, "
         f"clip_grad_norm=1.0, log_every={args.log_every}; per step = instructions of micro-batches "

@@ -123,8 +123,8 @@ class SafeTrainer:
             ``docs/diagnostics.md`` (first batch, data, gradients, learning rate, plateau) and
             report findings; False costs nothing.
         gradient_noise_scale (`str`, *optional*, defaults to ``"auto"``): measure the gradient
-            noise scale (the ``batch-size`` advice) where gradient accumulation or several DDP
-            processes give two batch sizes for free; ``"split"`` also on one process without
+            noise scale (the ``batch-size`` advice) where gradient accumulation or several DDP or
+            FSDP2 processes give two batch sizes for free; ``"split"`` also on one process without
             accumulation, by running each batch as two halves (a second forward and backward
             per step, not bitwise equal to the unsplit run); ``"off"``. Needs ``diagnostics``.
         callbacks (`Sequence[Callback]`, *optional*): observers of the loop.

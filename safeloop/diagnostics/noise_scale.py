@@ -21,6 +21,8 @@ Both sizes come without an extra forward or backward:
   processes), whose norm the step measures anyway;
 - DDP without accumulation: each process's gradient before the all-reduce, read in a
   communication hook (the bucket's squared norm), against the reduced gradient;
+- FSDP2, with or without accumulation: each process's gradient over its window, read at the
+  input of the reduce-scatter (``noise_probe_fsdp.py``), against the reduced gradient;
 - ``gradient_noise_scale="split"`` (one process, opt in): each batch run as two halves, the first
   half's gradient against the whole batch's (a second, half-size forward and backward, not
   bitwise equal to the unsplit step).
@@ -33,11 +35,12 @@ an independent sample of it).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from safeloop.diagnostics.noise_split import split_halves
 from safeloop.results import Finding, NoiseScaleEstimate
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "build_monitor",
     "NoiseScaleEstimate",
     "two_sizes",
+    "split_halves",
     "EMA_DECAY",
     "MIN_STEPS",
     "FAR_OFF",
@@ -74,12 +78,14 @@ def two_sizes(micro_batch: int, accumulation: int, processes: int, mode: str) ->
         micro_batch (`int`): samples per micro-batch and process.
         accumulation (`int`): micro-batches per optimizer step.
         processes (`int`): data-parallel processes.
-        mode (`str`): ``"accumulation"``, ``"ddp"`` or ``"split"``.
+        mode (`str`): ``"accumulation"``, ``"ddp"``, ``"fsdp"`` or ``"split"``.
     """
     if mode == "accumulation":
         small, large = micro_batch, micro_batch * accumulation * processes
     elif mode == "ddp":
         small, large = micro_batch, micro_batch * processes
+    elif mode == "fsdp":  # the whole window of one process against all processes'
+        small, large = micro_batch * accumulation, micro_batch * accumulation * processes
     else:
         small, large = micro_batch // 2, micro_batch
     return (small, large) if 0 < small < large else None
@@ -91,7 +97,7 @@ class NoiseScaleProbe:
     Args:
         params (`Sequence[torch.nn.Parameter]`): the trainable parameters, whose ``.grad`` the
             small batch is read from (accumulation and split).
-        mode (`str`): ``"accumulation"``, ``"ddp"`` or ``"split"``.
+        mode (`str`): ``"accumulation"``, ``"ddp"``, ``"fsdp"`` or ``"split"``.
         accumulation (`int`): micro-batches per step (the first one's gradient is ``g_1 / k``).
         scaler (`Any`, *optional*): the fp16 ``GradScaler``: the small gradient is still scaled.
     """
@@ -104,9 +110,13 @@ class NoiseScaleProbe:
         self.accumulation = accumulation
         self.scaler = scaler
         self.micro_batch: int | None = None  # learnt from the first micro-batch
-        self._pieces: list[torch.Tensor] = []  # this window's small squared norm (DDP: per bucket)
+        # this window's small squared norm (DDP: one per bucket; FSDP2: one per FSDP module)
+        self._pieces: list[torch.Tensor] = []
         self._sizes: list[int] = []
         self._sums: torch.Tensor | None = None
+        self._open = False  # inside a window of the trainer's: hooks may add pieces
+        self._before = 0  # pieces when the current micro-batch started
+        self._reducing = 0  # backwards of this window that communicated (hook modes)
 
     # -- during the window -----------------------------------------------------------------
 
@@ -116,12 +126,15 @@ class NoiseScaleProbe:
             self.micro_batch = batch_size
         if not self._sizes:  # a new window: what backwards outside the loop left (find_lr) goes
             self._pieces.clear()
+            self._reducing = 0
         self._sizes.append(batch_size)
+        self._open, self._before = True, len(self._pieces)
 
     def after_backward(self, first: bool) -> None:
         """After a micro-batch's backward: the first of a window leaves ``g_1 / k`` in ``.grad``."""
         if first and self.mode == "accumulation":
             self._pieces[:] = [self._grad_square(self.accumulation)]
+        self._reducing += len(self._pieces) > self._before
 
     def after_first_half(self, fraction: float) -> None:
         """Split mode: the first half's backward of a loss weighted by ``fraction`` of the batch."""
@@ -138,16 +151,25 @@ class NoiseScaleProbe:
         # the fp16 scaler has multiplied the loss; the scale only changes after the step
         return square * factor**2 if scale is None else square * (factor**2) / scale.square()
 
+    def add_local(self, square: torch.Tensor) -> None:
+        """A communication hook's squared norm of this process's gradient (one bucket or module).
+
+        Only inside the trainer's windows: a backward of the user's own, outside ``fit``, would
+        otherwise pile pieces up.
+        """
+        if self._open:
+            self._pieces.append(square)
+
     def comm_hook(self) -> Any:
         """A DDP communication hook: each bucket's local squared norm, then DDP's usual all-reduce."""
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        pieces = self._pieces
+        add = self.add_local
 
         # unannotated: DDP compares a hook's annotations with its own types, and this module's
         # are strings (postponed evaluation)
         def hook(state, bucket):  # type: ignore[no-untyped-def]
-            pieces.append(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square())
+            add(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square())
             return default_hooks.allreduce_hook(state, bucket)
 
         return hook
@@ -161,14 +183,21 @@ class NoiseScaleProbe:
             ok (`torch.Tensor`, *optional*): 1 when the step was applied (the guard's flag, with
                 the fp16 scaler's verdict), None without the guard.
         """
-        pieces, sizes = list(self._pieces), self._sizes
-        self._pieces.clear()  # (the same list: DDP's hook appends to it)
-        self._sizes = []
-        expected = self.accumulation if self.mode == "accumulation" else 1
-        # a short last window (end of the data) or a smaller last batch has other sizes
+        pieces, sizes, reducing = list(self._pieces), self._sizes, self._reducing
+        self._pieces.clear()
+        self._sizes, self._open, self._reducing = [], False, 0
+        hooked = self.mode in ("ddp", "fsdp")
+        expected = self.accumulation if self.mode in ("accumulation", "fsdp") else 1
+        # a short last window (end of the data) or a smaller last batch has other sizes; the
+        # hooks' pieces must all come from one backward (the window's last, which communicates)
         if not pieces or len(sizes) != expected or any(size != self.micro_batch for size in sizes):
             return
+        if hooked and reducing != 1:
+            return
         small = pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum()
+        scale = None if self.scaler is None or not hooked else getattr(self.scaler, "_scale", None)
+        if scale is not None:  # the hooks read the loss-scaled gradients; the scale changes after the step
+            small = small / scale.float().square()
         values = torch.stack(
             [small.to(total_norm.device), total_norm.float().square(), torch.ones_like(small)]
         )
@@ -187,7 +216,7 @@ class NoiseScaleProbe:
 
     def forget(self) -> None:
         """Drop the interval's sums (a rollback undid its steps)."""
-        self._sums, self._sizes = None, []
+        self._sums, self._sizes, self._open, self._reducing = None, [], False, 0
         self._pieces.clear()
 
 
@@ -354,49 +383,6 @@ def _samples(value: float) -> str:
     return f"{value:.2g}" if value < 10 else f"{value:.0f}"
 
 
-def split_halves(batch: Any) -> tuple[Any, Any] | None:
-    """``batch`` cut along its first dimension into two halves, or None when it cannot be.
-
-    Tensors, and tuples, lists and dicts of them (nested), with one shared first dimension of at
-    least 2; anything else (a string, a tensor of another length) refuses the split.
-    """
-    sizes: set[int] = set()
-    _first_dims(batch, sizes)
-    if len(sizes) != 1 or (size := sizes.pop()) < 2:
-        return None
-    half = size // 2
-    return _cut(batch, 0, half), _cut(batch, half, size)
-
-
-def _first_dims(value: Any, sizes: set[int]) -> None:
-    if isinstance(value, torch.Tensor):
-        sizes.add(int(value.shape[0]) if value.dim() > 0 else -1)
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            _first_dims(item, sizes)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _first_dims(item, sizes)
-    else:
-        sizes.add(-1)
-
-
-def _cut(value: Any, start: int, stop: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[start:stop]
-    if isinstance(value, Mapping):
-        cut = {key: _cut(item, start, stop) for key, item in value.items()}
-        try:
-            return type(value)(cut)  # a dict subclass, Hugging Face's BatchEncoding
-        except TypeError:
-            return cut
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
-        return type(value)(*(_cut(item, start, stop) for item in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cut(item, start, stop) for item in value)
-    return value
-
-
 def describe_unmeasured(reasons: Iterable[str]) -> str:
     """One log line: why the noise scale is not measured in this run."""
     return "safeloop: gradient noise scale not measured: " + "; ".join(reasons)
@@ -410,17 +396,21 @@ def build_monitor(
     Args:
         setting (`str`): ``"auto"``, ``"split"`` or ``"off"``.
         accelerator (`Accelerator`): the run's processes, accumulation and fp16 scaler.
-        prepared (`torch.nn.Module`): the prepared model (DDP's communication hook goes on it).
+        prepared (`torch.nn.Module`): the prepared model (DDP's communication hook, or FSDP2's
+            reduce-scatter comm, goes on it).
         sharded (`bool`): FSDP or DeepSpeed (their gradients are not whole on one process).
     """
     from torch.nn.parallel import DistributedDataParallel
 
+    from safeloop.diagnostics.noise_probe_fsdp import sharded_probe
+
     if setting == "off":
         return None, None
-    if sharded:
-        return None, "under FSDP and DeepSpeed the gradients of one micro-batch are not kept whole"
     params = [p for p in prepared.parameters() if p.requires_grad]
     accumulation, processes = accelerator.gradient_accumulation_steps, accelerator.num_processes
+    if sharded:  # FSDP2: each process's gradient at the reduce-scatter; FSDP1, DeepSpeed: the reason
+        probe, reason = sharded_probe(accelerator, prepared, params)
+        return (None, reason) if probe is None else (NoiseScaleMonitor(probe, accumulation, processes), None)
     if accumulation > 1:
         probe = NoiseScaleProbe(params, "accumulation", accumulation, accelerator.scaler)
         return NoiseScaleMonitor(probe, accumulation, processes), None

@@ -79,7 +79,8 @@ def _interval_means(step_norms: list[dict[str, float]], step: int, every: int) -
     return {name: sum(s[name] for s in window) / len(window) for name in window[0]}
 
 
-# the DDP reference measures the gradient noise scale (its communication hook); sharded runs do not
+# the gradient noise scale is measured under DDP and FSDP2, not FSDP1, and against its closed form
+# in test_noise_scale.py: left out of these comparisons
 _DDP_ONLY = ("batch-size", "train/gradient_noise_scale", "findings/batch-size")
 
 
@@ -117,7 +118,7 @@ def _assert_same_as_ddp(
     assert sorted(logged_fsdp) == sorted(logged_ddp) == [5, 10, 15, 20]
     for step in logged_fsdp:
         fsdp_values, ddp_values = logged_fsdp[step], logged_ddp[step]
-        assert set(fsdp_values) == set(ddp_values) - set(_DDP_ONLY)
+        assert set(fsdp_values) - set(_DDP_ONLY) == set(ddp_values) - set(_DDP_ONLY)
         grads = {k.split("/", 1)[1]: v for k, v in fsdp_values.items() if k.startswith("grad_norm/")}
         assert len(grads) == 40  # every weight and bias of the 20 layers
         # the interval mean of each step's whole-gradient norm (gathered by the test's callback)

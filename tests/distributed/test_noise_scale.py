@@ -1,9 +1,10 @@
-"""The gradient noise scale under DDP on 2 CPU processes (gloo), against the closed form and accumulation.
+"""The gradient noise scale under DDP and FSDP2 on 2 CPU processes (gloo): the closed form, accumulation.
 
 One launch (``scripts/noise_scale_ranks.py``): each process's gradient before the all-reduce
-against the reduced one must land within 20% of the regression's known ``B_simple``, agree with
-one process accumulating the same two batch sizes (16 and 32 samples), and the communication
-hook that reads the local gradients must leave DDP's updates bit for bit as they were.
+(DDP) or at the reduce-scatter's input (FSDP2, 2 micro-batches of 8 per process) against the
+reduced one must land within 20% of the regression's known ``B_simple``, agree with one process
+accumulating the same two batch sizes (16 and 32 samples), and the hooks that read the local
+gradients must leave DDP's and FSDP2's updates bit for bit as they were.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ SCRIPT = Path(__file__).parent / "scripts" / "noise_scale_ranks.py"
 pytestmark = pytest.mark.slow
 
 
-def test_ddp_measures_the_closed_form_noise_scale_and_agrees_with_accumulation(tmp_path):
-    ranks = _run(tmp_path / "ddp", SCRIPT)
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """The one launch: DDP, then FSDP2 (the Accelerate state stays FSDP after it is forced)."""
+    return _run(tmp_path_factory.mktemp("noise") / "ranks", SCRIPT)
+
+
+def test_ddp_measures_the_closed_form_noise_scale_and_agrees_with_accumulation(ranks):
     assert [r["rank"] for r in ranks] == [0, 1]
     # the values are averaged over processes in the log step's read: both hold the same estimate
     assert ranks[0]["value"] == ranks[1]["value"] and ranks[0]["codes"] == ranks[1]["codes"]
@@ -53,3 +59,17 @@ def test_ddp_measures_the_closed_form_noise_scale_and_agrees_with_accumulation(t
     assert accumulated is not None and accumulated.batch_size == 32
     assert accumulated.value == pytest.approx(true, rel=0.2)
     assert accumulated.value == pytest.approx(ddp, rel=0.2)
+
+
+def test_fsdp2_measures_the_closed_form_noise_scale_from_the_reduce_scatter_input(ranks):
+    # under Accelerate's no_sync the sharded `.grad` is None until the window's last backward:
+    # the small batch is each process's whole window (2 x 8), read where FSDP2 reduce-scatters it
+    fsdp2, true = ranks[0]["fsdp2"], ranks[0]["true"]
+    assert fsdp2 == ranks[1]["fsdp2"]  # averaged over processes at the log step: one estimate
+    assert fsdp2["batch"] == 32 and fsdp2["steps"] == 800 and "batch-size" in fsdp2["codes"]
+    assert fsdp2["value"] == pytest.approx(true, rel=0.2)
+    assert fsdp2["value"] == pytest.approx(ranks[0]["value"], rel=0.2)  # DDP's, at the same two sizes
+    assert fsdp2["logged"][0] is None and fsdp2["logged"][-1] == fsdp2["value"]
+    # the measuring comm hands the buffer on unchanged: each process's shards after 12 steps are
+    # bitwise those of the run without it, without and with gradient accumulation
+    assert ranks[0]["fsdp2_parity"] == ranks[1]["fsdp2_parity"] == [True, True]

@@ -1,11 +1,18 @@
-"""The gradient noise scale under DDP on 2 CPU processes, and the updates its hook leaves alone.
+"""The gradient noise scale under DDP and FSDP2 on 2 CPU processes, and the updates its hooks leave alone.
 
 Run by ``tests/distributed/test_noise_scale.py`` under torchrun (gloo). Part one: the closed-form
 regression of ``tests.helpers.models.noisy_regression`` at ``lr=0`` (the weights, and so the true
 noise scale, stay put), 16 samples per process without accumulation: each process's gradient
 before the all-reduce (read in the communication hook) against the reduced one. Part two: a
 classifier trained by the hand-written Accelerate loop and by SafeTrainer, whose communication
-hook must not change one bit of the updates. Prints one ``RESULT`` JSON line per rank.
+hook must not change one bit of the updates. Part three, FSDP2 (``fully_shard`` through
+Accelerate's plugin, forced on CPU as in ``train_fsdp_ranks.py``; the Accelerate state stays FSDP
+from there on, so it runs last): the same regression with 2 micro-batches of 8 per process
+(Accelerate's ``no_sync`` leaves the sharded ``.grad`` None until the window's last backward),
+each process's window gradient read at the reduce-scatter's input against the reduced one, the
+same two sizes (16 and 32) as part one; and the classifier (its first layer an FSDP module of its
+own) trained with and without the probe, without and with accumulation, bit for bit alike.
+Prints one ``RESULT`` JSON line per rank.
 """
 
 import os
@@ -20,22 +27,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 from accelerate import Accelerator
 
 from safeloop import SafeTrainer
+from safeloop.diagnostics.noise_probe_fsdp import MeasuredReduceScatter, _comms, fsdp2_modules
+from tests.distributed.scripts.train_fsdp_ranks import build_accelerator
 from tests.helpers.models import classification_data, mlp, noisy_regression
 from tests.helpers.recording import print_result
 
 
-def estimate(steps: int) -> dict:
+def estimate(steps: int, accelerator: Accelerator | None = None, accumulation: int = 1) -> dict:
     dataset, model, true = noisy_regression(n=65536)
     trainer = SafeTrainer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.0),
-        DataLoader(dataset, batch_size=16, shuffle=True),
+        DataLoader(dataset, batch_size=16 // accumulation, shuffle=True),
         loss_fn=nn.MSELoss(),
         max_steps=steps,
         seed=0,
         rollback=False,
         progress_bar=False,
         summary=False,
+        accelerator=accelerator,
     )
     result = trainer.fit()
     found = result.gradient_noise_scale
@@ -97,10 +107,47 @@ def trained(steps: int) -> list[list[float]]:
     return weights(trainer.accelerator.unwrap_model(trainer.model))
 
 
+def fsdp2_local_weights(noise: str, accumulation: int) -> list[list[float]]:
+    """This process's shards after 12 FSDP2 steps of the classifier, its first layer wrapped apart."""
+    # the first Linear (144 parameters) an FSDP module of its own, the last (51) in the root's:
+    # two reduce-scatters per backward, two pieces summed
+    accelerator = build_accelerator(
+        "fsdp2", None, accumulation=accumulation, auto_wrap_policy="size_based_wrap", min_num_params=100
+    )
+    model = mlp(seed=0)
+    trainer = SafeTrainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        DataLoader(classification_data(n=128), batch_size=8 // accumulation, shuffle=False),
+        loss_fn=nn.CrossEntropyLoss(),
+        max_steps=12,
+        clip_grad_norm=1.0,
+        gradient_noise_scale=noise,
+        accelerator=accelerator,
+        rollback=False,
+        progress_bar=False,
+        summary=False,
+    )
+    trainer.fit()
+    diagnostics = trainer._diagnostics
+    assert diagnostics is not None and (diagnostics.noise is not None) == (noise == "auto"), (
+        None if diagnostics is None else diagnostics.noise_scale_reason
+    )
+    # with the probe, both FSDP modules' reduce-scatters go through the measuring comm
+    comms = [comm for module in fsdp2_modules(trainer.model) for comm in _comms(module)]
+    assert len(comms) == 2 and all(isinstance(c, MeasuredReduceScatter) == (noise == "auto") for c in comms)
+    return [p.detach().to_local().flatten().tolist() for p in trainer.model.parameters()]
+
+
 def main() -> None:
-    record = estimate(int(os.environ.get("STEPS", "800")))
+    steps = int(os.environ.get("STEPS", "800"))
+    record = estimate(steps)
     loop, ours = hand_written(12), trained(12)
     record |= {"rank": int(os.environ["RANK"]), "parity": loop == ours}
+    # FSDP2 from here on (the Accelerate state stays FSDP)
+    fsdp2 = estimate(steps, build_accelerator("fsdp2", None, accumulation=2), accumulation=2)
+    record["fsdp2"] = {key: fsdp2[key] for key in ("value", "steps", "batch", "codes", "logged")}
+    record["fsdp2_parity"] = [fsdp2_local_weights("off", k) == fsdp2_local_weights("auto", k) for k in (1, 2)]
     print_result(record)
 
 

@@ -91,11 +91,14 @@ def unwrapped(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "")
 
 
-def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
+def build_accelerator(
+    mode: str, tracker: JsonLinesTracker | None, *, accumulation: int | None = None, **fsdp2_options: Any
+) -> Accelerator:
+    """An Accelerator for ``mode`` on CPU; ``accumulation`` (else ``ACCUM``), FSDP2 plugin options."""
     options = {
         "cpu": True,
-        "log_with": [tracker],
-        "gradient_accumulation_steps": int(os.environ.get("ACCUM", "1")),
+        "log_with": None if tracker is None else [tracker],
+        "gradient_accumulation_steps": accumulation or int(os.environ.get("ACCUM", "1")),
     }
     if mode == "ddp":
         return Accelerator(**options)
@@ -110,7 +113,7 @@ def build_accelerator(mode: str, tracker: JsonLinesTracker) -> Accelerator:
         )
         plugin.set_auto_wrap_policy(None)  # the callable, for a model wrapped by hand (ORIG=0)
     else:
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, **fsdp2_options)
     accelerator = Accelerator(fsdp_plugin=plugin, **options)
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
