@@ -42,9 +42,7 @@ from typing import Any
 
 import torch
 
-from safeloop.diagnostics.noise_scale import NoiseScaleProbe
-
-__all__ = ["MeasuredReduceScatter", "sharded_probe", "fsdp2_modules", "measure_local_gradients"]
+__all__ = ["MeasuredReduceScatter", "attach_sharded_probe", "fsdp2_modules", "measure_local_gradients"]
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -98,34 +96,33 @@ class MeasuredReduceScatter:
         )
 
 
-def sharded_probe(
-    accelerator: Any, prepared: torch.nn.Module, params: Sequence[torch.nn.Parameter]
-) -> tuple[NoiseScaleProbe | None, str | None]:
-    """The noise-scale probe of an FSDP or DeepSpeed run, its comms wrapped; or None and why not.
+def attach_sharded_probe(
+    accelerator: Any, prepared: torch.nn.Module, params: Sequence[torch.nn.Parameter], probe: Any
+) -> str | None:
+    """Wrap the comms of an FSDP or DeepSpeed run so that they feed ``probe``; None, or why not.
 
     Args:
         accelerator (`Accelerator`): processes, accumulation, mixed precision, the fp16 scaler.
         prepared (`torch.nn.Module`): the prepared model.
         params (`Sequence[torch.nn.Parameter]`): its trainable parameters.
+        probe (`Any`): the ``"fsdp"`` mode ``NoiseScaleProbe`` (its ``add_local``); it is the
+            caller's, so that this module does not import the one that imports it.
     """
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return None, (
+        return (
             "DeepSpeed reduces the gradients inside its engine, where no hook sees a process's own "
             "gradient whole; DDP and FSDP2 (`fsdp_version=2`) runs are measured"
         )
     modules = fsdp2_modules(prepared)
     if not modules:
-        return None, (
+        return (
             "under FSDP1 a process's own gradient exists only inside FSDP's reduction (its "
             "communication hook would replace that reduction, not watch it); FSDP2 "
             "(`fsdp_version=2`) is measured"
         )
-    accumulation = accelerator.gradient_accumulation_steps
-    probe = NoiseScaleProbe(params, "fsdp", accumulation, accelerator.scaler)
-    reason = _refusal(accelerator, params) or measure_local_gradients(modules, probe)
-    return (None, reason) if reason is not None else (probe, None)
+    return _refusal(accelerator, params) or measure_local_gradients(modules, probe)
 
 
 def fsdp2_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

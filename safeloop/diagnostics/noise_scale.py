@@ -402,15 +402,20 @@ def build_monitor(
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    from safeloop.diagnostics.noise_probe_fsdp import sharded_probe
+    from safeloop.diagnostics.noise_probe_fsdp import attach_sharded_probe
 
     if setting == "off":
         return None, None
     params = [p for p in prepared.parameters() if p.requires_grad]
     accumulation, processes = accelerator.gradient_accumulation_steps, accelerator.num_processes
     if sharded:  # FSDP2: each process's gradient at the reduce-scatter; FSDP1, DeepSpeed: the reason
-        probe, reason = sharded_probe(accelerator, prepared, params)
-        return (None, reason) if probe is None else (NoiseScaleMonitor(probe, accumulation, processes), None)
+        probe = NoiseScaleProbe(params, "fsdp", accumulation, accelerator.scaler)
+        reason = attach_sharded_probe(accelerator, prepared, params, probe)
+        return (
+            (None, reason)
+            if reason is not None
+            else (NoiseScaleMonitor(probe, accumulation, processes), None)
+        )
     if accumulation > 1:
         probe = NoiseScaleProbe(params, "accumulation", accumulation, accelerator.scaler)
         return NoiseScaleMonitor(probe, accumulation, processes), None

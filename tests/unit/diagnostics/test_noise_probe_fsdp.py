@@ -16,8 +16,8 @@ from accelerate.utils import DistributedType
 
 from safeloop.diagnostics.noise_probe_fsdp import (
     MeasuredReduceScatter,
+    attach_sharded_probe,
     measure_local_gradients,
-    sharded_probe,
 )
 from safeloop.diagnostics.noise_scale import NoiseScaleProbe, two_sizes
 
@@ -128,9 +128,16 @@ class _Sharded(torch.nn.Module):
         super().__init__()
         layer = torch.nn.Linear(2, 2)
         layer.__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})
-        layer._get_fsdp_state = _Module(_Comm())._get_fsdp_state  # type: ignore[method-assign]
-        layer.set_custom_reduce_scatter = lambda comm: None  # type: ignore[method-assign]
+        stand_in = _Module(_Comm())
+        layer._get_fsdp_state = stand_in._get_fsdp_state  # type: ignore[method-assign]
+        layer.set_custom_reduce_scatter = stand_in.set_custom_reduce_scatter  # type: ignore[method-assign]
         self.layer = layer
+
+
+def _wrapped(model: _Sharded) -> int:
+    """The parameter groups of ``model`` whose reduce-scatter comm now measures."""
+    groups = model.layer._get_fsdp_state()._fsdp_param_groups
+    return sum(isinstance(group._reduce_scatter_comm, MeasuredReduceScatter) for group in groups)
 
 
 @pytest.mark.parametrize(
@@ -163,19 +170,22 @@ class _Sharded(torch.nn.Module):
 )
 def test_runs_whose_reduce_scatter_input_is_not_a_gradient_say_why(overrides, words):
     model = _Sharded()
-    probe, reason = sharded_probe(_accelerator(**overrides), model, list(model.parameters()))
-    assert probe is None and reason is not None and words in reason
+    probe = _probe()
+    reason = attach_sharded_probe(_accelerator(**overrides), model, list(model.parameters()), probe)
+    assert reason is not None and words in reason
+    assert _wrapped(model) == 0  # refused before any comm was replaced
 
 
 def test_fsdp1_is_not_measured_and_fsdp2_gets_a_probe_of_its_own_mode():
     plain = torch.nn.Linear(2, 2)  # FSDP1 leaves no FSDP2 module
-    probe, reason = sharded_probe(_accelerator(), plain, list(plain.parameters()))
-    assert probe is None and reason is not None and "under FSDP1" in reason
+    reason = attach_sharded_probe(_accelerator(), plain, list(plain.parameters()), _probe())
+    assert reason is not None and "under FSDP1" in reason
     model = _Sharded()
-    probe, reason = sharded_probe(
-        _accelerator(gradient_accumulation_steps=2), model, list(model.parameters())
+    probe = _probe(accumulation=2)
+    reason = attach_sharded_probe(
+        _accelerator(gradient_accumulation_steps=2), model, list(model.parameters()), probe
     )
-    assert reason is None and probe is not None and (probe.mode, probe.accumulation) == ("fsdp", 2)
+    assert reason is None and _wrapped(model) > 0
 
 
 def test_fsdp_sizes_are_a_process_window_against_all_processes():
