@@ -31,7 +31,16 @@ from safeloop.validation import (
     seen,
 )
 
-__all__ = ["TrainerConfig", "build_config", "config_fields", "OBJECT_ARGUMENTS", "MIXED_PRECISION_CHOICES"]
+__all__ = [
+    "TrainerConfig",
+    "build_config",
+    "check_settings",
+    "normalised_settings",
+    "format_problems",
+    "config_fields",
+    "OBJECT_ARGUMENTS",
+    "MIXED_PRECISION_CHOICES",
+]
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 
@@ -159,6 +168,41 @@ def build_config(
     check_objects(problems, model, optimizer, train_dataloader, a["eval_dataloader"])
     check_callables(problems, a["loss_fn"], a["training_step"])
     check_scheduler(problems, a["lr_scheduler"], optimizer)
+    check_settings(problems, a)
+    accelerator = a["accelerator"]
+    check_accelerator(
+        problems, accelerator, a["gradient_accumulation_steps"], a["mixed_precision"], a["log_with"]
+    )
+    check_prepared_optimizer(problems, optimizer, accelerator, a["gradient_accumulation_steps"])
+    callback_items = check_callbacks(problems, a["callbacks"], callback_base)
+    trackers = normalise_log_with(problems, a["log_with"])
+    if problems:
+        raise ConfigError(format_problems(problems))
+    settings = normalised_settings(a)
+    if accelerator is not None:
+        settings["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
+        inherited = a["gradient_accumulation_steps"] is None and accelerator.gradient_accumulation_steps != 1
+        if inherited and accelerator.is_main_process:
+            logger.info(
+                "safeloop: your Accelerator's gradient_accumulation_steps=%d is used "
+                "(SafeTrainer's `gradient_accumulation_steps` was left unset)",
+                accelerator.gradient_accumulation_steps,
+            )
+    settings["gradient_accumulation_steps"] = settings["gradient_accumulation_steps"] or 1
+    settings["log_with"] = trackers
+    return TrainerConfig(**settings), callback_items
+
+
+def check_settings(problems: list[str], a: Mapping[str, Any]) -> None:
+    """Append a problem for every invalid setting of :class:`TrainerConfig` in ``a``.
+
+    The checks shared by ``SafeTrainer`` and ``safeloop.lightning.SafeLoopCallback``, so that a
+    bad value reads the same under both.
+
+    Args:
+        problems (`list[str]`): where the problems go, in the order of the settings.
+        a (`Mapping[str, Any]`): a value for every setting (``config_fields()``), as given.
+    """
     check_count(problems, "max_epochs", a["max_epochs"], optional=False)
     check_count(problems, "max_steps", a["max_steps"], optional=True)
     check_count(problems, "gradient_accumulation_steps", a["gradient_accumulation_steps"], optional=True)
@@ -218,33 +262,23 @@ def build_config(
         problems.append(
             f"`project_dir` must be a path (str or os.PathLike) or None; got {seen(project_dir)}."
         )
-    accelerator = a["accelerator"]
-    check_accelerator(problems, accelerator, a["gradient_accumulation_steps"], mixed_precision, a["log_with"])
-    check_prepared_optimizer(problems, optimizer, accelerator, a["gradient_accumulation_steps"])
-    callback_items = check_callbacks(problems, a["callbacks"], callback_base)
-    trackers = normalise_log_with(problems, a["log_with"])
-    if problems:
-        raise ConfigError(_format_problems(problems))
+
+
+def normalised_settings(a: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``a`` (already checked) as :class:`TrainerConfig` holds them.
+
+    Numbers become floats and paths strings; the accelerator-dependent ones (accumulation,
+    trackers) are left as given, for the caller to resolve.
+    """
     settings = {name: a[name] for name in config_fields()}
-    # normalised values: numbers as floats, paths as strings, defaults resolved
     for name in ("clip_grad_norm", "clip_grad_value", "adaptive_clip"):
         settings[name] = None if a[name] is None else float(a[name])
     for name in ("reinit_std", "rollback_lr_factor", "spike_zscore"):
         settings[name] = float(a[name])
-    if accelerator is not None:
-        settings["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
-        inherited = a["gradient_accumulation_steps"] is None and accelerator.gradient_accumulation_steps != 1
-        if inherited and accelerator.is_main_process:
-            logger.info(
-                "safeloop: your Accelerator's gradient_accumulation_steps=%d is used "
-                "(SafeTrainer's `gradient_accumulation_steps` was left unset)",
-                accelerator.gradient_accumulation_steps,
-            )
-    settings["gradient_accumulation_steps"] = settings["gradient_accumulation_steps"] or 1
+    checkpoint_dir, project_dir = a["checkpoint_dir"], a["project_dir"]
     settings["checkpoint_dir"] = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
-    settings["log_with"] = trackers
     settings["project_dir"] = None if project_dir is None else str(project_dir)
-    return TrainerConfig(**settings), callback_items
+    return settings
 
 
 def _check_clipping(problems: list[str], clip_norm: object, clip_value: object, adaptive: object) -> None:
@@ -284,8 +318,9 @@ def _check_rollback(
         )
 
 
-def _format_problems(problems: list[str]) -> str:
+def format_problems(problems: list[str], owner: str = "SafeTrainer") -> str:
+    """One message listing every problem found in the arguments of ``owner``."""
     if len(problems) == 1:
-        return f"SafeTrainer got an invalid argument: {problems[0]}"
+        return f"{owner} got an invalid argument: {problems[0]}"
     lines = "\n".join(f"  - {p}" for p in problems)
-    return f"SafeTrainer got {len(problems)} invalid arguments:\n{lines}"
+    return f"{owner} got {len(problems)} invalid arguments:\n{lines}"

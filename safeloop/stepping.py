@@ -78,11 +78,7 @@ class GatedStep:
             self.optimizer.step()
             return None
         if self.scaler is not None:
-            bad = (1 - flag).to(torch.float32)
-            # with the guard's flag merged into the scaler's found_inf, the scaler skips the step
-            # (and lowers its scale) as for an overflow
-            for value in self._scaler_found_inf():
-                value.copy_(torch.maximum(value, bad.to(value.device)))
+            self.refuse_in_scaler(flag)
             self.optimizer.step()
             return None
         if self.device_side:
@@ -96,6 +92,23 @@ class GatedStep:
         if applied:
             self.optimizer.step()
         return applied
+
+    def refuse_in_scaler(self, flag: torch.Tensor) -> None:
+        """Merge the guard's flag into the fp16 scaler's ``found_inf`` (device only, no host read).
+
+        The scaler's ``step`` then skips the update (and lowers its scale) as for an overflow.
+        Valid after ``unscale_`` and before the scaler's ``step``.
+
+        Args:
+            flag (`torch.Tensor`): float32 0/1 device scalar, already agreed by all ranks.
+        """
+        bad = (1 - flag).to(torch.float32)
+        for value in self._scaler_found_inf():
+            value.copy_(torch.maximum(value, bad.to(value.device)))
+
+    def unscaled(self) -> bool:
+        """Whether the fp16 scaler has unscaled this step's gradients (its found-inf is there)."""
+        return self.scaler is not None and bool(self._scaler_found_inf())
 
     def overflow(self) -> torch.Tensor | None:
         """The fp16 scaler's own found-inf for this step (device, 0/1), or None without a scaler.

@@ -10,7 +10,7 @@ import difflib
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -288,8 +288,13 @@ def normalise_log_with(problems: list[str], log_with: object) -> tuple[Any, ...]
     return (log_with,)
 
 
-def unknown_keywords_message(owner: str, unknown: Sequence[str], accepted: Sequence[str]) -> str:
+def unknown_keywords_message(
+    owner: str, unknown: Sequence[str], accepted: Sequence[str], elsewhere: Mapping[str, str] | None = None
+) -> str:
     """Python's message for unexpected keyword arguments, with the closest accepted names.
+
+    ``elsewhere`` maps a keyword that belongs to another object to where it goes (a hint used
+    instead of the closest names); the trainer's own map by default.
 
     Example:
         >>> unknown_keywords_message("SafeTrainer", ["max_epoch"], ["max_epochs", "max_steps"])
@@ -297,10 +302,11 @@ def unknown_keywords_message(owner: str, unknown: Sequence[str], accepted: Seque
     """
     hints = []
     unmatched = False
+    places = _ELSEWHERE if elsewhere is None else elsewhere
     for name in unknown:
         close = _closest(name, accepted)
-        if name in _ELSEWHERE:
-            hints.append(_ELSEWHERE[name] + ".")
+        if name in places:
+            hints.append(places[name] + ".")
         elif close:
             hints.append("did you mean " + " or ".join(f"`{c}`" for c in close) + "?")
         else:
@@ -326,11 +332,12 @@ def _closest(name: str, accepted: Sequence[str]) -> list[str]:
     return [c for c, r in zip(close, score, strict=True) if r >= score[0] - 0.05]
 
 
-def name_unknown_keywords(init: _Init) -> _Init:
+def name_unknown_keywords(init: _Init, elsewhere: Mapping[str, str] | None = None) -> _Init:
     """Make ``init`` (an ``__init__``) refuse unknown keywords with the closest accepted names.
 
     Still Python's ``TypeError``, raised before ``init`` runs; the signature seen by
-    ``inspect.signature`` is ``init``'s own (``functools.wraps``).
+    ``inspect.signature`` is ``init``'s own (``functools.wraps``). ``elsewhere``: as for
+    :func:`unknown_keywords_message`.
     """
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     parameters = inspect.signature(init).parameters.values()
@@ -341,7 +348,7 @@ def name_unknown_keywords(init: _Init) -> _Init:
     def checked(self: Any, *args: Any, **kwargs: Any) -> None:
         unknown = [name for name in kwargs if name not in known]
         if unknown:
-            raise TypeError(unknown_keywords_message(type(self).__name__, unknown, accepted))
+            raise TypeError(unknown_keywords_message(type(self).__name__, unknown, accepted, elsewhere))
         init(self, *args, **kwargs)
 
     return checked  # type: ignore[return-value]

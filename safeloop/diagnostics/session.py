@@ -265,9 +265,19 @@ class Diagnostics:
 
     def _checked_loss_fn(self, found: list[Finding], batch: Any = None) -> LossFn | None:
         """The user's ``loss_fn`` wrapped in the target checks, which report into ``found``."""
-        loss_fn = self.loss_fn
-        if loss_fn is None:
-            return None
+        return None if self.loss_fn is None else self.checked_loss_fn(self.loss_fn, found, batch)
+
+    def checked_loss_fn(self, loss_fn: LossFn, found: list[Finding], batch: Any = None) -> LossFn:
+        """``loss_fn`` wrapped in the first batch's target checks, which report into ``found``.
+
+        A target the loss cannot take (a raised finding) gives a zero loss instead of the crash,
+        so that every process reaches the agreement on the findings, then all raise.
+
+        Args:
+            loss_fn (`Callable`): ``loss_fn(outputs, targets)``, the user's or one seen called.
+            found (`list[Finding]`): where the findings go.
+            batch (`Any`, *optional*): the first batch (explains a non-finite first loss).
+        """
 
         def checked(outputs: Any, targets: Any) -> torch.Tensor:
             problems = check_targets(loss_fn, outputs, targets)

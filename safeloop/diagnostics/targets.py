@@ -28,6 +28,7 @@ __all__ = [
     "check_inputs",
     "check_targets",
     "check_initial_loss",
+    "recognised_loss",
     "class_range_findings",
     "no_targets_finding",
     "RAISED_CODES",
@@ -89,6 +90,16 @@ def _recognise(loss_fn: Any) -> _Loss | None:
                 kind, f"F.{func.__name__}", int(keywords.get("ignore_index", -100)) if classes else None
             )
     return None
+
+
+def recognised_loss(loss_fn: Any) -> bool:
+    """Whether the checks here know ``loss_fn`` (a loss module, an ``F.`` function or a partial of one).
+
+    Example:
+        >>> recognised_loss(F.cross_entropy), recognised_loss(lambda o, t: (o - t).abs().mean())
+        (True, False)
+    """
+    return _recognise(loss_fn) is not None
 
 
 def _walk(value: Any, path: str) -> Iterable[tuple[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ try:
 except ImportError:  # a torch built without distributed support has no sharded tensors
     _DTENSOR = _FLAT = ()
 
-__all__ = ["GradNorms", "grad_norms", "shard_grad_norms", "clip_and_measure"]
+__all__ = ["GradNorms", "grad_norms", "shard_grad_norms", "clip_and_measure", "measure_and_clip"]
 
 # Under these, gradients are sharded: a local norm would be wrong, so the norm comes from
 # Accelerate's sharding-aware clip with an infinite bound (a multiply by exactly 1.0).
@@ -178,6 +178,26 @@ def clip_and_measure(
         bound = float("inf") if max_norm is None else max_norm
         return GradNorms(total=_as_tensor(accelerator.clip_grad_norm_(params, bound)), per_param=per_param)
     accelerator.unscale_gradients()
+    return measure_and_clip(params, max_norm=max_norm, max_value=max_value)
+
+
+def measure_and_clip(
+    parameters: Iterable[torch.nn.Parameter], *, max_norm: float | None, max_value: float | None
+) -> GradNorms:
+    """Measure the (already unscaled, unsharded) gradients, then clip them with that norm.
+
+    Bitwise the clip of ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``; the norms
+    returned are those before clipping, on the device.
+
+    Args:
+        parameters (`Iterable[torch.nn.Parameter]`): the model's parameters.
+        max_norm (`float`, *optional*): max global norm.
+        max_value (`float`, *optional*): clamp for every gradient element.
+
+    Returns:
+        `GradNorms`: the norms before clipping.
+    """
+    params = list(parameters)
     norms = grad_norms(params)
     if max_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms.total)

@@ -64,3 +64,18 @@ def test_find_lr_example_suggests_a_rate_and_trains_with_it(tmp_path):
     assert 1e-4 < lr < 0.1  # the optimizer was built at 1e-6: the suggestion replaced it
     assert f"learning rate: {lr:.3g}" in proc.stdout
     assert float(re.search(r"eval loss: (\S+)", proc.stdout).group(1)) < 1.0
+
+
+@pytest.mark.slow
+def test_lightning_quickstart_skips_the_nan_steps_names_the_unused_head_and_trains():
+    pytest.importorskip("lightning")
+    proc = _run_example("lightning_quickstart.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(
+        line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and not line.startswith(" ")
+    )
+    assert lines["steps"] == "189 (skipped 3)"  # 63 batches an epoch, the NaN in one of each
+    assert lines["events"].count("('skip', ") == 3
+    assert lines["findings"] == "['nonfinite-loss', 'unused-params']"
+    start, end = (float(part.split()[0]) for part in lines["train loss"].split(" -> "))
+    assert end < 0.8 * start

@@ -1,0 +1,200 @@
+"""The first-batch checks of ``diagnostics.first_batch``, spread over a Lightning fit's hooks.
+
+``SafeTrainer`` runs the first forward itself inside a ``ForwardWatch``. Under Lightning the
+forward happens in the user's ``training_step``, between two hooks the callback gets:
+
+- ``on_train_batch_start`` (first batch): the inputs, the trainable parameters and the
+  optimizer are checked; the watch starts (forward hooks on every module, torch's warnings
+  recorded so that a broadcasting loss becomes a ``loss-broadcast`` finding, and the torch
+  losses ``training_step`` calls run through the target checks: ``loss_watch.py``);
+- ``on_before_zero_grad`` (automatic optimization; Lightning calls it after ``training_step``
+  and before its own backward): gradients already there mean ``training_step`` called
+  ``backward()`` itself (``double-backward``);
+- ``on_before_backward`` (the loss, before backward: in ``manual_backward`` too): the watch stops,
+  the loss is checked (scalar, differentiable, and why not), the findings are agreed over the
+  processes, and those that make training meaningless raise a ``ConfigError`` before torch's own,
+  less telling error;
+- ``on_after_backward`` (first time): trainable parameters that got no gradient, by whether their
+  module ran (``unused-params``, ``detached-params``).
+
+The checks are the functions ``SafeTrainer`` uses; only the moments differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from safeloop.diagnostics.broadcast import from_warnings
+from safeloop.diagnostics.first_batch import (
+    check_double_backward,
+    check_gradient_reach,
+    check_loss,
+    check_optimizer,
+    check_trainable,
+    raise_if_fatal,
+)
+from safeloop.diagnostics.targets import check_inputs
+from safeloop.diagnostics.watch import ForwardWatch
+from safeloop.errors import ConfigError
+from safeloop.findings import Reporter, agree_findings
+from safeloop.lightning.loss_watch import LossCallWatch, LossFn
+from safeloop.lightning.processes import LightningProcesses
+from safeloop.results import Finding
+
+__all__ = ["FirstBatchChecks"]
+
+logger = logging.getLogger("safeloop")
+
+
+class FirstBatchChecks:
+    """Runs the first-batch checks once per fit, from the first batch's hooks.
+
+    Args:
+        model (`LightningModule`): the module being fitted (unwrapped).
+        prepared (`torch.nn.Module`): the strategy's model (DDP's wrapper, or the module itself).
+        optimizer (`torch.optim.Optimizer`): the optimizer of ``configure_optimizers``.
+        processes (`LightningProcesses`): the findings are agreed over them.
+        reporter (`Reporter`): where the findings go.
+        checked_loss_fn (`Callable`, *optional*): ``checked_loss_fn(loss_fn, found, batch)``
+            wraps a loss in the target checks (``Diagnostics.checked_loss_fn``); the losses the
+            first ``training_step`` calls go through it (:class:`LossCallWatch`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        prepared: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        processes: LightningProcesses,
+        reporter: Reporter,
+        checked_loss_fn: Callable[[LossFn, list[Finding], Any], LossFn] | None = None,
+    ) -> None:
+        self.model = model
+        self.prepared = prepared
+        self.optimizer = optimizer
+        self.processes = processes
+        self.reporter = reporter
+        self.checked_loss_fn = checked_loss_fn
+        self.done = False
+        self._findings: list[Finding] = []
+        self._loss_findings: list[Finding] = []  # the checks of the losses training_step called
+        self._losses: LossCallWatch | None = None
+        self._had_grads = False
+        self._watch: ForwardWatch | None = None
+        self._warnings: warnings.catch_warnings[list[warnings.WarningMessage]] | None = None
+        self._caught: list[warnings.WarningMessage] = []
+        self._reach: ForwardWatch | None = None  # the finished watch, until the first backward
+
+    @property
+    def watching(self) -> bool:
+        """The first batch's forward is being watched (its loss has not reached backward yet)."""
+        return self._watch is not None
+
+    def start(self, batch: Any) -> None:
+        """``on_train_batch_start`` of the first batch: the checks before the forward, then the watch."""
+        if self.done or self.watching:
+            return
+        self._findings = check_inputs(batch) + check_trainable(self.model)
+        self._findings += check_optimizer(self.model, self.optimizer)
+        self._had_grads = any(p.grad is not None for p in self.model.parameters())
+        watch = ForwardWatch(self.model)
+        watch.__enter__()
+        recorder = warnings.catch_warnings(record=True)
+        try:
+            self._caught = recorder.__enter__()
+        except BaseException:
+            watch.__exit__(None, None, None)
+            raise
+        # "always": torch's broadcasting warning must be seen even if shown before (a notebook's
+        # second fit); the others are re-emitted as they came when the watch stops
+        warnings.simplefilter("always")
+        self._watch, self._warnings = watch, recorder
+        checked = self.checked_loss_fn
+        if checked is not None:
+            found = self._loss_findings = []
+            losses = LossCallWatch(lambda loss_fn: checked(loss_fn, found, batch))
+            losses.__enter__()  # last in, first out: left before the recorder and the watch
+            self._losses = losses
+
+    def before_zero_grad(self) -> None:
+        """``on_before_zero_grad`` (automatic optimization): did ``training_step`` call backward itself?"""
+        if self.watching and not self._had_grads:
+            self._findings += check_double_backward(self.model)
+
+    def at_loss(self, loss: torch.Tensor) -> None:
+        """``on_before_backward`` of the first batch: check the loss, agree, raise or report.
+
+        Raises:
+            ConfigError: on every process, when any process found a problem that makes
+                training meaningless (the raised codes of docs/diagnostics.md).
+        """
+        if not self.watching:
+            return
+        watch, caught = self._stop()
+        loss_findings = self._loss_findings
+        loss_findings += from_warnings(caught, loss_findings)
+        findings = self._findings + loss_findings + check_loss(loss, watch)
+        self._findings, self._loss_findings = [], []
+        self.done = True
+        findings = agree_findings(self.processes, findings)  # type: ignore[arg-type]
+        raise_if_fatal(findings)
+        self.reporter.add_all(findings)
+        self._reach = watch
+
+    def after_backward(self) -> None:
+        """``on_after_backward``, once after :meth:`at_loss`: parameters the backward did not reach.
+
+        Raises:
+            ConfigError: under DDP without ``find_unused_parameters``, which would stop at the
+                next step with a reduction error, when some parameters got no gradient.
+        """
+        watch, self._reach = self._reach, None
+        if watch is None:
+            return
+        findings = agree_findings(self.processes, check_gradient_reach(self.model, watch))  # type: ignore[arg-type]
+        self.reporter.add_all(findings)
+        ddp = self.prepared
+        if findings and isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:
+            raise ConfigError(
+                "Under DDP every trainable parameter must receive a gradient at every step, and these got "
+                "none on the first batch:\n"
+                + "\n".join(f"  - [{f.code}] {f.message}" for f in findings)
+                + "\nRemove or freeze them (`requires_grad_(False)`), use them in `forward`, or let DDP "
+                'skip them: `Trainer(strategy="ddp_find_unused_parameters_true")`.',
+                findings=findings,
+            )
+
+    def close(self, reason: str | None = None) -> None:
+        """Stop watching without checking the loss (the first batch ended without one, or an error).
+
+        Args:
+            reason (`str`, *optional*): logged at INFO when given (the checks did not run).
+        """
+        if self.watching:
+            _, caught = self._stop()
+            from_warnings(caught, [])  # the user's warnings come out as they came; no finding now
+            self.done = True
+            if reason is not None and self.processes.is_main_process:
+                logger.info("safeloop: the first-batch checks of the loss did not run: %s", reason)
+        self._findings, self._loss_findings, self._reach = [], [], None
+
+    def _stop(self) -> tuple[ForwardWatch, list[warnings.WarningMessage]]:
+        watch, recorder, losses = self._watch, self._warnings, self._losses
+        assert watch is not None and recorder is not None  # invariant: only while watching
+        self._watch = self._warnings = self._losses = None
+        caught, self._caught = self._caught, []
+        try:
+            if losses is not None:
+                losses.__exit__(None, None, None)
+        finally:
+            try:
+                recorder.__exit__(None, None, None)
+            finally:
+                watch.__exit__(None, None, None)
+        return watch, caught
