@@ -10,7 +10,6 @@ the trainer; how the files are laid out and written is the manager's business
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ from safeloop.checkpoint.manager import CheckpointManager, Snapshot
 from safeloop.checkpoint.manifest import verify_checkpoint
 from safeloop.checkpoint.sharded import SHARD_DIR, SHARD_INFO_PART, ShardedState, dcp_support_problem
 from safeloop.checkpoint.spread_hashing import shards_problem
+from safeloop.checkpoint.staging import ShardWrite
 from safeloop.checkpoint.state import SavedState
 from safeloop.checkpoint.store import checkpoint_name, discard_checkpoint, list_checkpoints
 from safeloop.checkpoint.zero_state import WHOLE_LAYOUT, ZeroState
@@ -254,7 +254,7 @@ class Checkpointer:
                 raise RuntimeError(f"run state keys saved twice: {sorted(clash)}")
             state.update(part)
         shared = {name: None if obj is None else obj.state_dict() for name, obj in self.shared.items()}
-        model, write_shards = None, None
+        model, write_shards, stage_shards = None, None, None
         meta: dict[str, Any] = {"healthy": healthy, "epoch": self.progress.epoch}
         if self.shard_engine:
             meta["engine"] = self.shard_engine
@@ -266,7 +266,8 @@ class Checkpointer:
                 "fresh_optimizer": taken.fresh_optimizer,
                 "layout": _layout(self.shards),
             }
-            write_shards = functools.partial(self.shards.write, taken.tensors)
+            shard_write = ShardWrite(self.shards, taken.tensors)  # staged by an asynchronous save
+            write_shards, stage_shards = shard_write.write, shard_write.stage
         elif self.model is not None:
             model = dict(self.model.state_dict())
         return Snapshot(
@@ -277,6 +278,7 @@ class Checkpointer:
             trainer=state,
             meta=meta,
             write_shards=write_shards,
+            stage_shards=stage_shards,
         )
 
     def _announce(self, step: int, path: Path) -> None:

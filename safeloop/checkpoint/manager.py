@@ -12,6 +12,10 @@ Protocol of one save (``checkpoint_dir`` must be one folder all processes see):
    that all did, and the digests are gathered (``spread_hashing.gather_shard_digests``);
 3. the main process writes the shared files, lists every file in the manifest and renames the
    folder into place (in a background thread with ``async_save``); all agree that it did.
+
+With ``async_save``, sharded state and several processes, step 2's shards are only copied to
+host memory at the step boundary (all agree that all could); writing them, gathering their
+digests and step 3 run in a background thread on every process (``background.py``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from safeloop.checkpoint.background import BackgroundShardSave, Publish, SideGroup, shard_write_problem
 from safeloop.checkpoint.sharded import DCP_ERRORS, SHARD_DIR
 from safeloop.checkpoint.spread_hashing import gather_shard_digests, shards_problem
-from safeloop.checkpoint.state import SavedState, rank_file, rank_file_name, read_state, state_files
-from safeloop.checkpoint.store import CheckpointWriter, checkpoint_name, list_checkpoints, rotate
+from safeloop.checkpoint.state import SavedState, rank_file, read_state, state_files
+from safeloop.checkpoint.store import CheckpointWriter, checkpoint_name, list_checkpoints
 from safeloop.distributed import agree_any, broadcast_int
 from safeloop.errors import CheckpointError
 
@@ -56,10 +61,14 @@ class Snapshot:
         rank (`dict[str, Any]`): this process's RNG states.
         trainer (`dict[str, Any]`): the trainer's counters and guard state (JSON values).
         meta (`dict[str, Any]`): facts for the manifest (``healthy``, ``epoch``).
-        write_shards (`Callable[[Path], dict[str, list[str]] | None]`, *optional*): sharded
+        write_shards (`Callable[..., dict[str, list[str]] | None]`, *optional*): sharded
             model and optimizer state (FSDP, DeepSpeed): every process writes its shards into the
-            folder it is given (a collective) and returns the chunk digests it took of its files
-            while writing them, by name (None: they are hashed from disk); ``model`` is then None.
+            folder it is given (a collective, over the process group given second, else the
+            default one) and returns the chunk digests it took of its files while writing them,
+            by name (None: they are hashed from disk); ``model`` is then None.
+        stage_shards (`Callable[[], None]`, *optional*): copies the shards ``write_shards``
+            writes to host memory that nothing else holds, so that they can be written while
+            training goes on; without it an asynchronous save writes them at the step boundary.
     """
 
     step: int
@@ -68,7 +77,8 @@ class Snapshot:
     rank: dict[str, Any]
     trainer: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
-    write_shards: Callable[[Path], dict[str, list[str]] | None] | None = None
+    write_shards: Callable[..., dict[str, list[str]] | None] | None = None
+    stage_shards: Callable[[], None] | None = None
 
 
 class CheckpointManager:
@@ -81,8 +91,9 @@ class CheckpointManager:
         every (`int`): global steps between checkpoints (counted from the run's start).
         keep (`int`): newest checkpoints kept.
         async_save (`bool`, *optional*, defaults to False): the main process writes the shared
-            files in a background thread (one save in flight at most; an error surfaces at the
-            next save or :meth:`poll`).
+            files in a background thread, and with several processes every process writes its
+            shards in one (one save in flight at most; an error surfaces at the next save, at
+            :meth:`close`, or at :meth:`poll` with one process).
     """
 
     def __init__(
@@ -105,7 +116,8 @@ class CheckpointManager:
         self.resumed_step: int | None = None  # the checkpoint of this folder the run resumed from
         self.protected_step: int | None = None  # the newest checkpoint known healthy: never rotated
         self._pool: ThreadPoolExecutor | None = None
-        self._inflight: tuple[int, Future[Path]] | None = None
+        self._inflight: tuple[int, Future[Path | None]] | None = None
+        self._side = SideGroup()  # the background saves' own process group, made when first needed
         self._failure = ""
         self.durable: list[tuple[int, Path]] = []  # async saves finished inside save(), to report
 
@@ -127,7 +139,9 @@ class CheckpointManager:
         """Write the checkpoint of ``snapshot.step``; return its folder once it is durable.
 
         With ``async_save`` the main process returns None at once; :meth:`poll` reports the
-        folder when the write is durable.
+        folder when the write is durable. With sharded state on several processes, every
+        process returns once its shards are copied to host memory and writes them in the
+        background (``background.py``).
 
         Raises:
             CheckpointError: on every process, when any process failed to write its part.
@@ -153,12 +167,22 @@ class CheckpointManager:
             problem = f"process {acc.process_index} could not write its file: {err}"
         self._agree(problem, "writing the per-process files", snapshot.step)
         shard_digests: dict[str, list[str] | None] = {}
-        if snapshot.write_shards is not None:
+        files: dict[str, Any] | None = None
+        background = self._in_background(snapshot)
+        if background:  # the boundary waits for the copies only; the shards are written behind it
+            try:
+                snapshot.stage_shards()  # type: ignore[misc]  # set when in the background
+                if main:  # before the agreement: past it, every process has its part in flight
+                    files = state_files(snapshot.model, snapshot.shared, snapshot.trainer, copy=True)
+            except (RuntimeError, OSError, TypeError, CheckpointError) as err:  # out of host memory, a bug
+                problem = f"process {acc.process_index} could not copy its state to host memory: {err}"
+            self._agree(problem, "copying the model and optimizer shards to host memory", snapshot.step)
+        elif snapshot.write_shards is not None:
             written: dict[str, list[str]] = {}
             try:  # every process its own shards, into the folder's shards/ (DCP: a collective)
                 written = snapshot.write_shards(writer.tmp / SHARD_DIR) or {}
             except DCP_ERRORS as err:
-                problem = f"process {acc.process_index} could not write its shards: {err}"
+                problem = shard_write_problem(err, acc.process_index)
             self._agree(problem, "writing the model and optimizer shards", snapshot.step)
             # the digests each process took while writing, gathered (a collective); files no
             # writer hashed are hashed by all processes, or with async_save by the main process
@@ -169,17 +193,26 @@ class CheckpointManager:
             self._agree(problem, "hashing the shards", snapshot.step)
         self.last_saved_step = snapshot.step
         self.saved_steps.append(snapshot.step)
+        job: Publish | None = None
+        if main:
+            if files is None:
+                files = state_files(snapshot.model, snapshot.shared, snapshot.trainer, copy=self.async_save)
+            job = Publish(
+                writer, files, acc.num_processes, snapshot.meta, self.keep, self._protect(), shard_digests,
+            )  # fmt: skip
+        if background:
+            group = self._side.get()  # every process, at the same point (a collective when made)
+            assert snapshot.write_shards is not None  # invariant: checked by _in_background
+            shards = BackgroundShardSave(acc, group, writer.tmp, snapshot.write_shards, job)
+            self._submit(snapshot.step, shards.run)
+            return None
         if not main:
             if not self.async_save:
                 self._agree("", "publishing the checkpoint", snapshot.step)
             return None if self.async_save else self.directory / checkpoint_name(snapshot.step)
-        files = state_files(snapshot.model, snapshot.shared, snapshot.trainer, copy=self.async_save)
-        job = _Publish(
-            writer, files, acc.num_processes, snapshot.meta, self.keep, self._protect(), shard_digests,
-        )  # fmt: skip
+        assert job is not None  # invariant: made on the main process
         if self.async_save:
-            self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-save")
-            self._inflight = (snapshot.step, self._pool.submit(job.run))
+            self._submit(snapshot.step, job.run)
             return None
         path = None
         try:
@@ -189,10 +222,24 @@ class CheckpointManager:
         self._agree(problem, "publishing the checkpoint", snapshot.step)
         return path
 
+    def _in_background(self, snapshot: Snapshot) -> bool:
+        # the same answer on every process: the settings and the engine are the run's
+        return (
+            self.async_save
+            and self.accelerator.num_processes > 1
+            and snapshot.write_shards is not None
+            and snapshot.stage_shards is not None
+        )
+
+    def _submit(self, step: int, job: Callable[[], Path | None]) -> None:
+        self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeloop-save")
+        self._inflight = (step, self._pool.submit(job))
+
     def poll(self, wait: bool = False) -> list[tuple[int, Path]]:
         """Return ``(step, folder)`` of an asynchronous save that has become durable.
 
-        Only the main process has saves in flight. A failed background write is kept and raised
+        The main process reports it. The other processes have saves in flight only for sharded
+        state (their shards), and report nothing. A failed background write is kept and raised
         by :meth:`raise_failure` (at once with one process; at the next collective call with
         several, so that every process raises together).
         """
@@ -201,10 +248,11 @@ class CheckpointManager:
         step, future = self._inflight
         self._inflight = None
         try:
-            return [(step, future.result())]
+            path = future.result()
         except (OSError, CheckpointError) as err:
             self._failure = f"the asynchronous save of step {step} to {self.directory} failed: {err}"
             return []
+        return [] if path is None else [(step, path)]
 
     def raise_failure(self) -> None:
         """Raise a failed asynchronous save now (single process; see :meth:`poll`)."""
@@ -343,44 +391,20 @@ class CheckpointManager:
         return done
 
     def remove_temporary(self) -> None:
-        """Delete the temporary folder (main process; no collective, safe on an error path)."""
+        """Delete the temporary folder (main process; no collective, safe on an error path).
+
+        A save still in flight (``fit`` ended by an error) is let finish first, on every process:
+        its folder must not go from under it, nor its process group before its last collective.
+        """
+        if self._inflight is not None:
+            self._inflight[1].exception()  # its error, if any, goes with the one ending the fit
+            self._inflight = None
         if self.temporary and self.accelerator.is_main_process:
-            if self._inflight is not None:
-                self._inflight[1].exception()  # let a background write finish before deleting
-                self._inflight = None
             shutil.rmtree(self.directory, ignore_errors=True)
         if self.temporary:  # a next fit starts over in an empty folder
             self.last_saved_step = None
             self.saved_steps = []
             self.resumed_step = None
-
-
-@dataclass
-class _Publish:
-    """The main process's part of a save: shared files, the manifest, rotation."""
-
-    writer: CheckpointWriter
-    files: dict[str, Any]
-    processes: int
-    meta: dict[str, Any]
-    keep: int
-    protect: list[Path]
-    shard_digests: dict[str, list[str] | None] = field(default_factory=dict)  # None: hash here
-
-    def run(self) -> Path:
-        try:
-            for name, content in self.files.items():
-                self.writer.add(name, content)
-            for rank in range(1, self.processes):
-                self.writer.adopt(rank_file_name(rank))
-            for name, digests in sorted(self.shard_digests.items()):
-                self.writer.adopt(name, digests)
-            path = self.writer.finish({**self.meta, "world_size": self.processes})
-        except BaseException:
-            self.writer.abort()
-            raise
-        rotate(self.writer.root, self.keep, protect=[path, *self.protect])
-        return path
 
 
 def _temporary_folder(accelerator: Accelerator) -> Path:

@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from safeloop.checkpoint.hashed_write import save_hashed
+from safeloop.checkpoint.staging import HostStaging
 from safeloop.errors import CheckpointError
 from safeloop.stepping import unwrap_optimizer
 
@@ -228,6 +229,7 @@ class ShardedState:
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self._options = StateDictOptions(flatten_optimizer_state_dict=True)
+        self._staging = HostStaging()  # an asynchronous save's copies, in buffers kept between saves
 
     def _live_state(self, options: StateDictOptions) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """``get_state_dict`` of the live model and optimizer, and whether the optimizer was fresh.
@@ -257,16 +259,32 @@ class ShardedState:
             shapes = {key: list(tensor.shape) for key, tensor in tensors.items()}  # global, not local
         return ShardSnapshot(tensors, values, shapes, fresh)
 
-    def write(self, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, list[str]]:
+    def copy_to_host(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """Copies of ``tensors`` in host memory that the next optimizer step cannot change.
+
+        The buffers of the previous call are filled again: call it once its copies are written.
+        """
+        with _quiet_internals():  # ShardedTensor.to warns of ShardedTensor itself
+            return self._staging.copies(tensors)
+
+    def write(self, tensors: dict[str, Any], folder: Path, group: Any = None) -> dict[str, list[str]]:
         """Write the shards into ``folder`` (a collective: every process calls it with its own).
+
+        Args:
+            tensors (`dict`): this process's shards (``capture``, or staged copies of them).
+            folder (`Path`): the checkpoint's ``shards`` folder.
+            group (`ProcessGroup`, *optional*): the group DCP plans the save over (a background
+                save's own); None: the default group.
 
         Returns:
             `dict[str, list[str]]`: the chunk digests of the files this process wrote, by name in
             ``folder``, taken as they were written (see ``hashed_write.py``).
         """
         writer = _StreamingShardWriter(folder)
-        with _quiet_internals():
-            dcp.save(tensors, storage_writer=writer)
+        # the warning filters are global: a background thread leaves them alone (what it would
+        # silence comes from the state-dict calls of the step boundary, not from dcp.save)
+        with _quiet_internals() if group is None else contextlib.nullcontext():
+            dcp.save(tensors, storage_writer=writer, process_group=group)
         return dict(writer.digests)
 
     def load(self, folder: Path, values: dict[str, Any], fresh: bool = False) -> None:

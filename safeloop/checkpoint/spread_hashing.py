@@ -11,7 +11,10 @@ processes see, as for any checkpoint.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 
@@ -21,9 +24,17 @@ from safeloop.distributed import gather_json
 
 __all__ = ["gather_shard_digests", "spread_digests", "shards_problem"]
 
+Gather = Callable[[Any], list[Any]]  # every process's JSON value, by rank (a collective)
+
 
 def gather_shard_digests(
-    accelerator: Accelerator, root: Path, written: dict[str, list[str]], *, hash_rest: bool = True
+    accelerator: Accelerator,
+    root: Path,
+    written: dict[str, list[str]],
+    *,
+    hash_rest: bool = True,
+    problem: str = "",
+    gather: Gather | None = None,
 ) -> tuple[dict[str, list[str] | None], str]:
     """The chunk digests of every file in ``root``'s shards folder, for the manifest (a collective).
 
@@ -38,27 +49,38 @@ def gather_shard_digests(
             and the digests it took while writing them.
         hash_rest (`bool`, *optional*, defaults to True): False leaves the files no writer
             hashed to the caller (None in the answer): the main process of an asynchronous
-            save hashes them in the background.
+            save on one process hashes them in the background.
+        problem (`str`, *optional*): what went wrong with this process's files (nothing is
+            hashed then); shared with all.
+        gather (`Callable[[Any], list[Any]]`, *optional*): the collective that gathers JSON
+            values; defaults to the run's group (``distributed.gather_json``).
 
     Returns:
         `tuple[dict[str, list[str] | None], str]`: digests by name relative to ``root``
         (``shards/...``), and the problems (empty when none). Every process gets the same answer.
     """
+    gather = gather or functools.partial(gather_json, accelerator)
     mine = {f"{SHARD_DIR}/{name}": digests for name, digests in written.items()}
     taken: dict[str, list[str]] = {}
-    for part in gather_json(accelerator, mine):
-        taken.update(part)
+    problems = []
+    for part in gather({"digests": mine, "problem": problem}):
+        taken.update(part["digests"])
+        problems += [part["problem"]] if part["problem"] else []
+    if problems:  # every process got the same parts: all return here together
+        return {}, "; ".join(dict.fromkeys(problems))  # DCP's error comes the same from each
     # every file on disk is listed, and every file a process says it wrote (adopting it checks
     # that it is there): none goes unlisted
     on_disk = {f"{SHARD_DIR}/{path.name}" for path in (root / SHARD_DIR).glob("*.safetensors")}
     names = sorted(on_disk | taken.keys())
     rest = [name for name in names if name not in taken]
-    hashed, problem = spread_digests(accelerator, root, rest) if rest and hash_rest else ({}, "")
+    hashed, problem = (
+        spread_digests(accelerator, root, rest, gather=gather) if rest and hash_rest else ({}, "")
+    )
     return {name: taken.get(name, hashed.get(name)) for name in names}, problem
 
 
 def spread_digests(
-    accelerator: Accelerator, root: Path, names: list[str], problem: str = ""
+    accelerator: Accelerator, root: Path, names: list[str], problem: str = "", *, gather: Gather | None = None
 ) -> tuple[dict[str, list[str]], str]:
     """The chunk digests of the files ``names`` under ``root``, each hashed by one process.
 
@@ -69,6 +91,8 @@ def spread_digests(
         root (`Path`): the checkpoint folder (temporary or published).
         names (`list[str]`): the files, relative to ``root``; the same list on every process.
         problem (`str`, *optional*): what this process found wrong already; shared with all.
+        gather (`Callable[[Any], list[Any]]`, *optional*): the collective that gathers JSON
+            values; defaults to the run's group.
 
     Returns:
         `tuple[dict[str, list[str]], str]`: digests by name, and the problems (empty when none):
@@ -89,7 +113,8 @@ def spread_digests(
         pool.shutdown(cancel_futures=True)
     digests: dict[str, list[str]] = {}
     problems = []
-    for part in gather_json(accelerator, {"digests": mine, "problem": problem}):
+    gather = gather or functools.partial(gather_json, accelerator)
+    for part in gather({"digests": mine, "problem": problem}):
         digests.update(part["digests"])
         problems += [part["problem"]] if part["problem"] else []
     return digests, "; ".join(problems)

@@ -222,8 +222,16 @@ class ZeroState:
         if owner[name] == self.rank:  # the others' tensors are dropped at once: 1/W of the state each
             tensors[name] = value.detach().reshape(shape).to("cpu", copy=True).contiguous()
 
-    def write(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-        """Write this process's tensors into ``folder`` as one safetensors file, fsynced."""
+    def copy_to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` as they are: :meth:`capture` copied each into host memory of its own already."""
+        return tensors
+
+    def write(self, tensors: dict[str, torch.Tensor], folder: Path, group: Any = None) -> None:
+        """Write this process's tensors into ``folder`` as one safetensors file, fsynced.
+
+        No collective (``group`` is not used): each process writes its own file; the files are
+        hashed from disk for the manifest.
+        """
         write_share(tensors, folder, self.rank, self.world)
 
     # -- load --------------------------------------------------------------------------------

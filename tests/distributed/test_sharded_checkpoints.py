@@ -50,13 +50,25 @@ def stopped(request, tmp_path_factory) -> tuple[str, list[dict], Path]:
     mode = request.param
     base = tmp_path_factory.mktemp(mode)
     first = _run(base / "first", SCRIPT, MODE=mode, MAX_STEPS="7", CKPT_DIR=str(base / "ckpt"))
+    shutil.copytree(base / "ckpt", _as_written(base / "ckpt"))  # the resume test adds to the folder
     return mode, first, base / "ckpt" / "step-00000007"
 
 
-def test_fsdp_stopped_mid_epoch_and_resumed_equals_the_straight_run(stopped, tmp_path):
+def _as_written(ckpt: Path) -> Path:
+    """A copy of the checkpoint folder ``ckpt`` as the run stopped at step 7 left it."""
+    return ckpt.with_name("ckpt-as-written")
+
+
+@pytest.fixture(scope="module")
+def straight(stopped, tmp_path_factory) -> list[dict]:
+    """The run that goes straight to step 12, in the mode of ``stopped``."""
+    mode = stopped[0]
+    return _run(tmp_path_factory.mktemp(f"{mode}-straight") / "run", SCRIPT, MODE=mode, MAX_STEPS="12")
+
+
+def test_fsdp_stopped_mid_epoch_and_resumed_equals_the_straight_run(stopped, straight, tmp_path):
     mode, first, folder = stopped
     ckpt = folder.parent
-    straight = _run(tmp_path / "straight", SCRIPT, MODE=mode, MAX_STEPS="12")
     assert [r["steps"] for r in first] == [7, 7]  # 4 steps per epoch: 7 is mid second epoch
     assert [e[1] for e in first[0]["events"] if e[0] == "checkpoint"] == [0, 3, 6, 7]
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -91,6 +103,72 @@ def test_fsdp_stopped_mid_epoch_and_resumed_equals_the_straight_run(stopped, tmp
     }
     assert list(straight[0]["losses"]) == ["3", "6", "9", "12"]
     assert straight[0]["params"] != first[0]["params"]  # training moved the weights on
+
+
+def _content(folder: Path) -> dict:
+    """What a checkpoint holds, byte for byte where it matters: every safetensors file's header (as
+    JSON: safetensors writes the metadata's keys in an order of its own each time) and tensor
+    bytes, the JSON state's parts (the run's counters name the folder), the manifest's meta."""
+    held = {}
+    for name in json.loads((folder / "manifest.json").read_text())["files"]:
+        data = (folder / name).read_bytes()
+        if name.endswith(".safetensors"):
+            length = int.from_bytes(data[:8], "little")
+            held[name] = (json.loads(data[8 : 8 + length]), data[8 + length :])
+        else:
+            held[name] = json.loads(data)["parts"]
+    return {"files": held, "meta": json.loads((folder / "manifest.json").read_text())["meta"]}
+
+
+def test_an_asynchronous_save_writes_the_shards_behind_the_step_boundary(stopped, straight, tmp_path):
+    mode, first, folder = stopped
+    ckpt = tmp_path / "ckpt"
+    # every shard file's write waits 0.2 s in the background: the next steps run meanwhile
+    slow = _run(
+        tmp_path / "async", SCRIPT, MODE=mode, MAX_STEPS="7", CKPT_DIR=str(ckpt), ASYNC="1", SLOW_SHARDS="0.2"
+    )
+    for rank in (0, 1):  # no process's shard file was on disk when its save returned
+        assert [save[:2] for save in slow[rank]["saves"]] == [[0, False], [3, False], [6, False], [7, False]]
+        assert (
+            slow[rank]["params"] == first[rank]["params"]
+            and slow[rank]["optimizer"] == first[rank]["optimizer"]
+        )
+    assert [e[1] for e in slow[0]["events"] if e[0] == "checkpoint"] == [0, 3, 6, 7]  # once durable
+    # the checkpoints the synchronous run wrote, rotated the same way, holding the same bytes: the
+    # copies taken at the step boundary did not change while later steps ran
+    synchronous = _as_written(folder.parent)
+    assert sorted(p.name for p in ckpt.glob("step-*")) == sorted(p.name for p in synchronous.glob("step-*"))
+    for step in (3, 6, 7):
+        name = f"step-{step:08d}"
+        assert verify_checkpoint(ckpt / name).ok
+        assert _content(ckpt / name) == _content(synchronous / name), (
+            f"{name} differs from the synchronous save's"
+        )
+    if mode != "fsdp2":
+        return
+    resumed = _run(
+        tmp_path / "resumed", SCRIPT, MODE=mode, MAX_STEPS="12", CKPT_DIR=str(ckpt), RESUME="1", ASYNC="1"
+    )
+    assert [e[:2] for e in resumed[0]["events"] if e[0] == "resume"] == [["resume", 7]]
+    for rank in (0, 1):
+        assert resumed[rank]["params"] == straight[rank]["params"], "weights differ from the straight run"
+        assert resumed[rank]["optimizer"] == straight[rank]["optimizer"], "optimizer state differs"
+        assert resumed[rank]["lr"] == straight[rank]["lr"]
+
+
+def test_a_failed_background_shard_write_on_one_process_is_raised_on_both(tmp_path):
+    # rank 1 alone fails to write its shard of step 6 (no space left), in the background
+    ckpt = tmp_path / "ckpt"
+    failed = _run(tmp_path / "run", SCRIPT, MAX_STEPS="9", CKPT_DIR=str(ckpt), ASYNC="1", FAIL_SHARDS_AT="6")
+    for result in failed:  # training went on; both raise it at the next save (step 9), neither hangs
+        assert result["steps"] == 9
+        assert result["error"].startswith("the asynchronous save of step 6 to ")
+        assert "process 1 could not write its shards: OSError: [Errno 28] No space left" in result["error"]
+        assert "The previous checkpoints are intact" in result["error"]
+    # nothing of step 6 is left (its temporary folder was removed), step 9 was not begun
+    written = sorted(p.name for p in ckpt.iterdir() if p.name.startswith(("step-", ".step-")))
+    assert written == ["step-00000000", "step-00000003"]
+    assert verify_checkpoint(ckpt / "step-00000003").ok
 
 
 def test_a_checkpoint_of_one_fsdp_version_loads_under_the_other_bit_for_bit(stopped, tmp_path):
@@ -134,6 +212,8 @@ def test_fsdp_a_spike_on_rank_one_rolls_both_ranks_back_to_the_same_sharded_chec
     # they bring point the wrong way (a loss merely scaled up would be a larger step the right way)
     spike = {"MODE": mode, "MAX_STEPS": "24", "SPIKE_ON_RANK1_AT_STEP": "10", "POISON": "1",
              "SPIKE_WARMUP": "4", "LOG_EVERY": "1"}  # fmt: skip
+    if mode == "fsdp2":  # saved asynchronously: the rollback waits for the save in flight first
+        spike["ASYNC"] = "1"
     if mode == "fsdp1":  # use_orig_params=False: its FlatParameters' optimizer state is saved and restored
         spike["ORIG"] = "0"  # (use_orig_params=True: the resume and resharding tests above)
     results = _run(tmp_path / "run", SCRIPT, CKPT_DIR=str(tmp_path / "ckpt"), **spike)

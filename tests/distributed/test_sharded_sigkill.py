@@ -21,13 +21,14 @@ TRIALS = 10
 pytestmark = pytest.mark.slow
 
 
-def _start(out_dir: Path, checkpoint_dir: Path, mode: str) -> subprocess.Popen[str]:
+def _start(out_dir: Path, checkpoint_dir: Path, mode: str, **extra: str) -> subprocess.Popen[str]:
     """Two FSDP or DeepSpeed processes saving after every step (about 400k parameters), own session."""
     out_dir.mkdir(parents=True)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE"))}
     env = {
         **clean, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MAX_STEPS": "100000", "WIDTH": "512",
         "CKPT_EVERY": "1", "KEEP": "2", "CKPT_DIR": str(checkpoint_dir), "SAY_SAVES": "1", "MODE": mode,
+        **extra,
     }  # fmt: skip
     return subprocess.Popen(
         [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", _free_port(), str(SCRIPT), str(out_dir)],
@@ -94,13 +95,20 @@ def test_sigkill_during_deepspeed_saves_always_leaves_a_complete_checkpoint_to_r
     _kill_trials(tmp_path, ["zero2", "zero3"] * (TRIALS // 2))
 
 
-def _kill_trials(tmp_path: Path, modes: list[str]) -> None:
-    """SIGKILL one 2-process run per entry of ``modes``, then resume the last one's leftovers."""
+def test_sigkill_during_asynchronous_fsdp_saves_always_leaves_a_complete_checkpoint_to_resume(tmp_path):
+    # every process writes its shards in a background thread while the next steps run, and the
+    # main process the manifest once all are durable: a save is nearly always in flight (4 trials)
+    _kill_trials(tmp_path, ["fsdp2"] * 4, ASYNC="1")
+
+
+def _kill_trials(tmp_path: Path, modes: list[str], **extra: str) -> None:
+    """SIGKILL one 2-process run per entry of ``modes`` (``extra``: more of its environment), then
+    resume the last one's leftovers."""
     rng = random.Random(2026)
     mid_write = 0
     for trial, mode in enumerate(modes):
         checkpoint_dir = tmp_path / f"trial{trial}" / "ckpt"
-        proc = _start(tmp_path / f"trial{trial}" / "out", checkpoint_dir, mode)
+        proc = _start(tmp_path / f"trial{trial}" / "out", checkpoint_dir, mode, **extra)
         period, pids = _wait_for_saves(proc, 3)
         if trial % 2:  # a random moment of a write: once the next one has begun (its hidden folder)
             _wait_for_a_write(checkpoint_dir)
@@ -122,14 +130,17 @@ def _kill_trials(tmp_path: Path, modes: list[str]) -> None:
             name.startswith(".step-") or name in ("findings.json", "metrics.jsonl") for name in leftovers
         ), leftovers
         mid_write += any(name.startswith(".step-") for name in leftovers)
-    print(f"{sorted(set(modes))}: {mid_write} of {len(modes)} kills hit a write")
-    assert mid_write >= 4, f"only {mid_write} of {len(modes)} kills hit a write"  # 5 aimed at writes
+    print(f"{sorted(set(modes))} {extra}: {mid_write} of {len(modes)} kills hit a write")
+    aimed = len(modes) // 2  # a margin for a write that ends between the aim and the kill
+    assert mid_write >= aimed - 1, (
+        f"only {mid_write} of {len(modes)} kills hit a write ({aimed} aimed at one)"
+    )
 
     # one real resume from the last trial's leftovers, on 2 processes
     step = int(path.name.split("-")[1])
     resumed = _run(
         tmp_path / "resumed", SCRIPT, MAX_STEPS=str(step + 2), WIDTH="512", CKPT_EVERY="1", KEEP="2",
-        CKPT_DIR=str(checkpoint_dir), RESUME="1", MODE=mode,
+        CKPT_DIR=str(checkpoint_dir), RESUME="1", MODE=mode, **extra,
     )  # fmt: skip
     assert [e[:2] for e in resumed[0]["events"] if e[0] == "resume"] == [["resume", step]]
     assert [r["steps"] for r in resumed] == [step + 2, step + 2]

@@ -15,7 +15,12 @@ per rank per epoch), seed 0. Environment:
   for 3 steps, once (only there: the spike is seen through the reduced log values);
   ``ROLLBACK=0`` turns rollback off; ``OPTIMIZER=sgd`` trains with SGD (momentum 0.9) instead of AdamW;
 - ``WIDTH`` (32) sets the hidden layers' width; ``SAY_SAVES=1`` prints ``PID <pid>`` at the start
-  and ``SAVED <step>`` per durable checkpoint.
+  and ``SAVED <step>`` per durable checkpoint;
+- ``ASYNC=1`` saves asynchronously (``async_checkpoint=True``); ``SLOW_SHARDS=s`` makes every
+  shard file's write wait ``s`` seconds first, and the result then says, per save, whether this
+  process's shard file was on disk when the save returned; ``FAIL_SHARDS_AT=k`` makes rank 1's
+  shard write of the checkpoint of step k fail (no space left), and the result holds the
+  ``CheckpointError`` that ``fit`` raised instead of the state.
 
 Each rank prints one ``RESULT`` JSON line: the whole parameters and optimizer state (by name,
 gathered from the shards), the steps, the history's losses, the events (tensors as digests of
@@ -28,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,6 +46,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from safeloop import Callback, SafeTrainer
+from safeloop.checkpoint import sharded
+from safeloop.checkpoint.manager import CheckpointManager
+from safeloop.errors import CheckpointError
 from tests.distributed.scripts.train_deepspeed_ranks import build_accelerator as build_deepspeed_accelerator
 from tests.distributed.scripts.train_fsdp_ranks import build_accelerator, wrap_flat
 from tests.helpers.models import classification_data
@@ -90,12 +100,51 @@ class SaySaves(Callback):
         sys.stdout.flush()
 
 
+def _shard_folder_step(path: Path) -> int:
+    """The step of the checkpoint whose (temporary) shards folder holds ``path``."""
+    return int(path.parent.parent.name.strip(".").split(".")[0].split("-")[1])
+
+
+def inject_shard_writes(rank: int, seen: list) -> None:
+    """Slow down or fail shard writes (``SLOW_SHARDS``, ``FAIL_SHARDS_AT``), and record per save
+    whether this process's shard file existed when ``CheckpointManager.save`` returned."""
+    slow = float(os.environ.get("SLOW_SHARDS", "0"))
+    fail_at = int(os.environ.get("FAIL_SHARDS_AT", "-1"))
+    original = sharded.save_hashed
+
+    def save_hashed(tensors, path, metadata=None):
+        if rank == 1 and _shard_folder_step(path) == fail_at:
+            raise OSError(28, "No space left on device (injected)", str(path))
+        time.sleep(slow)
+        return original(tensors, path, metadata)
+
+    sharded.save_hashed = save_hashed
+    if not slow:
+        return
+    save = CheckpointManager.save
+
+    def timed_save(manager, snapshot):
+        start = time.perf_counter()
+        path = save(manager, snapshot)
+        name = f"shards/{sharded.shard_file_name(rank + 1)}"
+        folders = [
+            manager.directory / f".step-{snapshot.step:08d}.tmp",
+            manager.directory / f"step-{snapshot.step:08d}",
+        ]
+        seen.append([snapshot.step, any((f / name).exists() for f in folders), time.perf_counter() - start])
+        return path
+
+    CheckpointManager.save = timed_save
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     if os.environ.get("SAY_SAVES") == "1":  # the test kills the processes themselves, not only torchrun
         sys.stdout.write(f"PID {os.getpid()}\n")
         sys.stdout.flush()
     tracker = JsonLinesTracker(os.path.join(out_dir, "metrics.jsonl"))
+    seen: list = []  # [step, shard file on disk when the save returned, seconds the save took]
+    inject_shard_writes(int(os.environ.get("RANK", "0")), seen)
     mode = os.environ.get("MODE", "fsdp2")
     if mode.startswith("zero"):
         os.environ["STAGE"] = mode[len("zero") :]
@@ -148,9 +197,17 @@ def main() -> None:
         log_every=int(os.environ.get("LOG_EVERY", "3")),
         spike_warmup=int(os.environ.get("SPIKE_WARMUP", "20")),
         rollback=os.environ.get("ROLLBACK", "1") == "1",
+        async_checkpoint=os.environ.get("ASYNC") == "1",
     )
     resume_from = os.environ.get("RESUME_FROM") or ("latest" if os.environ.get("RESUME") == "1" else None)
-    result = trainer.fit(resume_from=resume_from)
+    try:
+        result = trainer.fit(resume_from=resume_from)
+    except CheckpointError as err:  # FAIL_SHARDS_AT: on every process, at the same point
+        if "FAIL_SHARDS_AT" not in os.environ:
+            raise
+        end_run(accelerator)
+        print_result({"rank": accelerator.process_index, "error": str(err), "steps": trainer.global_step})
+        return
     if mode.startswith("zero"):
         params, optim = zero_whole_state(trainer)
     else:  # whole tensors by parameter name, the same way under FSDP2, FSDP1 and without sharding
@@ -166,6 +223,7 @@ def main() -> None:
         "optimizer": {str(k): {n: whole(v) for n, v in s.items()} for k, s in optim["state"].items()},
         "lr": trainer.optimizer.param_groups[0]["lr"],
         "rollbacks": result.rollbacks,
+        "saves": seen,
     }
     end_run(accelerator)
     print_result(record)
