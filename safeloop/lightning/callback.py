@@ -4,7 +4,8 @@ The callback maps Lightning's hooks onto the components of a :class:`FitSession`
 work is one call. Where each hook fires (Lightning 2.x, automatic optimization)::
 
     on_fit_start                    check the set-up, build the session
-    on_train_start                  the optimizer's step is gated (after a checkpoint restore)
+    on_train_start                  the optimizer's step is gated (after a checkpoint restore); with
+                                    rollback, the checkpoint before the first step
     per micro-batch:
         on_train_batch_start        first batch: inputs, trainable params, optimizer; watch on
         training_step               (the user's forward and loss)
@@ -17,13 +18,17 @@ work is one call. Where each hook fires (Lightning 2.x, automatic optimization):
         on_before_optimizer_step    first step: all-zero weights; gradient norms, clipping,
                                     the agreed finite flag, the decision
         (Lightning's clipping, then the update: applied, or refused by the gate)
-        on_train_batch_end          the step boundary: counted, learnt, logged every log_every
-    on_train_end                    the last log step, the end-of-fit checks
+        on_train_batch_end          the step boundary: counted, learnt, logged every log_every,
+                                    a checkpoint when due; a rollback in place on a divergence
+    on_train_end                    the last log step (a divergence there still rolls back), the
+                                    end-of-fit checks
     on_fit_end                      the report (INFO) and the summary (printed)
 
 Manual optimization: ``manual_backward`` fires ``on_before_backward``/``on_after_backward`` and
 ``opt.step()`` fires ``on_before_optimizer_step`` inside the gated step, so the same calls
-happen in the same order; ``on_before_zero_grad`` never fires.
+happen in the same order; ``on_before_zero_grad`` never fires. Gradients at
+``on_before_optimizer_step`` with no loss through ``on_before_backward`` mean ``loss.backward()``
+was called directly (``direct-backward``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from safeloop.results import Event, Finding, FitResult, report
 
 __all__ = ["SafeLoopCallback"]
 
+_STATE_KEYS = ("preflight_done", "consecutive_skips", "rollbacks", "lr_scale")
 _NO_LOSS = (
     "no loss of the first batch reached Lightning's backward (`training_step` returned None, or "
     "`loss.backward()` was called instead of `self.manual_backward(loss)`)"
@@ -52,11 +58,14 @@ _NO_LOSS = (
 
 
 class SafeLoopCallback(Callback):
-    """safeloop's NaN/Inf guard, zero-weight re-initialisation and diagnostics for Lightning.
+    """safeloop's NaN/Inf guard, rollback, zero-weight re-initialisation and diagnostics for Lightning.
 
     The keywords are ``SafeTrainer``'s, with its defaults and its checks. A non-finite step
-    changes nothing (parameters and optimizer state bitwise unchanged), on every process; more
-    than ``max_consecutive_skips`` in a row raise ``NonFiniteError``. After ``trainer.fit`` the
+    changes nothing (parameters and optimizer state bitwise unchanged), on every process. On a
+    divergence (a confirmed loss spike, or more than ``max_consecutive_skips`` skips in a row) the
+    newest healthy checkpoint is restored in place at the batch's end, the learning rates are
+    lowered and the fit goes on with its next batch (docs/lightning.md says what is and is not
+    restored); past ``max_rollbacks``, ``DivergenceError``. After ``trainer.fit`` the
     callback holds what a ``FitResult`` holds: ``findings``, ``events``, ``result`` and
     :meth:`report`. Findings are logged on the ``safeloop`` Python logger and to the ``Trainer``'s
     loggers (``safeloop/findings/<code>``), with the step metrics (``safeloop/train/...``).
@@ -73,6 +82,14 @@ class SafeLoopCallback(Callback):
         reinit_std (`float`, *optional*, defaults to 0.02): standard deviation for ``"normal"``.
         reinit_scope (`str`, *optional*, defaults to ``"weights"``): ``"weights"`` (2-D and
             more) or ``"all"`` (stuck 1-D tensors too).
+        rollback (`bool`, *optional*, defaults to True): on a divergence, restore the newest
+            healthy checkpoint in place (parameters, buffers, optimizer, LR scheduler, fp16
+            scaler), lower the learning rates and go on with the next batch; without rollback a
+            spike is only reported and a run of skips raises ``NonFiniteError``.
+        max_rollbacks (`int`, *optional*, defaults to 3): one more divergence raises
+            ``DivergenceError`` (the causes ranked).
+        rollback_lr_factor (`float`, *optional*, defaults to 0.5): learning rates are multiplied
+            by it at each rollback (the schedule keeps the scale).
         clip_grad_norm (`float`, *optional*): max global gradient norm, applied in
             ``on_before_optimizer_step`` with the norm the guard measured (not together with the
             ``Trainer``'s ``gradient_clip_val``); works under manual optimization too.
@@ -83,6 +100,12 @@ class SafeLoopCallback(Callback):
             the running mean of the loss that count as a spike (a ``loss-spike`` finding).
         spike_patience (`int`, *optional*, defaults to 3): spiking steps in a row that confirm it.
         spike_warmup (`int`, *optional*, defaults to 20): steps observed before any spike.
+        checkpoint_dir (`str`, *optional*): where the rollback's checkpoints go (safetensors,
+            ``step-00000500/`` folders, kept after the fit); None: a temporary folder removed at
+            the end of the fit. Only with ``rollback=True``.
+        checkpoint_every (`int`, *optional*, defaults to 500): optimizer steps between checkpoints.
+        keep_checkpoints (`int`, *optional*, defaults to 3): newest checkpoints kept (the newest
+            healthy one is never deleted).
         diagnostics (`bool`, *optional*, defaults to True): run the checks of
             ``docs/diagnostics.md`` that apply under Lightning (docs/lightning.md lists them).
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric reads.
@@ -112,12 +135,18 @@ class SafeLoopCallback(Callback):
         reinit_zero_params: str | None = "xavier",
         reinit_std: float = 0.02,
         reinit_scope: str = "weights",
+        rollback: bool = True,
+        max_rollbacks: int = 3,
+        rollback_lr_factor: float = 0.5,
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         adaptive_clip: float | None = None,
         spike_zscore: float = DEFAULT_ZSCORE,
         spike_patience: int = DEFAULT_PATIENCE,
         spike_warmup: int = DEFAULT_WARMUP,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 500,
+        keep_checkpoints: int = 3,
         diagnostics: bool = True,
         log_every: int = 10,
         summary: bool = True,
@@ -137,7 +166,7 @@ class SafeLoopCallback(Callback):
 
     @property
     def events(self) -> list[Event]:
-        """What the guards did in the last fit (``"skip"``, ``"reinit"``), in order."""
+        """What the guards did in the last fit, in order (``"skip"``, ``"rollback"``, ...)."""
         return [] if self._session is None else list(self._session.record.events)
 
     @property
@@ -215,16 +244,16 @@ class SafeLoopCallback(Callback):
         session = self._live()
         if session.first is not None and session.first.watching:
             session.first.close(_NO_LOSS)
-        session.steps.before_step()
+        session.before_step()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """The step boundary, when this micro-batch ended a step."""
+        """The step boundary, when this micro-batch ended a step; a rollback in place on a divergence."""
         session = self._live()
         if session.first is not None and session.first.watching:
             session.first.close(_NO_LOSS)
-        session.steps.finish()
+        session.batch_end()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The last log step and the end-of-fit checks (every process, before teardown)."""
@@ -242,24 +271,33 @@ class SafeLoopCallback(Callback):
             self._session.abandon(exception)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """The optimizer's own step is back (it already is after ``on_train_end``)."""
+        """The optimizer's own step and the plugin's clipping are back (already after ``on_train_end``)."""
         if self._session is not None:
             self._session.gate.uninstall()
+            self._session.checks.uninstall()
 
     # -- Lightning's checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain values for Lightning's checkpoint: first-step checks done, skips in a row."""
+        """Plain values for Lightning's checkpoint: first-step checks done, skips in a row, rollbacks.
+
+        The rollbacks made and their learning-rate scale go on in a resumed fit, as ``SafeTrainer``
+        keeps them across a resume: ``max_rollbacks`` is a budget for the whole run.
+        """
         session = self._session
         if session is None:
             return dict(self._restored)
-        return {**session.steps.state_dict(), **session.skips.tracker.state_dict()}
+        record = session.record
+        return {
+            **session.steps.state_dict(),
+            **session.skips.tracker.state_dict(),
+            "rollbacks": record.rollbacks,
+            "lr_scale": record.lr_scale,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take :meth:`state_dict` back (Lightning calls it before ``on_fit_start`` when resuming)."""
-        self._restored = {
-            key: state_dict[key] for key in ("preflight_done", "consecutive_skips") if key in state_dict
-        }
+        self._restored = {key: state_dict[key] for key in _STATE_KEYS if key in state_dict}
         if self._session is not None:  # restored after on_fit_start (a strategy that restores late)
             restored, self._restored = self._restored, {}
             self._apply(restored)
@@ -270,6 +308,9 @@ class SafeLoopCallback(Callback):
             session.steps.load_state_dict(state)
         if "consecutive_skips" in state:
             session.skips.tracker.load_state_dict(state)
+        if "rollbacks" in state:
+            session.record.rollbacks = int(state["rollbacks"])
+            session.record.lr_scale = float(state.get("lr_scale", 1.0))
 
     def _live(self) -> FitSession:
         assert self._session is not None  # invariant: every training hook comes after on_fit_start

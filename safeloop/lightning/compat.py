@@ -107,10 +107,20 @@ def check_trainer_setup(trainer: Any, settings: Any, optimizers: Sequence[Any]) 
         optimizers (`Sequence[Optimizer]`): ``trainer.optimizers``.
 
     Raises:
-        ConfigError: an unsupported strategy, several optimizers or none, an LBFGS optimizer, or
-            clipping asked of both the callback and the ``Trainer``.
+        ConfigError: an unsupported strategy, several optimizers or none, an LBFGS optimizer,
+            several LR schedulers with rollback, or clipping asked of both the callback and the
+            ``Trainer``.
     """
     problems = [*_strategy_problems(trainer), *_optimizer_problems(optimizers, settings)]
+    schedulers = [config.scheduler for config in getattr(trainer, "lr_scheduler_configs", None) or ()]
+    if settings.rollback and len(schedulers) > 1:
+        names = ", ".join(type(s).__name__ for s in schedulers)
+        problems.append(
+            f"`configure_optimizers` returned {len(schedulers)} LR schedulers ({names}) and `rollback=True`; "
+            "a rollback restores the scheduler and scales its rates by `rollback_lr_factor`, which "
+            "SafeLoopCallback does for one scheduler. Fix: chain them into one (`SequentialLR`, "
+            "`ChainedScheduler`), or `SafeLoopCallback(rollback=False)`."
+        )
     clip = _callback_clip(settings)
     trainer_clip = trainer.gradient_clip_val
     if clip is not None and trainer_clip is not None and trainer_clip > 0:

@@ -3,10 +3,13 @@
 ``SafeTrainer._build`` wires the run's state objects and components; :class:`FitSession` does the
 same for a ``trainer.fit`` that ``SafeLoopCallback`` watches, with the same classes: ``Progress``
 and ``RunRecord`` (the run's state), ``Reporter`` (findings and events), ``Diagnostics``,
-``SkipHandler`` and ``DivergencePolicy`` (without rollback), ``SpikeDetector``, ``MetricBuffer``
-and ``LogStep``. What differs is only what Lightning owns: the loop, the processes
-(:class:`LightningProcesses`), the optimizer's step (:class:`StepGate`) and the first forward
-(:class:`FirstBatchChecks`). The session holds no thresholds; the callback calls it from its hooks.
+``SkipHandler`` and ``DivergencePolicy``, ``SpikeDetector``, ``MetricBuffer``, ``LogStep``,
+``Checkpointer`` and ``Rollback``. What differs is only what Lightning owns: the loop, the
+processes (:class:`LightningProcesses`), the optimizer's step (:class:`StepGate`), the first
+forward (:class:`FirstBatchChecks`), the user's backward and clipping
+(:class:`OptimizationChecks`) and the rollback, made in place (:class:`InPlaceRollback`). The
+session holds no thresholds; the callback calls it from its hooks, and it says at which step
+boundary each component acts (what ``RunLoop`` says for ``SafeTrainer``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from safeloop.checkpoint.checkpointer import NamedState
 from safeloop.config import TrainerConfig
 from safeloop.diagnostics.advice import check_lr_advice
 from safeloop.diagnostics.session import Diagnostics
@@ -26,7 +30,9 @@ from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.divergence import SpikeDetector
 from safeloop.hooks import CallbackList
 from safeloop.lightning.first_batch import FirstBatchChecks
+from safeloop.lightning.optimization_checks import ClippingAwareReporter, OptimizationChecks
 from safeloop.lightning.processes import LightningProcesses
+from safeloop.lightning.rollback import InPlaceRollback
 from safeloop.lightning.step_gate import StepGate
 from safeloop.lightning.steps import GuardedSteps
 from safeloop.log_step import LogStep
@@ -59,6 +65,8 @@ class FitSession:
         first (`FirstBatchChecks`, *optional*): None with ``diagnostics=False``.
         steps (`GuardedSteps`): the guarded steps.
         gate (`StepGate`): installed on the optimizer for the fit.
+        checks (`OptimizationChecks`): the user's backward and clipping.
+        rollbacks (`InPlaceRollback`): checkpoints and rollbacks (idle with ``rollback=False``).
     """
 
     def __init__(
@@ -70,7 +78,13 @@ class FitSession:
             global_step=int(trainer.global_step), step_lr=optimizer.param_groups[0]["lr"]
         )
         self.record = RunRecord()
-        self.reporter = Reporter(processes, self.progress, self.record, CallbackList(()))  # type: ignore[arg-type]
+        clips = any(
+            v is not None for v in (config.clip_grad_norm, config.clip_grad_value, config.adaptive_clip)
+        )
+        self.checks = OptimizationChecks(trainer, pl_module, callback_clips=clips)
+        self.reporter: Reporter = ClippingAwareReporter(
+            processes, self.progress, self.record, CallbackList(()), explain=self.checks.explain
+        )
         prepared = trainer.strategy.model
         self.diagnostics: Diagnostics | None = None
         self.first: FirstBatchChecks | None = None
@@ -85,7 +99,7 @@ class FitSession:
                 checked_loss_fn=self.diagnostics.checked_loss_fn,
             )  # fmt: skip
         self.gate = StepGate(optimizer, processes.scaler)
-        policy = DivergencePolicy(config, self.progress, self.reporter, rollback_enabled=False)
+        policy = DivergencePolicy(config, self.progress, self.reporter, rollback_enabled=config.rollback)
         skips = SkipHandler(
             policy=config.nan_guard,
             max_consecutive_skips=config.max_consecutive_skips,
@@ -100,17 +114,26 @@ class FitSession:
         )
         metrics = MetricBuffer(config.log_every)
         guarded_on_device = config.nan_guard != "off" and self.gate.device_side
+        spikes = SpikeDetector(config.spike_zscore, config.spike_patience, config.spike_warmup)
         log = LogStep(
             processes, metrics, self.progress, self.record,  # type: ignore[arg-type]
             skips=skips if guarded_on_device else None,
-            spikes=SpikeDetector(config.spike_zscore, config.spike_patience, config.spike_warmup),
-            divergences=policy, diagnostics=self.diagnostics,
+            spikes=spikes, divergences=policy, diagnostics=self.diagnostics,
         )  # fmt: skip
         adaptive = None if config.adaptive_clip is None else AdaptiveClip(config.adaptive_clip)
         self.steps = GuardedSteps(
             config, processes, pl_module, optimizer, self.gate, progress=self.progress,
             reporter=self.reporter, skips=skips, metrics=metrics, log=log, diagnostics=self.diagnostics,
             adaptive=adaptive, automatic=bool(pl_module.automatic_optimization),
+        )  # fmt: skip
+        schedulers = trainer.lr_scheduler_configs  # at most one with rollback (compat.py)
+        self.rollbacks = InPlaceRollback(
+            config, processes, pl_module, optimizer, schedulers[0].scheduler if schedulers else None,
+            progress=self.progress, record=self.record, reporter=self.reporter, skips=skips, log=log,
+            guard_state=[
+                self.steps, NamedState("spike_detector", spikes), NamedState("adaptive_clip", adaptive),
+            ],
+            after_rollback=[self.steps],
         )  # fmt: skip
         self.skips = skips
         self._started = time.perf_counter()
@@ -124,11 +147,41 @@ class FitSession:
         self._first_step = self.progress.global_step
         if self.config.nan_guard != "off":  # off: the optimizer's step stays untouched (LBFGS too)
             self.gate.install()
+        self.checks.install()
+        self.rollbacks.start()  # the state before the first step: a healthy rollback target
         self._started = time.perf_counter()
+
+    def before_step(self) -> None:
+        """``on_before_optimizer_step``: the previous step's end if it is still open, then this step's.
+
+        Raises:
+            NonFiniteError: under ``nan_guard="raise"``, before any update of a non-finite step.
+        """
+        # a second step in one training_step (manual optimization): the first one ends here, and a
+        # divergence it finds waits for the batch's end (this step's gradients are computed)
+        self.rollbacks.step_ended(self.steps.finish(), in_step=True)
+        finding = self.checks.before_step(self.progress.global_step + 1, had_loss=self.steps.window_has_loss)
+        if finding is not None:
+            self.reporter.add(finding)
+        self.steps.before_step()
+
+    def batch_end(self) -> None:
+        """``on_train_batch_end``: the step boundary, then a rollback from a divergence it met.
+
+        Raises:
+            DivergenceError: a rollback was needed past ``max_rollbacks``, or no healthy
+                checkpoint precedes the divergence.
+        """
+        self.rollbacks.step_ended(self.steps.finish(), in_step=False)
+        self.rollbacks.batch_ended()
 
     def end_training(self) -> None:
         """``on_train_end`` (every process, before the strategy's teardown): the last reads."""
-        self.steps.end()
+        # a divergence found here still rolls back: the module the fit leaves is the healthy one
+        self.rollbacks.step_ended(self.steps.finish(), in_step=False)
+        self.rollbacks.step_ended(self.steps.flush(), in_step=False)  # nothing left after a rollback
+        self.rollbacks.end()
+        self.checks.uninstall()
         if self.diagnostics is not None:
             self.diagnostics.finish()
         # advice the run can check is checked against it (as at the end of SafeTrainer.fit)
@@ -155,14 +208,16 @@ class FitSession:
         """``on_fit_end``: the report at INFO and, with ``summary``, the summary printed (main process)."""
         result = self.result if self.result is not None else self.build_result()
         self.result = result
-        self.reporter.finish(result, None)
+        checkpoint_dir = self.config.checkpoint_dir
+        self.reporter.finish(result, checkpoint_dir)  # with checkpoint_dir: findings.json there
+        self.rollbacks.remove_temporary()
         if summary and self.processes.is_main_process:
             text = fit_summary(
                 result,
                 seconds=time.perf_counter() - self._started,
                 steps_run=result.global_step - self._first_step,
-                checkpoint_dir=None,
-                latest=None,
+                checkpoint_dir=checkpoint_dir,
+                latest=None,  # safeloop's checkpoints are rollback targets here, not resumed by Lightning
             )
             print(text, flush=True)
 
@@ -187,8 +242,14 @@ class FitSession:
         self.error, self.result = exception, None
         if self.first is not None:
             self.first.close()
+        step, had_loss = self.progress.global_step + 1, self.steps.window_has_loss
+        cause = self.checks.at_error(step, exception, had_loss=had_loss)
+        if cause is not None:  # torch's fp16 error after `loss.backward()`: its cause, named
+            self.reporter.add(cause)
         self.steps.abandon()
         self.gate.uninstall()
+        self.checks.uninstall()
+        self.rollbacks.remove_temporary()
         if isinstance(exception, SafeLoopError) and self.processes.is_main_process:
             logger.info("%s", self.report())
 

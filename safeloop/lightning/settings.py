@@ -3,8 +3,8 @@
 The callback takes the guard and diagnostic keywords of ``SafeTrainer`` with the same names and
 defaults; a bad value gives the same message (the checks are ``config.check_settings``), under
 the callback's name. A ``SafeTrainer`` keyword that Lightning owns (epochs, accumulation,
-precision, seeding, loggers, the progress bar) or that the callback does not take yet
-(rollback and checkpoints) is refused with where it goes instead.
+precision, seeding, loggers, the progress bar) or that cannot apply under Lightning's loop
+(``rollback_skip_batches``, ``async_checkpoint``) is refused with where it goes, or why.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ CALLBACK_KEYWORDS = (
     "reinit_zero_params",
     "reinit_std",
     "reinit_scope",
+    "rollback",
+    "max_rollbacks",
+    "rollback_lr_factor",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
     "clip_grad_norm",
     "clip_grad_value",
     "adaptive_clip",
@@ -40,12 +46,14 @@ CALLBACK_KEYWORDS = (
     "summary",
 )
 
-_ROLLBACK = (
-    "rollback to safeloop's checkpoints is not in SafeLoopCallback yet (docs/lightning.md says what "
-    "happens on a divergence today); drop it"
+_SKIP_BATCHES = (
+    "Lightning's loop owns the data iterator, so a rollback cannot move it: the fit goes on with the "
+    "batch after the detection, and the batches since the checkpoint are not replayed (what the "
+    "default, None, does under SafeTrainer); drop it"
 )
-_CHECKPOINTS = (
-    "SafeLoopCallback writes no checkpoints yet; use Lightning's `ModelCheckpoint` callback and drop it"
+_ASYNC = (
+    "SafeLoopCallback writes its rollback checkpoints at the step boundary (asynchronous saves are "
+    "not supported under Lightning yet); drop it"
 )
 # SafeTrainer keywords the callback does not take, and where a Lightning user sets them
 ELSEWHERE = {
@@ -64,14 +72,8 @@ ELSEWHERE = {
     "eval_dataloader": "return it from `val_dataloader` or pass `trainer.fit(model, train, val)`",
     "lr_scheduler": "return it from `configure_optimizers`",
     "gradient_noise_scale": "the gradient noise scale is not measured under Lightning yet; drop it",
-    "rollback": _ROLLBACK,
-    "max_rollbacks": _ROLLBACK,
-    "rollback_lr_factor": _ROLLBACK,
-    "rollback_skip_batches": _ROLLBACK,
-    "checkpoint_dir": _CHECKPOINTS,
-    "checkpoint_every": _CHECKPOINTS,
-    "keep_checkpoints": _CHECKPOINTS,
-    "async_checkpoint": _CHECKPOINTS,
+    "rollback_skip_batches": _SKIP_BATCHES,
+    "async_checkpoint": _ASYNC,
     "lr": "the learning rate is set on the optimizer in `configure_optimizers`",
     "learning_rate": "the learning rate is set on the optimizer in `configure_optimizers`",
     "batch_size": "the batch size is set on the DataLoader: `DataLoader(dataset, batch_size=...)`",
@@ -92,7 +94,7 @@ def callback_config(arguments: Mapping[str, Any]) -> TrainerConfig:
     """Validate the callback's keywords and return them as a ``TrainerConfig``.
 
     The settings the callback does not take keep ``TrainerConfig``'s defaults, except
-    ``rollback`` (False: no rollback under Lightning yet) and ``progress_bar`` (Lightning's).
+    ``progress_bar`` (Lightning draws its own).
 
     Args:
         arguments (`Mapping[str, Any]`): the keywords given, each in :data:`CALLBACK_KEYWORDS`.
@@ -104,9 +106,16 @@ def callback_config(arguments: Mapping[str, Any]) -> TrainerConfig:
         ConfigError: listing every invalid value, as ``SafeTrainer`` words it.
     """
     defaults = {field.name: field.default for field in dataclasses.fields(TrainerConfig)}
-    values = {**defaults, "rollback": False, "progress_bar": False, **arguments}
+    values = {**defaults, "progress_bar": False, **arguments}
     problems: list[str] = []
     check_settings(problems, values)
+    if values["checkpoint_dir"] is not None and values["rollback"] is False:
+        problems.append(
+            f"`checkpoint_dir={values['checkpoint_dir']!r}` with `rollback=False`: under Lightning the "
+            "callback's checkpoints are the rollback's targets only, so it would write none there. For "
+            "checkpoints to resume from, use Lightning's `ModelCheckpoint`. Fix: drop `checkpoint_dir`, or "
+            "keep `rollback=True`."
+        )
     if problems:
         raise ConfigError(format_problems(problems, OWNER))
     return TrainerConfig(**normalised_settings(values))

@@ -11,7 +11,8 @@ Lightning's hooks:
   (:meth:`GuardedSteps.before_step`);
 - the step boundary, at ``on_train_batch_end`` (or at the next step, or the end of training):
   the step counted, its device row kept, a skip read on the host learnt at once, and every
-  ``log_every`` steps the log step (:meth:`GuardedSteps.finish`).
+  ``log_every`` steps the log step (:meth:`GuardedSteps.finish`), whose outcome (a divergence,
+  or the interval known healthy) it returns for the rollback to act on.
 
 The components are ``SafeTrainer``'s own (``measure_and_clip``, ``finite_flag``,
 ``agree_all_finite``, ``run_preflight``, ``SkipHandler``, ``MetricBuffer``, ``LogStep``,
@@ -36,7 +37,7 @@ from safeloop.guards.clipping import GradNorms, measure_and_clip
 from safeloop.guards.nonfinite import finite_flag, true_overflow
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.lightning.step_gate import StepGate
-from safeloop.log_step import LogStep
+from safeloop.log_step import LogOutcome, LogStep
 from safeloop.metrics import MetricBuffer, StepValues
 from safeloop.preflight import run_preflight
 from safeloop.progress import ProgressBar
@@ -134,13 +135,20 @@ class GuardedSteps:
             value = value * self._loss_factor
         self._losses.append(value)
 
+    @property
+    def window_has_loss(self) -> bool:
+        """Some loss reached ``on_before_backward`` since the last step (Lightning's backward ran)."""
+        return bool(self._losses)
+
     def before_step(self) -> None:
         """Measure and decide the step about to be taken (``on_before_optimizer_step``).
+
+        The previous step's :meth:`finish` must have run (a second step in one ``training_step``
+        meets the first one's end here).
 
         Raises:
             NonFiniteError: under ``nan_guard="raise"``, before any update of a non-finite step.
         """
-        self.finish()  # a second step in one training_step (manual optimization): the first one's end
         step = self.progress.global_step + 1
         if not self.preflight_done:
             self._preflight()
@@ -174,18 +182,23 @@ class GuardedSteps:
         self.gate.decide(flag)
         self._measured = _Measured(step, row_loss, norms, flag, overflow, lr, around)
 
-    def finish(self) -> None:
+    def finish(self) -> LogOutcome | None:
         """End the measured step, if any: count it, keep its row, learn a host-read skip, log.
 
         Called at ``on_train_batch_end``, before the next step and at the end of training, so
         that every process ends each step at the same point.
 
+        Returns:
+            `LogOutcome | None`: a divergence (a run of skips read at the step, or what the log
+            step found), or the interval the log step found healthy; None when no step was open.
+
         Raises:
-            NonFiniteError: more skipped steps in a row than ``max_consecutive_skips``.
+            NonFiniteError: more skipped steps in a row than ``max_consecutive_skips`` without
+                rollback.
         """
         measured, self._measured = self._measured, None
         if measured is None:
-            return
+            return None
         if measured.around_update is not None:
             measured.around_update.__exit__(None, None, None)  # ||dw|| of the update just made
         self.progress.advance(measured.lr)
@@ -202,22 +215,29 @@ class GuardedSteps:
             values = (
                 _APPLIED if applied else self.skips.host_values(measured.loss, norms.total, norms.per_param)
             )
-            # without rollback a run of skips past the limit raises here; no divergence comes back
-            self.skips.learn(measured.step, [values])
+            # past the limit: a divergence with rollback on (acted on before any log step, as
+            # SafeTrainer's loop does), NonFiniteError without
+            divergence = self.skips.learn(measured.step, [values])
+            if divergence is not None:
+                return LogOutcome(divergence)
         if measured.step % self.config.log_every == 0:
-            self.log.run(self._bar)
+            return self.log.run(self._bar)
+        return LogOutcome()
 
-    def end(self) -> None:
-        """At the end of training: the last step's boundary and the steps not logged yet."""
-        self.finish()
-        if len(self.metrics):
-            self.log.run(self._bar)
+    def flush(self) -> LogOutcome | None:
+        """At the end of training, after the last :meth:`finish`: the steps not logged yet, if any."""
+        return self.log.run(self._bar) if len(self.metrics) else None
 
     def abandon(self) -> None:
         """After an error: leave an update measurement open no longer (nothing is logged)."""
         measured, self._measured = self._measured, None
         if measured is not None and measured.around_update is not None:
             measured.around_update.__exit__(None, None, None)
+
+    def after_rollback(self) -> None:
+        """A rollback restored the weights: nothing measured before it belongs to what follows."""
+        self.abandon()
+        self._losses = []
 
     # -- parts -------------------------------------------------------------------------------------
 

@@ -1,9 +1,16 @@
 """``SafeLoopCallback`` under Lightning's DDP on 2 CPU processes (gloo), launched by torchrun.
 
-One process's loss goes NaN at step 3: the finite flag is agreed, so both processes skip that
-step, it changes nothing on either, and they end with the same parameters and findings. A layer
-that gets no gradient is named on both, and under plain ``"ddp"`` both stop with the
-``ConfigError`` that names Lightning's fix instead of DDP's reduction error at the next step.
+One launch runs four fits in the same two processes (``scripts/lightning_ddp_ranks.py``):
+
+- one process's loss goes NaN at step 3, in automatic and in manual optimization: the finite flag
+  is agreed, so both processes skip that step, it changes nothing on either, and they end with the
+  same parameters and findings; a layer that gets no gradient is named on both;
+- one process's loss is multiplied by 1000 at step 25, in automatic and in manual optimization:
+  the mean loss spikes on both, both roll back in place to the checkpoint of step 20, their
+  parameters right after it are bitwise the checkpoint's, and they train on to the same weights.
+
+A second launch, under plain ``"ddp"``: both stop with the ``ConfigError`` that names Lightning's
+fix instead of DDP's reduction error at the next step.
 """
 
 from __future__ import annotations
@@ -20,19 +27,48 @@ SCRIPT = Path(__file__).parent / "scripts" / "lightning_ddp_ranks.py"
 pytestmark = pytest.mark.slow
 
 
-def test_a_nan_on_one_process_is_skipped_on_both_and_changes_nothing(tmp_path):
-    ranks = _run(tmp_path / "ranks", SCRIPT)
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each fit's two result lines (rank 0, rank 1), by fit name: one launch for the module."""
+    ranks = _run(tmp_path_factory.mktemp("lightning") / "ranks", SCRIPT)
+    by_fit: dict[str, list[dict]] = {}
+    for line in ranks:
+        by_fit.setdefault(line["fit"], []).append(line)
+    return by_fit
+
+
+@pytest.mark.parametrize("name", ["automatic", "manual"])
+def test_a_nan_on_one_process_is_skipped_on_both_and_changes_nothing(fits, name):
+    ranks = fits[name]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
     for rank in ranks:
         assert "error" not in rank
-        assert rank["skipped"] == 1 and rank["events"] == [["skip", 3]]
-        assert rank["unchanged"] is True  # parameters and AdamW state as before step 3
+        assert rank["skipped"] == 1 and rank["events"] == [["checkpoint", 0], ["skip", 3]]
+        assert rank["unchanged"] is True  # parameters and Adam state as before step 3
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["findings"] == ranks[1]["findings"]  # agreed: each saw its own loss
     codes = {code for code, _ in ranks[0]["findings"]}
-    assert {"unused-params", "nonfinite-loss"} <= codes
+    assert {"unused-params", "nonfinite-loss"} <= codes and "direct-backward" not in codes
     assert ["unused-params", ["aux.weight", "aux.bias"]] in ranks[0]["findings"]
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3  # means over both
+
+
+@pytest.mark.parametrize("name", ["rollback", "rollback-manual"])
+def test_a_spike_on_one_process_rolls_both_back_to_the_same_checkpoint(fits, name):
+    ranks = fits[name]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for rank in ranks:
+        assert "error" not in rank
+        kinds = [event for event in rank["events"] if event[0] != "checkpoint"]
+        assert kinds == [["rollback", 20], ["lr_scale", 20]]
+        [rollback] = rank["rollbacks"]
+        assert rollback["path"].endswith(f"{name}/step-00000020") and rollback["detected_at"] == 30
+        assert rank["restored"] == [True]  # bitwise the checkpoint's parameters, on each process
+        assert rank["lr_after"] == [0.025]  # 0.05 x rollback_lr_factor
+        assert max(rank["losses"][-3:]) < 1.0 < 100 < max(rank["losses"])  # the spike, then trained on
+    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"]
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # the same weights after it
+    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["findings"] == ranks[1]["findings"]
 
 
 def test_an_unused_layer_under_plain_ddp_stops_both_processes_with_lightnings_fix(tmp_path):

@@ -131,6 +131,11 @@ class RecordingLogger(Logger):
         return {key for _, metrics in self.logged for key in metrics}
 
 
+def acted(callback: Any) -> list[Any]:
+    """The callback's events but its checkpoints (written at the start of every fit with rollback on)."""
+    return [event for event in callback.events if event.kind != "checkpoint"]
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every tensor of the optimizer's state, in a fixed order."""
     state = optimizer.state_dict()["state"]

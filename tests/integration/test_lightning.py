@@ -31,6 +31,7 @@ from safeloop.lightning import SafeLoopCallback
 from tests.helpers.lightning_models import (
     QUIET,
     Classifier,
+    acted,
     batches,
     optimizer_tensors,
     same_tensors,
@@ -116,7 +117,7 @@ def test_the_keywords_are_safetrainers_with_the_same_defaults():
     ours = inspect.signature(SafeLoopCallback.__init__).parameters
     theirs = inspect.signature(SafeTrainer.__init__).parameters
     keywords = [name for name in ours if name != "self"]
-    assert len(keywords) == 14
+    assert len(keywords) == 20
     assert {name: ours[name].default for name in keywords} == {
         name: theirs[name].default for name in keywords
     }
@@ -142,10 +143,10 @@ def test_an_unknown_keyword_names_the_closest_and_a_safetrainer_keyword_its_ligh
     with pytest.raises(TypeError, match="did you mean `nan_guard`"):
         SafeLoopCallback(nan_gaurd="skip")
     with pytest.raises(TypeError) as caught:
-        SafeLoopCallback(gradient_accumulation_steps=4, rollback=True)
+        SafeLoopCallback(gradient_accumulation_steps=4, rollback_skip_batches=8)
     message = str(caught.value)
     assert "Trainer(accumulate_grad_batches=...)" in message
-    assert "rollback to safeloop's checkpoints is not in SafeLoopCallback yet" in message
+    assert "Lightning's loop owns the data iterator, so a rollback cannot move it" in message
 
 
 def test_clipping_asked_of_both_the_callback_and_the_trainer_is_refused_before_any_update():
@@ -203,7 +204,7 @@ def test_a_nan_step_ends_bitwise_equal_to_a_run_that_skipped_it_by_hand(name, ma
     callback, guarded = _guarded(module, log_every=5)
 
     assert callback.result is not None and callback.result.skipped_steps == 1
-    assert [(e.kind, e.step, e.detail["cause"]) for e in callback.events] == [("skip", K + 1, "loss")]
+    assert [(e.kind, e.step, e.detail["cause"]) for e in acted(callback)] == [("skip", K + 1, "loss")]
     for key, value in reference.state_dict().items():
         assert torch.equal(value, module.state_dict()[key]), (
             f"{name}: {key} differs from the hand-skipped run"
@@ -254,7 +255,7 @@ def test_one_nan_micro_batch_skips_the_whole_accumulated_step_and_changes_nothin
     module = Classifier(nan_at={5})  # the second micro-batch of the third window of 2
     callback = SafeLoopCallback(summary=False)
     _fit(module, callback, snapshots, accumulate_grad_batches=2)
-    assert [(e.kind, e.step) for e in callback.events] == [("skip", 3)]
+    assert [(e.kind, e.step) for e in acted(callback)] == [("skip", 3)]
     assert same_tensors(snapshots.before[3], snapshots.after[3])  # parameters and Adam state as before
     assert not same_tensors(snapshots.before[4], snapshots.after[4])  # the next step trains
 
@@ -272,18 +273,18 @@ def test_an_inf_gradient_skips_the_step_and_names_the_parameter(name):
     callback, _ = _guarded(_InfGradient(OPTIMIZERS[name]), log_every=4)
     grad = [f for f in callback.findings if f.code == "nonfinite-grad"]
     assert len(grad) == 1 and grad[0].params == ("net.2.weight",) and grad[0].step == 3
-    assert [(e.step, e.detail["cause"]) for e in callback.events] == [(3, "gradients")]
+    assert [(e.step, e.detail["cause"]) for e in acted(callback)] == [(3, "gradients")]
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw_fused"], ids=["host-read", "on-device"])
 def test_more_skips_in_a_row_than_allowed_raise_nonfinite_error_after_changing_nothing(name):
     snapshots = _Snapshots()
     module = Classifier(OPTIMIZERS[name], nan_at={2, 3, 4})
-    callback = SafeLoopCallback(max_consecutive_skips=2, log_every=4, summary=False)
+    callback = SafeLoopCallback(max_consecutive_skips=2, log_every=4, rollback=False, summary=False)
     with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
         _fit(module, callback, snapshots)
     assert all(same_tensors(snapshots.before[s], snapshots.after[s]) for s in (3, 4))
-    assert [e.step for e in callback.events] == [3, 4, 5] and callback.result is None  # fit raised
+    assert [e.step for e in acted(callback)] == [3, 4, 5] and callback.result is None  # fit raised
     # a skip read on the host is learnt at its step; one decided on the device at the log step (8)
     steps = 5 if name == "sgd_momentum" else 8
     assert callback.report().startswith(f"safeloop: stopped by NonFiniteError, {steps} steps, 3 skipped")
@@ -303,7 +304,7 @@ def test_the_raise_policy_stops_at_the_first_nan_step_before_its_update(manual):
 def test_the_guard_off_lets_the_nan_reach_the_parameters():
     module = Classifier(nan_at={K})
     callback, _ = _guarded(module, nan_guard="off")
-    assert callback.events == [] and any(torch.isnan(p).any() for p in module.parameters())
+    assert acted(callback) == [] and any(torch.isnan(p).any() for p in module.parameters())
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "adamw-fused"])
@@ -314,7 +315,7 @@ def test_under_an_fp16_scaler_the_nan_step_is_skipped_and_counted_as_the_guards(
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
     _fit(module, callback, snapshots, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     result = callback.result
-    assert result.skipped_steps == 1 and [e.step for e in callback.events] == [K + 1]
+    assert result.skipped_steps == 1 and [e.step for e in acted(callback)] == [K + 1]
     assert all(h["overflow_skips"] == 0 for h in result.history)  # the guard's skip, not an overflow
     assert same_tensors(snapshots.before[K + 1][:4], snapshots.after[K + 1][:4])  # parameters unchanged
     # the history's loss and gradient norm are unscaled (the loss scale is 256, then 128)
@@ -326,7 +327,7 @@ def test_a_zero_initialised_layer_is_reinitialised_at_the_first_step_and_learns(
     nn.init.zeros_(module.net[0].weight)  # a layer left at zeros: it and the next get no gradient
     nn.init.zeros_(module.net[0].bias)
     callback, _ = _guarded(module)
-    assert [(e.kind, e.step, e.detail["param"]) for e in callback.events] == [("reinit", 0, "net.0.weight")]
+    assert [(e.kind, e.step, e.detail["param"]) for e in acted(callback)] == [("reinit", 0, "net.0.weight")]
     zero = {f.params[0]: f.severity for f in callback.findings if f.code == "zero-params"}
     assert zero == {"net.0.weight": "warning", "net.0.bias": "info"}
     assert module.net[0].weight.abs().sum() > 0 and module.net[0].bias.abs().sum() > 0  # both trained
@@ -349,7 +350,7 @@ def test_a_deliberate_zero_init_that_receives_gradient_is_left_alone_and_only_no
     module = _ZeroInitB()
     callback = SafeLoopCallback(summary=False)
     _fit(module, callback, max_steps=1)
-    assert callback.events == []
+    assert acted(callback) == []
     zero = [f for f in callback.findings if f.code == "zero-params"]
     assert [(f.params, f.severity) for f in zero] == [(("lora_b.weight",), "info")]
     assert "deliberate zero init" in zero[0].message
@@ -358,11 +359,12 @@ def test_a_deliberate_zero_init_that_receives_gradient_is_left_alone_and_only_no
 def test_the_callbacks_state_goes_into_lightnings_checkpoint_and_a_resumed_fit_keeps_it():
     callback, _ = _guarded(Classifier(nan_at={10, 11}))
     state = callback.state_dict()
-    assert state == {"preflight_done": True, "consecutive_skips": 2}  # plain values: no tensor, no object
+    # plain values: no tensor, no object
+    assert state == {"preflight_done": True, "consecutive_skips": 2, "rollbacks": 0, "lr_scale": 1.0}
     resumed = SafeLoopCallback(summary=False)
     resumed.load_state_dict(state)  # what Lightning does when it restores a checkpoint
     module = Classifier(nan_at={0})
     nn.init.zeros_(module.net[0].weight)
     _fit(module, resumed, max_steps=1)
-    assert [e.kind for e in resumed.events] == ["skip"]  # no re-initialisation: its check had run
-    assert resumed.events[0].detail["consecutive"] == 3  # the run of skips goes on
+    assert [e.kind for e in acted(resumed)] == ["skip"]  # no re-initialisation: its check had run
+    assert acted(resumed)[0].detail["consecutive"] == 3  # the run of skips goes on

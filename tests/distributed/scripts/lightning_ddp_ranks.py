@@ -1,9 +1,18 @@
-"""Trains a small LightningModule under Lightning's DDP with SafeLoopCallback; run under torchrun.
+"""Trains small LightningModules under Lightning's DDP with SafeLoopCallback; run under torchrun.
 
-Rank 1's loss goes NaN at batch 2 (optimizer step 3) only; the model has an auxiliary layer its
-forward never calls. Prints one ``RESULT`` JSON line per rank: the skips, the findings, whether
-step 3 left parameters and optimizer state as they were, and a digest of the final parameters.
-With ``STRICT=1`` the strategy is plain ``"ddp"`` (no ``find_unused_parameters``), and the line
+One launch, several fits in the same two processes (the process group is made once), each
+printing one ``RESULT`` JSON line per rank with its name under ``"fit"``:
+
+- ``automatic`` and ``manual``: rank 1's loss goes NaN at batch 2 (optimizer step 3) only; the
+  model has an auxiliary layer its forward never calls. The line holds the skips, the findings,
+  whether step 3 left parameters and optimizer state as they were, and a digest of the final
+  parameters.
+- ``rollback`` and ``rollback-manual``: rank 1's loss is multiplied by 1000 at step 25 only; the
+  mean loss spikes on both, and both roll back to the checkpoint of step 20 (in
+  ``OUT_DIR/<fit>/``). The line also holds whether the parameters right after the rollback are
+  bitwise the checkpoint's ``model.safetensors``, and the learning rate after it.
+
+With ``STRICT=1`` one fit only, under plain ``"ddp"`` (no ``find_unused_parameters``); its line
 holds the ``ConfigError`` the first backward raises instead.
 """
 
@@ -12,6 +21,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,30 +35,41 @@ except ImportError:
     sys.exit(0)
 
 from safeloop import ConfigError
+from safeloop.checkpoint.state import read_state
 from safeloop.lightning import SafeLoopCallback
 from tests.helpers.lightning_models import Classifier, batches, optimizer_tensors
 
 warnings.filterwarnings("ignore")
+POISON_STEP = 25
 
 
-class RankOneNaN(Classifier):
-    """Classifier with an unused layer; rank 1's loss is NaN at batch 2."""
+class RankOne(Classifier):
+    """Classifier with an unused layer; rank 1's loss is NaN at batch 2, or x1000 at step 25."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, manual: bool, spike: bool) -> None:
+        optimizer = (lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)) if spike else None
+        super().__init__(optimizer, manual=manual)
         self.aux = nn.Linear(16, 3)
+        self.spike = spike
 
     def loss(self, batch, batch_idx):
         loss = super().loss(batch, batch_idx)
-        return loss * float("nan") if batch_idx == 2 and self.global_rank == 1 else loss
+        if self.global_rank != 1:
+            return loss
+        if self.spike:
+            return loss * 1000.0 if self.trainer.global_step + 1 == POISON_STEP else loss
+        return loss * float("nan") if batch_idx == 2 else loss
 
 
-class StepThree(pl.Callback):
-    """Whether optimizer step 3 changed the parameters or the optimizer state."""
+class Watch(pl.Callback):
+    """Whether step 3 changed anything; the parameters right after a rollback against its checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: SafeLoopCallback) -> None:
+        self.guard = guard
         self.before: list[torch.Tensor] = []
         self.unchanged: bool | None = None
+        self.restored: list[bool] = []
+        self.lr_after: list[float] = []
 
     def _state(self, trainer, module):
         return [p.detach().clone() for p in module.parameters()] + optimizer_tensors(trainer.optimizers[0])
@@ -61,27 +82,40 @@ class StepThree(pl.Callback):
         if trainer.global_step == 3 and self.unchanged is None:
             after = self._state(trainer, pl_module)
             self.unchanged = all(torch.equal(a, b) for a, b in zip(self.before, after, strict=True))
+        rollbacks = [e for e in self.guard.events if e.kind == "rollback"]
+        if len(rollbacks) > len(self.restored):  # after SafeLoopCallback's hook: restored in place
+            saved = read_state(Path(rollbacks[-1].detail["path"])).model
+            state = pl_module.state_dict()
+            self.restored.append(
+                saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+            )
+            self.lr_after.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    strict = os.environ.get("STRICT") == "1"
-    watch, callback = StepThree(), SafeLoopCallback(log_every=2, summary=False)
+def fit(name: str, out_dir: Path, *, strict: bool = False) -> None:
+    spike, manual = name.startswith("rollback"), name.endswith("manual")
+    guards = {"log_every": 2, "summary": False}
+    if spike:
+        guards = {"log_every": 5, "spike_warmup": 10, "checkpoint_every": 10, "summary": False}
+        guards["checkpoint_dir"] = str(out_dir / name)
+    callback = SafeLoopCallback(**guards)
+    watch = Watch(callback)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp" if strict else "ddp_find_unused_parameters_true",
-        max_steps=6,
+        max_steps=60 if spike else 6,
+        max_epochs=-1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[watch, callback],
+        callbacks=[callback, watch],
     )
-    module = RankOneNaN()
-    record: dict = {"rank": int(os.environ["RANK"])}
+    module = RankOne(manual=manual, spike=spike)
+    record: dict = {"fit": name, "rank": int(os.environ["RANK"])}
     try:
-        trainer.fit(module, batches())
+        trainer.fit(module, batches(n=960 if spike else 96))
     except ConfigError as error:
         record["error"] = str(error)
     sha = hashlib.sha256()
@@ -92,16 +126,29 @@ def main() -> None:
         world_size=trainer.world_size,
         digest=sha.hexdigest(),
         unchanged=watch.unchanged,
+        restored=watch.restored,
+        lr_after=watch.lr_after,
         skipped=None if result is None else result.skipped_steps,
         events=[[event.kind, event.step] for event in callback.events],
+        rollbacks=[e.detail for e in callback.events if e.kind == "rollback"],
         findings=sorted([finding.code, list(finding.params)] for finding in callback.findings),
         losses=[] if result is None else [entry["loss"] for entry in result.history],
     )
     # one write per line (print writes the newline apart): the ranks share torchrun's stdout
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")
     sys.stdout.flush()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out_dir = Path(sys.argv[1])
+    if os.environ.get("STRICT") == "1":
+        fit("automatic", out_dir, strict=True)
+    else:
+        for name in ("automatic", "manual", "rollback", "rollback-manual"):
+            fit(name, out_dir)
     if torch.distributed.is_initialized():
-        # after the error Lightning 2.4 leaves the group up, and gloo's threads can abort the
+        # after an error Lightning 2.4 leaves the group up, and gloo's threads can abort the
         # process at exit: every rank leaves it together
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -1,0 +1,259 @@
+"""Time Lightning with ``SafeLoopCallback`` against plain Lightning on the same model and data.
+
+Fits alternate (plain, callback, callback without diagnostics, then the next order) in one
+process, so that every variant sees the same machine state; each is a fresh ``Trainer`` and
+module with the same seed and data. Two clocks: wall time (``time.perf_counter``) and the
+process's CPU time (``time.process_time``) on one torch thread; on a shared virtual machine wall
+time also counts the time others get, so the CPU time is the steadier of the two. Two spans:
+
+- per step: from the start of step ``--skip + 1`` to the end of the last step (a callback placed
+  first times it), the steady state the 3% target is about;
+- the whole ``trainer.fit``, which adds what runs once: the callback's checkpoint before the
+  first step (``rollback=True``, the default, writes model and optimizer to a temporary folder),
+  the first-batch checks and the end-of-fit report.
+
+Three ratios per comparison: best/best, median/median, and the median of the per-round ratios
+(each round runs the variants back to back, which cancels slow drift in machine speed; the
+steadiest of the three on a loaded machine). With ``--hooks`` every round also runs the
+callback with each of its hooks timed (CPU time inside them), which measures the added work
+directly, away from the noise of whole steps; Lightning's dispatch to one more callback and the
+gate's own lines inside ``optimizer.step`` are left out of it. Usage:
+
+    python benchmarks/lightning_overhead.py               # 3x512 MLP, AdamW, 200 steps, 7 rounds
+    python benchmarks/lightning_overhead.py --fused       # AdamW(fused=True): no host read per step
+    python benchmarks/lightning_overhead.py --manual      # manual optimization in both
+    python benchmarks/lightning_overhead.py --hooks       # and the CPU time inside each hook
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:  # the benchmark needs the extra; the message says which
+    raise SystemExit(f'{error}: pip install "safeloop[lightning]"') from error
+
+from safeloop.lightning import SafeLoopCallback
+
+Clocks = tuple[float, float]  # (wall, cpu) seconds
+
+
+class Module(pl.LightningModule):
+    """A ``depth`` x ``width`` ReLU MLP classifier, cross-entropy, AdamW at 1e-3."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for _ in range(args.depth):
+            layers += [nn.Linear(args.width, args.width), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(args.width, args.classes))
+        self.fused = args.fused
+        self.automatic_optimization = not args.manual
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        inputs, targets = batch
+        loss = nn.functional.cross_entropy(self.net(inputs), targets)
+        if self.automatic_optimization:
+            return loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=self.fused or None)
+
+
+class StepTimer(pl.Callback):
+    """Both clocks from the start of step ``skip + 1`` to the end of training (placed first)."""
+
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.start: Clocks | None = None
+        self.span: Clocks | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.skip and self.start is None:
+            self.start = (time.perf_counter(), time.process_time())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.start is not None  # invariant: --steps > --skip (checked in main)
+        self.span = (time.perf_counter() - self.start[0], time.process_time() - self.start[1])
+
+
+def make_loader(args: argparse.Namespace) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.samples, args.width, generator=gen)
+    y = torch.randint(0, args.classes, (args.samples,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=True, generator=gen)
+
+
+def time_hooks(callback: SafeLoopCallback, spent: dict[str, float]) -> SafeLoopCallback:
+    """Wrap each ``on_*`` hook of ``callback`` (on the instance) to add its CPU time to ``spent``."""
+    for name in [n for n in dir(callback) if n.startswith("on_")]:
+        hook = getattr(callback, name)
+
+        def timed(*args: Any, _hook: Callable[..., Any] = hook, _name: str = name, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + time.process_time() - start
+
+        setattr(callback, name, timed)
+    return callback
+
+
+def run(
+    args: argparse.Namespace, guards: dict[str, Any] | None, spent: dict[str, float] | None = None
+) -> tuple[Clocks, Clocks]:
+    """One fit: (per-step span, whole fit), each (wall, cpu) seconds; ``guards`` None: no callback.
+
+    With ``spent``, the callback's hooks are timed into it (:func:`time_hooks`).
+    """
+    timer = StepTimer(args.skip)
+    callbacks: list[pl.Callback] = [timer]
+    if guards is not None:
+        callback = SafeLoopCallback(summary=False, **guards)
+        callbacks.append(callback if spent is None else time_hooks(callback, spent))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    module, loader = Module(args), make_loader(args)
+    start = (time.perf_counter(), time.process_time())
+    trainer.fit(module, loader)
+    whole = (time.perf_counter() - start[0], time.process_time() - start[1])
+    assert timer.span is not None  # set at on_train_end
+    return timer.span, whole
+
+
+def ratios(slow: list[float], base: list[float]) -> str:
+    """best/best, median/median, and the median of the per-round ratios."""
+    paired = statistics.median(s / b for s, b in zip(slow, base, strict=True))
+    return (
+        f"best {min(slow) / min(base):.4f}  median {statistics.median(slow) / statistics.median(base):.4f}"
+        f"  per-round {paired:.4f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--skip", type=int, default=20, help="steps before the per-step span starts")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) in every variant")
+    parser.add_argument("--manual", action="store_true", help="manual optimization in every variant")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy)")
+    parser.add_argument("--hooks", action="store_true", help="also time the callback's hooks, in each round")
+    args = parser.parse_args()
+    if args.steps <= args.skip:
+        parser.error(f"--steps ({args.steps}) must be above --skip ({args.skip})")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # Lightning's advice on workers and logging intervals
+    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False", per fit
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    variants: dict[str, Callable[[], tuple[Clocks, Clocks]]] = {
+        "plain Lightning": lambda: run(args, None),
+        "+ SafeLoopCallback": lambda: run(args, {}),
+        "+ callback, diagnostics=False": lambda: run(args, {"diagnostics": False}),
+    }
+    hook_fits: list[dict[str, float]] = []  # per timed fit: CPU seconds inside each hook
+
+    def hooks_timed() -> tuple[Clocks, Clocks]:
+        hook_fits.append({})
+        return run(args, {}, hook_fits[-1])
+
+    if args.hooks:
+        variants["+ callback, hooks timed"] = hooks_timed
+    load_before = os.getloadavg()
+    for variant in variants.values():  # warm-up: allocator, thread pools, first-call costs
+        variant()
+    hook_fits.clear()
+    steps: dict[str, list[Clocks]] = {label: [] for label in variants}
+    fits: dict[str, list[Clocks]] = {label: [] for label in variants}
+    for round_ in range(args.rounds):
+        labels = list(variants)  # the order turns each round: no variant always runs first
+        labels = labels[round_ % len(labels) :] + labels[: round_ % len(labels)]
+        for label in labels:
+            span, whole = variants[label]()
+            steps[label].append(span)
+            fits[label].append(whole)
+    load_after = os.getloadavg()
+
+    timed = args.steps - args.skip
+    kind = "manual" if args.manual else "automatic"
+    threads = torch.get_num_threads()
+    print(
+        f"model: {args.depth}x{args.width} MLP, batch {args.batch}, {args.steps} steps ({kind} optimization)"
+    )
+    print(f"AdamW fused: {args.fused}; per step: steps {args.skip + 1}-{args.steps}; threads {threads}")
+    print(
+        f"rounds: {args.rounds}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+        f"({os.cpu_count()} CPUs)"
+    )
+    ours, plain, quiet = "+ SafeLoopCallback", "plain Lightning", "+ callback, diagnostics=False"
+    for clock, index in (("CPU", 1), ("wall", 0)):
+        print(f"-- {clock} time, ms/step (best, median) and whole fit in s (median)")
+        for label in variants:
+            per_step = [s[index] * 1000 / timed for s in steps[label]]
+            whole = statistics.median(f[index] for f in fits[label])
+            print(
+                f"{label:<31} best {min(per_step):7.3f}  median {statistics.median(per_step):7.3f}"
+                f"  fit {whole:6.3f}"
+            )
+        step_times = {label: [s[index] for s in steps[label]] for label in variants}
+        fit_times = {label: [f[index] for f in fits[label]] for label in variants}
+        print(f"callback / plain, per step:       {ratios(step_times[ours], step_times[plain])}")
+        print(f"callback / plain, whole fit:      {ratios(fit_times[ours], fit_times[plain])}")
+        print(f"diagnostics on / off, per step:   {ratios(step_times[ours], step_times[quiet])}")
+    if hook_fits:  # the first step's checks are in the sum: a few ms over all the steps
+        once = ("on_fit_start", "on_train_start", "on_train_end", "on_fit_end", "on_exception")
+        fits_timed = len(hook_fits)
+        print(f"-- CPU time in the callback's hooks, ms/step over {args.steps} (median of {fits_timed} fits)")
+        per_step = [
+            sum(v for k, v in spent.items() if k not in once) * 1000 / args.steps for spent in hook_fits
+        ]
+        for name in sorted({k for spent in hook_fits for k in spent}):
+            value = statistics.median(spent.get(name, 0.0) for spent in hook_fits) * 1000
+            print(
+                f"{name:<31} {value / args.steps:7.4f}"
+                + (f"  (once: {value:.2f} ms)" if name in once else "")
+            )
+        plain_median = statistics.median(s[1] for s in steps[plain]) * 1000 / timed
+        share = statistics.median(per_step) / plain_median
+        total = statistics.median(per_step)
+        print(f"per-step hooks, sum:            {total:7.4f}  ({share:.2%} of plain's median step)")
+
+
+if __name__ == "__main__":
+    main()
