@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from safeloop.batching import collate_problem
+from safeloop.batch_errors import collate_problem
 from safeloop.checkpoint.format import capture_rng, restore_rng
 from safeloop.errors import ConfigError
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from safeloop.diagnostics.targets import _recognise
+from safeloop.diagnostics.loss_kinds import recognise_loss
 
 __all__ = [
     "Baseline",
@@ -83,7 +83,7 @@ class LossForm:
 
 def loss_form(loss_fn: Any) -> LossForm | None:
     """Return what ``loss_fn`` computes, or None when it is not a loss recognised here."""
-    recognised = _recognise(loss_fn)
+    recognised = recognise_loss(loss_fn)
     if recognised is None:
         return None
     if isinstance(loss_fn, functools.partial):

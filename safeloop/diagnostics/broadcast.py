@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from safeloop.diagnostics.targets import _recognise
+from safeloop.diagnostics.loss_kinds import recognise_loss
 from safeloop.results import Finding
 
 __all__ = ["LOSS_BROADCAST", "RELATIVE_TOLERANCE", "check_broadcast", "from_warnings"]
@@ -40,7 +40,7 @@ _WARNING = re.compile(
 
 def _name(loss_fn: Any) -> str:
     """A name the user recognises: the class, the function, or a lambda with its location."""
-    recognised = _recognise(loss_fn)
+    recognised = recognise_loss(loss_fn)
     if recognised is not None:
         return recognised.name
     if isinstance(loss_fn, functools.partial):
@@ -165,7 +165,7 @@ def check_broadcast(loss_fn: Any, outputs: Any, targets: Any, loss_value: float 
     shape = _broadcast(outputs.shape, targets.shape)
     if shape is None:
         return []
-    recognised = _recognise(loss_fn)
+    recognised = recognise_loss(loss_fn)
     if recognised is not None and recognised.kind != "regression":
         return []
     same_count = outputs.numel() == targets.numel()

@@ -36,10 +36,11 @@ from safeloop.diagnostics.first_batch import (
     raise_if_fatal,
 )
 from safeloop.diagnostics.health import WeightHealth, lookup_tables
+from safeloop.diagnostics.initial_loss import check_initial_loss
 from safeloop.diagnostics.noise_scale import WIDTH, build_monitor, describe_unmeasured
 from safeloop.diagnostics.own_loss import OwnLossCheck, explain_nonfinite_first_loss
 from safeloop.diagnostics.sharded import shard_layout, unwrapped_name
-from safeloop.diagnostics.targets import NO_TARGET_TOKENS, check_initial_loss, check_inputs, check_targets
+from safeloop.diagnostics.targets import NO_TARGET_TOKENS, check_inputs, check_targets
 from safeloop.diagnostics.training import TrainingMonitor
 from safeloop.diagnostics.watch import ForwardWatch, GradientReach
 from safeloop.distributed import agree_any, reduce_across_processes

@@ -1,40 +1,32 @@
-"""Checks on the first batch: non-finite inputs, targets the loss cannot take, a wrong start.
+"""Checks on the first batch: non-finite inputs, and targets the loss cannot take.
 
 They run once per ``fit``, on the first batch, and read tensors on the host. The order in the
 trainer is: ``check_inputs(batch)``; ``outputs = model(inputs)``; ``check_targets`` (before
 ``loss_fn``: a class index out of range raises ``IndexError`` on CPU and a device-side assert on
 CUDA, which kills the CUDA context, so it must be caught before the loss runs); the loss;
-``check_initial_loss``. Only the losses recognised below are checked; any other ``loss_fn``
-(a lambda, a custom module) gets no finding rather than a guess.
+``initial_loss.check_initial_loss``. Only the losses of ``loss_kinds.py`` are checked; any other
+``loss_fn`` (a lambda, a custom module) gets no finding rather than a guess.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from safeloop.diagnostics.first_batch import RAISED_CODES
 from safeloop.diagnostics.localize import named_tensors
+from safeloop.diagnostics.loss_kinds import RecognisedLoss, class_count, recognise_loss
 from safeloop.results import Finding
 
 __all__ = [
     "check_inputs",
     "check_targets",
-    "check_initial_loss",
-    "recognised_loss",
     "class_range_findings",
     "no_targets_finding",
     "RAISED_CODES",
     "NO_TARGET_TOKENS",
-    "ACTIVATION_LOSS_MISMATCH",
-    "INITIAL_LOSS_FACTOR",
     "TARGET_STD_MAX",
     "TARGET_MEAN_TO_STD_MAX",
 ]
@@ -42,64 +34,13 @@ __all__ = [
 # ``target-out-of-range`` is among the raised codes: the loss would crash (a device-side assert
 # on CUDA) or be meaningless on every step, so training must not start.
 
-# The outputs are not in the form the loss expects (softmax before CrossEntropyLoss, sigmoid before
-# BCEWithLogitsLoss, NLLLoss without log_softmax). Not ``initial-loss-high``: the loss is not high,
-# it is squeezed near ln(C) (or unbounded below for NLLLoss), so a separate code says what it is.
-ACTIVATION_LOSS_MISMATCH = "activation-loss-mismatch"
 
 # Every target of the first batch is the ignore index: nothing to learn from, a NaN mean loss.
 NO_TARGET_TOKENS = "no-target-tokens"
 
-# A fresh classifier starts near ln(C); 3x that means logits of several units.
-INITIAL_LOSS_FACTOR = 3.0
 # Regression targets far from unit scale: std above 100, or a mean above 100 stds.
 TARGET_STD_MAX = 100.0
 TARGET_MEAN_TO_STD_MAX = 100.0
-# A sigmoid applied twice is only called when this many outputs all lie in (0, 1): raw logits of a
-# fresh model spread over both signs, but a handful may all be positive by chance.
-_MIN_SIGMOID_ELEMENTS = 16
-
-# kind: (``nn`` loss modules, ``torch.nn.functional`` functions) recognised; subclasses included.
-_KINDS = {
-    "ce": ("CrossEntropyLoss", "cross_entropy"),
-    "nll": ("NLLLoss", "nll_loss"),
-    "bce_logits": ("BCEWithLogitsLoss", "binary_cross_entropy_with_logits"),
-    "bce": ("BCELoss", "binary_cross_entropy"),
-    "regression": ("MSELoss L1Loss SmoothL1Loss HuberLoss", "mse_loss l1_loss smooth_l1_loss huber_loss"),
-}
-
-
-@dataclass(frozen=True)
-class _Loss:
-    kind: str  # a key of _KINDS
-    name: str
-    ignore_index: int | None = None
-
-
-def _recognise(loss_fn: Any) -> _Loss | None:
-    """Return what ``loss_fn`` computes, or None when it is not a loss known here."""
-    func, keywords = loss_fn, {}
-    if isinstance(loss_fn, functools.partial):  # e.g. partial(F.cross_entropy, ignore_index=0)
-        func, keywords = loss_fn.func, loss_fn.keywords
-    for kind, (modules, functions) in _KINDS.items():
-        classes = kind in ("ce", "nll")
-        if any(isinstance(loss_fn, getattr(nn, m)) for m in modules.split()):
-            return _Loss(kind, type(loss_fn).__name__, loss_fn.ignore_index if classes else None)
-        if any(func is getattr(F, f) for f in functions.split()):
-            return _Loss(
-                kind, f"F.{func.__name__}", int(keywords.get("ignore_index", -100)) if classes else None
-            )
-    return None
-
-
-def recognised_loss(loss_fn: Any) -> bool:
-    """Whether the checks here know ``loss_fn`` (a loss module, an ``F.`` function or a partial of one).
-
-    Example:
-        >>> recognised_loss(F.cross_entropy), recognised_loss(lambda o, t: (o - t).abs().mean())
-        (True, False)
-    """
-    return _recognise(loss_fn) is not None
 
 
 def _walk(value: Any, path: str) -> Iterable[tuple[str, torch.Tensor]]:
@@ -146,10 +87,6 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _classes(outputs: torch.Tensor) -> int:
-    return int(outputs.shape[1]) if outputs.dim() >= 2 else int(outputs.shape[0])
-
-
 def _index_targets_fit(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
     """Whether ``targets`` has the shape of class indices for ``outputs`` (N, C, d1, ...)."""
     expected = (outputs.shape[:1] + outputs.shape[2:]) if outputs.dim() >= 2 else torch.Size([])
@@ -171,7 +108,7 @@ def check_targets(loss_fn: Any, outputs: Any, targets: Any) -> list[Finding]:
         `list[Finding]`: ``target-out-of-range`` (error, in ``RAISED_CODES``) or ``target-scale``
         (warning).
     """
-    loss = _recognise(loss_fn)
+    loss = recognise_loss(loss_fn)
     if loss is None or not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         return []
     if targets.numel() == 0 or outputs.dim() == 0:
@@ -190,8 +127,8 @@ def check_targets(loss_fn: Any, outputs: Any, targets: Any) -> list[Finding]:
         return _target_scale(loss, targets)
 
 
-def _class_range(loss: _Loss, outputs: torch.Tensor, targets: torch.Tensor) -> list[Finding]:
-    classes = _classes(outputs)
+def _class_range(loss: RecognisedLoss, outputs: torch.Tensor, targets: torch.Tensor) -> list[Finding]:
+    classes = class_count(outputs)
     if loss.ignore_index is not None and bool((targets == loss.ignore_index).all()):
         return [no_targets_finding(f"the targets given to `{loss.name}`", targets, loss.ignore_index)]
     dim = "outputs.shape[1]" if outputs.dim() >= 2 else "outputs.shape[0]"
@@ -302,7 +239,7 @@ def no_targets_finding(what: str, targets: torch.Tensor, ignore_index: int, note
     return Finding(NO_TARGET_TOKENS, "error", message, step=0, suggestion=suggestion)
 
 
-def _unit_range(loss: _Loss, targets: torch.Tensor, what: str) -> list[Finding]:
+def _unit_range(loss: RecognisedLoss, targets: torch.Tensor, what: str) -> list[Finding]:
     values = targets.detach().double()
     low, high = float(values.min()), float(values.max())
     if low >= 0.0 and high <= 1.0:
@@ -326,7 +263,7 @@ def _unit_range(loss: _Loss, targets: torch.Tensor, what: str) -> list[Finding]:
     return [Finding("target-out-of-range", "error", message, step=0, suggestion=_sentence(fix) + ".")]
 
 
-def _target_scale(loss: _Loss, targets: torch.Tensor) -> list[Finding]:
+def _target_scale(loss: RecognisedLoss, targets: torch.Tensor) -> list[Finding]:
     values = targets.detach().double()
     values = values[torch.isfinite(values)]  # NaN targets are check_inputs' business
     if values.numel() < 2:
@@ -356,113 +293,3 @@ def _target_scale(loss: _Loss, targets: torch.Tensor) -> list[Finding]:
         "mean`. For positive, skewed targets such as prices, take `torch.log1p` first."
     )
     return [Finding("target-scale", "warning", message, step=0, suggestion=suggestion)]
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    # Probabilities rounded to bf16/fp16 sum to 1 only within a few ulps.
-    return max(1e-3, 2 * torch.finfo(dtype).eps)
-
-
-def _are_probabilities(outputs: torch.Tensor, dim: int) -> bool:
-    tol = _tolerance(outputs.dtype)
-    values = outputs.detach().double()
-    if float(values.min()) < -tol or float(values.max()) > 1 + tol:
-        return False
-    return bool(((values.sum(dim) - 1).abs() <= tol).all())
-
-
-def check_initial_loss(loss_fn: Any, outputs: Any, targets: Any, loss_value: float) -> list[Finding]:
-    """Check the loss of the first batch against the value a healthy start gives.
-
-    Args:
-        loss_fn (`Any`): the user's loss (see ``check_targets`` for the ones recognised).
-        outputs (`Any`): ``model(inputs)`` of the first batch.
-        targets (`Any`): the targets of the first batch (unused so far; kept for symmetry).
-        loss_value (`float`): the loss of the first batch, read on the host.
-
-    Returns:
-        `list[Finding]`: ``initial-loss-high`` (cross-entropy above ``INITIAL_LOSS_FACTOR * ln(C)``)
-        or ``ACTIVATION_LOSS_MISMATCH`` (softmax before ``CrossEntropyLoss``, probabilities or raw
-        scores given to ``NLLLoss``, sigmoid before ``BCEWithLogitsLoss``), both warnings.
-    """
-    loss = _recognise(loss_fn)
-    if loss is None or not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
-        return []
-    if outputs.numel() == 0 or outputs.dim() == 0 or not math.isfinite(loss_value):
-        return []
-    with torch.no_grad():
-        mismatch = _mismatch(loss, outputs.detach(), loss_value)
-        if mismatch is not None:
-            what, fix = mismatch
-            message = f"The outputs given to `{loss.name}` on the first batch {what}."
-            return [Finding(ACTIVATION_LOSS_MISMATCH, "warning", message, step=0, suggestion=fix)]
-        if loss.kind in ("ce", "nll") and _classes(outputs) >= 2:
-            return _high_loss(loss, outputs.detach().double(), _classes(outputs), loss_value)
-    return []
-
-
-def _mismatch(loss: _Loss, outputs: torch.Tensor, loss_value: float) -> tuple[str, str] | None:
-    """What is wrong with the form of ``outputs`` for ``loss``, and the fix; None when it fits."""
-    if loss.kind == "bce_logits":
-        low, high = float(outputs.min()), float(outputs.max())
-        if outputs.numel() < _MIN_SIGMOID_ELEMENTS or not (low > 0.0 and high < 1.0):
-            return None
-        return (
-            f"all lie in ({low:.3g}, {high:.3g}), inside (0, 1) as after a sigmoid ({outputs.numel()} "
-            "values); the loss applies a sigmoid itself, so it is applied twice: predictions stay "
-            "within (0.5, 0.73) and the gradient is shrunk, so training stalls",
-            "Remove the final sigmoid and return the logits (apply sigmoid only at prediction time), "
-            "or keep it and use `BCELoss`.",
-        )
-    if loss.kind not in ("ce", "nll") or _classes(outputs) < 2:
-        return None
-    dim, classes = (1 if outputs.dim() >= 2 else 0), _classes(outputs)
-    probabilities = "are probabilities (all in [0, 1], summing to 1 over the classes)"
-    is_probabilities = _are_probabilities(outputs, dim)
-    if is_probabilities and loss.kind == "ce":
-        return (
-            f"{probabilities}: the model already applies softmax and the loss applies log_softmax "
-            f"again. The loss is squeezed near ln({classes}) = {math.log(classes):.3g} (seen "
-            f"{loss_value:.4g}) and the gradient reaching the model is shrunk by the second softmax, "
-            "so training stalls",
-            "Remove the final softmax and return the logits; apply softmax only at prediction time. "
-            "If the model must output probabilities, use `NLLLoss` on `torch.log(probs)`.",
-        )
-    fix = "End the model with `log_softmax(dim=1)` instead, or use `CrossEntropyLoss` on the raw logits."
-    if is_probabilities:
-        return (
-            f"{probabilities}, but NLLLoss expects log-probabilities: it returns -p of the target "
-            f"class (seen {loss_value:.4g}, in [-1, 0]), which maximises the probability itself, with "
-            "gradients that vanish on hard examples",
-            fix,
-        )
-    spread = torch.logsumexp(outputs.double(), dim)
-    if loss.kind == "ce" or float(spread.abs().max()) <= _tolerance(outputs.dtype):
-        return None
-    return (
-        f"are not log-probabilities: their logsumexp over the classes ranges from {float(spread.min()):.3g} "
-        f"to {float(spread.max()):.3g} instead of 0 (max output {float(outputs.max()):.3g}). NLLLoss only "
-        "returns -output of the target class, so the model can lower the loss without bound by "
-        "growing that output: the loss goes down (below zero) while nothing is learned. The "
-        "log_softmax is missing",
-        fix,
-    )
-
-
-def _high_loss(loss: _Loss, logits: torch.Tensor, classes: int, loss_value: float) -> list[Finding]:
-    expected = math.log(classes)
-    if loss_value <= INITIAL_LOSS_FACTOR * expected:
-        return []
-    message = (
-        f"`{loss.name}` on the first batch is {loss_value:.4g}, {loss_value / expected:.1f}x the "
-        f"ln({classes}) = {expected:.3g} a fresh classifier over {classes} classes starts at: the "
-        f"logits are large (std {float(logits.std()):.3g}, max |logit| {float(logits.abs().max()):.3g}), "
-        "so the model starts confidently wrong and the softmax saturates, which slows the first "
-        "steps or makes them diverge."
-    )
-    suggestion = (
-        "Initialise the last layer smaller (e.g. `nn.init.normal_(head.weight, std=0.01)`, zero "
-        "bias), check that the inputs are normalised, and remove any scale or temperature "
-        "multiplying the logits. From a pretrained head, check that the label ids match its own."
-    )
-    return [Finding("initial-loss-high", "warning", message, step=0, suggestion=suggestion)]

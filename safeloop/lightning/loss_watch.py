@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from safeloop.diagnostics.targets import recognised_loss
+from safeloop.diagnostics.loss_kinds import recognised_loss
 
 __all__ = ["LossCallWatch"]
 

@@ -11,13 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from safeloop.diagnostics.targets import (
-    ACTIVATION_LOSS_MISMATCH,
-    RAISED_CODES,
-    check_initial_loss,
-    check_inputs,
-    check_targets,
-)
+from safeloop.diagnostics.initial_loss import ACTIVATION_LOSS_MISMATCH, check_initial_loss
+from safeloop.diagnostics.targets import RAISED_CODES, check_inputs, check_targets
 
 
 def _gen(seed: int = 0) -> torch.Generator:
