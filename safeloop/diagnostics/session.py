@@ -434,6 +434,8 @@ class Diagnostics:
                 lr=lr,
                 context=self.reporter.findings,
                 eval_loss=self.reporter.record.eval_loss,
+                # the log step's own update (the one measured) was applied, not skipped
+                applied=bool(applied) and applied[-1] is record.per_step[-1],
             )
         )
         self._compare_data(final=False)

@@ -209,6 +209,7 @@ class TrainingMonitor:
         lr: float | None = None,
         context: Sequence[Finding] = (),
         eval_loss: float | None = None,
+        applied: bool = True,
     ) -> list[Finding]:
         """Turn one log interval's host values into new findings.
 
@@ -221,6 +222,8 @@ class TrainingMonitor:
             context (`Sequence[Finding]`): findings of the other monitors so far, ranked as causes
                 of a plateau.
             eval_loss (`float`, *optional*): the last evaluation loss, quoted by ``no-learning``.
+            applied (`bool`, *optional*, defaults to True): the log step's update was applied (not
+                skipped), so a weight that did not move at all tells of the learning rate.
 
         Returns:
             `list[Finding]`: findings not reported before.
@@ -231,7 +234,7 @@ class TrainingMonitor:
         if window is not None:
             findings += [self._layer_ratio(step, window), self._vanishing_grad(step, window)]
             self._no_grad = [i for i in self._stats.trainable if window.grads[i] == 0.0]
-            ratios = self._ratios(window)
+            ratios = self._ratios(window, applied)
             findings += self._updates.judge(step, ratios, losses, lr)
             findings.append(self._oscillation.check(step, losses, self._updates.median, ratios, lr))
         self._checks += 1
@@ -253,18 +256,23 @@ class TrainingMonitor:
         """The causes of a flat loss measured at the last check (none where nothing is measured)."""
         return self._causes(self._last_lr) if self._measured else []
 
-    def _ratios(self, window: GradientWindow) -> dict[str, float]:
+    def _ratios(self, window: GradientWindow, applied: bool) -> dict[str, float]:
         """``||dw|| / ||w||`` of the weights that say something about the learning rate."""
-        ratios = {}
+        ratios, unmoved = {}, {}
         for i in self._stats.weights:
             norm, update = window.norms[i], window.updates[i]
-            # NaN (not measured) fails `> 0`; a zero update is a skipped step or a frozen group;
-            # a layer whose gradient vanished says nothing about the learning rate
-            if window.grads[i] > 0 and norm > 0 and update > 0 and i not in self._vanishing_now:
-                ratio = update / norm
-                if math.isfinite(ratio):
-                    ratios[self.names[i]] = ratio
-        return ratios
+            # NaN (not measured) fails both tests; a layer whose gradient vanished says nothing
+            # about the learning rate
+            if not (window.grads[i] > 0 and norm > 0) or i in self._vanishing_now:
+                continue
+            if update > 0 and math.isfinite(update / norm):
+                ratios[self.names[i]] = update / norm
+            elif update == 0.0:
+                unmoved[self.names[i]] = 0.0
+        # an applied update that moved none of the weights that got a gradient: every learning
+        # rate is 0 (a ratio of 0, lr-too-low); weights that stay put beside others that move
+        # are a group frozen on purpose (lr 0 for a backbone) and say nothing
+        return unmoved if applied and unmoved and not ratios else ratios
 
     def _due(self, key: str, condition: bool) -> bool:
         """Count ``condition`` in a row; True once it held ``STREAK_CHECKS`` times, until reported."""

@@ -221,6 +221,8 @@ class UpdateSize:
     def _finding(self, code: str, step: int, checks: int, lr: float | None) -> Finding:
         high, median = code == "lr-too-high", self.median
         assert median is not None  # invariant: judged only with a median
+        if median == 0.0:
+            return self._unmoved(step, checks, lr)
         off, factor = self._off(high), _factor(median)
         at_lr = f", lr {lr:.3g}" if lr is not None else ""
         bound = f"above {LR_HIGH_RATIO:g}" if high else f"below {LR_LOW_RATIO:g}"
@@ -248,11 +250,38 @@ class UpdateSize:
             + f"; {find_lr_hint(lr, too_high=high)}.",
         )
 
+    def _unmoved(self, step: int, checks: int, lr: float | None) -> Finding:
+        """lr-too-low when no weight moved at all: every learning rate is 0."""
+        at_lr = f" (lr {lr:.3g})" if lr is not None else ""
+        return Finding(
+            code="lr-too-low",
+            severity="warning",
+            message=(
+                f"No weight moved at {checks} log checks in a row (last at step {step}{at_lr}): "
+                f"||dw|| = 0 exactly for all {len(self._ratios)} weights that got a gradient, at "
+                "updates that were applied, not skipped. Every learning rate is 0 (a param group "
+                "built with `lr=0`, a scheduler whose factor is 0, a `LambdaLR` returning 0), so "
+                "the loss cannot move."
+            ),
+            params=tuple(sorted(self._ratios)),
+            step=step,
+            suggestion=(
+                "Give the optimizer a learning rate above 0 (about 1e-3 for Adam/AdamW, 1e-2 to "
+                "1e-1 for SGD are common starts), and check the scheduler's factor at step 0; "
+                f"{find_lr_hint(None, too_high=False)}."
+            ),
+        )
+
     def causes(self, lr: float | None) -> list[Cause]:
         """The update size of the last log step as a cause of a flat loss, if it is one."""
         median = self.median
         if median is None or LR_LOW_RATIO <= median <= LR_HIGH_RATIO:
             return []
+        if median == 0.0:
+            weights = len(self._ratios)
+            text = f"no weight moved at all (||dw|| = 0 for {weights} weights): every learning rate is 0"
+            fix = f"Give the optimizer a learning rate above 0; {find_lr_hint(None, too_high=False)}."
+            return [Cause(CONTEXT_RANKS["lr-too-low"], "lr-too-low", text, tuple(sorted(self._ratios)), fix)]
         high = median > LR_HIGH_RATIO
         at_lr = f" at lr {lr:.3g}" if lr is not None else ""
         text = f"median update-to-weight ratio {median:.2g}{at_lr}, healthy ~{LR_TARGET_RATIO:g}"
