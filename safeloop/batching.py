@@ -16,6 +16,8 @@ import torch
 
 from safeloop.batch_errors import explain_failure, find_unreadable, unreadable_message
 from safeloop.errors import ConfigError
+from safeloop.forward_errors import explain_forward_failure
+from safeloop.loss_errors import explain_loss_failure
 from safeloop.results import Finding
 
 __all__ = ["compute_loss", "batch_size_of", "LossComputer", "LossFn", "TrainingStep"]
@@ -154,13 +156,14 @@ def compute_loss(
             outputs = model(inputs)
         except Exception as exc:
             explain_failure(model, batch, inputs, "batch[0]", "`model(inputs)`", exc)
+            explain_forward_failure(model, inputs, exc, "`model(inputs)`")
             raise
         try:
             loss = loss_fn(outputs, targets)
         except Exception as exc:
-            explain_failure(
-                model, batch, targets, "batch[1]", "`loss_fn(outputs, targets)`", exc, targets=True
-            )
+            call = "`loss_fn(outputs, targets)`"
+            explain_failure(model, batch, targets, "batch[1]", call, exc, targets=True)
+            explain_loss_failure(loss_fn, outputs, targets, exc, call)
             raise
         return _extract_loss(loss, "`loss_fn(model(inputs), targets)`")
     unreadable = find_unreadable(batch, "batch")

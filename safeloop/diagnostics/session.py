@@ -298,6 +298,7 @@ class Diagnostics:
             found.extend(check_broadcast(loss_fn, outputs, targets, value))
             return loss
 
+        checked.__wrapped__ = loss_fn  # type: ignore[attr-defined]  # what a loss error explains
         return checked
 
     # -- the baseline loss ------------------------------------------------------------------
