@@ -60,6 +60,15 @@ def _extract_loss(value: object, where: str) -> torch.Tensor:
             hint = " A Python number cannot be backpropagated: return the tensor itself (no `.item()`)."
         elif value is None:
             hint = " Did the function forget its `return`?"
+        elif isinstance(value, (tuple, list)):
+            scalar = [
+                i for i, item in enumerate(value) if isinstance(item, torch.Tensor) and item.numel() == 1
+            ]
+            if scalar:
+                hint = (
+                    f" Item {scalar[0]} is a one-element tensor: if it is the loss, return it alone "
+                    f'(`return loss`), or a mapping `{{"loss": loss, ...}}` to keep the other items.'
+                )
         raise ConfigError(
             f"{where} returned {_describe(value)}, which holds no loss. Return a scalar tensor, "
             f'a mapping with key "loss", or an object with a `.loss` attribute.{hint}'

@@ -149,6 +149,30 @@ def check_callables(problems: list[str], loss_fn: object, training_step: object)
                 f"`{name}` must be callable or None; got {seen(fn)}. Pass the function itself, "
                 "not the result of calling it."
             )
+        elif fn is not None and not _takes_two(fn):
+            takes = "(outputs, targets)" if name == "loss_fn" else "(model, batch)"
+            problems.append(
+                f"`{name}` is called as `{name}{takes}`, with two arguments, but its signature "
+                f"`{_signature(fn)}` cannot take them. Write it as `def {name}{takes}:`."
+            )
+
+
+def _signature(fn: Callable[..., Any]) -> str:
+    try:
+        return f"{getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)}"
+    except (TypeError, ValueError):
+        return repr(fn)
+
+
+def _takes_two(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` can be called with two positional arguments (True when it cannot be told)."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): let the call decide
+        return True
+    return True
 
 
 def check_scheduler(problems: list[str], lr_scheduler: object, optimizer: object) -> None:

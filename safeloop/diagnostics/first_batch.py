@@ -43,7 +43,10 @@ _NO_GRAD_CAUSES = (
     "`torch.no_grad()`, `torch.set_grad_enabled(False)`, or a reentrant `torch.utils.checkpoint` "
     "whose inputs do not require grad"
 )
-_CUT_CAUSES = "`.detach()`, `.data`, `.item()`/`.numpy()` and back through `torch.tensor`"
+_CUT_CAUSES = (
+    "`.detach()`, `.data`, `.item()`/`.numpy()` and back through `torch.tensor`, or an op with no "
+    "gradient: `argmax`, `round`, a comparison, an integer cast"
+)
 
 
 def _found(code: str, severity: str, message: str, suggestion: str, params: Iterable[str] = ()) -> Finding:
@@ -195,7 +198,11 @@ _FIXES = {
     "inference": "Remove `torch.inference_mode()` from the training forward; keep it for evaluation.",
     "no_grad": "Remove `torch.no_grad()` from the training forward; checkpoint with `use_reentrant=False`.",
     "other": "Compute the loss with the `model` the trainer passes to `training_step`.",
-    "cut": "Keep the loss on the model output's graph: no `.detach()`, `.data`, `.item()` on the way.",
+    "cut": (
+        "Keep the loss on the model output's graph: no `.detach()`, `.data`, `.item()` on the way, "
+        "and compute it from the scores themselves, not from `argmax` or rounded predictions "
+        "(for classes, `CrossEntropyLoss` on the logits)."
+    ),
     "leaf": "Return the loss computed from the model output, not a tensor rebuilt from its value.",
     "inner": "Call the trainable modules in `forward`, without a cut in their own forward.",
 }
@@ -311,6 +318,34 @@ def check_gradient_reach(
         )
         findings.append(_found("detached-params", "warning", message, fix, detached))
     return findings
+
+
+def check_zero_gradients(model: torch.nn.Module) -> list[Finding]:
+    """After the first backward: every gradient that exists is exactly zero.
+
+    The loss has a ``grad_fn`` and reaches the parameters, but through an op whose derivative is
+    zero everywhere (``round``, ``floor``, ``sign``, a comparison cast to float), so no weight can
+    ever move. One host read, at the first step only.
+    """
+    grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return []
+    peaks = torch.stack([g.detach().abs().amax().float().to(grads[0][1].device) for _, g in grads])
+    if bool(peaks.any()):
+        return []
+    names = [n for n, _ in grads]
+    message = (
+        f"All {len(names)} trainable tensors that got a gradient on the first batch got exactly zero "
+        f"({_names(names)}): the loss reaches the weights only through an op whose derivative is zero "
+        "everywhere (`round`, `floor`, `sign`, a comparison such as `(x > 0).float()`, a hard "
+        "threshold), so no weight can move. Dead ReLUs would leave the last layer's bias a gradient."
+    )
+    fix = (
+        "Compute the loss from the continuous outputs: logits with `CrossEntropyLoss` or "
+        "`BCEWithLogitsLoss` instead of rounded or thresholded predictions; keep `round`/`argmax` "
+        "for metrics, outside the loss."
+    )
+    return [_found("detached-params", "warning", message, fix, names)]
 
 
 def raise_if_fatal(findings: Iterable[Finding]) -> None:

@@ -60,6 +60,9 @@ class WeightHealth:
         self.unit_weights = [(n, p) for n, p in self.weights if n not in tables]
         self._row_masks: list[torch.Tensor] | None = None
         self._dead_streak: dict[str, int] = {}
+        # set when the first backward gave every parameter an exactly zero gradient (a loss through
+        # `round` or a threshold): rows without gradient are that, not dead units
+        self.rows_explained = False
         self._reported: set[tuple[str, str]] = set()
 
     def capture_gradients(self) -> None:
@@ -114,7 +117,7 @@ class WeightHealth:
         findings = [
             self._collapsed(name, step) for (name, _), ok in zip(self.weights, nonzero, strict=True) if not ok
         ]
-        if self._row_masks is not None and rows:
+        if self._row_masks is not None and rows and not self.rows_explained:
             offset = 0
             upstream: str | None = None
             for (name, param), mask in zip(self.unit_weights, self._row_masks, strict=True):

@@ -33,6 +33,7 @@ from safeloop.diagnostics.first_batch import (
     check_loss,
     check_optimizer,
     check_trainable,
+    check_zero_gradients,
     raise_if_fatal,
 )
 from safeloop.diagnostics.health import WeightHealth, lookup_tables
@@ -228,7 +229,12 @@ class Diagnostics:
             reached, self._reach = self._reach.close(), None
             self.reached = reached
         reach = self.layout.gradient_reach or reached is not None
-        findings = self._agree(check_gradient_reach(self.model, watch, reached) if reach else [])
+        found = check_gradient_reach(self.model, watch, reached) if reach else []
+        if reach and reached is None and not self.layout.sharded and not found:
+            found += check_zero_gradients(self.model)  # `.grad` holds the whole gradients here
+            if found and self.health is not None:  # rows without gradient are its effect, not dead units
+                self.health.rows_explained = True
+        findings = self._agree(found)
         self._report(findings)
         ddp = self.prepared
         if findings and isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:

@@ -149,6 +149,61 @@ def test_a_training_step_under_no_grad_stops_fit_with_loss_not_differentiable():
     assert "Remove `torch.no_grad()`" in finding.suggestion
 
 
+@pytest.mark.parametrize("cut", ["argmax", "compare", "int-cast"])
+def test_a_loss_through_an_op_with_no_gradient_names_the_op(cut):
+    def training_step(model, batch):
+        inputs, targets = batch
+        outputs = model(inputs)
+        if cut == "argmax":
+            predicted = outputs.argmax(1).float()
+        elif cut == "compare":
+            predicted = (outputs[:, 0] > 0).float()
+        else:
+            predicted = outputs[:, 0].long().float()
+        return nn.functional.mse_loss(predicted, targets.float())
+
+    finding = _raised(mlp(), _loader(*_classes()), "loss-not-differentiable", training_step=training_step)
+    assert "graph was cut between the model output" in finding.message
+    assert "`argmax`, `round`, a comparison" in finding.message
+    assert "not from `argmax` or rounded predictions" in finding.suggestion
+
+
+@pytest.mark.parametrize("op", ["round", "floor", "sign"])
+def test_a_loss_through_an_op_whose_derivative_is_zero_is_named_at_step_0_and_not_as_dead_units(op):
+    def training_step(model, batch):
+        inputs, targets = batch
+        predicted = getattr(torch, op)(model(inputs)[:, 0])  # a grad_fn, but a zero derivative
+        return nn.functional.mse_loss(predicted, targets.float())
+
+    result = _fit(mlp(), _loader(*_classes()), training_step=training_step, max_steps=40, log_every=10)
+    [zero] = [f for f in result.findings if f.code == "detached-params"]
+    assert zero.step == 0 and zero.severity == "warning" and "got exactly zero" in zero.message
+    assert set(zero.params) == {name for name, _ in mlp().named_parameters()}
+    assert "continuous outputs" in zero.suggestion
+    assert not [f for f in result.findings if f.code == "dead-units"]  # its effect, not dead ReLUs
+
+
+def test_dead_relus_are_not_taken_for_a_zero_derivative_loss():
+    model = mlp()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every hidden unit dead: the last layer's bias still learns
+    result = _fit(model, _loader(*_classes()), max_steps=40, log_every=10)
+    assert not [f for f in result.findings if f.code == "detached-params"]
+
+
+def test_a_training_step_returning_the_loss_with_the_outputs_is_told_to_return_the_loss_alone():
+    def training_step(model, batch):
+        outputs = model(batch[0])
+        return nn.functional.cross_entropy(outputs, batch[1]), outputs
+
+    model = mlp()
+    trainer = SafeTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader(*_classes()),
+                          training_step=training_step, max_steps=1, progress_bar=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="holds no loss") as info:
+        trainer.fit()
+    assert "Item 0 is a one-element tensor" in str(info.value) and "`return loss`" in str(info.value)
+
+
 def test_a_loss_with_reduction_none_stops_fit_with_loss_not_scalar():
     finding = _raised(
         mlp(), _loader(*_classes()), "loss-not-scalar", loss_fn=nn.CrossEntropyLoss(reduction="none")

@@ -216,6 +216,30 @@ def test_a_string_as_training_step_is_rejected_with_value_and_the_callable_expec
     assert "callable or None" in message
 
 
+@pytest.mark.parametrize(
+    ("name", "fn", "signature"),
+    [
+        ("training_step", lambda batch: batch, "<lambda>(batch)"),
+        ("training_step", lambda model, batch, extra: batch, "<lambda>(model, batch, extra)"),
+        ("loss_fn", lambda outputs: outputs.sum(), "<lambda>(outputs)"),
+        ("loss_fn", len, "len"),
+    ],
+)
+def test_a_callable_that_cannot_take_two_arguments_is_rejected_with_its_signature(name, fn, signature):
+    message = _rejected(rf"`{name}` is called as `{name}\(", **{name: fn})
+    takes = "(outputs, targets)" if name == "loss_fn" else "(model, batch)"
+    assert signature in message and f"`def {name}{takes}:`" in message
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [nn.CrossEntropyLoss(), nn.functional.cross_entropy, lambda outputs, targets, weight=None: 0,
+     lambda *args: 0],
+)  # fmt: skip
+def test_callables_that_take_two_arguments_are_accepted(fn):
+    _trainer(loss_fn=fn, max_steps=1)
+
+
 # -- scheduler ------------------------------------------------------------------------------
 
 
