@@ -15,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from safeloop.config import TrainerConfig
 from safeloop.metrics import LogRecord
 
-__all__ = ["ProgressBar", "bar_safe_logging", "planned_steps"]
+__all__ = ["ProgressBar", "bar_safe_logging", "planned_steps", "steps_per_epoch"]
 
 
 def planned_steps(config: TrainerConfig, dataloader: Any) -> int | None:
@@ -33,6 +33,15 @@ def planned_steps(config: TrainerConfig, dataloader: Any) -> int | None:
     except TypeError:
         return None
     return config.max_epochs * math.ceil(batches / config.gradient_accumulation_steps)
+
+
+def steps_per_epoch(config: TrainerConfig, dataloader: Any) -> int | None:
+    """Optimizer steps in one epoch of ``dataloader`` (this process's share), or None when unknown."""
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        return None
+    return math.ceil(batches / config.gradient_accumulation_steps)
 
 
 class ProgressBar:

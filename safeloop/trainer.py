@@ -44,7 +44,7 @@ from safeloop.lr_finder.sweep import RangeTest, finish_result, lr_finder_problem
 from safeloop.metrics import MetricBuffer
 from safeloop.optimizer_step import OptimizerStep
 from safeloop.preemption import PreemptionWatch
-from safeloop.progress import ProgressBar, bar_safe_logging, planned_steps
+from safeloop.progress import ProgressBar, bar_safe_logging, planned_steps, steps_per_epoch
 from safeloop.report.record import RecordWriter
 from safeloop.results import Finding, FitResult, NoiseScaleEstimate, Status
 from safeloop.rollback import DivergencePolicy, Rollback
@@ -383,12 +383,14 @@ class SafeTrainer:
         self._start_trackers()
         self.model.train()
         self._callbacks.call("on_fit_start")
+        planned = planned_steps(self.config, self.train_dataloader)
         bar = ProgressBar(
-            planned_steps(self.config, self.train_dataloader),
+            planned,
             enabled=self.config.progress_bar and self.accelerator.is_main_process,
             initial=self.global_step,
         )
         if self._diagnostics is not None:
+            self._diagnostics.monitor.plan(planned, steps_per_epoch(self.config, self.train_dataloader))
             self._diagnostics.profile_eval()
         self._metrics.restart_clock()
         watch, started, first_step = PreemptionWatch(), time.perf_counter(), self.global_step

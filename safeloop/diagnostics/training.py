@@ -256,6 +256,10 @@ class TrainingMonitor:
         """The causes of a flat loss measured at the last check (none where nothing is measured)."""
         return self._causes(self._last_lr) if self._measured else []
 
+    def plan(self, planned: int | None, steps_per_epoch: int | None) -> None:
+        """The run's planned optimizer steps and steps per epoch (None: unknown), for the lr checks."""
+        self._updates.planned, self._updates.steps_per_epoch = planned, steps_per_epoch
+
     def _ratios(self, window: GradientWindow, applied: bool) -> dict[str, float]:
         """``||dw|| / ||w||`` of the weights that say something about the learning rate."""
         ratios, unmoved = {}, {}

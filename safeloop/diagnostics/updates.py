@@ -31,6 +31,7 @@ __all__ = [
     "LR_HIGH_CHECKS",
     "LR_LOW_FLAT",
     "LR_ANNEALED",
+    "LR_DECAYED",
 ]
 
 # "lr-too-high" / "lr-too-low" bounds on ||dw|| / ||w|| (median over the weights), and
@@ -50,6 +51,13 @@ LR_LOW_FLAT = 1e-2
 # start (SGD's steps shrink with the gradient of a loss near its minimum): the loss is flat there
 # because the run converges, and "multiply the lr by 1e3" would be wrong advice.
 LR_ANNEALED = 0.1
+# ... but a schedule that has cut the lr below LR_DECAYED of its peak for DECAYED_CHECKS log
+# checks while at least DECAYED_AHEAD of the planned steps are still to come has annealed too
+# early: an epoch schedule (StepLR(step_size=30)) stepped per optimizer step. Cosine restarts dip
+# below it only for the last ~1% of a cycle.
+LR_DECAYED = 1e-4
+DECAYED_AHEAD = 0.25
+DECAYED_CHECKS = 5
 # Where other monitors' findings rank among the measured causes (lower is more likely): weights
 # that do not move or get no gradient first, then broken structure, then updates too large.
 CONTEXT_RANKS = {
@@ -151,8 +159,10 @@ class UpdateSize:
         self._lrs: deque[float | None] = deque(maxlen=LR_CHECKS)
         self._peak_lr = 0.0
         self._first: float | None = None  # the first interval's mean loss
-        self._streak = {"lr-too-high": 0, "lr-too-low": 0}
+        self._streak = {"lr-too-high": 0, "lr-too-low": 0, "decayed": 0}
         self._reported: set[str] = set()
+        self.planned: int | None = None  # optimizer steps the run will take (None: unknown)
+        self.steps_per_epoch: int | None = None
 
     def restart(self) -> None:
         """Start over from the restored state (after a rollback): its losses and streaks only."""
@@ -200,6 +210,15 @@ class UpdateSize:
         converged = first is not None and first > 0 and self._best < CONVERGED * first
         low = self.median < LR_LOW_RATIO and not (warming or annealed or converged)
         found = []
+        early = self.planned is not None and step <= (1 - DECAYED_AHEAD) * self.planned
+        # whether or not the loss fell before: the rest of the run cannot move the weights
+        decayed = lr is not None and lr < LR_DECAYED * self._peak_lr and early
+        # not by `stalled`: at an lr ~0 the noise of the minibatch losses still sets new bests
+        self._streak["decayed"] = self._streak["decayed"] + 1 if decayed else 0
+        if self._streak["decayed"] >= DECAYED_CHECKS and "lr-too-low" not in self._reported:
+            self._reported.add("lr-too-low")
+            assert lr is not None  # invariant: decayed needs it
+            found.append(self._decayed(step, lr))
         for code, hit, checks in (
             ("lr-too-high", self.median > LR_HIGH_RATIO, LR_HIGH_CHECKS),
             ("lr-too-low", low, LR_CHECKS),
@@ -248,6 +267,32 @@ class UpdateSize:
             f"{LR_TARGET_RATIO:g}"
             + ("; add warm-up or gradient clipping" if high else "")
             + f"; {find_lr_hint(lr, too_high=high)}.",
+        )
+
+    def _decayed(self, step: int, lr: float) -> Finding:
+        """lr-too-low when the schedule annealed the lr long before the end of the run."""
+        peak = self._peak_lr
+        per_epoch = self.steps_per_epoch
+        epochs = f" ({step / per_epoch:.1f} epochs of {per_epoch} steps)" if per_epoch else ""
+        example = f"`step_size=30 * {per_epoch}`" if per_epoch else "`step_size=30 * steps_per_epoch`"
+        return Finding(
+            code="lr-too-low",
+            severity="warning",
+            message=(
+                f"The learning rate is {lr:.2g} at step {step}{epochs}, {lr / peak:.0e} of its peak "
+                f"{peak:.3g}, with {self.planned - step} of the {self.planned} planned steps still to "  # type: ignore[operator]
+                f"come, for {DECAYED_CHECKS} log checks in a row: the scheduler "
+                "annealed the learning rate long before the end, and the weights barely move. The "
+                "scheduler is stepped once per optimizer step; a schedule written in epochs "
+                "(`StepLR(step_size=30)`, `MultiStepLR(milestones=[30, 60])`, `ExponentialLR(gamma=0.95)`) "
+                f"then decays {per_epoch or 'steps-per-epoch'} times too fast."
+            ),
+            step=step,
+            suggestion=(
+                f"Give the scheduler its sizes in optimizer steps, e.g. {example}, or a schedule over "
+                "the whole run (`CosineAnnealingLR(optimizer, T_max=total_steps)`); step an epoch-based "
+                "scheduler yourself in a callback and pass `lr_scheduler=None`."
+            ),
         )
 
     def _unmoved(self, step: int, checks: int, lr: float | None) -> Finding:

@@ -161,13 +161,13 @@ def test_host_reads_happen_once_per_log_step_and_never_on_other_steps(monkeypatc
         diagnostics=diagnostics,
     )
     # the first step's extra reads: the preflight (zero-weight check), and with diagnostics the
-    # first-batch checks (inputs finite, every target masked?, target range, initial loss: 7 reads
-    # here); once per fit.
+    # first-batch checks (inputs finite, every target masked?, target range, initial loss, every
+    # first gradient exactly zero?: 8 reads here); once per fit.
     # Diagnostics add nothing to other steps: their log-step values travel in the metrics' read;
     # the first log step after 8 micro-batches also reads the baseline loss's statistics (two
     # reads, once per fit).
     baseline = 3 if diagnostics else 1
-    assert reads == [8 if diagnostics else 1, 0, 0, 0, 1] + [0, 0, 0, 0, baseline] + [0, 0, 0, 0, 1] * 2
+    assert reads == [9 if diagnostics else 1, 0, 0, 0, 1] + [0, 0, 0, 0, baseline] + [0, 0, 0, 0, 1] * 2
 
 
 @pytest.mark.parametrize(("accumulation", "mode"), [(2, "auto"), (1, "split")])
@@ -201,7 +201,7 @@ def test_optimizers_without_found_inf_read_the_guard_flag_once_per_step(monkeypa
     )
     # the flag each step, the metrics on log steps (the one after 8 micro-batches also the
     # baseline loss's two), and the first step's checks once
-    assert reads[1:] == [1, 1, 1, 2, 1, 1, 1, 1, 4] and reads[0] == 9
+    assert reads[1:] == [1, 1, 1, 2, 1, 1, 1, 1, 4] and reads[0] == 10
 
 
 def test_guard_off_reads_nothing_outside_log_steps_with_any_optimizer(monkeypatch):
@@ -216,7 +216,7 @@ def test_guard_off_reads_nothing_outside_log_steps_with_any_optimizer(monkeypatc
     )
     # the first step's checks, the metrics on the log steps (the one after 8 micro-batches also
     # the baseline loss's two); nothing else
-    assert reads[1:] == [0, 0, 0, 1, 0, 0, 0, 0, 3] and reads[0] == 8
+    assert reads[1:] == [0, 0, 0, 1, 0, 0, 0, 0, 3] and reads[0] == 9
 
 
 def test_eval_loss_is_the_sample_weighted_mean_and_model_is_back_in_train_mode():
