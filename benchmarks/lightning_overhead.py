@@ -23,14 +23,26 @@ gate's own lines inside ``optimizer.step`` are left out of it. Usage:
     python benchmarks/lightning_overhead.py --fused       # AdamW(fused=True): no host read per step
     python benchmarks/lightning_overhead.py --manual      # manual optimization in both
     python benchmarks/lightning_overhead.py --hooks       # and the CPU time inside each hook
+    python benchmarks/lightning_overhead.py --instructions --steps 61   # callgrind counts
+
+``--instructions`` runs each variant once under valgrind's callgrind, collection switched on at
+the start of step ``--skip + 1`` and off at the start of the last step (a callback placed first
+toggles it), so the count covers whole steps ``--skip + 1 .. --steps - 1``: data, forward,
+backward, update, every hook and the log steps among them. Instruction counts do not depend on
+what else the machine runs; they do not see cache misses, which a loaded machine adds to small
+torch ops most. About 2 minutes a variant on a 2-core machine (the variants run side by side).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -95,6 +107,18 @@ class StepTimer(pl.Callback):
         self.span = (time.perf_counter() - self.start[0], time.process_time() - self.start[1])
 
 
+class InstructionWindow(pl.Callback):
+    """Turns callgrind's collection on at the start of step ``skip + 1``, off at the last (placed first)."""
+
+    def __init__(self, skip: int, last: int) -> None:
+        self.toggles = {skip, last - 1}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step in self.toggles:
+            self.toggles.discard(trainer.global_step)
+            torch._C._valgrind_toggle()
+
+
 def make_loader(args: argparse.Namespace) -> DataLoader:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.samples, args.width, generator=gen)
@@ -127,6 +151,8 @@ def run(
     """
     timer = StepTimer(args.skip)
     callbacks: list[pl.Callback] = [timer]
+    if args.inner is not None:
+        callbacks.insert(0, InstructionWindow(args.skip, args.steps))
     if guards is not None:
         callback = SafeLoopCallback(summary=False, **guards)
         callbacks.append(callback if spent is None else time_hooks(callback, spent))
@@ -147,6 +173,51 @@ def run(
     whole = (time.perf_counter() - start[0], time.process_time() - start[1])
     assert timer.span is not None  # set at on_train_end
     return timer.span, whole
+
+
+# the variants of --instructions: the callback's keywords (None: plain Lightning)
+COUNTED: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "callback": {},
+    "no-diagnostics": {"diagnostics": False},
+}
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def count_instructions(args: argparse.Namespace, variant: str) -> int:
+    """Instructions of steps ``--skip + 1 .. --steps - 1`` of ``variant``, counted by callgrind."""
+    command = [
+        "valgrind", "--tool=callgrind", "--collect-atstart=no", "--callgrind-out-file=/dev/null",
+        sys.executable, __file__, "--inner", variant, "--steps", str(args.steps), "--skip", str(args.skip),
+        "--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch),
+        "--samples", str(args.samples),
+        *(["--fused"] if args.fused else []), *(["--manual"] if args.manual else []),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    found = _COLLECTED.findall(done.stderr + done.stdout)
+    if done.returncode != 0 or len(found) != 1:
+        raise RuntimeError(
+            f"{variant}: exit status {done.returncode}:\n{(done.stderr + done.stdout)[-4000:]}"
+        )
+    return int(found[0])
+
+
+def instructions(args: argparse.Namespace) -> None:
+    """Print the instructions per step of each variant and the callback's ratio to plain Lightning."""
+    counted = args.steps - 1 - args.skip
+    variants = ["plain", *(v for v in args.counted if v != "plain")]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        totals = dict(zip(variants, pool.map(lambda v: count_instructions(args, v), variants), strict=True))
+    kind = "manual" if args.manual else "automatic"
+    print(f"model: {args.depth}x{args.width} MLP, batch {args.batch}, AdamW fused: {args.fused}, {kind}")
+    print(f"instructions per step over steps {args.skip + 1}-{args.steps - 1} (callgrind):")
+    for variant, total in totals.items():
+        ratio = total / totals["plain"]
+        print(f"{variant:<16} {total / counted / 1e6:10.3f} M  ({ratio:.4f} of plain)")
+    if "callback" in totals:
+        added = (totals["callback"] - totals["plain"]) / counted
+        print(f"added by the callback: {added / 1e6:.3f} M per step")
 
 
 def ratios(slow: list[float], base: list[float]) -> str:
@@ -174,14 +245,25 @@ def main() -> None:
     parser.add_argument("--manual", action="store_true", help="manual optimization in every variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy)")
     parser.add_argument("--hooks", action="store_true", help="also time the callback's hooks, in each round")
+    parser.add_argument("--instructions", action="store_true", help="count instructions with callgrind")
+    parser.add_argument(
+        "--counted", nargs="+", choices=list(COUNTED), default=list(COUNTED), help="variants to count"
+    )
+    parser.add_argument("--inner", choices=list(COUNTED), help=argparse.SUPPRESS)  # one fit under callgrind
     args = parser.parse_args()
-    if args.steps <= args.skip:
-        parser.error(f"--steps ({args.steps}) must be above --skip ({args.skip})")
+    if args.steps <= args.skip + 1:
+        parser.error(f"--steps ({args.steps}) must be above --skip + 1 ({args.skip + 1})")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Lightning's advice on workers and logging intervals
     for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False", per fit
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    if args.inner is not None:
+        run(args, COUNTED[args.inner])
+        return
+    if args.instructions:
+        instructions(args)
+        return
     variants: dict[str, Callable[[], tuple[Clocks, Clocks]]] = {
         "plain Lightning": lambda: run(args, None),
         "+ SafeLoopCallback": lambda: run(args, {}),

@@ -6,17 +6,20 @@ work is one call. Where each hook fires (Lightning 2.x, automatic optimization):
     on_fit_start                    check the set-up, build the session
     on_train_start                  the optimizer's step is gated (after a checkpoint restore); with
                                     rollback, the checkpoint before the first step
+    on_train_epoch_start            the epoch the steps count in
     per micro-batch:
-        on_train_batch_start        first batch: inputs, trainable params, optimizer; watch on
+        on_train_batch_start        first batch: inputs, trainable params, optimizer; watch on;
+                                    the micro-batch's size (gradient noise scale)
         training_step               (the user's forward and loss)
         on_before_zero_grad         first micro-batch of a window; first batch: double backward
         on_before_backward(loss)    first batch: the loss checked (raise before torch would);
                                     every micro-batch: the loss joins the window
         backward
-        on_after_backward           first batch: parameters without gradient
+        on_after_backward           first batch: parameters without gradient; with
+                                    accumulation, the window's first gradient (noise scale)
     once per window, inside optimizer.step (after accumulation and the fp16 unscale):
         on_before_optimizer_step    first step: all-zero weights; gradient norms, clipping,
-                                    the agreed finite flag, the decision
+                                    the agreed finite flag, the noise scale's pair, the decision
         (Lightning's clipping, then the update: applied, or refused by the gate)
         on_train_batch_end          the step boundary: counted, learnt, logged every log_every,
                                     a checkpoint when due; a rollback in place on a divergence
@@ -108,6 +111,10 @@ class SafeLoopCallback(Callback):
             healthy one is never deleted).
         diagnostics (`bool`, *optional*, defaults to True): run the checks of
             ``docs/diagnostics.md`` that apply under Lightning (docs/lightning.md lists them).
+        gradient_noise_scale (`str`, *optional*, defaults to ``"auto"``): measure the gradient
+            noise scale and give the ``batch-size`` advice where the fit has two batch sizes
+            (``accumulate_grad_batches`` > 1, or several DDP processes), or ``"off"``
+            (``"split"`` is refused: the forward is ``training_step``'s). With ``diagnostics``.
         log_every (`int`, *optional*, defaults to 10): optimizer steps between metric reads.
         summary (`bool`, *optional*, defaults to True): print a short summary at the end of the
             fit on the main process.
@@ -148,6 +155,7 @@ class SafeLoopCallback(Callback):
         checkpoint_every: int = 500,
         keep_checkpoints: int = 3,
         diagnostics: bool = True,
+        gradient_noise_scale: str = "auto",
         log_every: int = 10,
         summary: bool = True,
     ) -> None:
@@ -205,14 +213,18 @@ class SafeLoopCallback(Callback):
         """Gate the optimizer's step, once Lightning has restored any checkpoint."""
         self._live().start()
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The epoch the coming steps count in (read once an epoch, not at every batch)."""
+        self._live().progress.epoch = int(trainer.current_epoch)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """First batch: the checks before the forward, and the watch on it."""
+        """First batch: the checks before the forward, and the watch on it; the batch's size."""
         session = self._live()
-        session.progress.epoch = int(trainer.current_epoch)
         if session.first is not None and not session.first.done:
             session.first.start(batch)
+        session.steps.see_batch(batch)
 
     def on_before_zero_grad(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -232,10 +244,11 @@ class SafeLoopCallback(Callback):
         session.steps.see_loss(loss)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """First backward: trainable parameters that got no gradient."""
-        first = self._live().first
-        if first is not None:
-            first.after_backward()
+        """First backward: trainable parameters that got no gradient; a window's first gradient."""
+        session = self._live()
+        if session.first is not None:
+            session.first.after_backward()
+        session.steps.after_backward()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

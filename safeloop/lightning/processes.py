@@ -5,7 +5,8 @@ The guards' and diagnostics' components (``Reporter``, ``Diagnostics``, ``SkipHa
 ``Accelerator`` and read a dozen of its attributes: who is the main process, how many there are,
 the device, the fp16 scaler, ``reduce``/``gather``, ``log``. Under Lightning those facts belong
 to the ``Trainer`` and its strategy; :class:`LightningProcesses` answers the same questions from
-them, so the components run unchanged. It holds no state of its own.
+them, so the components run unchanged. It holds no state of its own but the world size, read
+once (it is fixed for a fit, and the guard asks for it every step).
 
 Values logged through it go to every logger of the ``Trainer`` (``logger.log_metrics``), under
 ``safeloop/`` so that they never mix with the user's own ``self.log`` keys.
@@ -40,13 +41,14 @@ class LightningProcesses:
     def __init__(self, trainer: Any, pl_module: torch.nn.Module) -> None:
         self.trainer = trainer
         self.pl_module = pl_module
+        self._world_size = int(trainer.world_size)  # the strategy is set up: fixed for the fit
 
     # -- processes ---------------------------------------------------------------------------
 
     @property
     def num_processes(self) -> int:
         """How many processes train (``trainer.world_size``)."""
-        return int(self.trainer.world_size)
+        return self._world_size
 
     @property
     def process_index(self) -> int:

@@ -176,10 +176,13 @@ class InPlaceRollback:
             if not in_step:
                 self.batch_ended()
             return
+        due = self.checkpoints.due(self.progress.global_step)
+        if outcome.window_start is None and not due:
+            return  # most steps: not a log step, no checkpoint due
         healthy = self.skips.healthy and not self.log.spikes.suspicious
         if outcome.window_start is not None and healthy:
             self.checkpoints.mark_healthy(outcome.window_start)
-        if self.checkpoints.due(self.progress.global_step):
+        if due:
             self.checkpoints.save(healthy=healthy)
 
     def batch_ended(self) -> None:

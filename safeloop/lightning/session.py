@@ -30,6 +30,7 @@ from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.divergence import SpikeDetector
 from safeloop.hooks import CallbackList
 from safeloop.lightning.first_batch import FirstBatchChecks
+from safeloop.lightning.noise import lightning_batch_advice, noise_setting
 from safeloop.lightning.optimization_checks import ClippingAwareReporter, OptimizationChecks
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.lightning.rollback import InPlaceRollback
@@ -81,10 +82,11 @@ class FitSession:
         clips = any(
             v is not None for v in (config.clip_grad_norm, config.clip_grad_value, config.adaptive_clip)
         )
-        self.checks = OptimizationChecks(trainer, pl_module, callback_clips=clips)
+        checks = self.checks = OptimizationChecks(trainer, pl_module, callback_clips=clips)
         self.reporter: Reporter = ClippingAwareReporter(
-            processes, self.progress, self.record, CallbackList(()), explain=self.checks.explain
-        )
+            processes, self.progress, self.record, CallbackList(()),
+            explain=lambda finding: lightning_batch_advice(checks.explain(finding)),
+        )  # fmt: skip
         prepared = trainer.strategy.model
         self.diagnostics: Diagnostics | None = None
         self.first: FirstBatchChecks | None = None
@@ -92,7 +94,7 @@ class FitSession:
             # `custom_step`: the loss comes from `training_step`, as with SafeTrainer's `training_step=`
             self.diagnostics = Diagnostics(
                 processes, prepared, optimizer, self.reporter, log_every=config.log_every,  # type: ignore[arg-type]
-                custom_step=True, noise_scale="off",
+                custom_step=True, noise_scale=noise_setting(config.gradient_noise_scale, processes),
             )  # fmt: skip
             self.first = FirstBatchChecks(
                 pl_module, prepared, optimizer, processes, self.reporter,
@@ -143,7 +145,9 @@ class FitSession:
 
     def start(self) -> None:
         """At the start of training (after Lightning restored a checkpoint): the gate goes on."""
-        self.progress.global_step = int(self.processes.trainer.global_step)
+        trainer = self.processes.trainer
+        self.progress.global_step = int(trainer.global_step)
+        self.progress.epoch = int(trainer.current_epoch)  # then at each on_train_epoch_start
         self._first_step = self.progress.global_step
         if self.config.nan_guard != "off":  # off: the optimizer's step stays untouched (LBFGS too)
             self.gate.install()
@@ -192,6 +196,7 @@ class FitSession:
     def build_result(self) -> FitResult:
         """What the fit did so far, as ``SafeTrainer.fit`` returns it."""
         record = self.record
+        noise = None if self.diagnostics is None else self.diagnostics.noise
         return FitResult(
             global_step=self.progress.global_step,
             skipped_steps=record.skipped_steps,
@@ -202,6 +207,7 @@ class FitSession:
             eval_loss=record.eval_loss,
             baseline_loss=None if self.diagnostics is None else self.diagnostics.baseline_value,
             trace=record.trace.copy(),
+            gradient_noise_scale=None if noise is None else noise.estimate(),
         )
 
     def finish(self, summary: bool) -> None:

@@ -42,6 +42,7 @@ CALLBACK_KEYWORDS = (
     "spike_patience",
     "spike_warmup",
     "diagnostics",
+    "gradient_noise_scale",
     "log_every",
     "summary",
 )
@@ -71,7 +72,6 @@ ELSEWHERE = {
     "training_step": "the loss is computed in your `LightningModule.training_step`",
     "eval_dataloader": "return it from `val_dataloader` or pass `trainer.fit(model, train, val)`",
     "lr_scheduler": "return it from `configure_optimizers`",
-    "gradient_noise_scale": "the gradient noise scale is not measured under Lightning yet; drop it",
     "rollback_skip_batches": _SKIP_BATCHES,
     "async_checkpoint": _ASYNC,
     "lr": "the learning rate is set on the optimizer in `configure_optimizers`",
@@ -115,6 +115,13 @@ def callback_config(arguments: Mapping[str, Any]) -> TrainerConfig:
             "callback's checkpoints are the rollback's targets only, so it would write none there. For "
             "checkpoints to resume from, use Lightning's `ModelCheckpoint`. Fix: drop `checkpoint_dir`, or "
             "keep `rollback=True`."
+        )
+    if values["gradient_noise_scale"] == "split":
+        problems.append(
+            '`gradient_noise_scale="split"`: under Lightning the forward and backward are your '
+            "`training_step`'s, which the callback cannot run on two halves of a batch. Fix: "
+            '`"auto"` measures the noise scale with `Trainer(accumulate_grad_batches=...)` > 1 or on '
+            'several DDP processes; `"off"` not at all.'
         )
     if problems:
         raise ConfigError(format_problems(problems, OWNER))

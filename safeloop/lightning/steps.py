@@ -3,11 +3,13 @@
 What ``OptimizerStep.finish`` and the run loop's step boundary do in ``SafeTrainer``, cut along
 Lightning's hooks:
 
+- ``on_train_batch_start`` and ``on_after_backward``: where the gradient noise scale is measured
+  (``noise.py``), each micro-batch's size and a window's first gradient;
 - ``on_before_backward``: the micro-batch's loss joins the window (:meth:`GuardedSteps.see_loss`);
 - ``on_before_optimizer_step`` (after accumulation and the fp16 unscale, before Lightning's own
   clipping): the first step's all-zero weight check, the one global gradient norm (clipped with
   it when the callback clips), the finite flag agreed by every process, ``nan_guard="raise"``,
-  the diagnostics' per-step record, and the decision handed to the :class:`StepGate`
+  the diagnostics' per-step record (the noise scale's pair), and the decision handed to the :class:`StepGate`
   (:meth:`GuardedSteps.before_step`);
 - the step boundary, at ``on_train_batch_end`` (or at the next step, or the end of training):
   the step counted, its device row kept, a skip read on the host learnt at once, and every
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from safeloop.batching import batch_size_of
 from safeloop.config import TrainerConfig
 from safeloop.diagnostics.session import Diagnostics
 from safeloop.distributed import agree_all_finite
@@ -48,6 +51,8 @@ __all__ = ["GuardedSteps"]
 
 # an applied step learnt on the host: it ends a run of skips, and nothing of it is read
 _APPLIED = StepValues(loss=math.nan, grad_norm=math.nan, finite=True)
+# a step boundary that is no log step found nothing (immutable: one for all of them)
+_NOTHING = LogOutcome()
 
 
 @dataclass
@@ -118,7 +123,14 @@ class GuardedSteps:
         self.guarded = config.nan_guard != "off"
         self.preflight_done = False
         self._loss_factor = processes.gradient_accumulation_steps if automatic else 1
+        # the precision plugin's fp16 scaler (the StepGate holds the same one), fixed for the fit
+        self._scaler = processes.scaler
+        # the module's parameters, listed once at the first step (after a lazy module's first
+        # forward): re-initialisation and rollback copy into the same tensors, never replace them
+        self._params: list[torch.nn.Parameter] | None = None
         self._losses: list[torch.Tensor] = []
+        # the gradient noise scale's probe, where this fit measures it (noise.py)
+        self._noise = None if diagnostics is None or diagnostics.noise is None else diagnostics.noise.probe
         self._measured: _Measured | None = None
         self._bar = ProgressBar(None, enabled=False)  # Lightning draws its own; the log step wants one
 
@@ -127,13 +139,23 @@ class GuardedSteps:
     def see_loss(self, loss: torch.Tensor) -> None:
         """Keep a micro-batch's loss as it reaches backward (``on_before_backward``); device only."""
         value = loss.detach()
-        scaler = self.processes.scaler
+        scaler = self._scaler
         scale = None if scaler is None else getattr(scaler, "_scale", None)
         if isinstance(scale, torch.Tensor):  # fp16: the loss arrives multiplied by the loss scale
             value = value / scale.to(value.device)  # the scale tensor itself: no host read
         if self._loss_factor != 1:
             value = value * self._loss_factor
         self._losses.append(value)
+
+    def see_batch(self, batch: Any) -> None:
+        """A micro-batch starts (``on_train_batch_start``): its size, for the gradient noise scale."""
+        if self._noise is not None:
+            self._noise.see(batch_size_of(batch))
+
+    def after_backward(self) -> None:
+        """After a micro-batch's backward: the window's first gradient, for the gradient noise scale."""
+        if self._noise is not None:  # its loss went in at on_before_backward
+            self._noise.after_backward(first=len(self._losses) == 1)
 
     @property
     def window_has_loss(self) -> bool:
@@ -153,7 +175,9 @@ class GuardedSteps:
         if not self.preflight_done:
             self._preflight()
         loss, row_loss = self._window_loss()
-        params = list(self.model.parameters())
+        params = self._params
+        if params is None:
+            params = self._params = list(self.model.parameters())
         config = self.config
         norms = measure_and_clip(params, max_norm=config.clip_grad_norm, max_value=config.clip_grad_value)
         scale = self.gate.gradient_scale()
@@ -172,12 +196,15 @@ class GuardedSteps:
                 ok = flag if overflow is None else torch.maximum(flag, overflow.to(flag))
                 if not bool(ok.item()):
                     self.skips.learn(step, [self.skips.host_values(loss, norms.total, norms.per_param)])
+        if self._noise is not None:  # the large batch's norm (unscaled, before clipping), as SafeTrainer's
+            self._noise.at_step(norms.total, flag)
         around = None
         if self.diagnostics is not None:
             self.diagnostics.record(norms.per_param)
-            # entered here and left at the step's boundary: the update happens between two hooks
-            around = self.diagnostics.around_update(step % config.log_every == 0)
-            around.__enter__()
+            if step % config.log_every == 0:  # the update sizes: measured at log steps only
+                # entered here and left at the step's boundary: the update happens between two hooks
+                around = self.diagnostics.around_update(True)
+                around.__enter__()
         lr = self.optimizer.param_groups[0]["lr"]  # a Python float: no device read
         self.gate.decide(flag)
         self._measured = _Measured(step, row_loss, norms, flag, overflow, lr, around)
@@ -222,7 +249,7 @@ class GuardedSteps:
                 return LogOutcome(divergence)
         if measured.step % self.config.log_every == 0:
             return self.log.run(self._bar)
-        return LogOutcome()
+        return _NOTHING
 
     def flush(self) -> LogOutcome | None:
         """At the end of training, after the last :meth:`finish`: the steps not logged yet, if any."""

@@ -117,7 +117,7 @@ def test_the_keywords_are_safetrainers_with_the_same_defaults():
     ours = inspect.signature(SafeLoopCallback.__init__).parameters
     theirs = inspect.signature(SafeTrainer.__init__).parameters
     keywords = [name for name in ours if name != "self"]
-    assert len(keywords) == 20
+    assert len(keywords) == 21
     assert {name: ours[name].default for name in keywords} == {
         name: theirs[name].default for name in keywords
     }
