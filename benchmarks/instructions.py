@@ -21,10 +21,20 @@ about 10 minutes per loop on this 2-core machine (the loops run side by side). U
     python benchmarks/instructions.py --width 1536         # a larger model
     python benchmarks/instructions.py --loops safeloop no-diagnostics  # the diagnostics' cost
     python benchmarks/instructions.py --accumulation 4 --loops safeloop noise-scale-off  # noise scale
-    python benchmarks/instructions.py --processes 2 --jobs 1  # DDP on 2 CPU processes, per process
+    python benchmarks/instructions.py --processes 2 --jobs 1  # DDP on 2 CPU processes, per rank
+    python benchmarks/instructions.py --processes 2 --loops noise-scale-off no-agree  # DDP's parts
     python benchmarks/instructions.py --keep /tmp/cg && python benchmarks/instructions.py --functions /tmp/cg
+    python benchmarks/instructions.py --simulate           # + simulated cache misses, branches
 
-``--run LOOP`` is the inner call that runs under valgrind.
+With ``--processes 2`` each loop takes about 20 minutes here (two callgrinds, one per rank; the
+count is per rank, and ``--functions`` compares rank by rank). ``no-agree`` drops the NaN/Inf
+guard's all-reduce (a measurement only). Callgrind counts user-space instructions of valgrind's
+CPU, which has no AVX-512: torch and MKL run their AVX2 kernels under it, AVX-512 ones natively,
+and the kernel's work (system calls, waking threads) is not counted; ``process_time.py`` times
+the training thread natively.
+
+``--inner LOOP`` is the inner call that runs under valgrind (not ``--run``: torchrun, which
+parses the arguments after the script too, would take it for an abbreviation of its ``--run-path``).
 """
 
 from __future__ import annotations
@@ -114,38 +124,83 @@ def run_safeloop(args: argparse.Namespace, diagnostics: bool = True, noise_scale
     ).fit()
 
 
-def count(loop: str, args: argparse.Namespace) -> int:
-    """Instructions of the counted steps of ``loop`` (the most of any process), by callgrind.
+def count(loop: str, args: argparse.Namespace) -> list[int]:
+    """Instructions of the counted steps of ``loop``, one count per process, by callgrind.
 
-    With ``--processes N`` (N > 1) the loop runs under ``torchrun`` on N CPU processes (DDP,
-    gloo), each under its own callgrind, and each process's count is printed. With ``--keep DIR``
-    the callgrind output is kept as ``DIR/LOOP.out`` (``DIR/LOOP.RANK-PID.out`` per process) for
-    ``--functions``.
+    With ``--processes N`` (N > 1) the loop runs under ``torchrun --standalone`` (a free port) on
+    N CPU processes (DDP, gloo), each under its own callgrind; the counts are in rank order. With
+    ``--keep DIR`` the callgrind output is kept as ``DIR/LOOP.out`` (``DIR/LOOP.RANK.out`` per
+    process) for ``--functions``.
     """
-    name = f"{loop}.out" if args.processes == 1 else f"{loop}.%q{{LOCAL_RANK}}-%p.out"
+    name = f"{loop}.out" if args.processes == 1 else f"{loop}.%q{{LOCAL_RANK}}.out"
     out_file = "/dev/null" if args.keep is None else str(Path(args.keep) / name)
     command = [
         "valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={out_file}",
-        sys.executable, __file__, "--run", loop, "--window", "--steps", str(args.long + 1),
+        *(["--cache-sim=yes", "--branch-sim=yes"] if args.simulate else []),
+        sys.executable, __file__, "--inner", loop, "--window", "--steps", str(args.long + 1),
         "--short", str(args.short), "--long", str(args.long),
         "--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch),
         "--log-every", str(args.log_every), "--samples", str(args.samples),
         "--accumulation", str(args.accumulation),
     ]  # fmt: skip
     if args.processes > 1:
-        command = ["torchrun", "--nproc_per_node", str(args.processes), "--no-python", *command]
+        command = [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            str(args.processes),
+            "--no-python",
+            *command,
+        ]
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    found = [int(n) for n in _COLLECTED.findall(done.stderr + done.stdout)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    output = done.stderr + done.stdout
+    if done.returncode != 0:
+        raise RuntimeError(f"{loop}: exit status {done.returncode}:\n{output[-4000:]}")
+    # valgrind's lines start with ==PID==; each process prints its rank and PID (``--run``)
+    found = _collected_by_rank(output) if args.processes > 1 else [int(n) for n in _COLLECTED.findall(output)]
     if len(found) != args.processes:
-        raise RuntimeError(
-            f"{len(found)} callgrind totals for {args.processes} processes:\n{done.stderr[-2000:]}"
-        )
-    if args.processes > 1:
+        raise RuntimeError(f"{len(found)} callgrind totals for {args.processes} processes:\n{output[-4000:]}")
+    if args.simulate:
+        print_simulated(loop, output, (args.long - args.short) / args.accumulation)
+    return found
+
+
+_EVENTS = re.compile(r"^==(\d+)== Events    : (.*)$", re.MULTILINE)
+_ALL_COLLECTED = re.compile(r"^==(\d+)== Collected : (.*)$", re.MULTILINE)
+
+
+def print_simulated(loop: str, output: str, steps: float) -> None:
+    """``--simulate``: callgrind's simulated cache misses and mispredicted branches, per step.
+
+    The estimate is ``callgrind_annotate``'s: Ir + 10 x (L1 misses + mispredicted branches) +
+    100 x last-level misses. A model of one core with the host's cache sizes, not the time.
+    """
+    names = dict(_EVENTS.findall(output))
+    for pid, values in _ALL_COLLECTED.findall(output):
+        events = dict(zip(names[pid].split(), (int(v) for v in values.split()), strict=True))
+        l1 = events["I1mr"] + events["D1mr"] + events["D1mw"]
+        last = events["ILmr"] + events["DLmr"] + events["DLmw"]
+        branches = events["Bcm"] + events["Bim"]
+        estimate = events["Ir"] + 10 * (l1 + branches) + 100 * last
         print(
-            f"{loop}: per process {', '.join(f'{n / (args.long - args.short) / 1e6:.3f} M' for n in found)}"
+            f"{loop} (pid {pid}) per step: Ir {events['Ir'] / steps / 1e6:.3f} M, L1 misses "
+            f"{l1 / steps / 1e3:.1f} k (I1 {events['I1mr'] / steps / 1e3:.1f} k), last-level misses "
+            f"{last / steps / 1e3:.1f} k, mispredicted branches {branches / steps / 1e3:.1f} k, "
+            f"cycle estimate {estimate / steps / 1e6:.3f} M",
+            flush=True,
         )
-    return max(found)
+
+
+_RANK_LINE = re.compile(r"^safeloop-rank (\d+) pid (\d+)$", re.MULTILINE)
+_PID_COLLECTED = re.compile(r"^==(\d+)== Collected : (\d+)", re.MULTILINE)
+
+
+def _collected_by_rank(output: str) -> list[int]:
+    """The callgrind totals of a ``torchrun`` run in rank order (each process prints its rank)."""
+    rank_of = {int(pid): int(rank) for rank, pid in _RANK_LINE.findall(output)}
+    by_rank = {rank_of[int(pid)]: int(n) for pid, n in _PID_COLLECTED.findall(output) if int(pid) in rank_of}
+    return [by_rank[rank] for rank in sorted(by_rank)]
 
 
 _FUNCTION_LINE = re.compile(r"^\s*([\d,]+) \([ \d.]+%\)\s+(.*?)(?: \[(.*)\])?$")
@@ -170,17 +225,28 @@ def function_counts(out_file: Path) -> dict[str, int]:
     return counts
 
 
-def compare_functions(folder: Path, steps: int, top: int) -> None:
-    """Print the functions that differ most per step between the kept SafeTrainer and bare runs."""
-    per_step = {}
-    for loop in ("bare", "safeloop"):
-        per_step[loop] = {name: n / steps for name, n in function_counts(folder / f"{loop}.out").items()}
-    bare, safe = per_step["bare"], per_step["safeloop"]
-    added = {name: safe.get(name, 0.0) - bare.get(name, 0.0) for name in bare | safe}
-    print(f"per step: bare {sum(bare.values()) / 1e6:.3f} M, SafeTrainer {sum(safe.values()) / 1e6:.3f} M, "
-          f"added {sum(added.values()) / 1e6:+.3f} M; the functions that differ most:")  # fmt: skip
-    for name, value in sorted(added.items(), key=lambda item: -abs(item[1]))[:top]:
-        print(f"{value / 1e3:+10.1f} k  {name[:150]}")
+def compare_functions(folder: Path, steps: float, top: int) -> None:
+    """Print the functions that differ most per step between the kept SafeTrainer and bare runs.
+
+    With files kept by ``--processes N`` (``LOOP.RANK.out``), one comparison per rank.
+    """
+    ranks = sorted(int(f.name.split(".")[1]) for f in folder.glob("bare.*.out"))
+    for rank in ranks or [None]:
+        suffix = ".out" if rank is None else f".{rank}.out"
+        per_step = {}
+        for loop in ("bare", "safeloop"):
+            counts = function_counts(folder / f"{loop}{suffix}")
+            per_step[loop] = {name: n / steps for name, n in counts.items()}
+        bare, safe = per_step["bare"], per_step["safeloop"]
+        added = {name: safe.get(name, 0.0) - bare.get(name, 0.0) for name in bare | safe}
+        where = "" if rank is None else f"rank {rank}, "
+        print(
+            f"{where}per step: bare {sum(bare.values()) / 1e6:.3f} M, "
+            f"SafeTrainer {sum(safe.values()) / 1e6:.3f} M, "
+            f"added {sum(added.values()) / 1e6:+.3f} M; the functions that differ most:"
+        )
+        for name, value in sorted(added.items(), key=lambda item: -abs(item[1]))[:top]:
+            print(f"{value / 1e3:+10.1f} k  {name[:150]}")
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser, long: int) -> None:
@@ -206,8 +272,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_loop_arguments(parser, long=60)
-    # safeloop: every default; noise-scale-off / split: gradient_noise_scale="off" / "split"
-    loops = ["bare", "safeloop", "no-diagnostics", "noise-scale-off", "split"]
+    # safeloop: every default; noise-scale-off / split: gradient_noise_scale="off" / "split";
+    # no-agree: the NaN/Inf guard's flag not all-reduced (a measurement only: under several
+    # processes the ranks could then disagree on a skip)
+    loops = ["bare", "safeloop", "no-diagnostics", "noise-scale-off", "split", "no-agree"]
     parser.add_argument("--loops", nargs="+", default=["bare", "safeloop"], choices=loops)
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind output files in DIR")
     parser.add_argument(
@@ -216,20 +284,31 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="loops counted at the same time")
     parser.add_argument("--processes", type=int, default=1, help="DDP processes per loop (torchrun, gloo)")
     parser.add_argument("--top", type=int, default=40, help="with --functions: how many to print")
-    parser.add_argument("--run", choices=loops, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also simulate the caches and branch predictor (--cache-sim, --branch-sim; slower)",
+    )
+    parser.add_argument("--inner", choices=loops, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--window", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.run is not None:  # the inner call, under valgrind
+    if args.inner is not None:  # the inner call, under valgrind
         torch.set_num_threads(1)
-        if args.run == "bare":
+        if "LOCAL_RANK" in os.environ:  # under torchrun: which valgrind output is which rank's
+            print(f"safeloop-rank {os.environ['LOCAL_RANK']} pid {os.getpid()}", file=sys.stderr, flush=True)
+        if args.inner == "bare":
             run_bare(args)
         else:
-            noise_scale = {"noise-scale-off": "off", "split": "split"}.get(args.run, "auto")
-            run_safeloop(args, diagnostics=args.run != "no-diagnostics", noise_scale=noise_scale)
+            noise_scale = {"noise-scale-off": "off", "split": "split"}.get(args.inner, "auto")
+            if args.inner == "no-agree":
+                import safeloop.optimizer_step
+
+                safeloop.optimizer_step.agree_all_finite = lambda accelerator, flag: flag
+            run_safeloop(args, diagnostics=args.inner != "no-diagnostics", noise_scale=noise_scale)
         return
     if args.functions is not None:
-        compare_functions(Path(args.functions), args.long - args.short, args.top)
+        compare_functions(Path(args.functions), (args.long - args.short) / args.accumulation, args.top)
         return
     steps = (args.long - args.short) / args.accumulation
     if args.keep is not None:  # callgrind cannot create the folder and fails at the first write
@@ -242,18 +321,22 @@ def main() -> None:
     # one process per loop, side by side (instruction counts do not depend on the machine's load)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         counted = dict(zip(args.loops, pool.map(lambda loop: count(loop, args), args.loops), strict=True))
-    per_step = {}
-    for loop, total in counted.items():
-        per_step[loop] = total / steps
-        print(f"{loop:<14} {total:>16,} instructions -> {per_step[loop] / 1e6:9.3f} M per step")
+    per_step = {}  # per process, in rank order
+    for loop, totals in counted.items():
+        per_step[loop] = [total / steps for total in totals]
+        for rank, total in enumerate(totals):
+            where = "" if args.processes == 1 else f" rank {rank}"
+            print(f"{loop + where:<21} {total:>16,} instructions -> {total / steps / 1e6:9.3f} M per step")
     for other, what in (
         ("bare", "SafeTrainer / bare loop"),
         ("no-diagnostics", "diagnostics on / off"),
         ("noise-scale-off", "noise scale on / off"),
     ):
         if "safeloop" in per_step and other in per_step:
-            ratio = per_step["safeloop"] / per_step[other]
-            print(f"{what}, instructions per step: {ratio:.4f} ({(ratio - 1) * 100:+.2f}%)")
+            for rank, (safe, base) in enumerate(zip(per_step["safeloop"], per_step[other], strict=True)):
+                where = "" if args.processes == 1 else f", rank {rank}"
+                ratio = safe / base
+                print(f"{what}, instructions per step{where}: {ratio:.4f} ({(ratio - 1) * 100:+.2f}%)")
 
 
 if __name__ == "__main__":
