@@ -159,20 +159,43 @@ def _unscales_itself(optimizer: Any) -> bool:
 def _strategy_problems(trainer: Any) -> list[str]:
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    from safeloop.lightning.fsdp import fsdp2_problems, is_fsdp2
+
     strategy = trainer.strategy
     name = type(strategy).__name__
+    if is_fsdp2(strategy):  # FSDP2: data parallel only, every trainable parameter fully_shard-ed
+        return fsdp2_problems(strategy, trainer.lightning_module)
     # subclasses that shard or compile the step differently (DeepSpeed, XLA) are not these
     supported = type(strategy) is SingleDeviceStrategy or (
         isinstance(strategy, DDPStrategy) and name not in ("DeepSpeedStrategy", "XLAStrategy")
     )
     if supported:
         return []
+    why = _UNSUPPORTED_WHY.get(
+        name, "its gradients and optimizer step are not where the callback measures them"
+    )
     return [
-        f"the strategy is {name} (`Trainer(strategy=...)`); SafeLoopCallback supports one device "
-        '(SingleDeviceStrategy) and DDP (`strategy="ddp"` and its spawn/fork variants) so far. Under '
-        "FSDP, DeepSpeed and XLA the gradients are sharded or compiled away from the hooks it measures in. "
-        "Fix: train under DDP or on one device, or remove SafeLoopCallback for this run."
+        f"the strategy is {name} (`Trainer(strategy=...)`): {why}. SafeLoopCallback supports one device "
+        '(SingleDeviceStrategy), DDP (`strategy="ddp"` and its spawn/fork variants) and FSDP2 through '
+        "`ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)` with `fully_shard` "
+        "applied in `configure_model`. Fix: one of those, or remove SafeLoopCallback for this run."
     ]
+
+
+# why each strategy Lightning offers that is refused cannot be guarded (said in the ConfigError)
+_UNSUPPORTED_WHY = {
+    "FSDPStrategy": (
+        "FSDP1 keeps each wrapped module's parameters as flat shards, whose zeros, norms and "
+        "checkpoints SafeLoopCallback does not read under Lightning (FSDP2 it does)"
+    ),
+    "DeepSpeedStrategy": (
+        "DeepSpeed reduces and partitions the gradients inside its engine and runs the optimizer "
+        "step itself, away from the hooks the callback measures and gates in"
+    ),
+    "XLAStrategy": (
+        "XLA compiles the step lazily, so the callback's per-step flag would force a compile and a host read"
+    ),
+}
 
 
 def _optimizer_problems(optimizers: Sequence[Any], settings: Any) -> list[str]:

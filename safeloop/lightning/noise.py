@@ -19,7 +19,8 @@ moments, from the hooks (:class:`~safeloop.lightning.steps.GuardedSteps` makes t
   ``on_before_optimizer_step``: refused and non-finite steps are left out.
 
 One process without accumulation has one batch size: not measured, said once at INFO in
-Lightning's terms. ``"split"`` (each batch run as two halves) is refused by the settings: the
+Lightning's terms. Under FSDP2 (``ModelParallelStrategy``) not measured yet either, said the same
+way. ``"split"`` (each batch run as two halves) is refused by the settings: the
 forward and backward are the ``LightningModule``'s own.
 """
 
@@ -28,7 +29,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from accelerate.utils import DistributedType
+
 from safeloop.diagnostics.noise_scale import describe_unmeasured
+from safeloop.lightning.fsdp import FSDP2_NOISE_OFF
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.results import Finding
 
@@ -58,6 +62,10 @@ def noise_setting(setting: str, processes: LightningProcesses) -> str:
     Returns:
         `str`: ``"auto"`` or ``"off"``.
     """
+    if setting == "auto" and processes.distributed_type == DistributedType.FSDP:
+        if processes.is_main_process:
+            logger.info(describe_unmeasured([FSDP2_NOISE_OFF]))
+        return "off"
     if setting == "auto" and processes.num_processes == 1 and processes.gradient_accumulation_steps == 1:
         if processes.is_main_process:
             logger.info(describe_unmeasured([ONE_BATCH_SIZE]))

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
+from safeloop.lightning.fsdp import is_fsdp2
+
 __all__ = ["LightningProcesses", "LOG_PREFIX"]
 
 LOG_PREFIX = "safeloop/"
@@ -42,6 +44,8 @@ class LightningProcesses:
         self.trainer = trainer
         self.pl_module = pl_module
         self._world_size = int(trainer.world_size)  # the strategy is set up: fixed for the fit
+        # ModelParallelStrategy with fully_shard: DTensor parameters, read as Accelerate's FSDP2
+        self._fsdp2 = is_fsdp2(trainer.strategy)
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -67,10 +71,13 @@ class LightningProcesses:
 
     @property
     def distributed_type(self) -> DistributedType:
-        """Accelerate's name for the set-up: ``NO`` on one process, DDP (multi-GPU or CPU) otherwise.
+        """Accelerate's name for the set-up: ``FSDP`` under FSDP2, ``NO`` on one process, else DDP.
 
-        Only these two reach the components: ``compat.check_trainer_setup`` refuses the others.
+        ``FSDP`` for ``ModelParallelStrategy`` (``fully_shard``: DTensor parameters, as Accelerate's
+        FSDP2): the components then read shards. ``compat.check_trainer_setup`` refuses the rest.
         """
+        if self._fsdp2:
+            return DistributedType.FSDP
         if self.num_processes == 1:
             return DistributedType.NO
         return DistributedType.MULTI_GPU if self.device.type == "cuda" else DistributedType.MULTI_CPU
@@ -86,7 +93,7 @@ class LightningProcesses:
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
     def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The LightningModule, whatever wrapper the strategy put around it (DDP)."""
+        """The LightningModule, whatever wrapper the strategy put around it (DDP; FSDP2 wraps none)."""
         del model
         return self.pl_module
 

@@ -9,6 +9,10 @@ optimizer and the LR schedulers stepped, before the next batch), with ``SafeTrai
 components: ``Checkpointer`` (safetensors and JSON, never pickle), ``Rollback`` (the target, the
 budget, the LR cut, the ``DivergenceError`` with the causes ranked) and the guards' state.
 
+Under FSDP2 (``ModelParallelStrategy``) the module's and optimizer's state are written by every
+process as its own safetensors shards (``checkpoint/sharded.py``, no pickle) and read back into
+the same DTensors.
+
 What a rollback restores, from the newest healthy checkpoint before the divergence: the module's
 parameters and buffers, copied into the same tensors (``load_state_dict``: the strategy's
 references, DDP's buckets among them, stay valid); the optimizer's state and param groups; the LR
@@ -33,8 +37,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from safeloop.checkpoint.checkpointer import Checkpointer, build_manager
+from safeloop.checkpoint.sharded import ShardedState, dcp_support_problem
 from safeloop.config import TrainerConfig
 from safeloop.errors import DivergenceError
 from safeloop.findings import Reporter
@@ -120,15 +126,27 @@ class InPlaceRollback:
         guard_state: Sequence[Stateful],
         after_rollback: Sequence[Any] = (),
     ) -> None:
-        manager, _ = build_manager(config, processes)  # type: ignore[arg-type]  # no engine: no note
+        # FSDP2: each process writes and reads its own shards of the module and the optimizer
+        self.sharded = processes.distributed_type == DistributedType.FSDP
+        engine = "fsdp2" if self.sharded else None
+        problem = dcp_support_problem() if self.sharded else None
+        # with checkpoint_dir and a torch that cannot write shards: ConfigError; without, a note
+        manager, note = build_manager(config, processes, engine, problem)  # type: ignore[arg-type]
+        if note is not None:
+            reporter.keep(note)
+        shared = {"lr_scheduler": scheduler, "scaler": processes.scaler}
+        if not self.sharded:  # else the optimizer's state is in the shards, with the module's
+            shared = {"optimizer": optimizer, **shared}
         self.checkpoints = Checkpointer(
             manager, processes,  # type: ignore[arg-type]
-            model=module,
-            shared={"optimizer": optimizer, "lr_scheduler": scheduler, "scaler": processes.scaler},
+            model=None if self.sharded else module,
+            shared=shared,
             run_state=[record, skips.tracker, *guard_state],
             rank_state=_NoRankState(),
             progress=progress,
             reporter=reporter,
+            shards=ShardedState(module, optimizer) if self.sharded else None,
+            shard_engine=engine,
         )  # fmt: skip
         self._data = _DataNotReplayed()
         self.rollback: Rollback | None = None
@@ -212,7 +230,15 @@ class InPlaceRollback:
         """
         target = self.checkpoints.rollback_target(divergence.start_step)
         lasting = None if target is None else self.checkpoints.lasting_path_of(target)
-        if lasting is not None:
+        if lasting is not None and self.sharded:
+            then = (
+                f"The newest healthy checkpoint before it is {lasting} (step {target}): its "
+                "shards/ folder holds each process's safetensors shards of the module and optimizer "
+                "(FSDP2); start a new fit from it, at a lower learning rate: "
+                "`torch.distributed.checkpoint.load(..., storage_reader=HuggingFaceStorageReader(...))` "
+                "into the sharded module on every process."
+            )
+        elif lasting is not None:
             then = (
                 f"The newest healthy checkpoint before it is {lasting} (step {target}): its "
                 "model.safetensors holds the module's state_dict; start a new fit from it, at a lower "

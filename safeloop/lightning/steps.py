@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from safeloop.batching import batch_size_of
 from safeloop.config import TrainerConfig
@@ -38,6 +39,7 @@ from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.clipping import GradNorms, measure_and_clip
 from safeloop.guards.nonfinite import finite_flag, true_overflow
+from safeloop.lightning.fsdp import measure_and_clip_sharded
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.lightning.step_gate import StepGate
 from safeloop.log_step import LogOutcome, LogStep
@@ -125,6 +127,8 @@ class GuardedSteps:
         self._loss_factor = processes.gradient_accumulation_steps if automatic else 1
         # the precision plugin's fp16 scaler (the StepGate holds the same one), fixed for the fit
         self._scaler = processes.scaler
+        # FSDP2: DTensor gradients, whose norms are made whole over the processes (fsdp.py)
+        self._sharded = processes.distributed_type == DistributedType.FSDP
         # the module's parameters, listed once at the first step (after a lazy module's first
         # forward): re-initialisation and rollback copy into the same tensors, never replace them
         self._params: list[torch.nn.Parameter] | None = None
@@ -179,7 +183,8 @@ class GuardedSteps:
         if params is None:
             params = self._params = list(self.model.parameters())
         config = self.config
-        norms = measure_and_clip(params, max_norm=config.clip_grad_norm, max_value=config.clip_grad_value)
+        measure = measure_and_clip_sharded if self._sharded else measure_and_clip
+        norms = measure(params, max_norm=config.clip_grad_norm, max_value=config.clip_grad_value)
         scale = self.gate.gradient_scale()
         if scale is not None:  # fp16 with a fused optimizer: the gradients are still scaled
             per_param = None if norms.per_param is None else norms.per_param / scale

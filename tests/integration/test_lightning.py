@@ -174,8 +174,14 @@ def test_several_optimizers_are_refused_naming_them():
         _fit(_TwoOptimizers(manual=True), SafeLoopCallback())
 
 
-@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
-def test_a_strategy_that_shards_the_gradients_is_refused_naming_it(strategy):
+@pytest.mark.parametrize(
+    ("strategy", "why"),
+    [
+        ("FSDPStrategy", "FSDP1 keeps each wrapped module's parameters as flat shards"),
+        ("DeepSpeedStrategy", "inside its engine"),
+    ],
+)
+def test_a_strategy_that_shards_the_gradients_is_refused_naming_it(strategy, why):
     # both need a GPU to run under Lightning: the check is given the real strategy object
     from lightning.pytorch import strategies
 
@@ -185,8 +191,13 @@ def test_a_strategy_that_shards_the_gradients_is_refused_naming_it(strategy):
         strategy=getattr(strategies, strategy)(), gradient_clip_val=None, precision_plugin=object()
     )
     optimizers = [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)]
-    with pytest.raises(ConfigError, match=rf"the strategy is {strategy} .* supports one device .* DDP"):
+    with pytest.raises(
+        ConfigError, match=rf"the strategy is {strategy} .* supports one device .* DDP"
+    ) as error:
         check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)
+    # why, and the sharded alternative that is supported (tests/distributed/test_lightning_fsdp.py)
+    assert why in str(error.value)
+    assert "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)" in str(error.value)
     trainer.strategy = strategies.DDPStrategy()
     check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)  # DDP is supported
 

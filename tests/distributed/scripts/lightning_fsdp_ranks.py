@@ -1,0 +1,278 @@
+"""Trains LightningModules under FSDP2 (``ModelParallelStrategy``) with SafeLoopCallback, under torchrun.
+
+One launch, several fits in the same two processes, each printing one ``RESULT`` JSON line per
+rank with its name under ``"fit"``. Every module applies ``fully_shard`` to its layers and to
+itself in ``configure_model``, so each process holds half the rows of every parameter (``Shard(0)``):
+
+- ``nan`` (Adam): rank 1's loss goes NaN at batch 2 (optimizer step 3) only. The line holds the
+  skips, the findings, whether step 3 left this process's local shards and Adam state bitwise as
+  they were, and a digest of the final local shards. ``reference``: the same fit without the
+  callback and without the batch of step 3 (5 steps; Lightning refuses a ``training_step`` that
+  returns None in distributed training): its digest must be the guarded fit's.
+- ``zero``: ``mid.weight`` and ``mid.bias`` start all zeros (stuck: ReLU's gradient at 0 is 0),
+  and ``first.weight`` is zero in rank 0's rows only. The line holds the re-initialisation events,
+  whether this process's shard of ``mid.weight`` after the first step's check is its rows of the
+  whole Xavier draw an unsharded run makes, whether rank 0's ``first.weight`` shard is still zero
+  then (a global decision, not per shard), and, on rank 0, each layer's logged gradient norm
+  against the norm of the reduced (``full_tensor``) gradient, step by step.
+- ``rollback`` (SGD with momentum): rank 1's loss is multiplied by 1000 at step 25 only; the mean
+  loss spikes on both, both roll back in place to the sharded checkpoint of step 20 (in
+  ``OUT_DIR/rollback/``). The line holds whether this process's local shards right after the
+  rollback are bitwise those of its own shard file in that checkpoint and those it held at step
+  20, and whether its momentum buffers are those of step 20.
+- ``tensor-parallel`` and ``not-sharded``: ``tensor_parallel_size=2``, and a module without
+  ``fully_shard``: the line holds the ``ConfigError`` of ``on_fit_start``.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+except ImportError as missing:
+    print(f"SKIP {missing}", flush=True)
+    sys.exit(0)
+
+from safetensors.torch import load_file
+
+from safeloop import ConfigError
+from safeloop.checkpoint.sharded import SHARD_DIR, shard_file_name
+from safeloop.guards.reinit import initial_values
+from safeloop.lightning import SafeLoopCallback
+from tests.helpers.lightning_models import RecordingLogger, batches
+from tests.helpers.models import classification_data
+
+warnings.filterwarnings("ignore")
+RANK = int(os.environ.get("RANK", "0"))
+POISON_STEP = 25
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of ``tensor`` (a copy)."""
+    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+class Sharded(pl.LightningModule):
+    """An MLP ``first -> mid -> last`` (8 -> 16 -> 16 -> 3), every layer and the module ``fully_shard``-ed.
+
+    Args:
+        kind (`str`): the fit (its fault and its optimizer).
+        shard (`bool`): apply ``fully_shard`` in ``configure_model``.
+    """
+
+    def __init__(self, kind: str, *, shard: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.mid, self.last = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.kind, self.shard = kind, shard
+        if kind == "zero":
+            with torch.no_grad():
+                self.mid.weight.zero_()
+                self.mid.bias.zero_()
+                self.first.weight[:8].zero_()  # rank 0's shard only
+
+    def configure_model(self) -> None:
+        if not self.shard:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.first, self.mid, self.last):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.mid(torch.relu(self.first(x)))))
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        loss = nn.functional.cross_entropy(self(inputs), targets)
+        if self.kind == "nan" and self.global_rank == 1 and batch_idx == 2:
+            return loss * float("nan")
+        if self.kind == "rollback" and self.global_rank == 1 and self.trainer.global_step + 1 == POISON_STEP:
+            return loss * 1000.0
+        return loss
+
+    def configure_optimizers(self):
+        if self.kind == "rollback":
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def optimizer_locals(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """This process's shards of every tensor of the optimizer's state, in parameter order."""
+    out = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key in sorted(optimizer.state.get(param, {})):
+                value = optimizer.state[param][key]
+                if isinstance(value, torch.Tensor):
+                    out.append(local(value))
+    return out
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class Watch(pl.Callback):
+    """Placed after SafeLoopCallback: sees each hook once the callback's work in it is done."""
+
+    def __init__(self, guard: SafeLoopCallback | None) -> None:
+        self.guard = guard
+        self.before: list[torch.Tensor] = []
+        self.unchanged: bool | None = None
+        self.grad_norms: dict[int, dict[str, float]] = {}
+        self.first_step: dict[str, bool] = {}
+        self.at_20: list[torch.Tensor] = []
+        self.momentum_20: list[torch.Tensor] = []
+        self.restored: list[dict] = []
+
+    def _state(self, trainer, module):
+        return [local(p) for p in module.parameters()] + optimizer_locals(trainer.optimizers[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step + 1
+        if step == 3:
+            self.before = self._state(trainer, pl_module)
+        # the reduced gradient, whole (a collective: every process calls it)
+        self.grad_norms[step] = {
+            name: float(p.grad.full_tensor().norm())
+            for name, p in pl_module.named_parameters()
+            if p.grad is not None
+        }
+        if pl_module.kind == "zero" and step == 1:  # after the first step's check, before the update
+            expected = initial_values(
+                (16, 16), "xavier", std=0.02, generator=torch.Generator().manual_seed(0)
+            )
+            rows = slice(8 * RANK, 8 * RANK + 8)
+            self.first_step = {
+                "mid_is_whole_draw": torch.equal(local(pl_module.mid.weight), expected[rows]),
+                "first_shard_zero": not local(pl_module.first.weight).any().item(),
+            }
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3 and self.unchanged is None and self.before:
+            self.unchanged = same(self.before, self._state(trainer, pl_module))
+        if trainer.global_step == 20 and not self.at_20:
+            self.at_20 = [local(p) for p in pl_module.parameters()]
+            self.momentum_20 = optimizer_locals(trainer.optimizers[0])
+        if self.guard is None:
+            return
+        rollbacks = [e for e in self.guard.events if e.kind == "rollback"]
+        if len(rollbacks) > len(self.restored):  # SafeLoopCallback's hook ran: restored in place
+            path = Path(rollbacks[-1].detail["path"]) / SHARD_DIR / shard_file_name(RANK + 1)
+            saved = load_file(path)
+            shards = {name: local(p) for name, p in pl_module.named_parameters()}
+            self.restored.append(
+                {
+                    "file": all(torch.equal(saved[f"model.{n}"], t) for n, t in shards.items()),
+                    "step_20": same(self.at_20, list(shards.values())),
+                    "momentum_20": same(self.momentum_20, optimizer_locals(trainer.optimizers[0])),
+                    "same_objects": [id(p) for p in trainer.optimizers[0].param_groups[0]["params"]]
+                    == [id(p) for p in pl_module.parameters()],
+                    "at": trainer.global_step,
+                    "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                }
+            )
+
+
+def loader(name: str) -> torch.utils.data.DataLoader:
+    """This process's batches (every other row, in order); the reference's lack batch 2 (step 3 of ``nan``).
+
+    Dealt here, not by Lightning's sampler (``use_distributed_sampler=False``), so that dropping
+    one batch leaves every other batch as it was.
+    """
+    inputs, targets = classification_data(n=960 if name == "rollback" else 96).tensors
+    rows = torch.arange(RANK, len(inputs), 2)
+    if name == "reference":
+        rows = torch.cat([rows[:16], rows[24:]])
+    return batches(data=TensorDataset(inputs[rows], targets[rows]))
+
+
+def fit(name: str, out_dir: Path) -> None:
+    guards: dict = {"log_every": 2, "summary": False}
+    if name == "zero":
+        guards["log_every"] = 1
+    if name == "rollback":
+        guards = {"log_every": 5, "spike_warmup": 10, "checkpoint_every": 10, "summary": False}
+        guards["checkpoint_dir"] = str(out_dir / name)
+    callback = None if name == "reference" else SafeLoopCallback(**guards)
+    watch = Watch(callback)
+    logger = RecordingLogger()
+    tensor_parallel = 2 if name == "tensor-parallel" else 1
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(
+            data_parallel_size=2 // tensor_parallel,
+            tensor_parallel_size=tensor_parallel,
+            process_group_backend="gloo",
+        ),
+        max_steps={"rollback": 30, "zero": 3, "reference": 5}.get(name, 6),
+        max_epochs=-1,
+        logger=logger if name == "zero" else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[c for c in (callback, watch) if c is not None],
+    )
+    module = Sharded("nan" if name == "nan" else name, shard=name != "not-sharded")
+    record: dict = {"fit": name, "rank": RANK}
+    try:
+        trainer.fit(module, loader(name))
+    except ConfigError as error:
+        record["error"] = str(error)
+    sha = hashlib.sha256()
+    for param in module.parameters():
+        sha.update(local(param).numpy().tobytes())
+    result = None if callback is None else callback.result
+    logged = {}
+    for step, metrics in logger.logged:
+        for key, value in metrics.items():
+            if key.startswith("safeloop/grad_norm/"):
+                logged.setdefault(str(step), {})[key[len("safeloop/grad_norm/") :]] = value
+    record.update(
+        digest=sha.hexdigest(),
+        unchanged=watch.unchanged,
+        first_step=watch.first_step,
+        restored=watch.restored,
+        grad_norms={str(k): v for k, v in watch.grad_norms.items()},
+        logged_grad_norms=logged,
+        skipped=None if result is None else result.skipped_steps,
+        events=[] if callback is None else [[e.kind, e.step] for e in callback.events],
+        reinit=[] if callback is None else [e.detail for e in callback.events if e.kind == "reinit"],
+        rollbacks=[] if callback is None else [e.detail for e in callback.events if e.kind == "rollback"],
+        findings=[] if callback is None else sorted([f.code, list(f.params)] for f in callback.findings),
+        losses=[] if result is None else [entry["loss"] for entry in result.history],
+    )
+    # one write per line (print writes the newline apart): the ranks share torchrun's stdout
+    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out_dir = Path(sys.argv[1])
+    for name in os.environ.get("FITS", "nan,reference,zero,rollback,tensor-parallel,not-sharded").split(","):
+        fit(name, out_dir)
+    if torch.distributed.is_initialized():
+        # every rank leaves the group together: gloo's threads can abort a process at exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

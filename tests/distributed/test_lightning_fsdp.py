@@ -1,0 +1,120 @@
+"""``SafeLoopCallback`` under FSDP2 (Lightning's ``ModelParallelStrategy``) on 2 CPU processes (gloo).
+
+One launch runs six fits in the same two processes (``scripts/lightning_fsdp_ranks.py``); every
+parameter is a DTensor sharded by rows over the two processes (``fully_shard`` in
+``configure_model``):
+
+- one process's loss goes NaN at step 3: the finite flag is agreed, both skip that step, it
+  leaves each process's local shards and Adam state bitwise as they were, and each process ends
+  bitwise where a fit that never had that batch ends (the reference, without the callback);
+- a stuck all-zero weight is re-initialised at the first step, each process keeping its rows of
+  the same whole Xavier draw an unsharded run makes; a weight that is zero on one process's shard
+  only is left alone (the decision is global); the per-layer gradient norms logged are those of
+  the reduced gradients;
+- one process's loss x1000 at step 25: both roll back in place to their own shards of the
+  checkpoint of step 20: local shards bitwise the checkpoint's file and those held at step 20,
+  momentum buffers those of step 20, the optimizer still over the module's parameter objects;
+- ``tensor_parallel_size=2``, and a module without ``fully_shard``: ``ConfigError`` at
+  ``on_fit_start`` on both processes, saying why and what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.test_fsdp import _run
+
+pytest.importorskip("lightning")
+
+SCRIPT = Path(__file__).parent / "scripts" / "lightning_fsdp_ranks.py"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each fit's two result lines (rank 0, rank 1), by fit name: one launch for the module."""
+    ranks = _run(tmp_path_factory.mktemp("lightning-fsdp") / "ranks", SCRIPT)
+    by_fit: dict[str, list[dict]] = {}
+    for line in ranks:
+        by_fit.setdefault(line["fit"], []).append(line)
+    return by_fit
+
+
+def test_a_nan_on_one_process_is_skipped_on_both_and_leaves_the_shards_as_without_that_batch(fits):
+    ranks, reference = fits["nan"], fits["reference"]
+    assert [r["rank"] for r in ranks] == [0, 1] == [r["rank"] for r in reference]
+    for rank, ref in zip(ranks, reference, strict=True):
+        assert "error" not in rank
+        assert rank["skipped"] == 1 and rank["events"] == [["checkpoint", 0], ["skip", 3]]
+        assert rank["unchanged"] is True  # local shards and Adam state as before step 3
+        # bitwise the fit that never saw step 3's batch: the skip changed nothing, anywhere
+        assert rank["digest"] == ref["digest"]
+    assert ranks[0]["digest"] != ranks[1]["digest"]  # each holds its own rows (the test would be moot)
+    assert ranks[0]["findings"] == ranks[1]["findings"]  # agreed: rank 0's loss was finite
+    assert ["nonfinite-loss", []] in ranks[0]["findings"]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
+
+
+def test_a_stuck_zero_weight_is_reinitialised_from_the_whole_draw_and_a_zero_shard_alone_is_not(fits):
+    ranks = fits["zero"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for rank in ranks:
+        assert "error" not in rank
+        # mid.weight only: first.weight is zero in rank 0's rows, not as a whole
+        assert rank["reinit"] == [{"param": "mid.weight", "shape": [16, 16], "method": "xavier"}]
+        assert rank["first_step"]["mid_is_whole_draw"] is True  # its rows of the unsharded draw
+    assert ranks[0]["first_step"]["first_shard_zero"] is True  # not re-initialised per shard
+    assert ranks[0]["findings"] == ranks[1]["findings"]
+    assert ["zero-params", ["mid.weight"]] in ranks[0]["findings"]
+    assert ranks[0]["digest"] != ranks[1]["digest"]
+
+
+def test_the_logged_per_layer_gradient_norms_are_those_of_the_reduced_gradients(fits):
+    rank0 = fits["zero"][0]
+    logged, reduced = rank0["logged_grad_norms"], rank0["grad_norms"]
+    assert sorted(logged) == ["1", "2", "3"]  # log_every=1: each step's own norms
+    for step, norms in logged.items():
+        assert norms.keys() == reduced[step].keys()
+        assert norms == pytest.approx(reduced[step], rel=1e-5, abs=1e-7)
+    assert any(value > 0 for value in logged["3"].values())
+
+
+def test_a_spike_on_one_process_rolls_both_back_to_their_own_shards_of_the_checkpoint(fits):
+    ranks = fits["rollback"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for rank in ranks:
+        assert "error" not in rank
+        assert [e for e in rank["events"] if e[0] != "checkpoint"] == [["rollback", 20], ["lr_scale", 20]]
+        [rollback] = rank["rollbacks"]
+        assert rollback["path"].endswith("rollback/step-00000020") and rollback["detected_at"] == 30
+        [restored] = rank["restored"]
+        # bitwise this process's shard file, and the shards and momentum it held at step 20
+        assert restored == {
+            "file": True,
+            "step_20": True,
+            "momentum_20": True,
+            "same_objects": True,
+            "at": 30,
+            "lr": 0.025,
+        }
+        assert max(rank["losses"]) > 100
+    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] and ranks[0]["findings"] == ranks[1]["findings"]
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("tensor-parallel", ["tensor_parallel_size=2", "tensor_parallel_size=1)"]),
+        ("not-sharded", ["are not DTensors", "fully_shard", "configure_model"]),
+    ],
+)
+def test_what_cannot_be_guarded_is_refused_at_fit_start_on_both_processes(fits, name, says):
+    ranks = fits[name]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for rank in ranks:
+        assert rank["error"].startswith("SafeLoopCallback cannot guard this Trainer:")
+        for words in says:
+            assert words in rank["error"]
+        assert rank["events"] == []  # nothing ran: no checkpoint, no step
