@@ -20,7 +20,7 @@ Both sizes come without an extra forward or backward:
   to the process under DDP) against the window's accumulated gradient (all micro-batches of all
   processes), whose norm the step measures anyway;
 - DDP without accumulation: each process's gradient before the all-reduce, read in a
-  communication hook (the bucket's squared norm), against the reduced gradient;
+  communication hook (the bucket's squared norm, ``noise_probe_ddp.py``), against the reduced gradient;
 - FSDP2, with or without accumulation: each process's gradient over its window, read at the
   input of the reduce-scatter (``noise_probe_fsdp.py``), against the reduced gradient;
 - ``gradient_noise_scale="split"`` (one process, opt in): each batch run as two halves, the first
@@ -159,20 +159,6 @@ class NoiseScaleProbe:
         """
         if self._open:
             self._pieces.append(square)
-
-    def comm_hook(self) -> Any:
-        """A DDP communication hook: each bucket's local squared norm, then DDP's usual all-reduce."""
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        add = self.add_local
-
-        # unannotated: DDP compares a hook's annotations with its own types, and this module's
-        # are strings (postponed evaluation)
-        def hook(state, bucket):  # type: ignore[no-untyped-def]
-            add(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square())
-            return default_hooks.allreduce_hook(state, bucket)
-
-        return hook
 
     def at_step(self, total_norm: torch.Tensor, ok: torch.Tensor | None) -> None:
         """The step's large-batch norm; the pair is kept when the window was regular and finite.
@@ -402,6 +388,7 @@ def build_monitor(
     """
     from torch.nn.parallel import DistributedDataParallel
 
+    from safeloop.diagnostics.noise_probe_ddp import attach_ddp_probe
     from safeloop.diagnostics.noise_probe_fsdp import attach_sharded_probe
 
     if setting == "off":
@@ -421,11 +408,8 @@ def build_monitor(
         return NoiseScaleMonitor(probe, accumulation, processes), None
     if isinstance(prepared, DistributedDataParallel):
         probe = NoiseScaleProbe(params, "ddp", 1, accelerator.scaler)
-        try:
-            prepared.register_comm_hook(None, probe.comm_hook())
-        except RuntimeError as error:  # only one hook per model: the user's (or Accelerate's) is there
-            return None, f"the DDP model already has a communication hook ({str(error).splitlines()[0]})"
-        return NoiseScaleMonitor(probe, 1, processes), None
+        reason = attach_ddp_probe(prepared, probe)
+        return (None, reason) if reason is not None else (NoiseScaleMonitor(probe, 1, processes), None)
     if setting == "split":
         return NoiseScaleMonitor(NoiseScaleProbe(params, "split", 1, accelerator.scaler), 1, processes), None
     return None, (

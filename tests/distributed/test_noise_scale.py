@@ -61,6 +61,14 @@ def test_ddp_measures_the_closed_form_noise_scale_and_agrees_with_accumulation(r
     assert accumulated.value == pytest.approx(ddp, rel=0.2)
 
 
+def test_on_three_processes_the_hooked_updates_are_ddps_own_to_the_bit(tmp_path):
+    # DDP without a hook multiplies each gradient by 1/3 as it copies it into the bucket; a hook
+    # that divided by 3 instead (torch's allreduce_hook) would differ in the last bit
+    ranks = _run(tmp_path / "ranks", SCRIPT, processes=3, PARITY_ONLY="1")
+    assert [r["rank"] for r in ranks] == [0, 1, 2]
+    assert all(r["parity"] for r in ranks)
+
+
 def test_fsdp2_measures_the_closed_form_noise_scale_from_the_reduce_scatter_input(ranks):
     # under Accelerate's no_sync the sharded `.grad` is None until the window's last backward:
     # the small batch is each process's whole window (2 x 8), read where FSDP2 reduce-scatters it

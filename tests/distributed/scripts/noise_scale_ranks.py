@@ -12,7 +12,8 @@ from there on, so it runs last): the same regression with 2 micro-batches of 8 p
 each process's window gradient read at the reduce-scatter's input against the reduced one, the
 same two sizes (16 and 32) as part one; and the classifier (its first layer an FSDP module of its
 own) trained with and without the probe, without and with accumulation, bit for bit alike.
-Prints one ``RESULT`` JSON line per rank.
+With ``PARITY_ONLY=1`` only part two runs (launched on 3 processes: the hook scales each bucket
+by ``1 / 3`` as DDP does without a hook). Prints one ``RESULT`` JSON line per rank.
 """
 
 import os
@@ -140,6 +141,10 @@ def fsdp2_local_weights(noise: str, accumulation: int) -> list[list[float]]:
 
 
 def main() -> None:
+    if os.environ.get("PARITY_ONLY"):  # part two alone (3 processes: a world not a power of two)
+        ours = trained(12)  # first: SafeTrainer joins the CPU processes (a bare Accelerator() would not)
+        print_result({"rank": int(os.environ["RANK"]), "parity": hand_written(12) == ours})
+        return
     steps = int(os.environ.get("STEPS", "800"))
     record = estimate(steps)
     loop, ours = hand_written(12), trained(12)
