@@ -232,8 +232,8 @@ class Diagnostics:
         found = check_gradient_reach(self.model, watch, reached) if reach else []
         if reach and reached is None and not self.layout.sharded and not found:
             found += check_zero_gradients(self.model)  # `.grad` holds the whole gradients here
-            if found and self.health is not None:  # rows without gradient are its effect, not dead units
-                self.health.rows_explained = True
+            if found:
+                self.zero_gradients_found()
         findings = self._agree(found)
         self._report(findings)
         ddp = self.prepared
@@ -370,6 +370,14 @@ class Diagnostics:
         return DataProfile.from_tensors(stats, hashes, feature_names=profile.feature_names)
 
     # -- every step and log steps ----------------------------------------------------------
+
+    def zero_gradients_found(self) -> None:
+        """Every first gradient was exactly zero (``detached-params``).
+
+        Rows without gradient are then its effect, which weight health must not report as dead units.
+        """
+        if self.health is not None:
+            self.health.rows_explained = True
 
     def record(self, per_param: torch.Tensor | None) -> None:
         """The step's per-parameter gradient norms (device only)."""

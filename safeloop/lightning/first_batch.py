@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch.nn.parallel import DistributedDataParallel
 
 from safeloop.diagnostics.broadcast import from_warnings
@@ -37,6 +38,7 @@ from safeloop.diagnostics.first_batch import (
     check_loss,
     check_optimizer,
     check_trainable,
+    check_zero_gradients,
     raise_if_fatal,
 )
 from safeloop.diagnostics.targets import check_inputs
@@ -64,6 +66,9 @@ class FirstBatchChecks:
         checked_loss_fn (`Callable`, *optional*): ``checked_loss_fn(loss_fn, found, batch)``
             wraps a loss in the target checks (``Diagnostics.checked_loss_fn``); the losses the
             first ``training_step`` calls go through it (:class:`LossCallWatch`).
+        zero_gradients_found (`Callable`, *optional*): called when every first gradient is
+            exactly zero (``detached-params``), so that weight health does not also report the
+            rows without gradient as dead units (``Diagnostics.zero_gradients_found``).
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class FirstBatchChecks:
         processes: LightningProcesses,
         reporter: Reporter,
         checked_loss_fn: Callable[[LossFn, list[Finding], Any], LossFn] | None = None,
+        zero_gradients_found: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.prepared = prepared
@@ -81,6 +87,7 @@ class FirstBatchChecks:
         self.processes = processes
         self.reporter = reporter
         self.checked_loss_fn = checked_loss_fn
+        self.zero_gradients_found = zero_gradients_found
         self.done = False
         self._findings: list[Finding] = []
         self._loss_findings: list[Finding] = []  # the checks of the losses training_step called
@@ -157,7 +164,14 @@ class FirstBatchChecks:
         watch, self._reach = self._reach, None
         if watch is None:
             return
-        findings = agree_findings(self.processes, check_gradient_reach(self.model, watch))  # type: ignore[arg-type]
+        found = check_gradient_reach(self.model, watch)
+        if not found and self.processes.distributed_type != DistributedType.FSDP:
+            # every gradient exactly zero: a loss through round/sign/a comparison (not under
+            # FSDP2: a process's shard of a gradient can be zero while the whole is not)
+            found = check_zero_gradients(self.model)
+        findings = agree_findings(self.processes, found)  # type: ignore[arg-type]
+        if any(f.code == "detached-params" for f in findings) and self.zero_gradients_found is not None:
+            self.zero_gradients_found()
         self.reporter.add_all(findings)
         ddp = self.prepared
         if findings and isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:

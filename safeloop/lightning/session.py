@@ -99,6 +99,7 @@ class FitSession:
             self.first = FirstBatchChecks(
                 pl_module, prepared, optimizer, processes, self.reporter,
                 checked_loss_fn=self.diagnostics.checked_loss_fn,
+                zero_gradients_found=self.diagnostics.zero_gradients_found,
             )  # fmt: skip
         self.gate = StepGate(optimizer, processes.scaler)
         policy = DivergencePolicy(config, self.progress, self.reporter, rollback_enabled=config.rollback)

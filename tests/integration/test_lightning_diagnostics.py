@@ -156,6 +156,21 @@ class _DeepSigmoid(Classifier):
         self.net = nn.Sequential(*layers, nn.Linear(16, 3))
 
 
+class _ZeroDerivative(Classifier):
+    """A loss through ``round`` or ``sign`` of the outputs: a ``grad_fn``, but a zero derivative."""
+
+    op = "round"
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        predicted = getattr(torch, self.op)(self(x)[:, 0])
+        return nn.functional.mse_loss(predicted, y.float())
+
+
+class _SignedLoss(_ZeroDerivative):
+    op = "sign"
+
+
 class _Regression(pl.LightningModule):
     """A regressor whose (B, 1) output meets (B,) targets in ``mse_loss``: it broadcasts to (B, B)."""
 
@@ -197,6 +212,9 @@ MISTAKES = {
     "zero-params": (_ZeroLayer, batches, 4, 10, {"zero-params"}),
     "loss-broadcast": (_Regression, _regression_data, 4, 10, {"loss-broadcast"}),
     "dead-units": (_DeadReLU, batches, 15, 5, {"dead-units"}),
+    # every first gradient exactly zero: named at step 0, and its rows not taken for dead units
+    "zero-derivative-round": (_ZeroDerivative, batches, 40, 10, {"detached-params"}),
+    "zero-derivative-sign": (_SignedLoss, batches, 40, 10, {"detached-params"}),
     "vanishing-grad": (_DeepSigmoid, batches, 20, 5, {"vanishing-grad"}),
 }
 
@@ -467,8 +485,9 @@ def test_the_guard_reads_the_host_once_per_step_only_where_the_optimizer_needs_i
     added = [g - p for g, p in zip(guarded, plain, strict=True)]
     # steps 4, 8, 12: the log step's one read (the diagnostics' values travel in it); step 1: the
     # all-zero weight check, and with diagnostics the first-batch checks (inputs finite, the
-    # cross_entropy call's target range, the initial loss: 7 reads), as SafeTrainer's first step
-    first = 8 if diagnostics else 1
+    # cross_entropy call's target range, the initial loss: 7 reads; every first gradient exactly
+    # zero: 1 read), as SafeTrainer's first step
+    first = 9 if diagnostics else 1
     expected = [per_step + (step % 4 == 0) for step in range(1, 13)]
     expected[0] += first
     expected[-1] += diagnostics  # the end of the fit: the baseline's bounds (one read, once per fit)
