@@ -208,7 +208,10 @@ class OptimizerStep:
             self.diagnostics.record(norms.per_param)
             with self.diagnostics.around_update(step % self.config.log_every == 0):
                 applied = self._apply(flag)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is None:
+            self.stepper.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         if self.zero is not None and self.zero.overflowed:
