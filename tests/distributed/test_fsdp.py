@@ -33,6 +33,14 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+def by_fit(lines: list[dict]) -> dict[str, list[dict]]:
+    """The result lines of a launch that ran several fits, by fit name, in rank order."""
+    grouped: dict[str, list[dict]] = {}
+    for line in lines:
+        grouped.setdefault(line["fit"], []).append(line)
+    return grouped
+
+
 def _run(out_dir: Path, script: Path | None = None, *, processes: int = 2, **env: str) -> list[dict]:
     """Launch ``script`` (SCRIPT) on 2 CPU ranks (``processes``); its per-rank results, or a skip."""
     out_dir.mkdir()

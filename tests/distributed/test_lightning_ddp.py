@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_fsdp import _run
+from tests.distributed.test_fsdp import _run, by_fit
 
 pytest.importorskip("lightning")
 
@@ -36,11 +36,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory) -> dict[str, list[dict]]:
     """Each fit's two result lines (rank 0, rank 1), by fit name: one launch for the module."""
-    ranks = _run(tmp_path_factory.mktemp("lightning") / "ranks", SCRIPT)
-    by_fit: dict[str, list[dict]] = {}
-    for line in ranks:
-        by_fit.setdefault(line["fit"], []).append(line)
-    return by_fit
+    return by_fit(_run(tmp_path_factory.mktemp("lightning") / "ranks", SCRIPT))
 
 
 @pytest.mark.parametrize("name", ["automatic", "manual"])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.test_fsdp import _run
+from tests.distributed.test_fsdp import _run, by_fit
 
 pytest.importorskip("lightning")
 
@@ -35,11 +35,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def fits(tmp_path_factory) -> dict[str, list[dict]]:
     """Each fit's two result lines (rank 0, rank 1), by fit name: one launch for the module."""
-    ranks = _run(tmp_path_factory.mktemp("lightning-fsdp") / "ranks", SCRIPT)
-    by_fit: dict[str, list[dict]] = {}
-    for line in ranks:
-        by_fit.setdefault(line["fit"], []).append(line)
-    return by_fit
+    return by_fit(_run(tmp_path_factory.mktemp("lightning-fsdp") / "ranks", SCRIPT))
 
 
 def test_a_nan_on_one_process_is_skipped_on_both_and_leaves_the_shards_as_without_that_batch(fits):
