@@ -53,6 +53,21 @@ def test_a_nan_on_one_process_is_skipped_on_both_and_leaves_the_shards_as_withou
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 3
 
 
+def test_in_manual_optimization_with_clipping_a_nan_is_skipped_on_both_as_without_that_batch(fits):
+    # manual_backward and opt.step() in training_step; the callback clips the DTensor gradients
+    # to norm 0.05, the reference (no callback, the batch left out) clips them by hand
+    ranks, reference = fits["nan-manual"], fits["reference-manual"]
+    assert [r["rank"] for r in ranks] == [0, 1] == [r["rank"] for r in reference]
+    for rank, ref in zip(ranks, reference, strict=True):
+        assert "error" not in rank and "error" not in ref
+        assert rank["skipped"] == 1 and rank["events"] == [["checkpoint", 0], ["skip", 3]]
+        assert rank["unchanged"] is True
+        assert rank["digest"] == ref["digest"]
+    assert ranks[0]["digest"] != ranks[1]["digest"]
+    assert ranks[0]["findings"] == ranks[1]["findings"]
+    assert ranks[0]["digest"] != fits["nan"][0]["digest"]  # the clip acted (the automatic fit does not clip)
+
+
 def test_a_stuck_zero_weight_is_reinitialised_from_the_whole_draw_and_a_zero_shard_alone_is_not(fits):
     ranks = fits["zero"]
     assert [r["rank"] for r in ranks] == [0, 1]

@@ -110,6 +110,31 @@ class Sharded(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class ShardedManual(Sharded):
+    """``Sharded`` in manual optimization: ``manual_backward`` and ``opt.step()`` in ``training_step``.
+
+    Args:
+        kind (`str`): the fit.
+        clip (`bool`): clip to norm 0.05 by hand before ``opt.step()`` (the reference, without the
+            callback, whose ``clip_grad_norm=0.05`` clips the guarded fit).
+    """
+
+    def __init__(self, kind: str, *, clip: bool = False) -> None:
+        super().__init__(kind)
+        self.automatic_optimization = False
+        self.clip = clip
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 0.05)
+        optimizer.step()
+        return loss.detach()
+
+
 def optimizer_locals(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """This process's shards of every tensor of the optimizer's state, in parameter order."""
     out = []
@@ -196,7 +221,7 @@ def loader(name: str) -> torch.utils.data.DataLoader:
     """
     inputs, targets = classification_data(n=960 if name == "rollback" else 96).tensors
     rows = torch.arange(RANK, len(inputs), 2)
-    if name == "reference":
+    if name.startswith("reference"):
         rows = torch.cat([rows[:16], rows[24:]])
     return batches(data=TensorDataset(inputs[rows], targets[rows]))
 
@@ -208,7 +233,9 @@ def fit(name: str, out_dir: Path) -> None:
     if name == "rollback":
         guards = {"log_every": 5, "spike_warmup": 10, "checkpoint_every": 10, "summary": False}
         guards["checkpoint_dir"] = str(out_dir / name)
-    callback = None if name == "reference" else SafeLoopCallback(**guards)
+    if name == "nan-manual":
+        guards["clip_grad_norm"] = 0.05  # the callback clips; the reference clips by hand
+    callback = None if name.startswith("reference") else SafeLoopCallback(**guards)
     watch = Watch(callback)
     logger = RecordingLogger()
     tensor_parallel = 2 if name == "tensor-parallel" else 1
@@ -220,7 +247,7 @@ def fit(name: str, out_dir: Path) -> None:
             tensor_parallel_size=tensor_parallel,
             process_group_backend="gloo",
         ),
-        max_steps={"rollback": 30, "zero": 3, "reference": 5}.get(name, 6),
+        max_steps={"rollback": 30, "zero": 3, "reference": 5, "reference-manual": 5}.get(name, 6),
         max_epochs=-1,
         logger=logger if name == "zero" else False,
         enable_checkpointing=False,
@@ -229,7 +256,12 @@ def fit(name: str, out_dir: Path) -> None:
         use_distributed_sampler=False,
         callbacks=[c for c in (callback, watch) if c is not None],
     )
-    module = Sharded("nan" if name == "nan" else name, shard=name != "not-sharded")
+    if name in ("nan-manual", "reference-manual"):
+        module: Sharded = ShardedManual(
+            "nan" if name == "nan-manual" else name, clip=name == "reference-manual"
+        )
+    else:
+        module = Sharded(name, shard=name != "not-sharded")
     record: dict = {"fit": name, "rank": RANK}
     try:
         trainer.fit(module, loader(name))
@@ -266,7 +298,9 @@ def fit(name: str, out_dir: Path) -> None:
 def main() -> None:
     torch.set_num_threads(1)
     out_dir = Path(sys.argv[1])
-    for name in os.environ.get("FITS", "nan,reference,zero,rollback,tensor-parallel,not-sharded").split(","):
+    for name in os.environ.get(
+        "FITS", "nan,reference,nan-manual,reference-manual,zero,rollback,tensor-parallel,not-sharded"
+    ).split(","):
         fit(name, out_dir)
     if torch.distributed.is_initialized():
         # every rank leaves the group together: gloo's threads can abort a process at exit
