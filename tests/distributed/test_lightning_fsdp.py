@@ -92,22 +92,32 @@ def test_the_logged_per_layer_gradient_norms_are_those_of_the_reduced_gradients(
     assert any(value > 0 for value in logged["3"].values())
 
 
-def test_a_spike_on_one_process_rolls_both_back_to_their_own_shards_of_the_checkpoint(fits):
-    ranks = fits["rollback"]
+@pytest.mark.parametrize(
+    ("name", "target", "detected", "hook"),
+    [("rollback", 20, 30, "on_train_batch_end"), ("rollback-end", 30, 33, "on_train_end")],
+    ids=["at-a-log-step", "at-the-end-of-training"],
+)
+def test_a_spike_on_one_process_rolls_both_back_to_their_own_shards_of_the_checkpoint(
+    fits, name, target, detected, hook
+):
+    ranks = fits[name]
     assert [r["rank"] for r in ranks] == [0, 1]
     for rank in ranks:
         assert "error" not in rank
-        assert [e for e in rank["events"] if e[0] != "checkpoint"] == [["rollback", 20], ["lr_scale", 20]]
+        events = [e for e in rank["events"] if e[0] != "checkpoint"]
+        assert events == [["rollback", target], ["lr_scale", target]]
         [rollback] = rank["rollbacks"]
-        assert rollback["path"].endswith("rollback/step-00000020") and rollback["detected_at"] == 30
+        assert rollback["path"].endswith(f"{name}/step-{target:08d}") and rollback["detected_at"] == detected
         [restored] = rank["restored"]
-        # bitwise this process's shard file, and the shards and momentum it held at step 20
+        # bitwise this process's shard file, and the shards and momentum it held at the target step;
+        # at the end of training: the module the fit leaves
         assert restored == {
             "file": True,
-            "step_20": True,
-            "momentum_20": True,
+            "shards": True,
+            "momentum": True,
             "same_objects": True,
-            "at": 30,
+            "at": detected,
+            "hook": hook,
             "lr": 0.025,
         }
         assert max(rank["losses"]) > 100

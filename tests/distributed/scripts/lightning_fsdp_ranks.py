@@ -57,7 +57,9 @@ from tests.helpers.models import classification_data
 
 warnings.filterwarnings("ignore")
 RANK = int(os.environ.get("RANK", "0"))
-POISON_STEP = 25
+# the steps of rank 1's x1000 loss: one spike at 25 (found at the log step of 30), or 31-33 of 33
+# (confirmed by the last log step, read in on_train_end)
+POISON_AT = {"rollback": {25}, "rollback-end": {31, 32, 33}}
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -100,12 +102,12 @@ class Sharded(pl.LightningModule):
         loss = nn.functional.cross_entropy(self(inputs), targets)
         if self.kind == "nan" and self.global_rank == 1 and batch_idx == 2:
             return loss * float("nan")
-        if self.kind == "rollback" and self.global_rank == 1 and self.trainer.global_step + 1 == POISON_STEP:
+        if self.global_rank == 1 and self.trainer.global_step + 1 in POISON_AT.get(self.kind, ()):
             return loss * 1000.0
         return loss
 
     def configure_optimizers(self):
-        if self.kind == "rollback":
+        if self.kind.startswith("rollback"):
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
@@ -160,8 +162,9 @@ class Watch(pl.Callback):
         self.unchanged: bool | None = None
         self.grad_norms: dict[int, dict[str, float]] = {}
         self.first_step: dict[str, bool] = {}
-        self.at_20: list[torch.Tensor] = []
-        self.momentum_20: list[torch.Tensor] = []
+        # each process's shards and momentum at each checkpoint step (10, 20, 30), the rollback targets
+        self.shards_at: dict[int, list[torch.Tensor]] = {}
+        self.momentum_at: dict[int, list[torch.Tensor]] = {}
         self.restored: list[dict] = []
 
     def _state(self, trainer, module):
@@ -190,24 +193,36 @@ class Watch(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 3 and self.unchanged is None and self.before:
             self.unchanged = same(self.before, self._state(trainer, pl_module))
-        if trainer.global_step == 20 and not self.at_20:
-            self.at_20 = [local(p) for p in pl_module.parameters()]
-            self.momentum_20 = optimizer_locals(trainer.optimizers[0])
+        step = trainer.global_step
+        if step in (10, 20, 30) and step not in self.shards_at and not self.restored:
+            self.shards_at[step] = [local(p) for p in pl_module.parameters()]
+            self.momentum_at[step] = optimizer_locals(trainer.optimizers[0])
+        self._restored_since(trainer, pl_module, "on_train_batch_end")
+
+    def on_train_end(self, trainer, pl_module):
+        self._restored_since(trainer, pl_module, "on_train_end")
+
+    def _restored_since(self, trainer, pl_module, hook: str) -> None:
+        """What the callback's rollback in this hook restored, if it made one."""
         if self.guard is None:
             return
         rollbacks = [e for e in self.guard.events if e.kind == "rollback"]
         if len(rollbacks) > len(self.restored):  # SafeLoopCallback's hook ran: restored in place
+            target = rollbacks[-1].step
             path = Path(rollbacks[-1].detail["path"]) / SHARD_DIR / shard_file_name(RANK + 1)
             saved = load_file(path)
             shards = {name: local(p) for name, p in pl_module.named_parameters()}
             self.restored.append(
                 {
                     "file": all(torch.equal(saved[f"model.{n}"], t) for n, t in shards.items()),
-                    "step_20": same(self.at_20, list(shards.values())),
-                    "momentum_20": same(self.momentum_20, optimizer_locals(trainer.optimizers[0])),
+                    "shards": same(self.shards_at.get(target, []), list(shards.values())),
+                    "momentum": same(
+                        self.momentum_at.get(target, []), optimizer_locals(trainer.optimizers[0])
+                    ),
                     "same_objects": [id(p) for p in trainer.optimizers[0].param_groups[0]["params"]]
                     == [id(p) for p in pl_module.parameters()],
                     "at": trainer.global_step,
+                    "hook": hook,
                     "lr": trainer.optimizers[0].param_groups[0]["lr"],
                 }
             )
@@ -219,7 +234,7 @@ def loader(name: str) -> torch.utils.data.DataLoader:
     Dealt here, not by Lightning's sampler (``use_distributed_sampler=False``), so that dropping
     one batch leaves every other batch as it was.
     """
-    inputs, targets = classification_data(n=960 if name == "rollback" else 96).tensors
+    inputs, targets = classification_data(n=960 if name.startswith("rollback") else 96).tensors
     rows = torch.arange(RANK, len(inputs), 2)
     if name.startswith("reference"):
         rows = torch.cat([rows[:16], rows[24:]])
@@ -230,7 +245,7 @@ def fit(name: str, out_dir: Path) -> None:
     guards: dict = {"log_every": 2, "summary": False}
     if name == "zero":
         guards["log_every"] = 1
-    if name == "rollback":
+    if name.startswith("rollback"):
         guards = {"log_every": 5, "spike_warmup": 10, "checkpoint_every": 10, "summary": False}
         guards["checkpoint_dir"] = str(out_dir / name)
     if name == "nan-manual":
@@ -247,7 +262,9 @@ def fit(name: str, out_dir: Path) -> None:
             tensor_parallel_size=tensor_parallel,
             process_group_backend="gloo",
         ),
-        max_steps={"rollback": 30, "zero": 3, "reference": 5, "reference-manual": 5}.get(name, 6),
+        max_steps={"rollback": 30, "rollback-end": 33, "zero": 3, "reference": 5, "reference-manual": 5}.get(
+            name, 6
+        ),
         max_epochs=-1,
         logger=logger if name == "zero" else False,
         enable_checkpointing=False,
@@ -299,7 +316,8 @@ def main() -> None:
     torch.set_num_threads(1)
     out_dir = Path(sys.argv[1])
     for name in os.environ.get(
-        "FITS", "nan,reference,nan-manual,reference-manual,zero,rollback,tensor-parallel,not-sharded"
+        "FITS",
+        "nan,reference,nan-manual,reference-manual,zero,rollback,rollback-end,tensor-parallel,not-sharded",
     ).split(","):
         fit(name, out_dir)
     if torch.distributed.is_initialized():
