@@ -68,6 +68,20 @@ def test_in_manual_optimization_with_clipping_a_nan_is_skipped_on_both_as_withou
     assert ranks[0]["digest"] != fits["nan"][0]["digest"]  # the clip acted (the automatic fit does not clip)
 
 
+def test_with_gradient_accumulation_a_nan_micro_batch_skips_its_whole_window_on_both(fits):
+    # accumulate_grad_batches=2: rank 1's NaN in the window's first micro-batch; the reference
+    # never had that window (both its micro-batches left out)
+    ranks, reference = fits["nan-accumulate"], fits["reference-accumulate"]
+    assert [r["rank"] for r in ranks] == [0, 1] == [r["rank"] for r in reference]
+    for rank, ref in zip(ranks, reference, strict=True):
+        assert "error" not in rank and "error" not in ref
+        assert rank["skipped"] == 1 and rank["events"] == [["checkpoint", 0], ["skip", 3]]
+        assert rank["unchanged"] is True
+        assert rank["digest"] == ref["digest"]
+    assert ranks[0]["digest"] != ranks[1]["digest"]
+    assert ranks[0]["findings"] == ranks[1]["findings"]
+
+
 def test_a_stuck_zero_weight_is_reinitialised_from_the_whole_draw_and_a_zero_shard_alone_is_not(fits):
     ranks = fits["zero"]
     assert [r["rank"] for r in ranks] == [0, 1]

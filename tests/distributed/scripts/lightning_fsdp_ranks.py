@@ -57,6 +57,8 @@ from tests.helpers.models import classification_data
 
 warnings.filterwarnings("ignore")
 RANK = int(os.environ.get("RANK", "0"))
+# rank 1's NaN loss: batch 2 (step 3), or with 2 micro-batches a step batch 4 (the window of step 3)
+NAN_BATCH = {"nan": 2, "nan-accumulate": 4}
 # the steps of rank 1's x1000 loss: one spike at 25 (found at the log step of 30), or 31-33 of 33
 # (confirmed by the last log step, read in on_train_end)
 POISON_AT = {"rollback": {25}, "rollback-end": {31, 32, 33}}
@@ -100,7 +102,7 @@ class Sharded(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         inputs, targets = batch
         loss = nn.functional.cross_entropy(self(inputs), targets)
-        if self.kind == "nan" and self.global_rank == 1 and batch_idx == 2:
+        if self.global_rank == 1 and batch_idx == NAN_BATCH.get(self.kind):
             return loss * float("nan")
         if self.global_rank == 1 and self.trainer.global_step + 1 in POISON_AT.get(self.kind, ()):
             return loss * 1000.0
@@ -236,9 +238,23 @@ def loader(name: str) -> torch.utils.data.DataLoader:
     """
     inputs, targets = classification_data(n=960 if name.startswith("rollback") else 96).tensors
     rows = torch.arange(RANK, len(inputs), 2)
-    if name.startswith("reference"):
+    if name == "reference-accumulate":
+        rows = rows[:32]  # without the window of batches 4 and 5
+    elif name.startswith("reference"):
         rows = torch.cat([rows[:16], rows[24:]])
     return batches(data=TensorDataset(inputs[rows], targets[rows]))
+
+
+# optimizer steps per fit (6 otherwise); a reference has one step less than the fit it checks
+MAX_STEPS = {
+    "rollback": 30,
+    "rollback-end": 33,
+    "zero": 3,
+    "reference": 5,
+    "reference-manual": 5,
+    "nan-accumulate": 3,
+    "reference-accumulate": 2,
+}
 
 
 def fit(name: str, out_dir: Path) -> None:
@@ -262,9 +278,8 @@ def fit(name: str, out_dir: Path) -> None:
             tensor_parallel_size=tensor_parallel,
             process_group_backend="gloo",
         ),
-        max_steps={"rollback": 30, "rollback-end": 33, "zero": 3, "reference": 5, "reference-manual": 5}.get(
-            name, 6
-        ),
+        max_steps=MAX_STEPS.get(name, 6),
+        accumulate_grad_batches=2 if name.endswith("-accumulate") else 1,
         max_epochs=-1,
         logger=logger if name == "zero" else False,
         enable_checkpointing=False,
@@ -317,7 +332,7 @@ def main() -> None:
     out_dir = Path(sys.argv[1])
     for name in os.environ.get(
         "FITS",
-        "nan,reference,nan-manual,reference-manual,zero,rollback,rollback-end,tensor-parallel,not-sharded",
+        "nan,reference,nan-manual,reference-manual,nan-accumulate,reference-accumulate,zero,rollback,rollback-end,tensor-parallel,not-sharded",
     ).split(","):
         fit(name, out_dir)
     if torch.distributed.is_initialized():
