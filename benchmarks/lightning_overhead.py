@@ -30,7 +30,9 @@ the start of step ``--skip + 1`` and off at the start of the last step (a callba
 toggles it), so the count covers whole steps ``--skip + 1 .. --steps - 1``: data, forward,
 backward, update, every hook and the log steps among them. Instruction counts do not depend on
 what else the machine runs; they do not see cache misses, which a loaded machine adds to small
-torch ops most. About 2 minutes a variant on a 2-core machine (the variants run side by side).
+torch ops most. Slow: with `--steps 31 --skip 10` two variants side by side had not finished after
+42 minutes on a shared 2-core machine (batch 256 steps and Lightning's import, all under
+callgrind); use a quiet machine, few steps, or `--batch 64`.
 """
 
 from __future__ import annotations
