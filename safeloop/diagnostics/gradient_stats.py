@@ -25,24 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from safeloop.guards.clipping import squared_norms
+
 __all__ = ["GradientStats", "GradientWindow"]
-
-
-def squared_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The squared L2 norm of each tensor, as float32 0-dim tensors on its device.
-
-    float32 and float64 tensors take one BLAS ``dot`` each: about half the instructions of
-    ``torch._foreach_norm``'s reduction on a CPU (log steps measure every weight and every update
-    this way). Half-precision ones accumulate in float32 (a half-precision dot would overflow).
-    """
-    squares = []
-    for tensor in tensors:
-        if tensor.dtype in (torch.float32, torch.float64):
-            flat = tensor.reshape(-1)
-            squares.append(torch.dot(flat, flat).float())
-        else:
-            squares.append(torch.linalg.vector_norm(tensor, dtype=torch.float32).square())
-    return squares
 
 
 @dataclass(frozen=True)

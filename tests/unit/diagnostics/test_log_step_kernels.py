@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safeloop.diagnostics.gradient_stats import squared_norms
 from safeloop.diagnostics.health import _rows_with_gradient
+from safeloop.guards.clipping import squared_norms
 
 
 def test_they_are_the_squared_l2_norms_of_every_dtype_and_shape():
