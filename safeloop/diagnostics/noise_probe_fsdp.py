@@ -170,11 +170,12 @@ def _refusal(accelerator: Any, params: Sequence[torch.nn.Parameter]) -> str | No
             f"this torch ({torch.__version__}) has no `FSDPModule.set_custom_reduce_scatter`, where "
             "safeloop reads each process's gradient under FSDP2; a newer torch has it"
         )
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    # read with defaults: Lightning's processes (lightning/processes.py) have no Accelerate state
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     policy = getattr(plugin, "mixed_precision_policy", None)
     reduce_dtype = getattr(policy, "reduce_dtype", None) or getattr(policy, "param_dtype", None)
     if (
-        accelerator.mixed_precision == "fp16"
+        getattr(accelerator, "mixed_precision", "no") == "fp16"
         or reduce_dtype == torch.float16
         or any(p.dtype == torch.float16 for p in params)
     ):
@@ -182,7 +183,7 @@ def _refusal(accelerator: Any, params: Sequence[torch.nn.Parameter]) -> str | No
             "FSDP2 reduces fp16 gradients divided by a factor of its own before the reduce-scatter, "
             'so a process\'s gradient cannot be read there; bf16 (`mixed_precision="bf16"`) is measured'
         )
-    kwargs = getattr(accelerator.gradient_state, "plugin_kwargs", None) or {}
+    kwargs = getattr(getattr(accelerator, "gradient_state", None), "plugin_kwargs", None) or {}
     if accelerator.gradient_accumulation_steps > 1 and kwargs.get("sync_each_batch", False):
         return (
             "with `sync_each_batch=True` FSDP2 reduce-scatters every micro-batch on its own; "

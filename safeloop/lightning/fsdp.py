@@ -29,13 +29,37 @@ try:
 except ImportError:  # a torch built without distributed support: no FSDP2 either
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_fsdp2", "fsdp2_problems", "measure_and_clip_sharded", "FSDP2_NOISE_OFF"]
+__all__ = ["is_fsdp2", "fsdp2_problems", "fsdp2_noise_refusal", "measure_and_clip_sharded"]
 
-# why the gradient noise scale stays off under FSDP2 (INFO, docs/lightning.md)
-FSDP2_NOISE_OFF = (
-    "under Lightning's ModelParallelStrategy (FSDP2) a process's own gradient is whole only inside "
-    "FSDP2's reduce-scatter, which SafeLoopCallback does not hook yet; DDP runs measure it"
+# why the gradient noise scale stays off under FSDP2 with accumulation (INFO, docs/lightning.md)
+FSDP2_NOISE_ACCUMULATION = (
+    "under Lightning's ModelParallelStrategy (FSDP2) with `accumulate_grad_batches` > 1 every "
+    "micro-batch reduce-scatters its own gradient (Lightning blocks the gradient sync of DDP only), "
+    "so no process's whole window gradient is seen; `accumulate_grad_batches=1` on several "
+    "processes measures it"
 )
+FSDP2_NOISE_FP16 = (
+    "under Lightning's ModelParallelStrategy (FSDP2) with fp16 FSDP2 reduces gradients divided by a "
+    'factor of its own, so a process\'s gradient cannot be read there; `precision="bf16-mixed"` or '
+    "32-bit is measured"
+)
+
+
+def fsdp2_noise_refusal(processes: Any, module: torch.nn.Module) -> str | None:
+    """Why the gradient noise scale cannot be measured in this FSDP2 fit, in Lightning's terms; None.
+
+    The rest (one process, a torch without FSDP2's custom reduce-scatter, several parameter
+    groups) is said by ``attach_sharded_probe`` when the diagnostics are built.
+
+    Args:
+        processes (`LightningProcesses`): the fit's processes, accumulation and fp16 scaler.
+        module (`LightningModule`): the module, after ``configure_model``.
+    """
+    if processes.gradient_accumulation_steps > 1:
+        return FSDP2_NOISE_ACCUMULATION
+    if processes.mixed_precision == "fp16" or any(p.dtype == torch.float16 for p in module.parameters()):
+        return FSDP2_NOISE_FP16
+    return None
 
 
 def is_fsdp2(strategy: Any) -> bool:

@@ -18,9 +18,14 @@ moments, from the hooks (:class:`~safeloop.lightning.steps.GuardedSteps` makes t
 - the step's global gradient norm (unscaled, before clipping) and the guard's flag, at
   ``on_before_optimizer_step``: refused and non-finite steps are left out.
 
+- under FSDP2 (``ModelParallelStrategy``) without accumulation: each process's gradient where
+  FSDP2 reduce-scatters it, read by ``SafeTrainer``'s measuring comm on every FSDP module
+  (``diagnostics/noise_probe_fsdp.py``), against the step's global norm. With accumulation
+  Lightning reduce-scatters every micro-batch (it blocks DDP's sync only), so no process's window
+  gradient is ever whole: not measured, said at INFO, as under fp16.
+
 One process without accumulation has one batch size: not measured, said once at INFO in
-Lightning's terms. Under FSDP2 (``ModelParallelStrategy``) not measured yet either, said the same
-way. ``"split"`` (each batch run as two halves) is refused by the settings: the
+Lightning's terms. ``"split"`` (each batch run as two halves) is refused by the settings: the
 forward and backward are the ``LightningModule``'s own.
 """
 
@@ -32,7 +37,7 @@ import logging
 from accelerate.utils import DistributedType
 
 from safeloop.diagnostics.noise_scale import describe_unmeasured
-from safeloop.lightning.fsdp import FSDP2_NOISE_OFF
+from safeloop.lightning.fsdp import fsdp2_noise_refusal
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.results import Finding
 
@@ -52,8 +57,9 @@ _LIGHTNING_WAY = "(`Trainer(accumulate_grad_batches=...)` or more devices when m
 def noise_setting(setting: str, processes: LightningProcesses) -> str:
     """The ``gradient_noise_scale`` to build the diagnostics with for this fit.
 
-    ``"auto"`` on one process without accumulation becomes ``"off"``, with the reason at INFO on the
-    main process (``Diagnostics`` would give it in ``SafeTrainer``'s terms).
+    ``"auto"`` becomes ``"off"`` where Lightning's set-up leaves one batch size, or under FSDP2 with
+    accumulation or fp16, with the reason at INFO on the main process (``Diagnostics`` would give
+    it in ``SafeTrainer``'s terms).
 
     Args:
         setting (`str`): the callback's ``gradient_noise_scale`` (``"auto"`` or ``"off"``).
@@ -63,8 +69,11 @@ def noise_setting(setting: str, processes: LightningProcesses) -> str:
         `str`: ``"auto"`` or ``"off"``.
     """
     if setting == "auto" and processes.distributed_type == DistributedType.FSDP:
+        reason = fsdp2_noise_refusal(processes, processes.pl_module)
+        if reason is None:
+            return setting  # the diagnostics wrap FSDP2's reduce-scatter (or say why they cannot)
         if processes.is_main_process:
-            logger.info(describe_unmeasured([FSDP2_NOISE_OFF]))
+            logger.info(describe_unmeasured([reason]))
         return "off"
     if setting == "auto" and processes.num_processes == 1 and processes.gradient_accumulation_steps == 1:
         if processes.is_main_process:

@@ -88,6 +88,14 @@ class LightningProcesses:
         return int(self.trainer.accumulate_grad_batches)
 
     @property
+    def mixed_precision(self) -> str:
+        """Accelerate's name for the ``Trainer``'s precision: ``"fp16"``, ``"bf16"`` or ``"no"``."""
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            return "fp16"
+        return "bf16" if precision.startswith("bf16") else "no"
+
+    @property
     def scaler(self) -> torch.amp.GradScaler | None:
         """The fp16 loss scaler of the ``Trainer``'s precision plugin, or None."""
         return getattr(self.trainer.precision_plugin, "scaler", None)

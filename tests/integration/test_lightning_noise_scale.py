@@ -5,12 +5,14 @@ put (``lr=0``). With ``accumulate_grad_batches`` the callback must give the esti
 gives on the same batches (the same gradients at the same moments: equal to the last bit), within
 20% of the closed form; one process without accumulation has one batch size and says so in
 Lightning's terms; ``"split"`` is refused. The 2-process DDP estimate (the communication hook on
-Lightning's DDP module) is in ``tests/distributed/test_lightning_ddp.py``.
+Lightning's DDP module) is in ``tests/distributed/test_lightning_ddp.py``, the FSDP2 one (each
+process's gradient at the reduce-scatter) in ``tests/distributed/test_lightning_fsdp.py``.
 """
 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +26,8 @@ from lightning.pytorch.plugins import MixedPrecision
 
 from safeloop import ConfigError, SafeTrainer
 from safeloop.lightning import SafeLoopCallback
+from safeloop.lightning.fsdp import fsdp2_noise_refusal
+from safeloop.lightning.processes import LightningProcesses
 from safeloop.testing import nonfinite_loss
 from tests.helpers.lightning_models import QUIET, trainer
 from tests.helpers.models import noisy_regression
@@ -154,3 +158,32 @@ def test_under_an_fp16_scaler_the_scaled_gradients_give_the_same_estimate():
     assert callback.result.gradient_noise_scale.value == pytest.approx(
         plain.result.gradient_noise_scale.value, rel=0.05
     )
+
+
+@pytest.mark.parametrize(
+    ("precision", "name"),
+    [("16-mixed", "fp16"), ("16-true", "fp16"), ("bf16-mixed", "bf16"), ("32-true", "no")],
+)
+def test_the_trainers_precision_reads_as_accelerates_name(precision, name):
+    trainer = SimpleNamespace(precision=precision, world_size=2, strategy=None)
+    assert LightningProcesses(trainer, nn.Linear(2, 2)).mixed_precision == name
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "precision", "dtype", "says"),
+    [
+        (2, "32-true", torch.float32, "`accumulate_grad_batches` > 1 every micro-batch reduce-scatters"),
+        (1, "16-mixed", torch.float32, "with fp16 FSDP2 reduces gradients divided by a factor"),
+        (1, "32-true", torch.float16, "with fp16 FSDP2 reduces gradients divided by a factor"),
+        (1, "bf16-mixed", torch.float32, None),
+        (1, "32-true", torch.float32, None),
+    ],
+)
+def test_under_fsdp2_accumulation_and_fp16_are_said_in_lightnings_terms(accumulation, precision, dtype, says):
+    # the rest (one process, an old torch, several parameter groups) is attach_sharded_probe's
+    trainer = SimpleNamespace(
+        precision=precision, world_size=2, strategy=None, accumulate_grad_batches=accumulation
+    )
+    module = nn.Linear(2, 2).to(dtype)
+    reason = fsdp2_noise_refusal(LightningProcesses(trainer, module), module)
+    assert reason is None if says is None else says in reason

@@ -22,10 +22,17 @@ itself in ``configure_model``, so each process holds half the rows of every para
   20, and whether its momentum buffers are those of step 20.
 - ``tensor-parallel`` and ``not-sharded``: ``tensor_parallel_size=2``, and a module without
   ``fully_shard``: the line holds the ``ConfigError`` of ``on_fit_start``.
+- ``noise``: ``noisy_regression`` at ``lr=0``, its ``Linear`` and the module ``fully_shard``-ed,
+  batches of 16 per process, 600 steps: the gradient noise scale from each process's gradient at
+  FSDP2's reduce-scatter, against the regression's closed form. Every line also holds whether
+  each FSDP module's reduce-scatter went through the measuring comm (``nan``: yes, and its digest
+  must still be the reference's) and the INFO lines saying why the noise scale was not measured
+  (``nan-accumulate``: accumulation).
 """
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import warnings
@@ -50,10 +57,11 @@ from safetensors.torch import load_file
 
 from safeloop import ConfigError
 from safeloop.checkpoint.sharded import SHARD_DIR, shard_file_name
+from safeloop.diagnostics.noise_probe_fsdp import MeasuredReduceScatter, _comms, fsdp2_modules
 from safeloop.guards.reinit import initial_values
 from safeloop.lightning import SafeLoopCallback
 from tests.helpers.lightning_models import RecordingLogger, batches
-from tests.helpers.models import classification_data
+from tests.helpers.models import classification_data, noisy_regression
 
 warnings.filterwarnings("ignore")
 RANK = int(os.environ.get("RANK", "0"))
@@ -257,7 +265,88 @@ MAX_STEPS = {
 }
 
 
+class Unmeasured(logging.Handler):
+    """Keeps safeloop's "noise scale not measured" INFO lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "noise scale not measured" in record.getMessage():
+            self.lines.append(record.getMessage())
+
+
+UNMEASURED = Unmeasured()
+logging.getLogger("safeloop").addHandler(UNMEASURED)
+logging.getLogger("safeloop").setLevel(logging.INFO)
+
+
+class ShardedRegression(pl.LightningModule):
+    """``noisy_regression``'s linear model, ``fully_shard``-ed, trained at ``lr=0`` (mean squared error)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.model, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return nn.functional.mse_loss(self.model(inputs), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def noise_fit(steps: int = 600) -> None:
+    dataset, model, true = noisy_regression(n=65536)
+    callback = SafeLoopCallback(summary=False, rollback=False)
+    UNMEASURED.lines.clear()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo"
+        ),
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)
+    trainer.fit(ShardedRegression(model), loader)
+    result = callback.result
+    found = result.gradient_noise_scale
+    record = {
+        "fit": "noise",
+        "rank": RANK,
+        "true": true,
+        "value": None if found is None else found.value,
+        "steps": None if found is None else found.steps,
+        "batch": None if found is None else found.batch_size,
+        "codes": sorted(f.code for f in result.findings),
+        "logged": [
+            result.history[0].get("gradient_noise_scale"),
+            result.history[-1].get("gradient_noise_scale"),
+        ],
+        "unmeasured": list(UNMEASURED.lines),
+    }
+    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
 def fit(name: str, out_dir: Path) -> None:
+    if name == "noise":
+        noise_fit()
+        return
+    UNMEASURED.lines.clear()
     guards: dict = {"log_every": 2, "summary": False}
     if name == "zero":
         guards["log_every"] = 1
@@ -321,6 +410,14 @@ def fit(name: str, out_dir: Path) -> None:
         rollbacks=[] if callback is None else [e.detail for e in callback.events if e.kind == "rollback"],
         findings=[] if callback is None else sorted([f.code, list(f.params)] for f in callback.findings),
         losses=[] if result is None else [entry["loss"] for entry in result.history],
+        noise=None
+        if result is None or result.gradient_noise_scale is None
+        else result.gradient_noise_scale.value,
+        # every FSDP module's reduce-scatter goes through the measuring comm (the noise scale's)
+        measuring_comm=[
+            isinstance(comm, MeasuredReduceScatter) for m in fsdp2_modules(module) for comm in _comms(m)
+        ],
+        unmeasured=list(UNMEASURED.lines),
     )
     # one write per line (print writes the newline apart): the ranks share torchrun's stdout
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")
@@ -332,7 +429,7 @@ def main() -> None:
     out_dir = Path(sys.argv[1])
     for name in os.environ.get(
         "FITS",
-        "nan,reference,nan-manual,reference-manual,nan-accumulate,reference-accumulate,zero,rollback,rollback-end,tensor-parallel,not-sharded",
+        "nan,reference,nan-manual,reference-manual,nan-accumulate,reference-accumulate,zero,rollback,rollback-end,tensor-parallel,not-sharded,noise",
     ).split(","):
         fit(name, out_dir)
     if torch.distributed.is_initialized():
