@@ -29,6 +29,7 @@ from safeloop.validation import (
     is_int,
     normalise_log_with,
     seen,
+    sparse_gradient_problem,
 )
 
 __all__ = [
@@ -166,6 +167,9 @@ def build_config(
     a = dict(arguments)
     problems: list[str] = []
     check_objects(problems, model, optimizer, train_dataloader, a["eval_dataloader"])
+    sparse = sparse_gradient_problem(model, ", or train this model without SafeTrainer")
+    if sparse is not None:
+        problems.append(sparse)
     check_callables(problems, a["loss_fn"], a["training_step"])
     check_scheduler(problems, a["lr_scheduler"], optimizer)
     check_settings(problems, a)

@@ -23,6 +23,7 @@ __all__ = [
     "check_count",
     "check_positive_float",
     "check_objects",
+    "sparse_gradient_problem",
     "check_callables",
     "check_scheduler",
     "check_accelerator",
@@ -126,6 +127,36 @@ def check_objects(
                 f"drop_last={loader.drop_last}). "
                 "Give it samples, or lower `batch_size` / set `drop_last=False`."
             )
+
+
+def sparse_gradient_problem(model: object, fix_tail: str = "") -> str | None:
+    """Why a model whose modules make sparse gradients cannot be guarded, or None.
+
+    ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)`` give their weight a sparse
+    ``.grad``: the gradient norms, the finite flag and the first-step checks read dense gradients
+    (torch's own ``clip_grad_norm_`` refuses a sparse one too), so the first step would fail deep
+    inside them.
+
+    Args:
+        model (`object`): the model (anything else is left to the type checks).
+        fix_tail (`str`, *optional*): the fix's last words (Lightning's differ).
+    """
+    if not isinstance(model, torch.nn.Module):
+        return None
+    sparse = [
+        f"`{name or type(model).__name__}` ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse
+    ]
+    if not sparse:
+        return None
+    shown = ", ".join(sparse[:5]) + (" ..." if len(sparse) > 5 else "")
+    return (
+        f"{shown} {'has' if len(sparse) == 1 else 'have'} `sparse=True`: the weight's gradient is a "
+        "sparse tensor, and safeloop's gradient norms, NaN/Inf flag and first-step checks read dense "
+        "gradients (torch's `clip_grad_norm_` refuses sparse ones too). Fix: `sparse=False` (a dense "
+        "gradient; then `torch.optim.Adam` or `AdamW` in place of `SparseAdam`)" + fix_tail + "."
+    )
 
 
 def _dataset_len(loader: DataLoader) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from safeloop.errors import ConfigError
+from safeloop.validation import sparse_gradient_problem
 
 __all__ = [
     "MIN_VERSION",
@@ -108,10 +109,14 @@ def check_trainer_setup(trainer: Any, settings: Any, optimizers: Sequence[Any]) 
 
     Raises:
         ConfigError: an unsupported strategy, several optimizers or none, an LBFGS optimizer,
+            modules with sparse gradients (``nn.Embedding(sparse=True)``),
             several LR schedulers with rollback, or clipping asked of both the callback and the
             ``Trainer``.
     """
     problems = [*_strategy_problems(trainer), *_optimizer_problems(optimizers, settings)]
+    sparse = sparse_gradient_problem(trainer.lightning_module, ", or remove SafeLoopCallback for this run")
+    if sparse is not None:
+        problems.append(sparse)
     schedulers = [config.scheduler for config in getattr(trainer, "lr_scheduler_configs", None) or ()]
     if settings.rollback and len(schedulers) > 1:
         names = ", ".join(type(s).__name__ for s in schedulers)

@@ -174,6 +174,23 @@ def test_several_optimizers_are_refused_naming_them():
         _fit(_TwoOptimizers(manual=True), SafeLoopCallback())
 
 
+class _SparseEmbedding(Classifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused_lookup = nn.EmbeddingBag(10, 4, sparse=True)
+
+
+def test_a_module_with_sparse_gradients_is_refused_naming_it_before_any_update():
+    module = _SparseEmbedding()
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ConfigError) as caught:
+        _fit(module, SafeLoopCallback())
+    message = str(caught.value)
+    assert "`unused_lookup` (EmbeddingBag) has `sparse=True`" in message
+    assert "Fix: `sparse=False`" in message and "or remove SafeLoopCallback for this run" in message
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize(
     ("strategy", "why"),
     [

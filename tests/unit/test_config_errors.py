@@ -760,3 +760,50 @@ def test_adaptive_clip_must_be_a_positive_number_and_not_combined_with_a_fixed_c
     assert "got -1.0 (float)" in message
     message = _rejected(r"adaptive bound replaces the fixed one", adaptive_clip=2.5, clip_grad_norm=1.0)
     assert "`adaptive_clip=2.5`" in message
+
+
+class _Lookup(nn.Module):
+    """Token ids -> class scores through embedding layers (sparse or dense gradients)."""
+
+    def __init__(self, *, sparse: tuple[bool, ...]) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(10, 4, sparse=s) for s in sparse)
+        self.bag = nn.EmbeddingBag(10, 4, sparse=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(sum(t(ids).mean(1) for t in self.tables) + self.bag(ids))
+
+
+def _ids_loader() -> DataLoader:
+    ids = torch.randint(0, 10, (16, 5), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids, torch.randint(0, 3, (16,))), batch_size=8)
+
+
+@pytest.mark.parametrize(
+    ("sparse", "named"),
+    [
+        ((True,), "`tables.0` (Embedding) has `sparse=True`"),
+        ((False, True, True), "`tables.1` (Embedding), `tables.2` (Embedding) have `sparse=True`"),
+    ],
+)
+def test_modules_with_sparse_gradients_are_refused_naming_each(sparse, named):
+    model = _Lookup(sparse=sparse)
+    with pytest.raises(ConfigError) as caught:
+        _trainer(model=model, train_dataloader=_ids_loader())
+    message = str(caught.value)
+    assert named in message
+    assert (
+        "Fix: `sparse=False`" in message
+        and "`torch.optim.Adam` or `AdamW` in place of `SparseAdam`" in message
+    )
+
+
+def test_a_sparse_embedding_bag_is_refused_and_dense_lookups_train():
+    model = _Lookup(sparse=(False,))
+    model.bag.sparse = True
+    with pytest.raises(ConfigError, match=r"`bag` \(EmbeddingBag\) has `sparse=True`"):
+        _trainer(model=model, train_dataloader=_ids_loader())
+    model.bag.sparse = False  # the same model with dense gradients trains
+    result = _trainer(model=model, train_dataloader=_ids_loader(), max_steps=2).fit()
+    assert result.skipped_steps == 0 and len(result.history) >= 1
