@@ -106,6 +106,46 @@ class Classifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class Regression(pl.LightningModule):
+    """``noisy_regression``'s linear model under the mean squared error, SGD at ``lr=0``.
+
+    Args:
+        model (`nn.Module`): the regression's model.
+        nan_at (`set[int]`): batch indices whose loss is made NaN.
+    """
+
+    def __init__(self, model: nn.Module, nan_at: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        super().__init__()
+        self.model = model
+        self.nan_at = nan_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = nn.functional.mse_loss(self.model(inputs), targets)
+        return loss * float("nan") if batch_idx in self.nan_at else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def noise_record(fit: str, rank: int, true: float, result: Any) -> dict[str, Any]:
+    """One process's noise-scale outcome of a fit, as the multi-process scripts print it."""
+    found = result.gradient_noise_scale
+    return {
+        "fit": fit,
+        "rank": rank,
+        "true": true,
+        "value": None if found is None else found.value,
+        "steps": None if found is None else found.steps,
+        "batch": None if found is None else found.batch_size,
+        "codes": sorted(f.code for f in result.findings),
+        "logged": [
+            result.history[0].get("gradient_noise_scale"),
+            result.history[-1].get("gradient_noise_scale"),
+        ],
+    }
+
+
 class RecordingLogger(Logger):
     """A Lightning logger that keeps every ``log_metrics`` call."""
 

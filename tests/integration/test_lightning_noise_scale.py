@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("lightning")
 
-import lightning.pytorch as pl
 from lightning.pytorch.plugins import MixedPrecision
 
 from safeloop import ConfigError, SafeTrainer
@@ -29,29 +28,12 @@ from safeloop.lightning import SafeLoopCallback
 from safeloop.lightning.fsdp import fsdp2_noise_refusal
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.testing import nonfinite_loss
-from tests.helpers.lightning_models import QUIET, trainer
+from tests.helpers.lightning_models import QUIET, Regression, trainer
 from tests.helpers.models import noisy_regression
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), *(pytest.mark.filterwarnings(q) for q in QUIET)]
 
 STEPS = 200
-
-
-class _Regression(pl.LightningModule):
-    """``noisy_regression``'s linear model under the mean squared error, SGD at ``lr=0``."""
-
-    def __init__(self, model: nn.Module, nan_at: set[int] = frozenset()) -> None:
-        super().__init__()
-        self.model = model
-        self.nan_at = nan_at
-
-    def training_step(self, batch, batch_idx):
-        inputs, targets = batch
-        loss = nn.functional.mse_loss(self.model(inputs), targets)
-        return loss * float("nan") if batch_idx in self.nan_at else loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
 def _fit(batch: int, accumulation: int, *, steps: int = STEPS, nan_at=frozenset(), plugins=(), **guards):
@@ -60,7 +42,7 @@ def _fit(batch: int, accumulation: int, *, steps: int = STEPS, nan_at=frozenset(
     fitted = trainer(
         callback, max_steps=steps, max_epochs=-1, accumulate_grad_batches=accumulation, plugins=list(plugins)
     )
-    fitted.fit(_Regression(model, set(nan_at)), DataLoader(dataset, batch_size=batch, shuffle=False))
+    fitted.fit(Regression(model, set(nan_at)), DataLoader(dataset, batch_size=batch, shuffle=False))
     return callback, true
 
 

@@ -46,7 +46,7 @@ except ImportError:
 from safeloop import ConfigError
 from safeloop.checkpoint.state import read_state
 from safeloop.lightning import SafeLoopCallback
-from tests.helpers.lightning_models import Classifier, batches, optimizer_tensors
+from tests.helpers.lightning_models import Classifier, Regression, batches, noise_record, optimizer_tensors
 from tests.helpers.models import noisy_regression
 
 warnings.filterwarnings("ignore")
@@ -190,21 +190,6 @@ def fit(name: str, out_dir: Path, *, strict: bool = False) -> None:
     sys.stdout.flush()
 
 
-class Regression(pl.LightningModule):
-    """``noisy_regression``'s linear model under the mean squared error, SGD at ``lr=0``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        inputs, targets = batch
-        return nn.functional.mse_loss(self.model(inputs), targets)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
 def noise_fit(steps: int = 600) -> None:
     dataset, model, true = noisy_regression(n=65536)
     callback = SafeLoopCallback(summary=False, rollback=False)
@@ -221,21 +206,7 @@ def noise_fit(steps: int = 600) -> None:
         callbacks=[callback],
     )
     trainer.fit(Regression(model), torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True))
-    result = callback.result
-    found = result.gradient_noise_scale
-    record = {
-        "fit": "noise-ddp",
-        "rank": int(os.environ["RANK"]),
-        "true": true,
-        "value": None if found is None else found.value,
-        "steps": None if found is None else found.steps,
-        "batch": None if found is None else found.batch_size,
-        "codes": sorted(f.code for f in result.findings),
-        "logged": [
-            result.history[0].get("gradient_noise_scale"),
-            result.history[-1].get("gradient_noise_scale"),
-        ],
-    }
+    record = noise_record("noise-ddp", int(os.environ["RANK"]), true, callback.result)
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")
     sys.stdout.flush()
 

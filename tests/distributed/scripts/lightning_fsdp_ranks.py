@@ -60,7 +60,7 @@ from safeloop.checkpoint.sharded import SHARD_DIR, shard_file_name
 from safeloop.diagnostics.noise_probe_fsdp import MeasuredReduceScatter, _comms, fsdp2_modules
 from safeloop.guards.reinit import initial_values
 from safeloop.lightning import SafeLoopCallback
-from tests.helpers.lightning_models import RecordingLogger, batches
+from tests.helpers.lightning_models import RecordingLogger, Regression, batches, noise_record
 from tests.helpers.models import classification_data, noisy_regression
 
 warnings.filterwarnings("ignore")
@@ -282,24 +282,13 @@ logging.getLogger("safeloop").addHandler(UNMEASURED)
 logging.getLogger("safeloop").setLevel(logging.INFO)
 
 
-class ShardedRegression(pl.LightningModule):
-    """``noisy_regression``'s linear model, ``fully_shard``-ed, trained at ``lr=0`` (mean squared error)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+class ShardedRegression(Regression):
+    """``Regression`` with its ``Linear`` and the module ``fully_shard``-ed."""
 
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
         fully_shard(self.model, mesh=mesh)
         fully_shard(self, mesh=mesh)
-
-    def training_step(self, batch, batch_idx):
-        inputs, targets = batch
-        return nn.functional.mse_loss(self.model(inputs), targets)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
 def noise_fit(steps: int = 600) -> None:
@@ -322,22 +311,7 @@ def noise_fit(steps: int = 600) -> None:
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)
     trainer.fit(ShardedRegression(model), loader)
-    result = callback.result
-    found = result.gradient_noise_scale
-    record = {
-        "fit": "noise",
-        "rank": RANK,
-        "true": true,
-        "value": None if found is None else found.value,
-        "steps": None if found is None else found.steps,
-        "batch": None if found is None else found.batch_size,
-        "codes": sorted(f.code for f in result.findings),
-        "logged": [
-            result.history[0].get("gradient_noise_scale"),
-            result.history[-1].get("gradient_noise_scale"),
-        ],
-        "unmeasured": list(UNMEASURED.lines),
-    }
+    record = {**noise_record("noise", RANK, true, callback.result), "unmeasured": list(UNMEASURED.lines)}
     sys.stdout.write("RESULT " + json.dumps(record) + "\n")
     sys.stdout.flush()
 
