@@ -23,7 +23,7 @@ gate's own lines inside ``optimizer.step`` are left out of it. Usage:
     python benchmarks/lightning_overhead.py --fused       # AdamW(fused=True): no host read per step
     python benchmarks/lightning_overhead.py --manual      # manual optimization in both
     python benchmarks/lightning_overhead.py --hooks       # and the CPU time inside each hook
-    python benchmarks/lightning_overhead.py --instructions --steps 61   # callgrind counts
+    python benchmarks/lightning_overhead.py --instructions --batch 64 --steps 31 --skip 10  # callgrind
 
 ``--instructions`` runs each variant once under valgrind's callgrind, collection switched on at
 the start of step ``--skip + 1`` and off at the start of the last step (a callback placed first
@@ -32,7 +32,8 @@ backward, update, every hook and the log steps among them. Instruction counts do
 what else the machine runs; they do not see cache misses, which a loaded machine adds to small
 torch ops most. Slow: with `--steps 31 --skip 10` two variants side by side had not finished after
 42 minutes on a shared 2-core machine (batch 256 steps and Lightning's import, all under
-callgrind); use a quiet machine, few steps, or `--batch 64`.
+callgrind); with `--batch 64 --steps 31 --skip 10` (the figures in docs/performance.md) they took
+about 20 minutes beside two other callgrind runs.
 """
 
 from __future__ import annotations
