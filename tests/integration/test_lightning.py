@@ -205,7 +205,10 @@ def test_a_strategy_that_shards_the_gradients_is_refused_naming_it(strategy, why
     from safeloop.lightning.compat import check_trainer_setup
 
     trainer = SimpleNamespace(
-        strategy=getattr(strategies, strategy)(), gradient_clip_val=None, precision_plugin=object()
+        strategy=getattr(strategies, strategy)(),
+        gradient_clip_val=None,
+        precision_plugin=object(),
+        lightning_module=Classifier(),
     )
     optimizers = [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)]
     with pytest.raises(
