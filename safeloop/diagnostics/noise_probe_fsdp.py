@@ -170,12 +170,13 @@ def _refusal(accelerator: Any, params: Sequence[torch.nn.Parameter]) -> str | No
             f"this torch ({torch.__version__}) has no `FSDPModule.set_custom_reduce_scatter`, where "
             "safeloop reads each process's gradient under FSDP2; a newer torch has it"
         )
-    # read with defaults: Lightning's processes (lightning/processes.py) have no Accelerate state
+    # `state` and `gradient_state` read with defaults: Lightning's processes (lightning/processes.py)
+    # answer the rest of what is read here, not Accelerate's state objects
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     policy = getattr(plugin, "mixed_precision_policy", None)
     reduce_dtype = getattr(policy, "reduce_dtype", None) or getattr(policy, "param_dtype", None)
     if (
-        getattr(accelerator, "mixed_precision", "no") == "fp16"
+        accelerator.mixed_precision == "fp16"
         or reduce_dtype == torch.float16
         or any(p.dtype == torch.float16 for p in params)
     ):

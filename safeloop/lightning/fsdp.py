@@ -45,18 +45,20 @@ FSDP2_NOISE_FP16 = (
 )
 
 
-def fsdp2_noise_refusal(processes: Any, module: torch.nn.Module) -> str | None:
+def fsdp2_noise_refusal(processes: Any) -> str | None:
     """Why the gradient noise scale cannot be measured in this FSDP2 fit, in Lightning's terms; None.
 
-    The rest (one process, a torch without FSDP2's custom reduce-scatter, several parameter
-    groups) is said by ``attach_sharded_probe`` when the diagnostics are built.
+    Checked before ``attach_sharded_probe``, whose fp16 reason names ``SafeTrainer``'s keyword; the
+    rest (one process, a torch without FSDP2's custom reduce-scatter, several parameter groups)
+    it says when the diagnostics are built.
 
     Args:
-        processes (`LightningProcesses`): the fit's processes, accumulation and fp16 scaler.
-        module (`LightningModule`): the module, after ``configure_model``.
+        processes (`LightningProcesses`): the fit's processes, accumulation, precision and module
+            (after ``configure_model``).
     """
     if processes.gradient_accumulation_steps > 1:
         return FSDP2_NOISE_ACCUMULATION
+    module = processes.pl_module
     if processes.mixed_precision == "fp16" or any(p.dtype == torch.float16 for p in module.parameters()):
         return FSDP2_NOISE_FP16
     return None

@@ -69,7 +69,7 @@ def noise_setting(setting: str, processes: LightningProcesses) -> str:
         `str`: ``"auto"`` or ``"off"``.
     """
     if setting == "auto" and processes.distributed_type == DistributedType.FSDP:
-        reason = fsdp2_noise_refusal(processes, processes.pl_module)
+        reason = fsdp2_noise_refusal(processes)
         if reason is None:
             return setting  # the diagnostics wrap FSDP2's reduce-scatter (or say why they cannot)
         if processes.is_main_process:

@@ -167,5 +167,5 @@ def test_under_fsdp2_accumulation_and_fp16_are_said_in_lightnings_terms(accumula
         precision=precision, world_size=2, strategy=None, accumulate_grad_batches=accumulation
     )
     module = nn.Linear(2, 2).to(dtype)
-    reason = fsdp2_noise_refusal(LightningProcesses(trainer, module), module)
+    reason = fsdp2_noise_refusal(LightningProcesses(trainer, module))
     assert reason is None if says is None else says in reason
