@@ -251,6 +251,7 @@ class OptimizerStep:
             self.reporter,
             zero_engine=self.zero,
             reached=None if diagnostics is None else diagnostics.reached,
+            prepared=self.model,
         )
         if diagnostics is not None and left_zero is not None:
             diagnostics.note_zero_at_start(left_zero)

@@ -13,7 +13,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from safeloop.config import TrainerConfig
+from safeloop.diagnostics.sharded import unwrapped_name
 from safeloop.findings import Reporter
+from safeloop.guards.flat_slices import FlatSlices, flat_slices
 from safeloop.guards.reinit import ZeroParam, find_zero_params, reinit_
 from safeloop.results import Event, Finding
 from safeloop.zero import ZeroEngine
@@ -23,6 +25,15 @@ __all__ = ["check_zero_params", "run_preflight"]
 logger = logging.getLogger("safeloop")
 
 _METHOD_NAMES = {"xavier": "Xavier uniform", "normal": "a normal distribution"}
+# what `_zero_check_off` says of FSDP1 with the module's own parameters: the check runs on slices
+_FSDP1 = "fsdp1"
+
+try:
+    from torch.distributed.fsdp import FlatParameter
+
+    _FLAT: tuple[type, ...] = (FlatParameter,)
+except ImportError:  # a torch built without distributed support has no FSDP1
+    _FLAT = ()
 
 
 def check_zero_params(
@@ -32,7 +43,7 @@ def check_zero_params(
     std: float,
     scope: str,
     seed: int,
-    zero_engine: ZeroEngine | None = None,
+    partitions: ZeroEngine | FlatSlices | None = None,
     reached: set[str] | None = None,
 ) -> tuple[list[Event], list[Finding], set[str]]:
     """Find all-zero parameters, re-initialise the stuck ones, and describe what was done.
@@ -43,8 +54,9 @@ def check_zero_params(
         std (`float`): standard deviation for ``"normal"`` (and for 1-D tensors under ``"all"``).
         scope (`str`): ``"weights"`` (2-D and more) or ``"all"`` (stuck 1-D tensors too).
         seed (`int`): seeds the generator, the same on every process.
-        zero_engine (`ZeroEngine`, *optional*): under DeepSpeed ZeRO the weights and gradients
-            are read from, and written to, this process's partitions.
+        partitions (`ZeroEngine | FlatSlices`, *optional*): under DeepSpeed ZeRO and FSDP1 the
+            weights and gradients are read from, and written to, this process's partitions
+            (ZeRO's) or flat slices (FSDP1's).
         reached (`set[str]`, *optional*): ZeRO: the parameters the first backward reached.
 
     Returns:
@@ -53,20 +65,21 @@ def check_zero_params(
         of the parameters left at zero.
     """
     generator = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
+    # FSDP1's auto-wrapped submodules add `_fsdp_wrapped_module.` to the names: said without it
+    params = {unwrapped_name(name): param for name, param in model.named_parameters()}
     events: list[Event] = []
     findings: list[Finding] = []
     left_zero: set[str] = set()
-    partitioned = zero_engine is not None and zero_engine.partitioned
+    partitioned = partitions is not None and partitions.partitioned
     found = (
-        zero_engine.find_zero_params(list(params.items()), reached)  # type: ignore[union-attr]
+        partitions.find_zero_params(list(params.items()), reached)  # type: ignore[union-attr]
         if partitioned
         else find_zero_params(params.items())
     )
     for zero in found:
         reinit = method is not None and zero.reinit_wanted(scope)
         if reinit:
-            draw = zero_engine.reinit_ if partitioned else reinit_  # type: ignore[union-attr]
+            draw = partitions.reinit_ if partitioned else reinit_  # type: ignore[union-attr]
             draw(params[zero.name], method, std=std, generator=generator)  # type: ignore[arg-type]
             detail = {"param": zero.name, "shape": list(zero.shape), "method": method}
             if method == "normal" or not zero.is_weight:
@@ -141,6 +154,7 @@ def run_preflight(
     *,
     zero_engine: ZeroEngine | None = None,
     reached: set[str] | None = None,
+    prepared: torch.nn.Module | None = None,
 ) -> set[str] | None:
     """The checks on the first step's gradients, before its update (once per run).
 
@@ -151,11 +165,20 @@ def run_preflight(
         reporter (`Reporter`): ``"reinit"`` events and ``zero-params`` findings.
         zero_engine (`ZeroEngine`, *optional*): DeepSpeed ZeRO's partitions.
         reached (`set[str]`, *optional*): ZeRO: the parameters the first backward reached.
+        prepared (`torch.nn.Module`, *optional*): the prepared model; FSDP1 needs it (its
+            ``FlatParameter`` s say where each parameter's slice sits).
 
     Returns:
         `set[str] | None`: the parameters left at zero; None when the check cannot run here.
     """
+    partitions: ZeroEngine | FlatSlices | None = zero_engine
     reason = _zero_check_off(accelerator, model)
+    if reason == _FSDP1:
+        slices = None if prepared is None else flat_slices(prepared, list(model.parameters()))
+        if isinstance(slices, FlatSlices):
+            partitions, reason = slices, None
+        else:
+            reason = f"under FSDP1 {slices or 'the prepared model was not given'}."
     if reason is not None:
         if accelerator.is_main_process:
             logger.info("safeloop: the all-zero weight check is off: %s", reason)
@@ -167,7 +190,7 @@ def run_preflight(
         scope=config.reinit_scope,
         # the same seed on every rank: re-initialised weights agree without a broadcast
         seed=0 if config.seed is None else config.seed,
-        zero_engine=zero_engine,
+        partitions=partitions,
         reached=reached,
     )
     for event in events:
@@ -186,9 +209,10 @@ def _zero_check_off(accelerator: Accelerator, model: torch.nn.Module) -> str | N
         DTensor = None
     if DTensor is not None and all(isinstance(p, DTensor) for p in model.parameters()):
         return None
-    # FSDP1's parameters are flat slices of a rank's shard: a slice of zeros says nothing of the
-    # weight, and re-initialising it on one rank would split the ranks apart
-    return (
-        "under FSDP1 the parameters are flat shards; initialise weights before wrapping, or use "
-        "FSDP2 (fsdp_version=2) to have it."
-    )
+    if any(isinstance(p, _FLAT) for p in model.parameters()):
+        # a FlatParameter holds many parameters: its zeros name none of them
+        return (
+            "under FSDP1 with `use_orig_params=False` the parameters are FlatParameters; "
+            "`use_orig_params=True` or FSDP2 (`fsdp_version=2`) has it."
+        )
+    return _FSDP1  # flat slices of the module's own parameters: read through FSDP1 (flat_slices.py)

@@ -32,11 +32,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from safeloop.guards.flat_slices import fsdp1_units
 from safeloop.zero import ZeroEngine
 
 try:
-    from torch.distributed.fsdp import FlatParameter, ShardingStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    from torch.distributed.fsdp import FlatParameter
     from torch.distributed.tensor import DTensor, Shard
 
     _DTENSOR: tuple[type, ...] = (DTensor,)
@@ -160,22 +160,16 @@ def _fsdp1_layout(params: list[torch.nn.Parameter], model: torch.nn.Module | Non
     """FSDP1 with ``use_orig_params=True``: each parameter is its rank's flat slice of it."""
     if model is None or not _FLAT:
         return _off(f"FSDP1 parameters without the prepared model to read their shapes from: {_OFF}.")
+    units = fsdp1_units(model)
+    if units is None:
+        return _off(f"this torch's FSDP1 does not say which parameters its FlatParameters hold: {_OFF}.")
     shapes: dict[int, torch.Size] = {}
     counts: set[int] = set()
-    for module in FSDP1.fsdp_modules(model):
-        # `_flat_param`, `_params` and `_shapes` are private to torch's FSDP1 (as read in torch
-        # 2.13, unpromised): anything unexpected turns the statistics off, never misnames them
-        flat = getattr(module, "_flat_param", None)
-        if flat is None:  # an FSDP module that manages no parameters of its own
-            continue
-        originals, whole = getattr(flat, "_params", None), getattr(flat, "_shapes", None)
-        strategy, group = getattr(module, "sharding_strategy", None), getattr(module, "process_group", None)
-        if originals is None or whole is None or len(originals) != len(whole) or strategy is None:
-            return _off(f"this torch's FSDP1 does not say which parameters its FlatParameters hold: {_OFF}.")
-        shapes.update((id(p), torch.Size(s)) for p, s in zip(originals, whole, strict=True))
+    for unit in units:
+        shapes.update((id(p), s) for p, s in zip(unit.params, unit.shapes, strict=True))
         # the gradient is reduce-scattered over the shard group (within a node under HYBRID_SHARD,
         # whose replicas then hold equal copies); NO_SHARD leaves every process a whole copy
-        counts.add(1 if strategy == ShardingStrategy.NO_SHARD or group is None else group.size())
+        counts.add(unit.group.size() if unit.sharded and unit.group is not None else 1)
     missing = [p for p in params if p.requires_grad and id(p) not in shapes]
     if missing:
         return _off(

@@ -180,7 +180,7 @@ def test_fsdp2_names_an_unused_layer_on_the_first_batch_under_gradient_accumulat
 REINIT_SCRIPT = Path(__file__).parent / "scripts" / "reinit_fsdp_ranks.py"
 
 
-def test_fsdp2_reinitialises_a_stuck_zero_weight_as_an_unsharded_run_does(tmp_path, monkeypatch):
+def test_fsdp2_and_fsdp1_reinitialise_a_stuck_zero_weight_as_an_unsharded_run_does(tmp_path, monkeypatch):
     # imported here: this file's tests otherwise only launch processes
     import torch
 
@@ -188,38 +188,34 @@ def test_fsdp2_reinitialises_a_stuck_zero_weight_as_an_unsharded_run_does(tmp_pa
 
     monkeypatch.setattr(sys.modules[__name__], "SCRIPT", REINIT_SCRIPT)  # `_run` launches SCRIPT
     fsdp = _run(tmp_path / "fsdp", MODE="fsdp2")
+    # FSDP1 (`use_orig_params=True`): flat slices of one FlatParameter, `0.weight` split 34 and 6
+    # elements, rank 0's slice of `2.weight` empty
+    fsdp1 = _run(tmp_path / "fsdp1", MODE="fsdp1", ORIG="1")
     ddp = _run(tmp_path / "ddp", MODE="ddp")
     assert [r["param_types"] for r in fsdp] == [["DTensor"], ["DTensor"]]
     # uneven shards (3 and 2 rows) for the stuck weight, an empty one for the learning zero weight
     assert [r["local_rows"]["0.weight"] for r in fsdp] == [3, 2]
     assert [r["local_rows"]["2.weight"] for r in fsdp] == [1, 0]
+    assert [r["local_rows"]["0.weight"] for r in fsdp1] == [34, 6]
+    assert [r["local_rows"]["2.weight"] for r in fsdp1] == [0, 5]
 
     # the unsharded reference: seed 0, the first draw of the pre-flight generator
     expected = torch.zeros(5, 8)
     reinit_(expected, "xavier", std=0.02, generator=torch.Generator().manual_seed(0))
-    for result in fsdp + ddp:
+    for result in fsdp + fsdp1 + ddp:
         assert result["events"] == [["reinit", 0, {"param": "0.weight", "shape": [5, 8], "method": "xavier"}]]
         assert result["findings"] == [
             ["zero-params", "warning", ["0.weight"]],
             ["zero-params", "info", ["2.weight"]],  # zero, but its whole gradient is not
         ]
-        # bitwise: every rank drew the same whole tensor and kept its own rows
+        # bitwise: every rank drew the same whole tensor and kept its own rows (FSDP1: elements)
         assert result["weight"] == expected.tolist() == ddp[0]["weight"]
     # the whole gradient norm of the zero weight whose rank-1 shard is empty, in one all-reduce
-    for result in fsdp:
+    for result in fsdp + fsdp1:
         [(name, stuck, grad_norm)] = result["zero_at_update"]
         assert (name, stuck) == ("2.weight", False)
         assert grad_norm == pytest.approx(ddp[0]["zero_at_update"][0][2], rel=RTOL) and grad_norm > 0
         assert result["collectives"] == 1
     assert ddp[0]["collectives"] == 0
     assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=RTOL)
-
-
-def test_fsdp1_leaves_the_zero_weight_check_off_instead_of_splitting_the_ranks(tmp_path, monkeypatch):
-    # FSDP1's parameters are flat slices: one rank's all-zero slice says nothing of the weight,
-    # and re-initialising it there alone would make the ranks train different models
-    monkeypatch.setattr(sys.modules[__name__], "SCRIPT", REINIT_SCRIPT)
-    results = _run(tmp_path / "fsdp1", MODE="fsdp1", ORIG="1")
-    for result in results:
-        assert result["events"] == [] and result["findings"] == []
-    assert results[0]["losses"] == results[1]["losses"]
+    assert fsdp1[0]["losses"] == fsdp1[1]["losses"] == pytest.approx(ddp[0]["losses"], rel=RTOL)

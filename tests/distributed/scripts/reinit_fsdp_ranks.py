@@ -1,26 +1,32 @@
-"""Trains a model with two all-zero Linear weights under FSDP2 or DDP, on CPU ranks.
+"""Trains a model with two all-zero Linear weights under FSDP2, FSDP1 or DDP, on CPU ranks.
 
 Run by ``tests/distributed/test_fsdp.py`` under torchrun (2 processes, gloo), with the
-accelerator of ``train_fsdp_ranks.py`` (``MODE=fsdp2`` or ``ddp``; see there how FSDP2 is forced
-on CPU). ``0.weight`` (5, 8) is zero and so is the weight after it, so its first gradient is
+accelerator of ``train_fsdp_ranks.py`` (``MODE=fsdp2``, ``fsdp1`` or ``ddp``; see there how FSDP is
+forced on CPU). ``0.weight`` (5, 8) is zero and so is the weight after it, so its first gradient is
 zero: it is stuck and re-initialised. ``2.weight`` (1, 5) is zero but receives gradient; under
 FSDP2 its single row lives on rank 0 and rank 1's shard is empty, and ``0.weight``'s 5 rows split
-3 and 2. Each rank prints one ``RESULT`` JSON line: the events, the findings, the re-initialised
-``0.weight`` gathered whole before the first update, ``2.weight``'s zero verdict measured again
-then with the number of all-reduces that took, and each parameter's local rows. It exits with
-code 3 and a ``SKIP`` line when FSDP2 cannot be set up here.
+3 and 2. Under FSDP1 (``use_orig_params=True``) all of them are flat slices of the root's one
+FlatParameter (57 elements and FSDP1's alignment padding, 34 per rank): ``0.weight``'s 40 elements
+split 34 and 6, and rank 0's slice of ``2.weight`` is empty. Each rank prints one ``RESULT``
+JSON line: the events, the findings, the re-initialised ``0.weight`` gathered whole before the
+first update, ``2.weight``'s zero verdict measured again then with the number of all-reduces
+that took, and each parameter's local rows (FSDP1: elements). It exits with code 3 and a
+``SKIP`` line when FSDP cannot be set up here.
 """
 
+import contextlib
 import os
 import sys
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 from safeloop import Callback
+from safeloop.guards.flat_slices import flat_slices
 from safeloop.guards.reinit import find_zero_params
 from tests.distributed.scripts.train_fsdp_ranks import build_accelerator, sharded_trainer
 from tests.helpers.models import classification_data
@@ -49,7 +55,9 @@ class FirstStep(Callback):
         if self.weight is not None:
             return
         model = trainer.accelerator.unwrap_model(trainer.model)
-        weight = dict(model.named_parameters())["0.weight"].detach()
+        fsdp1 = isinstance(trainer.model, FSDP1)
+        with FSDP1.summon_full_params(trainer.model) if fsdp1 else contextlib.nullcontext():
+            weight = dict(model.named_parameters())["0.weight"].detach().clone()
         if hasattr(weight, "full_tensor"):  # an FSDP2 shard: gather it (every rank calls this)
             weight = weight.full_tensor()
         self.weight = weight.tolist()
@@ -66,7 +74,11 @@ class FirstStep(Callback):
 
         torch.distributed.all_reduce = counted
         try:
-            found = find_zero_params(model.named_parameters())
+            if fsdp1:  # flat slices: read where FSDP1 keeps them
+                slices = flat_slices(trainer.model, list(model.parameters()))
+                found = slices.find_zero_params(list(model.named_parameters()))
+            else:
+                found = find_zero_params(model.named_parameters())
         finally:
             torch.distributed.all_reduce = all_reduce
         self.zero = [[z.name, z.stuck, z.grad_norm] for z in found]
