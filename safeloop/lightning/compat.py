@@ -164,12 +164,14 @@ def _unscales_itself(optimizer: Any) -> bool:
 def _strategy_problems(trainer: Any) -> list[str]:
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-    from safeloop.lightning.fsdp import fsdp2_problems, is_fsdp2
+    from safeloop.lightning.fsdp import fsdp1_problems, fsdp2_problems, is_fsdp1, is_fsdp2
 
     strategy = trainer.strategy
     name = type(strategy).__name__
     if is_fsdp2(strategy):  # FSDP2: data parallel only, every trainable parameter fully_shard-ed
         return fsdp2_problems(strategy, trainer.lightning_module)
+    if is_fsdp1(strategy):  # FSDP1 with the module's own parameters (use_orig_params=True)
+        return fsdp1_problems(strategy)
     # subclasses that shard or compile the step differently (DeepSpeed, XLA) are not these
     supported = type(strategy) is SingleDeviceStrategy or (
         isinstance(strategy, DDPStrategy) and name not in ("DeepSpeedStrategy", "XLAStrategy")
@@ -181,7 +183,8 @@ def _strategy_problems(trainer: Any) -> list[str]:
     )
     return [
         f"the strategy is {name} (`Trainer(strategy=...)`): {why}. SafeLoopCallback supports one device "
-        '(SingleDeviceStrategy), DDP (`strategy="ddp"` and its spawn/fork variants) and FSDP2 through '
+        '(SingleDeviceStrategy), DDP (`strategy="ddp"` and its spawn/fork variants), FSDP1 '
+        '(`strategy="fsdp"`, `use_orig_params=True`) and FSDP2 through '
         "`ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)` with `fully_shard` "
         "applied in `configure_model`. Fix: one of those, or remove SafeLoopCallback for this run."
     ]
@@ -189,10 +192,6 @@ def _strategy_problems(trainer: Any) -> list[str]:
 
 # why each strategy Lightning offers that is refused cannot be guarded (said in the ConfigError)
 _UNSUPPORTED_WHY = {
-    "FSDPStrategy": (
-        "FSDP1 keeps each wrapped module's parameters as flat shards, whose zeros, norms and "
-        "checkpoints SafeLoopCallback does not read under Lightning (FSDP2 it does)"
-    ),
     "DeepSpeedStrategy": (
         "DeepSpeed reduces and partitions the gradients inside its engine and runs the optimizer "
         "step itself, away from the hooks the callback measures and gates in"

@@ -15,7 +15,8 @@ forward happens in the user's ``training_step``, between two hooks the callback 
   processes, and those that make training meaningless raise a ``ConfigError`` before torch's own,
   less telling error;
 - ``on_after_backward`` (first time): trainable parameters that got no gradient, by whether their
-  module ran (``unused-params``, ``detached-params``).
+  module ran (``unused-params``, ``detached-params``); not under FSDP1, whose empty slices hold
+  no gradient (``SafeTrainer`` skips it there too).
 
 The checks are the functions ``SafeTrainer`` uses; only the moments differ.
 """
@@ -69,6 +70,9 @@ class FirstBatchChecks:
         zero_gradients_found (`Callable`, *optional*): called when every first gradient is
             exactly zero (``detached-params``), so that weight health does not also report the
             rows without gradient as dead units (``Diagnostics.zero_gradients_found``).
+        gradient_reach (`bool`, *optional*, defaults to True): ``.grad is None`` means "no
+            gradient" on every process alike (``ShardLayout.gradient_reach``): not under FSDP1,
+            where a process whose slice of a parameter is empty holds no gradient for it.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class FirstBatchChecks:
         reporter: Reporter,
         checked_loss_fn: Callable[[LossFn, list[Finding], Any], LossFn] | None = None,
         zero_gradients_found: Callable[[], None] | None = None,
+        gradient_reach: bool = True,
     ) -> None:
         self.model = model
         self.prepared = prepared
@@ -88,6 +93,7 @@ class FirstBatchChecks:
         self.reporter = reporter
         self.checked_loss_fn = checked_loss_fn
         self.zero_gradients_found = zero_gradients_found
+        self.gradient_reach = gradient_reach
         self.done = False
         self._findings: list[Finding] = []
         self._loss_findings: list[Finding] = []  # the checks of the losses training_step called
@@ -164,10 +170,10 @@ class FirstBatchChecks:
         watch, self._reach = self._reach, None
         if watch is None:
             return
-        found = check_gradient_reach(self.model, watch)
+        found = check_gradient_reach(self.model, watch) if self.gradient_reach else []
         if not found and self.processes.distributed_type != DistributedType.FSDP:
             # every gradient exactly zero: a loss through round/sign/a comparison (not under
-            # FSDP2: a process's shard of a gradient can be zero while the whole is not)
+            # FSDP: a process's shard of a gradient can be zero while the whole is not)
             found = check_zero_gradients(self.model)
         findings = agree_findings(self.processes, found)  # type: ignore[arg-type]
         if any(f.code == "detached-params" for f in findings) and self.zero_gradients_found is not None:

@@ -1,4 +1,4 @@
-"""FSDP2 under Lightning: ``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``.
+"""FSDP under Lightning: FSDP2 (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy``).
 
 Under ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` Lightning wraps
 nothing: the ``LightningModule`` applies ``fully_shard`` itself in ``configure_model``, and from
@@ -10,9 +10,21 @@ optimizer uses. The optimizer's parameters are the module's own objects.
 So ``SafeTrainer``'s FSDP2 components apply unchanged once :class:`LightningProcesses` answers
 ``DistributedType.FSDP``: the all-zero weight check decides on sums over the shards
 (``guards/reinit.py``), the diagnostics sum squared shard norms (``diagnostics/sharded.py``), the
-checkpoints are sharded safetensors (``checkpoint/sharded.py``). This module holds the rest:
-which set-ups are FSDP2 (:func:`is_fsdp2`), which are refused (:func:`fsdp2_problems`), and the
-step's gradient norms measured and clipped on DTensor gradients (:func:`measure_and_clip_sharded`).
+checkpoints are sharded safetensors (``checkpoint/sharded.py``).
+
+Under ``FSDPStrategy`` (FSDP1) Lightning wraps the ``LightningModule`` in a root
+``FullyShardedDataParallel`` (and its ``auto_wrap_policy`` submodules in their own). With
+``use_orig_params=True``, Lightning's default, the module keeps its parameter objects, each a flat
+view of this process's slice of it, and so is its ``.grad`` after the reduce-scatter: again the
+gradient the optimizer uses, and ``SafeTrainer``'s FSDP1 components read it (the diagnostics' flat
+slices, FSDP1's sharded state dict in the checkpoints). The global norm is computed as the root's
+``clip_grad_norm_`` computes it (Lightning's FSDP precision refuses norm clipping: it has no root
+to call).
+
+This module holds the rest: which set-ups are FSDP2 or FSDP1 (:func:`is_fsdp2`,
+:func:`is_fsdp1`), which are refused (:func:`fsdp2_problems`, :func:`fsdp1_problems`), and the
+step's gradient norms measured and clipped on sharded gradients (:func:`measure_and_clip_sharded`,
+:class:`Fsdp1Norms`).
 """
 
 from __future__ import annotations
@@ -22,14 +34,22 @@ from typing import Any
 
 import torch
 
-from safeloop.guards.clipping import GradNorms, shard_grad_norms
+from safeloop.guards.clipping import GradNorms, measure_and_clip, shard_grad_norms
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support: no FSDP2 either
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_fsdp2", "fsdp2_problems", "fsdp2_noise_refusal", "measure_and_clip_sharded"]
+__all__ = [
+    "is_fsdp1",
+    "is_fsdp2",
+    "fsdp1_problems",
+    "fsdp2_problems",
+    "fsdp_noise_refusal",
+    "Fsdp1Norms",
+    "measure_and_clip_sharded",
+]
 
 # why the gradient noise scale stays off under FSDP2 with accumulation (INFO, docs/lightning.md)
 FSDP2_NOISE_ACCUMULATION = (
@@ -38,6 +58,11 @@ FSDP2_NOISE_ACCUMULATION = (
     "so no process's whole window gradient is seen; `accumulate_grad_batches=1` on several "
     "processes measures it"
 )
+FSDP1_NOISE = (
+    "under Lightning's FSDPStrategy (FSDP1) a process's own gradient exists only inside FSDP1's "
+    "reduction (a communication hook would replace that reduction, not watch it); FSDP2 through "
+    "`ModelParallelStrategy` with `fully_shard` is measured"
+)
 FSDP2_NOISE_FP16 = (
     "under Lightning's ModelParallelStrategy (FSDP2) with fp16 FSDP2 reduces gradients divided by a "
     'factor of its own, so a process\'s gradient cannot be read there; `precision="bf16-mixed"` or '
@@ -45,17 +70,19 @@ FSDP2_NOISE_FP16 = (
 )
 
 
-def fsdp2_noise_refusal(processes: Any) -> str | None:
-    """Why the gradient noise scale cannot be measured in this FSDP2 fit, in Lightning's terms; None.
+def fsdp_noise_refusal(processes: Any) -> str | None:
+    """Why the gradient noise scale cannot be measured in this FSDP fit, in Lightning's terms; None.
 
-    Checked before ``attach_sharded_probe``, whose fp16 reason names ``SafeTrainer``'s keyword; the
-    rest (one process, a torch without FSDP2's custom reduce-scatter, several parameter groups)
-    it says when the diagnostics are built.
+    Checked before ``attach_sharded_probe``, whose reasons name ``SafeTrainer``'s keywords; the
+    rest under FSDP2 (one process, a torch without FSDP2's custom reduce-scatter, several
+    parameter groups) it says when the diagnostics are built. FSDP1 is never measured.
 
     Args:
         processes (`LightningProcesses`): the fit's processes, accumulation, precision and module
             (after ``configure_model``).
     """
+    if is_fsdp1(processes.trainer.strategy):
+        return FSDP1_NOISE
     if processes.gradient_accumulation_steps > 1:
         return FSDP2_NOISE_ACCUMULATION
     module = processes.pl_module
@@ -71,6 +98,33 @@ def is_fsdp2(strategy: Any) -> bool:
     except ImportError:  # Lightning before 2.4 has none (and is refused by the version check)
         return False
     return isinstance(strategy, ModelParallelStrategy)
+
+
+def is_fsdp1(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's ``FSDPStrategy`` (FSDP1) or a subclass of it."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def fsdp1_problems(strategy: Any) -> list[str]:
+    """What SafeLoopCallback cannot guard in an ``FSDPStrategy`` fit (after its set-up).
+
+    Args:
+        strategy (`FSDPStrategy`): the trainer's strategy, its model wrapped.
+
+    Returns:
+        `list[str]`: one sentence per problem, each with its fix; empty when supported.
+    """
+    if strategy.kwargs.get("use_orig_params", True):
+        return []
+    return [
+        "the strategy is FSDPStrategy with `use_orig_params=False`: FSDP1 then replaces each "
+        "wrapped module's parameters by one FlatParameter, so the module's own parameters, whose "
+        "gradients SafeLoopCallback measures, gates and checkpoints, are not the optimizer's. "
+        "Fix: `FSDPStrategy(use_orig_params=True)` (Lightning's default), FSDP2 through "
+        "`ModelParallelStrategy`, or remove SafeLoopCallback for this run."
+    ]
 
 
 def fsdp2_problems(strategy: Any, module: torch.nn.Module) -> list[str]:
@@ -145,3 +199,85 @@ def measure_and_clip_sharded(
         # one 0-dim all-reduce per step: the finite flag's all-reduce refuses a DTensor
         total = total.full_tensor()
     return GradNorms(total=total, per_param=per_param)
+
+
+class Fsdp1Norms:
+    """The step's gradient norms under FSDP1, as the root's ``clip_grad_norm_`` computes them.
+
+    ``FullyShardedDataParallel.clip_grad_norm_`` refuses to run while the root's forward is open,
+    and under Lightning's manual optimization ``training_step`` (and the ``opt.step()`` in it) is
+    that forward. So the norm is computed here the way FSDP1 computes it, bitwise: each gradient
+    slice's float32 norm; the norm of those over the parameters of sharded units, in FSDP1's
+    order (its handles, then each handle's parameters), raised to the square and all-reduced over
+    the root's shard group; plus the square of the same over the rest (``NO_SHARD`` units,
+    parameters FSDP1 does not manage), which every process holds whole. Every unit ``NO_SHARD``:
+    torch's own ``clip_grad_norm_``, as FSDP1 does. The clip multiplies by the same clamped
+    coefficient (``clip_grads_with_norm_``).
+
+    Args:
+        root (`FullyShardedDataParallel`): the root FSDP module (``trainer.strategy.model``).
+        params (`Sequence[torch.nn.Parameter]`): the module's parameters (flat slices), in the
+            order the norms are returned in.
+    """
+
+    def __init__(self, root: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
+        self.group = getattr(root, "process_group", None)
+        position = {id(p): i for i, p in enumerate(params)}
+        seen: set[int] = set()
+        sharded: list[int] = []
+        whole: list[int] = []
+        # `_all_handles`, `uses_sharded_strategy` and `flat_param._params` are torch's FSDP1
+        # internals (read in torch 2.13), the order its own clip_grad_norm_ sums in
+        for handle in getattr(root, "_all_handles", ()):
+            into = sharded if handle.uses_sharded_strategy else whole
+            for param in getattr(handle.flat_param, "_params", None) or ():
+                i = position.get(id(param))
+                if i is not None and i not in seen:
+                    seen.add(i)
+                    into.append(i)
+        self.sharded = sharded
+        self.whole = whole + [i for i in range(len(params)) if i not in seen]
+
+    def __call__(
+        self, params: Sequence[torch.nn.Parameter], *, max_norm: float | None, max_value: float | None
+    ) -> GradNorms:
+        """Measure the step's gradients, then clip them with that norm.
+
+        Args:
+            params (`Sequence[torch.nn.Parameter]`): the parameters given at construction.
+            max_norm (`float`, *optional*): max global norm.
+            max_value (`float`, *optional*): clamp for every gradient element.
+
+        Returns:
+            `GradNorms`: the norms before clipping: the global one (the same on every process), and
+            those of this process's slices (0.0 for an empty slice), whose squares the log step
+            sums over processes.
+        """
+        if not self.sharded:  # every unit NO_SHARD: whole gradients, torch's clip (as FSDP1's)
+            return measure_and_clip(params, max_norm=max_norm, max_value=max_value)
+        device = params[0].device
+        zero = torch.zeros((), device=device)
+        norms = [
+            None if p.grad is None else torch.linalg.vector_norm(p.grad.detach(), 2.0, dtype=torch.float32)
+            for p in params
+        ]
+        squared = _norm_of(norms, self.sharded, zero) ** 2.0
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squared, group=self.group)
+        if self.whole:
+            squared = squared + _norm_of(norms, self.whole, zero) ** 2.0  # whole on every process
+        total = squared ** (1.0 / 2.0)
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(list(params), max_norm, total)
+        if max_value is not None:
+            torch.nn.utils.clip_grad_value_(list(params), max_value)
+        per_param = torch.stack([zero if n is None else n.to(device) for n in norms])
+        return GradNorms(total=total, per_param=per_param)
+
+
+def _norm_of(norms: list[torch.Tensor | None], indices: list[int], zero: torch.Tensor) -> torch.Tensor:
+    """The float32 norm of the gradients at ``indices`` seen as one vector (``zero`` without any)."""
+    present = [norms[i] for i in indices if norms[i] is not None]
+    if not present:
+        return zero
+    return torch.linalg.vector_norm(torch.stack(present), 2.0, dtype=torch.float32).to(zero.device)  # type: ignore[arg-type]

@@ -22,7 +22,9 @@ moments, from the hooks (:class:`~safeloop.lightning.steps.GuardedSteps` makes t
   FSDP2 reduce-scatters it, read by ``SafeTrainer``'s measuring comm on every FSDP module
   (``diagnostics/noise_probe_fsdp.py``), against the step's global norm. With accumulation
   Lightning reduce-scatters every micro-batch (it blocks DDP's sync only), so no process's window
-  gradient is ever whole: not measured, said at INFO, as under fp16.
+  gradient is ever whole: not measured, said at INFO, as under fp16;
+- under FSDP1 (``FSDPStrategy``) a process's own gradient exists only inside FSDP1's reduction:
+  not measured, said at INFO.
 
 One process without accumulation has one batch size: not measured, said once at INFO in
 Lightning's terms. ``"split"`` (each batch run as two halves) is refused by the settings: the
@@ -37,7 +39,7 @@ import logging
 from accelerate.utils import DistributedType
 
 from safeloop.diagnostics.noise_scale import describe_unmeasured
-from safeloop.lightning.fsdp import fsdp2_noise_refusal
+from safeloop.lightning.fsdp import fsdp_noise_refusal
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.results import Finding
 
@@ -57,9 +59,9 @@ _LIGHTNING_WAY = "(`Trainer(accumulate_grad_batches=...)` or more devices when m
 def noise_setting(setting: str, processes: LightningProcesses) -> str:
     """The ``gradient_noise_scale`` to build the diagnostics with for this fit.
 
-    ``"auto"`` becomes ``"off"`` where Lightning's set-up leaves one batch size, or under FSDP2 with
-    accumulation or fp16, with the reason at INFO on the main process (``Diagnostics`` would give
-    it in ``SafeTrainer``'s terms).
+    ``"auto"`` becomes ``"off"`` where Lightning's set-up leaves one batch size, under FSDP1, or
+    under FSDP2 with accumulation or fp16, with the reason at INFO on the main process
+    (``Diagnostics`` would give it in ``SafeTrainer``'s terms).
 
     Args:
         setting (`str`): the callback's ``gradient_noise_scale`` (``"auto"`` or ``"off"``).
@@ -69,7 +71,7 @@ def noise_setting(setting: str, processes: LightningProcesses) -> str:
         `str`: ``"auto"`` or ``"off"``.
     """
     if setting == "auto" and processes.distributed_type == DistributedType.FSDP:
-        reason = fsdp2_noise_refusal(processes)
+        reason = fsdp_noise_refusal(processes)
         if reason is None:
             return setting  # the diagnostics wrap FSDP2's reduce-scatter (or say why they cannot)
         if processes.is_main_process:

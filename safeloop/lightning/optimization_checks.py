@@ -15,7 +15,9 @@ user's ``training_step`` does both, and two mistakes of the usual checklist beco
   The calls are counted at the precision plugin's ``clip_gradients`` (where
   ``LightningModule.clip_gradients`` and Lightning's automatic clipping both end), replaced on the
   instance for the fit; an ``exploding-grad`` finding made while none was seen and the callback
-  clips nothing says so and names the Lightning way to clip (:class:`ClippingAwareReporter`).
+  clips nothing says so and names the Lightning way to clip (:class:`ClippingAwareReporter`);
+  under FSDP1 (``FSDPStrategy``) the callback's ``clip_grad_norm`` alone: Lightning refuses norm
+  clipping there, and FSDP1's own ``clip_grad_norm_`` cannot run inside ``training_step``.
 
 Neither costs a host read in a healthy run: the first looks at ``.grad`` only when no loss came
 through Lightning's backward, the second counts Python calls.
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 
 from safeloop.findings import Reporter
+from safeloop.lightning.fsdp import is_fsdp1
 from safeloop.results import Finding
 
 __all__ = ["OptimizationChecks", "ClippingAwareReporter", "DIRECT_BACKWARD"]
@@ -57,6 +60,8 @@ class OptimizationChecks:
         self.module = module
         self.automatic = bool(getattr(module, "automatic_optimization", True))
         self.callback_clips = callback_clips or bool(trainer.gradient_clip_val)
+        # FSDPStrategy: Lightning refuses norm clipping, and FSDP1's own cannot run in training_step
+        self._fsdp1 = is_fsdp1(trainer.strategy)
         self.clip_calls = 0
         self._reported_backward = False
         self._installed: types.MethodType | None = None
@@ -93,7 +98,14 @@ class OptimizationChecks:
         """``finding``, completed when it is ``exploding-grad`` and nothing clipped in this fit."""
         if finding.code != "exploding-grad" or self.clipping_seen:
             return finding
-        if self.automatic:
+        if self._fsdp1:
+            seen = "No gradient clipping was seen in this fit (SafeLoopCallback clips nothing)."
+            how = (
+                "Clip gradients with `SafeLoopCallback(clip_grad_norm=1.0)`: under FSDPStrategy (FSDP1) "
+                'Lightning cannot clip by norm (`gradient_clip_algorithm="norm"` is refused), and FSDP1\'s '
+                "own `clip_grad_norm_` cannot run inside `training_step` (the root module's forward)."
+            )
+        elif self.automatic:
             seen = (
                 "No gradient clipping was seen in this fit (`Trainer(gradient_clip_val=...)` is not set and "
                 "SafeLoopCallback clips nothing)."

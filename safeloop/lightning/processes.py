@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from safeloop.lightning.fsdp import is_fsdp2
+from safeloop.lightning.fsdp import is_fsdp1, is_fsdp2
 
 __all__ = ["LightningProcesses", "LOG_PREFIX"]
 
@@ -44,8 +44,9 @@ class LightningProcesses:
         self.trainer = trainer
         self.pl_module = pl_module
         self._world_size = int(trainer.world_size)  # the strategy is set up: fixed for the fit
-        # ModelParallelStrategy with fully_shard: DTensor parameters, read as Accelerate's FSDP2
-        self._fsdp2 = is_fsdp2(trainer.strategy)
+        # ModelParallelStrategy with fully_shard (DTensor parameters) or FSDPStrategy (flat slices):
+        # read as Accelerate's FSDP2 and FSDP1
+        self._fsdp = is_fsdp2(trainer.strategy) or is_fsdp1(trainer.strategy)
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -71,12 +72,13 @@ class LightningProcesses:
 
     @property
     def distributed_type(self) -> DistributedType:
-        """Accelerate's name for the set-up: ``FSDP`` under FSDP2, ``NO`` on one process, else DDP.
+        """Accelerate's name for the set-up: ``FSDP`` under FSDP, ``NO`` on one process, else DDP.
 
         ``FSDP`` for ``ModelParallelStrategy`` (``fully_shard``: DTensor parameters, as Accelerate's
-        FSDP2): the components then read shards. ``compat.check_trainer_setup`` refuses the rest.
+        FSDP2) and ``FSDPStrategy`` (FSDP1's flat slices): the components then read shards.
+        ``compat.check_trainer_setup`` refuses the rest.
         """
-        if self._fsdp2:
+        if self._fsdp:
             return DistributedType.FSDP
         if self.num_processes == 1:
             return DistributedType.NO
@@ -101,7 +103,7 @@ class LightningProcesses:
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
     def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The LightningModule, whatever wrapper the strategy put around it (DDP; FSDP2 wraps none)."""
+        """The LightningModule, whatever wrapper the strategy put around it (DDP, FSDP1; FSDP2 wraps none)."""
         del model
         return self.pl_module
 

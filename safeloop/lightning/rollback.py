@@ -9,9 +9,9 @@ optimizer and the LR schedulers stepped, before the next batch), with ``SafeTrai
 components: ``Checkpointer`` (safetensors and JSON, never pickle), ``Rollback`` (the target, the
 budget, the LR cut, the ``DivergenceError`` with the causes ranked) and the guards' state.
 
-Under FSDP2 (``ModelParallelStrategy``) the module's and optimizer's state are written by every
-process as its own safetensors shards (``checkpoint/sharded.py``, no pickle) and read back into
-the same DTensors.
+Under FSDP2 (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy``) the module's and optimizer's
+state are written by every process as its own safetensors shards (``checkpoint/sharded.py``, no
+pickle) and read back into the same DTensors, or FSDP1's same flat parameters.
 
 What a rollback restores, from the newest healthy checkpoint before the divergence: the module's
 parameters and buffers, copied into the same tensors (``load_state_dict``: the strategy's
@@ -45,6 +45,7 @@ from safeloop.config import TrainerConfig
 from safeloop.errors import DivergenceError
 from safeloop.findings import Reporter
 from safeloop.guards.divergence import Divergence
+from safeloop.lightning.fsdp import is_fsdp1
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.log_step import LogOutcome, LogStep
 from safeloop.rollback import Rollback
@@ -126,9 +127,13 @@ class InPlaceRollback:
         guard_state: Sequence[Stateful],
         after_rollback: Sequence[Any] = (),
     ) -> None:
-        # FSDP2: each process writes and reads its own shards of the module and the optimizer
+        # FSDP: each process writes and reads its own shards of the module and the optimizer,
+        # through the root FSDP module under FSDP1 (its sharded state dict), the module under FSDP2
         self.sharded = processes.distributed_type == DistributedType.FSDP
-        engine = "fsdp2" if self.sharded else None
+        fsdp1 = is_fsdp1(processes.trainer.strategy)
+        engine = ("fsdp1" if fsdp1 else "fsdp2") if self.sharded else None
+        self._engine_name = "FSDP1" if fsdp1 else "FSDP2"
+        sharded_module = processes.trainer.strategy.model if fsdp1 else module
         problem = dcp_support_problem() if self.sharded else None
         # with checkpoint_dir and a torch that cannot write shards: ConfigError; without, a note
         manager, note = build_manager(config, processes, engine, problem)  # type: ignore[arg-type]
@@ -145,7 +150,7 @@ class InPlaceRollback:
             rank_state=_NoRankState(),
             progress=progress,
             reporter=reporter,
-            shards=ShardedState(module, optimizer) if self.sharded else None,
+            shards=ShardedState(sharded_module, optimizer) if self.sharded else None,
             shard_engine=engine,
         )  # fmt: skip
         self._data = _DataNotReplayed()
@@ -234,7 +239,7 @@ class InPlaceRollback:
             then = (
                 f"The newest healthy checkpoint before it is {lasting} (step {target}): its "
                 "shards/ folder holds each process's safetensors shards of the module and optimizer "
-                "(FSDP2); start a new fit from it, at a lower learning rate: "
+                f"({self._engine_name}); start a new fit from it, at a lower learning rate: "
                 "`torch.distributed.checkpoint.load(..., storage_reader=HuggingFaceStorageReader(...))` "
                 "into the sharded module on every process."
             )

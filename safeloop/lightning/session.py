@@ -24,6 +24,7 @@ from safeloop.checkpoint.checkpointer import NamedState
 from safeloop.config import TrainerConfig
 from safeloop.diagnostics.advice import check_lr_advice
 from safeloop.diagnostics.session import Diagnostics
+from safeloop.diagnostics.sharded import unwrapped_name
 from safeloop.errors import SafeLoopError
 from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
@@ -100,13 +101,15 @@ class FitSession:
                 pl_module, prepared, optimizer, processes, self.reporter,
                 checked_loss_fn=self.diagnostics.checked_loss_fn,
                 zero_gradients_found=self.diagnostics.zero_gradients_found,
+                gradient_reach=self.diagnostics.layout.gradient_reach,
             )  # fmt: skip
         self.gate = StepGate(optimizer, processes.scaler)
         policy = DivergencePolicy(config, self.progress, self.reporter, rollback_enabled=config.rollback)
         skips = SkipHandler(
             policy=config.nan_guard,
             max_consecutive_skips=config.max_consecutive_skips,
-            param_names=[name for name, _ in pl_module.named_parameters()],
+            # FSDP1's auto-wrapped submodules add `_fsdp_wrapped_module.` to the module's names
+            param_names=[unwrapped_name(name) for name, _ in pl_module.named_parameters()],
             history_steps=1,  # no batch is kept: the replay needs a loss SafeTrainer can call itself
             accumulation=processes.gradient_accumulation_steps,
             model=pl_module,

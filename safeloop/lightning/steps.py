@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.clipping import GradNorms, measure_and_clip
 from safeloop.guards.nonfinite import finite_flag, true_overflow
-from safeloop.lightning.fsdp import measure_and_clip_sharded
+from safeloop.lightning.fsdp import Fsdp1Norms, is_fsdp1, measure_and_clip_sharded
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.lightning.step_gate import StepGate
 from safeloop.log_step import LogOutcome, LogStep
@@ -127,8 +128,11 @@ class GuardedSteps:
         self._loss_factor = processes.gradient_accumulation_steps if automatic else 1
         # the precision plugin's fp16 scaler (the StepGate holds the same one), fixed for the fit
         self._scaler = processes.scaler
-        # FSDP2: DTensor gradients, whose norms are made whole over the processes (fsdp.py)
-        self._sharded = processes.distributed_type == DistributedType.FSDP
+        # FSDP2: DTensor gradients, whose norms are made whole over the processes; FSDP1 (set at
+        # the first step, with the parameters): flat slices, measured as FSDP1 measures (fsdp.py)
+        self._measure: Callable[..., GradNorms] = measure_and_clip
+        if processes.distributed_type == DistributedType.FSDP:
+            self._measure = measure_and_clip_sharded
         # the module's parameters, listed once at the first step (after a lazy module's first
         # forward): re-initialisation and rollback copy into the same tensors, never replace them
         self._params: list[torch.nn.Parameter] | None = None
@@ -182,9 +186,10 @@ class GuardedSteps:
         params = self._params
         if params is None:
             params = self._params = list(self.model.parameters())
+            if is_fsdp1(self.processes.trainer.strategy):
+                self._measure = Fsdp1Norms(self.processes.trainer.strategy.model, params)
         config = self.config
-        measure = measure_and_clip_sharded if self._sharded else measure_and_clip
-        norms = measure(params, max_norm=config.clip_grad_norm, max_value=config.clip_grad_value)
+        norms = self._measure(params, max_norm=config.clip_grad_norm, max_value=config.clip_grad_value)
         scale = self.gate.gradient_scale()
         if scale is not None:  # fp16 with a fused optimizer: the gradients are still scaled
             per_param = None if norms.per_param is None else norms.per_param / scale
@@ -286,7 +291,10 @@ class GuardedSteps:
 
     def _preflight(self) -> None:
         self.preflight_done = True
-        left_zero = run_preflight(self.model, self.processes, self.config, self.reporter)  # type: ignore[arg-type]
+        left_zero = run_preflight(
+            self.model, self.processes, self.config, self.reporter,  # type: ignore[arg-type]
+            prepared=self.processes.trainer.strategy.model,
+        )  # fmt: skip
         if self.diagnostics is not None and left_zero is not None:
             self.diagnostics.note_zero_at_start(left_zero)
 

@@ -192,34 +192,40 @@ def test_a_module_with_sparse_gradients_is_refused_naming_it_before_any_update()
 
 
 @pytest.mark.parametrize(
-    ("strategy", "why"),
+    ("strategy", "options", "says"),
     [
-        ("FSDPStrategy", "FSDP1 keeps each wrapped module's parameters as flat shards"),
-        ("DeepSpeedStrategy", "inside its engine"),
+        # FSDP1 with FlatParameters (the run with the module's own parameters is supported:
+        # tests/distributed/test_lightning_fsdp1.py)
+        ("FSDPStrategy", {"use_orig_params": False}, ["FSDPStrategy with `use_orig_params=False`"]),
+        (
+            "DeepSpeedStrategy",
+            {},
+            ["the strategy is DeepSpeedStrategy", "inside its engine", "supports one device", "DDP"],
+        ),
     ],
 )
-def test_a_strategy_that_shards_the_gradients_is_refused_naming_it(strategy, why):
+def test_a_strategy_whose_gradients_the_callback_cannot_read_is_refused_naming_it(strategy, options, says):
     # both need a GPU to run under Lightning: the check is given the real strategy object
     from lightning.pytorch import strategies
 
     from safeloop.lightning.compat import check_trainer_setup
 
     trainer = SimpleNamespace(
-        strategy=getattr(strategies, strategy)(),
+        strategy=getattr(strategies, strategy)(**options),
         gradient_clip_val=None,
         precision_plugin=object(),
         lightning_module=Classifier(),
     )
     optimizers = [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)]
-    with pytest.raises(
-        ConfigError, match=rf"the strategy is {strategy} .* supports one device .* DDP"
-    ) as error:
+    with pytest.raises(ConfigError, match="SafeLoopCallback cannot guard this Trainer") as error:
         check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)
-    # why, and the sharded alternative that is supported (tests/distributed/test_lightning_fsdp.py)
-    assert why in str(error.value)
-    assert "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)" in str(error.value)
-    trainer.strategy = strategies.DDPStrategy()
-    check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)  # DDP is supported
+    for words in says:
+        assert words in str(error.value)
+    # the sharded alternatives that are supported (tests/distributed/test_lightning_fsdp*.py)
+    assert "ModelParallelStrategy" in str(error.value)
+    for supported in (strategies.DDPStrategy(), strategies.FSDPStrategy()):
+        trainer.strategy = supported
+        check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)
 
 
 # -- the exact skip -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from lightning.pytorch.plugins import MixedPrecision
 
 from safeloop import ConfigError, SafeTrainer
 from safeloop.lightning import SafeLoopCallback
-from safeloop.lightning.fsdp import fsdp2_noise_refusal
+from safeloop.lightning.fsdp import fsdp_noise_refusal
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.testing import nonfinite_loss
 from tests.helpers.lightning_models import QUIET, Regression, trainer
@@ -167,5 +167,5 @@ def test_under_fsdp2_accumulation_and_fp16_are_said_in_lightnings_terms(accumula
         precision=precision, world_size=2, strategy=None, accumulate_grad_batches=accumulation
     )
     module = nn.Linear(2, 2).to(dtype)
-    reason = fsdp2_noise_refusal(LightningProcesses(trainer, module))
+    reason = fsdp_noise_refusal(LightningProcesses(trainer, module))
     assert reason is None if says is None else says in reason

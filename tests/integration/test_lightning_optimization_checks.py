@@ -166,3 +166,32 @@ def test_a_loose_clipping_call_leaves_safetrainers_exploding_grad_text(manual):
     [finding] = _exploding(module, **({} if manual else {"gradient_clip_val": 1e9}))
     assert "No gradient clipping was seen" not in finding.message
     assert finding.suggestion.startswith("Clip gradients (clip_grad_norm=1.0), lower the learning rate")
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_under_fsdp1_the_way_to_clip_is_the_callbacks(manual):
+    # Lightning refuses norm clipping under FSDPStrategy and FSDP1's own clip_grad_norm_ cannot
+    # run inside training_step: the advice names the callback's clip alone (the strategy object
+    # is real; FSDP1 itself needs several processes, tests/distributed/test_lightning_fsdp1.py)
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from safeloop.lightning.optimization_checks import OptimizationChecks
+    from safeloop.results import Finding
+
+    stand_in = SimpleNamespace(strategy=FSDPStrategy(), precision_plugin=object(), gradient_clip_val=None)
+    checks = OptimizationChecks(stand_in, Classifier(manual=manual), callback_clips=False)
+    exploding = Finding(
+        code="exploding-grad", severity="warning", message="Gradients exploded.", suggestion="Or else."
+    )
+    finding = checks.explain(exploding)
+    assert (
+        finding.message
+        == "Gradients exploded. No gradient clipping was seen in this fit (SafeLoopCallback clips nothing)."
+    )
+    assert finding.suggestion.startswith(
+        "Clip gradients with `SafeLoopCallback(clip_grad_norm=1.0)`: under FSDPStrategy"
+    )
+    assert "gradient_clip_val" not in finding.suggestion and "self.clip_gradients" not in finding.suggestion
+    assert finding.suggestion.endswith(" Or else.")
