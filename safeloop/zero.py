@@ -27,7 +27,7 @@ What is read here beyond DeepSpeed's public ``safe_get_local_*`` functions: ZeRO
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -124,7 +124,7 @@ class ZeroEngine:
         self.engine.set_gradient_accumulation_boundary(is_boundary=sync)  # type: ignore[operator]
         self.engine.backward(loss)  # type: ignore[operator]
 
-    def step(self, flag: torch.Tensor | None) -> bool | None:
+    def step(self, flag: torch.Tensor | None, take_step: Callable[[], object] | None = None) -> bool | None:
         """Take the engine's step, or refuse it when ``flag`` is 0.
 
         Without ZeRO (stage 0) the flag is read on the host before the step. Under ZeRO it is
@@ -135,6 +135,8 @@ class ZeroEngine:
         Args:
             flag (`torch.Tensor`, *optional*): the NaN/Inf guard's device flag, agreed by all
                 processes (1: apply); None with the guard off.
+            take_step (`Callable`, *optional*): the engine's own ``step`` (Lightning calls it
+                through a wrapper on the instance); defaults to ``engine.step``.
 
         Returns:
             `bool | None`: as ``GatedStep.step``: True applied, False refused by the guard, None
@@ -142,20 +144,21 @@ class ZeroEngine:
             overflow, or non-finite gradients with the guard off): ``overflowed`` says so.
         """
         self.overflowed = False
+        take = self.engine.step if take_step is None else take_step
         if flag is None:
-            self.engine.step()  # type: ignore[operator]
+            take()  # type: ignore[operator]
             self.overflowed = not self.engine.was_step_applied()  # type: ignore[operator]
             return None
         if not self.partitioned:
             if not bool(flag.item()):  # host read per step: stage 0 has no overflow check to use
                 with _without_optimizer_step(self.engine.optimizer):  # type: ignore[arg-type]
-                    self.engine.step()  # type: ignore[operator]
+                    take()  # type: ignore[operator]
                 return False
-            self.engine.step()  # type: ignore[operator]
+            take()  # type: ignore[operator]
         else:
             self._poison_partition(flag)
             with _overflow_checked(self.engine.optimizer):  # type: ignore[arg-type]
-                self.engine.step()  # type: ignore[operator]
+                take()  # type: ignore[operator]
         if self.engine.was_step_applied():  # type: ignore[operator]
             return True
         if not bool(flag.item()):  # after a refused step only (rare): the guard's refusal

@@ -113,7 +113,7 @@ def check_trainer_setup(trainer: Any, settings: Any, optimizers: Sequence[Any]) 
             several LR schedulers with rollback, or clipping asked of both the callback and the
             ``Trainer``.
     """
-    problems = [*_strategy_problems(trainer), *_optimizer_problems(optimizers, settings)]
+    problems = [*_strategy_problems(trainer, settings), *_optimizer_problems(optimizers, settings)]
     sparse = sparse_gradient_problem(trainer.lightning_module, ", or remove SafeLoopCallback for this run")
     if sparse is not None:
         problems.append(sparse)
@@ -161,9 +161,10 @@ def _unscales_itself(optimizer: Any) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-def _strategy_problems(trainer: Any) -> list[str]:
+def _strategy_problems(trainer: Any, settings: Any) -> list[str]:
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+    from safeloop.lightning.deepspeed import deepspeed_problems, is_deepspeed
     from safeloop.lightning.fsdp import fsdp1_problems, fsdp2_problems, is_fsdp1, is_fsdp2
 
     strategy = trainer.strategy
@@ -172,9 +173,11 @@ def _strategy_problems(trainer: Any) -> list[str]:
         return fsdp2_problems(strategy, trainer.lightning_module)
     if is_fsdp1(strategy):  # FSDP1 with the module's own parameters (use_orig_params=True)
         return fsdp1_problems(strategy)
-    # subclasses that shard or compile the step differently (DeepSpeed, XLA) are not these
+    if is_deepspeed(strategy):  # the engine steps itself: SafeTrainer's ZeroEngine gates it
+        return deepspeed_problems(settings)
+    # a subclass that compiles the step (XLA) is not DDP
     supported = type(strategy) is SingleDeviceStrategy or (
-        isinstance(strategy, DDPStrategy) and name not in ("DeepSpeedStrategy", "XLAStrategy")
+        isinstance(strategy, DDPStrategy) and name != "XLAStrategy"
     )
     if supported:
         return []
@@ -184,7 +187,7 @@ def _strategy_problems(trainer: Any) -> list[str]:
     return [
         f"the strategy is {name} (`Trainer(strategy=...)`): {why}. SafeLoopCallback supports one device "
         '(SingleDeviceStrategy), DDP (`strategy="ddp"` and its spawn/fork variants), FSDP1 '
-        '(`strategy="fsdp"`, `use_orig_params=True`) and FSDP2 through '
+        '(`strategy="fsdp"`, `use_orig_params=True`), DeepSpeed (`strategy="deepspeed"`) and FSDP2 through '
         "`ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)` with `fully_shard` "
         "applied in `configure_model`. Fix: one of those, or remove SafeLoopCallback for this run."
     ]
@@ -192,10 +195,6 @@ def _strategy_problems(trainer: Any) -> list[str]:
 
 # why each strategy Lightning offers that is refused cannot be guarded (said in the ConfigError)
 _UNSUPPORTED_WHY = {
-    "DeepSpeedStrategy": (
-        "DeepSpeed reduces and partitions the gradients inside its engine and runs the optimizer "
-        "step itself, away from the hooks the callback measures and gates in"
-    ),
     "XLAStrategy": (
         "XLA compiles the step lazily, so the callback's per-step flag would force a compile and a host read"
     ),

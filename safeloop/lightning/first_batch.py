@@ -43,7 +43,7 @@ from safeloop.diagnostics.first_batch import (
     raise_if_fatal,
 )
 from safeloop.diagnostics.targets import check_inputs
-from safeloop.diagnostics.watch import ForwardWatch
+from safeloop.diagnostics.watch import ForwardWatch, GradientReach
 from safeloop.errors import ConfigError
 from safeloop.findings import Reporter, agree_findings
 from safeloop.lightning.loss_watch import LossCallWatch, LossFn
@@ -73,6 +73,13 @@ class FirstBatchChecks:
         gradient_reach (`bool`, *optional*, defaults to True): ``.grad is None`` means "no
             gradient" on every process alike (``ShardLayout.gradient_reach``): not under FSDP1,
             where a process whose slice of a parameter is empty holds no gradient for it.
+        reach_hooks (`bool`, *optional*, defaults to False): ``.grad`` is never set, but gradient
+            accumulation hooks fire for the parameters the backward reaches (DeepSpeed ZeRO,
+            ``ShardLayout.reach_hooks``): the check reads them instead.
+
+    Attributes:
+        reached (`set[str] | None`): with ``reach_hooks``, the parameters the first backward
+            reached (for the all-zero weight check); None otherwise.
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class FirstBatchChecks:
         checked_loss_fn: Callable[[LossFn, list[Finding], Any], LossFn] | None = None,
         zero_gradients_found: Callable[[], None] | None = None,
         gradient_reach: bool = True,
+        reach_hooks: bool = False,
     ) -> None:
         self.model = model
         self.prepared = prepared
@@ -94,6 +102,9 @@ class FirstBatchChecks:
         self.checked_loss_fn = checked_loss_fn
         self.zero_gradients_found = zero_gradients_found
         self.gradient_reach = gradient_reach
+        self.reach_hooks = reach_hooks
+        self.reached: set[str] | None = None
+        self._hooks: GradientReach | None = None
         self.done = False
         self._findings: list[Finding] = []
         self._loss_findings: list[Finding] = []  # the checks of the losses training_step called
@@ -114,7 +125,10 @@ class FirstBatchChecks:
         if self.done or self.watching:
             return
         self._findings = check_inputs(batch) + check_trainable(self.model)
-        self._findings += check_optimizer(self.model, self.optimizer)
+        if self.processes.distributed_type != DistributedType.DEEPSPEED:
+            # DeepSpeed's optimizer holds flat partitions in place of the module's parameters
+            # (its `initialize` fails on a tensor that is not the module's before this runs)
+            self._findings += check_optimizer(self.model, self.optimizer)
         self._had_grads = any(p.grad is not None for p in self.model.parameters())
         watch = ForwardWatch(self.model)
         watch.__enter__()
@@ -159,6 +173,8 @@ class FirstBatchChecks:
         raise_if_fatal(findings)
         self.reporter.add_all(findings)
         self._reach = watch
+        if self.reach_hooks:  # ZeRO: which parameters the coming backward reaches
+            self._hooks = GradientReach(self.model)
 
     def after_backward(self) -> None:
         """``on_after_backward``, once after :meth:`at_loss`: parameters the backward did not reach.
@@ -170,10 +186,19 @@ class FirstBatchChecks:
         watch, self._reach = self._reach, None
         if watch is None:
             return
-        found = check_gradient_reach(self.model, watch) if self.gradient_reach else []
-        if not found and self.processes.distributed_type != DistributedType.FSDP:
+        if self._hooks is not None:
+            self.reached, self._hooks = self._hooks.close(), None
+        if self.reached is not None:
+            found = check_gradient_reach(self.model, watch, self.reached)
+        else:
+            found = check_gradient_reach(self.model, watch) if self.gradient_reach else []
+        if not found and self.processes.distributed_type not in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        ):
             # every gradient exactly zero: a loss through round/sign/a comparison (not under
-            # FSDP: a process's shard of a gradient can be zero while the whole is not)
+            # FSDP: a process's shard of a gradient can be zero while the whole is not; nor
+            # under DeepSpeed, which keeps its gradients away from `.grad`)
             found = check_zero_gradients(self.model)
         findings = agree_findings(self.processes, found)  # type: ignore[arg-type]
         if any(f.code == "detached-params" for f in findings) and self.zero_gradients_found is not None:
@@ -203,6 +228,9 @@ class FirstBatchChecks:
             if reason is not None and self.processes.is_main_process:
                 logger.info("safeloop: the first-batch checks of the loss did not run: %s", reason)
         self._findings, self._loss_findings, self._reach = [], [], None
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
 
     def _stop(self) -> tuple[ForwardWatch, list[warnings.WarningMessage]]:
         watch, recorder, losses = self._watch, self._warnings, self._losses

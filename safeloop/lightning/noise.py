@@ -23,8 +23,8 @@ moments, from the hooks (:class:`~safeloop.lightning.steps.GuardedSteps` makes t
   (``diagnostics/noise_probe_fsdp.py``), against the step's global norm. With accumulation
   Lightning reduce-scatters every micro-batch (it blocks DDP's sync only), so no process's window
   gradient is ever whole: not measured, said at INFO, as under fp16;
-- under FSDP1 (``FSDPStrategy``) a process's own gradient exists only inside FSDP1's reduction:
-  not measured, said at INFO.
+- under FSDP1 (``FSDPStrategy``) a process's own gradient exists only inside FSDP1's reduction,
+  and under DeepSpeed inside its engine: not measured, said at INFO.
 
 One process without accumulation has one batch size: not measured, said once at INFO in
 Lightning's terms. ``"split"`` (each batch run as two halves) is refused by the settings: the
@@ -39,6 +39,7 @@ import logging
 from accelerate.utils import DistributedType
 
 from safeloop.diagnostics.noise_scale import describe_unmeasured
+from safeloop.lightning.deepspeed import DEEPSPEED_NOISE
 from safeloop.lightning.fsdp import fsdp_noise_refusal
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.results import Finding
@@ -59,7 +60,8 @@ _LIGHTNING_WAY = "(`Trainer(accumulate_grad_batches=...)` or more devices when m
 def noise_setting(setting: str, processes: LightningProcesses) -> str:
     """The ``gradient_noise_scale`` to build the diagnostics with for this fit.
 
-    ``"auto"`` becomes ``"off"`` where Lightning's set-up leaves one batch size, under FSDP1, or
+    ``"auto"`` becomes ``"off"`` where Lightning's set-up leaves one batch size, under FSDP1 and
+    DeepSpeed, or
     under FSDP2 with accumulation or fp16, with the reason at INFO on the main process
     (``Diagnostics`` would give it in ``SafeTrainer``'s terms).
 
@@ -70,6 +72,10 @@ def noise_setting(setting: str, processes: LightningProcesses) -> str:
     Returns:
         `str`: ``"auto"`` or ``"off"``.
     """
+    if setting == "auto" and processes.distributed_type == DistributedType.DEEPSPEED:
+        if processes.is_main_process:
+            logger.info(describe_unmeasured([DEEPSPEED_NOISE]))
+        return "off"
     if setting == "auto" and processes.distributed_type == DistributedType.FSDP:
         reason = fsdp_noise_refusal(processes)
         if reason is None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
+from safeloop.lightning.deepspeed import is_deepspeed
 from safeloop.lightning.fsdp import is_fsdp1, is_fsdp2
 
 __all__ = ["LightningProcesses", "LOG_PREFIX"]
@@ -47,6 +48,7 @@ class LightningProcesses:
         # ModelParallelStrategy with fully_shard (DTensor parameters) or FSDPStrategy (flat slices):
         # read as Accelerate's FSDP2 and FSDP1
         self._fsdp = is_fsdp2(trainer.strategy) or is_fsdp1(trainer.strategy)
+        self._deepspeed = is_deepspeed(trainer.strategy)  # its engine: partitions, read as Accelerate's
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -72,14 +74,16 @@ class LightningProcesses:
 
     @property
     def distributed_type(self) -> DistributedType:
-        """Accelerate's name for the set-up: ``FSDP`` under FSDP, ``NO`` on one process, else DDP.
+        """Accelerate's name for the set-up: ``FSDP``, ``DEEPSPEED``, ``NO`` on one process, else DDP.
 
         ``FSDP`` for ``ModelParallelStrategy`` (``fully_shard``: DTensor parameters, as Accelerate's
-        FSDP2) and ``FSDPStrategy`` (FSDP1's flat slices): the components then read shards.
-        ``compat.check_trainer_setup`` refuses the rest.
+        FSDP2) and ``FSDPStrategy`` (FSDP1's flat slices), ``DEEPSPEED`` for ``DeepSpeedStrategy``:
+        the components then read shards or partitions. ``compat.check_trainer_setup`` refuses the rest.
         """
         if self._fsdp:
             return DistributedType.FSDP
+        if self._deepspeed:
+            return DistributedType.DEEPSPEED
         if self.num_processes == 1:
             return DistributedType.NO
         return DistributedType.MULTI_GPU if self.device.type == "cuda" else DistributedType.MULTI_CPU
@@ -103,7 +107,7 @@ class LightningProcesses:
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
     def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The LightningModule, whatever wrapper the strategy put around it (DDP, FSDP1; FSDP2 wraps none)."""
+        """The LightningModule, whatever wrapper the strategy put around it (DDP, FSDP1, DeepSpeed)."""
         del model
         return self.pl_module
 

@@ -11,7 +11,9 @@ budget, the LR cut, the ``DivergenceError`` with the causes ranked) and the guar
 
 Under FSDP2 (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy``) the module's and optimizer's
 state are written by every process as its own safetensors shards (``checkpoint/sharded.py``, no
-pickle) and read back into the same DTensors, or FSDP1's same flat parameters.
+pickle) and read back into the same DTensors, or FSDP1's same flat parameters. Under DeepSpeed
+each process writes its share of the whole tensors (``checkpoint/zero_state.py``), read back into
+the engine's partitions.
 
 What a rollback restores, from the newest healthy checkpoint before the divergence: the module's
 parameters and buffers, copied into the same tensors (``load_state_dict``: the strategy's
@@ -41,6 +43,7 @@ from accelerate.utils import DistributedType
 
 from safeloop.checkpoint.checkpointer import Checkpointer, build_manager
 from safeloop.checkpoint.sharded import ShardedState, dcp_support_problem
+from safeloop.checkpoint.zero_state import ZeroState, zero_checkpoint_problem
 from safeloop.config import TrainerConfig
 from safeloop.errors import DivergenceError
 from safeloop.findings import Reporter
@@ -51,6 +54,7 @@ from safeloop.log_step import LogOutcome, LogStep
 from safeloop.rollback import Rollback
 from safeloop.run_state import Progress, RunRecord, Stateful
 from safeloop.skips import SkipHandler
+from safeloop.zero import ZeroEngine
 
 __all__ = ["InPlaceRollback", "NOT_REPLAYED"]
 
@@ -126,15 +130,24 @@ class InPlaceRollback:
         log: LogStep,
         guard_state: Sequence[Stateful],
         after_rollback: Sequence[Any] = (),
+        zero: ZeroEngine | None = None,
     ) -> None:
         # FSDP: each process writes and reads its own shards of the module and the optimizer,
-        # through the root FSDP module under FSDP1 (its sharded state dict), the module under FSDP2
-        self.sharded = processes.distributed_type == DistributedType.FSDP
+        # through the root FSDP module under FSDP1 (its sharded state dict), the module under FSDP2;
+        # DeepSpeed: whole tensors, each process its share (ZeroState)
+        self.sharded = processes.distributed_type == DistributedType.FSDP or zero is not None
         fsdp1 = is_fsdp1(processes.trainer.strategy)
-        engine = ("fsdp1" if fsdp1 else "fsdp2") if self.sharded else None
-        self._engine_name = "FSDP1" if fsdp1 else "FSDP2"
-        sharded_module = processes.trainer.strategy.model if fsdp1 else module
-        problem = dcp_support_problem() if self.sharded else None
+        engine = None
+        shards: ShardedState | ZeroState | None = None
+        problem = None
+        if zero is not None:
+            engine, problem = "deepspeed", zero_checkpoint_problem(zero.engine)
+            shards = ZeroState(zero.engine, module, processes.process_index, processes.num_processes)
+        elif self.sharded:
+            engine, problem = ("fsdp1" if fsdp1 else "fsdp2"), dcp_support_problem()
+            shards = ShardedState(processes.trainer.strategy.model if fsdp1 else module, optimizer)
+        self._zero_state = zero is not None
+        self._engine_name = "DeepSpeed" if zero is not None else "FSDP1" if fsdp1 else "FSDP2"
         # with checkpoint_dir and a torch that cannot write shards: ConfigError; without, a note
         manager, note = build_manager(config, processes, engine, problem)  # type: ignore[arg-type]
         if note is not None:
@@ -150,7 +163,7 @@ class InPlaceRollback:
             rank_state=_NoRankState(),
             progress=progress,
             reporter=reporter,
-            shards=ShardedState(sharded_module, optimizer) if self.sharded else None,
+            shards=shards,
             shard_engine=engine,
         )  # fmt: skip
         self._data = _DataNotReplayed()
@@ -235,7 +248,15 @@ class InPlaceRollback:
         """
         target = self.checkpoints.rollback_target(divergence.start_step)
         lasting = None if target is None else self.checkpoints.lasting_path_of(target)
-        if lasting is not None and self.sharded:
+        if lasting is not None and self._zero_state:
+            then = (
+                f"The newest healthy checkpoint before it is {lasting} (step {target}): its "
+                "shards/ folder holds the module's and optimizer's whole tensors as safetensors, each "
+                "process's share in its own `whole-*.safetensors` (DeepSpeed); start a new fit from it, "
+                "at a lower learning rate: the `model.*` tensors of every file "
+                "(`safetensors.torch.load_file`) are the module's `state_dict`, to load before `trainer.fit`."
+            )
+        elif lasting is not None and self.sharded:
             then = (
                 f"The newest healthy checkpoint before it is {lasting} (step {target}): its "
                 "shards/ folder holds each process's safetensors shards of the module and optimizer "

@@ -30,6 +30,7 @@ from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.divergence import SpikeDetector
 from safeloop.hooks import CallbackList
+from safeloop.lightning.deepspeed import ZeroStepGate, zero_of
 from safeloop.lightning.first_batch import FirstBatchChecks
 from safeloop.lightning.noise import lightning_batch_advice, noise_setting
 from safeloop.lightning.optimization_checks import ClippingAwareReporter, OptimizationChecks
@@ -89,6 +90,8 @@ class FitSession:
             explain=lambda finding: lightning_batch_advice(checks.explain(finding)),
         )  # fmt: skip
         prepared = trainer.strategy.model
+        # DeepSpeed: SafeTrainer's engine wrapper, whose partitions the components read
+        zero = self.zero = zero_of(trainer, pl_module)
         self.diagnostics: Diagnostics | None = None
         self.first: FirstBatchChecks | None = None
         if config.diagnostics:
@@ -96,14 +99,16 @@ class FitSession:
             self.diagnostics = Diagnostics(
                 processes, prepared, optimizer, self.reporter, log_every=config.log_every,  # type: ignore[arg-type]
                 custom_step=True, noise_scale=noise_setting(config.gradient_noise_scale, processes),
+                zero=zero,
             )  # fmt: skip
             self.first = FirstBatchChecks(
                 pl_module, prepared, optimizer, processes, self.reporter,
                 checked_loss_fn=self.diagnostics.checked_loss_fn,
                 zero_gradients_found=self.diagnostics.zero_gradients_found,
                 gradient_reach=self.diagnostics.layout.gradient_reach,
+                reach_hooks=self.diagnostics.layout.reach_hooks,
             )  # fmt: skip
-        self.gate = StepGate(optimizer, processes.scaler)
+        self.gate = StepGate(optimizer, processes.scaler) if zero is None else ZeroStepGate(zero)
         policy = DivergencePolicy(config, self.progress, self.reporter, rollback_enabled=config.rollback)
         skips = SkipHandler(
             policy=config.nan_guard,
@@ -130,7 +135,8 @@ class FitSession:
         self.steps = GuardedSteps(
             config, processes, pl_module, optimizer, self.gate, progress=self.progress,
             reporter=self.reporter, skips=skips, metrics=metrics, log=log, diagnostics=self.diagnostics,
-            adaptive=adaptive, automatic=bool(pl_module.automatic_optimization),
+            adaptive=adaptive, automatic=bool(pl_module.automatic_optimization), zero=zero,
+            reached=lambda: None if self.first is None else self.first.reached,
         )  # fmt: skip
         schedulers = trainer.lr_scheduler_configs  # at most one with rollback (compat.py)
         self.rollbacks = InPlaceRollback(
@@ -140,6 +146,7 @@ class FitSession:
                 self.steps, NamedState("spike_detector", spikes), NamedState("adaptive_clip", adaptive),
             ],
             after_rollback=[self.steps],
+            zero=zero,
         )  # fmt: skip
         self.skips = skips
         self._started = time.perf_counter()
@@ -165,6 +172,8 @@ class FitSession:
         Raises:
             NonFiniteError: under ``nan_guard="raise"``, before any update of a non-finite step.
         """
+        if self.zero is not None and not self.zero.engine.is_gradient_accumulation_boundary():
+            return  # a micro-batch inside DeepSpeed's window: its step comes at the window's end
         # a second step in one training_step (manual optimization): the first one ends here, and a
         # divergence it finds waits for the batch's end (this step's gradients are computed)
         self.rollbacks.step_ended(self.steps.finish(), in_step=True)

@@ -40,6 +40,7 @@ from safeloop.findings import Reporter
 from safeloop.guards.adaptive_clip import AdaptiveClip
 from safeloop.guards.clipping import GradNorms, measure_and_clip
 from safeloop.guards.nonfinite import finite_flag, true_overflow
+from safeloop.lightning.deepspeed import ZeroStepGate
 from safeloop.lightning.fsdp import Fsdp1Norms, is_fsdp1, measure_and_clip_sharded
 from safeloop.lightning.processes import LightningProcesses
 from safeloop.lightning.step_gate import StepGate
@@ -49,6 +50,7 @@ from safeloop.preflight import run_preflight
 from safeloop.progress import ProgressBar
 from safeloop.run_state import Progress
 from safeloop.skips import SkipHandler
+from safeloop.zero import ZeroEngine
 
 __all__ = ["GuardedSteps"]
 
@@ -89,6 +91,10 @@ class GuardedSteps:
         adaptive (`AdaptiveClip`, *optional*): ZClip's adaptive clipping.
         automatic (`bool`): automatic optimization (Lightning divides each micro-batch's loss by
             ``accumulate_grad_batches`` before ``on_before_backward``; it is multiplied back).
+        zero (`ZeroEngine`, *optional*): DeepSpeed's engine: the step is measured on its
+            partitions (the finite flag agreed with the norm) and its ``step`` gated (``gate``).
+        reached (`Callable`, *optional*): the parameters the first backward reached (DeepSpeed
+            ZeRO's gradient hooks), for the first step's all-zero weight check.
 
     Attributes:
         preflight_done (`bool`): the first step's all-zero weight check has run.
@@ -100,7 +106,7 @@ class GuardedSteps:
         processes: LightningProcesses,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        gate: StepGate,
+        gate: StepGate | ZeroStepGate,
         *,
         progress: Progress,
         reporter: Reporter,
@@ -110,6 +116,8 @@ class GuardedSteps:
         diagnostics: Diagnostics | None,
         adaptive: AdaptiveClip | None,
         automatic: bool,
+        zero: ZeroEngine | None = None,
+        reached: Callable[[], set[str] | None] = lambda: None,
     ) -> None:
         self.config = config
         self.processes = processes
@@ -123,6 +131,8 @@ class GuardedSteps:
         self.log = log
         self.diagnostics = diagnostics
         self.adaptive = adaptive
+        self._zero = zero
+        self._reached = reached
         self.guarded = config.nan_guard != "off"
         self.preflight_done = False
         self._loss_factor = processes.gradient_accumulation_steps if automatic else 1
@@ -189,7 +199,11 @@ class GuardedSteps:
             if is_fsdp1(self.processes.trainer.strategy):
                 self._measure = Fsdp1Norms(self.processes.trainer.strategy.model, params)
         config = self.config
-        norms = self._measure(params, max_norm=config.clip_grad_norm, max_value=config.clip_grad_value)
+        agreed = None
+        if self._zero is not None:  # DeepSpeed: its partitions, the flag agreed with the norm (no clipping)
+            norms, agreed = self._zero.measure(loss if self.guarded else None)
+        else:
+            norms = self._measure(params, max_norm=config.clip_grad_norm, max_value=config.clip_grad_value)
         scale = self.gate.gradient_scale()
         if scale is not None:  # fp16 with a fused optimizer: the gradients are still scaled
             per_param = None if norms.per_param is None else norms.per_param / scale
@@ -198,7 +212,9 @@ class GuardedSteps:
             self.adaptive.apply(params, norms.total)
         flag = overflow = None
         if self.guarded:
-            flag = agree_all_finite(self.processes, finite_flag(loss, norms.total))  # type: ignore[arg-type]
+            flag = agreed
+            if flag is None:
+                flag = agree_all_finite(self.processes, finite_flag(loss, norms.total))  # type: ignore[arg-type]
             # the scaler's own verdict, read before the guard's flag is merged into it
             overflow = true_overflow(self.gate.overflow(), loss)
             if config.nan_guard == "raise":
@@ -293,7 +309,7 @@ class GuardedSteps:
         self.preflight_done = True
         left_zero = run_preflight(
             self.model, self.processes, self.config, self.reporter,  # type: ignore[arg-type]
-            prepared=self.processes.trainer.strategy.model,
+            zero_engine=self._zero, reached=self._reached(), prepared=self.processes.trainer.strategy.model,
         )  # fmt: skip
         if self.diagnostics is not None and left_zero is not None:
             self.diagnostics.note_zero_at_start(left_zero)

@@ -192,19 +192,27 @@ def test_a_module_with_sparse_gradients_is_refused_naming_it_before_any_update()
 
 
 @pytest.mark.parametrize(
-    ("strategy", "options", "says"),
+    ("strategy", "options", "guards", "says"),
     [
         # FSDP1 with FlatParameters (the run with the module's own parameters is supported:
         # tests/distributed/test_lightning_fsdp1.py)
-        ("FSDPStrategy", {"use_orig_params": False}, ["FSDPStrategy with `use_orig_params=False`"]),
+        ("FSDPStrategy", {"use_orig_params": False}, {}, ["FSDPStrategy with `use_orig_params=False`"]),
+        # DeepSpeed clips inside its engine (guarded without the callback's clipping:
+        # tests/distributed/test_lightning_deepspeed.py)
         (
             "DeepSpeedStrategy",
             {},
-            ["the strategy is DeepSpeedStrategy", "inside its engine", "supports one device", "DDP"],
+            {"clip_grad_value": 0.5},
+            [
+                "`SafeLoopCallback(clip_grad_value=0.5)` under DeepSpeedStrategy",
+                "Fix: `Trainer(gradient_clip_val=...)`",
+            ],
         ),
     ],
 )
-def test_a_strategy_whose_gradients_the_callback_cannot_read_is_refused_naming_it(strategy, options, says):
+def test_a_strategy_whose_gradients_the_callback_cannot_reach_is_refused_naming_it(
+    strategy, options, guards, says
+):
     # both need a GPU to run under Lightning: the check is given the real strategy object
     from lightning.pytorch import strategies
 
@@ -218,12 +226,10 @@ def test_a_strategy_whose_gradients_the_callback_cannot_read_is_refused_naming_i
     )
     optimizers = [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)]
     with pytest.raises(ConfigError, match="SafeLoopCallback cannot guard this Trainer") as error:
-        check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)
+        check_trainer_setup(trainer, SafeLoopCallback(**guards).config, optimizers)
     for words in says:
         assert words in str(error.value)
-    # the sharded alternatives that are supported (tests/distributed/test_lightning_fsdp*.py)
-    assert "ModelParallelStrategy" in str(error.value)
-    for supported in (strategies.DDPStrategy(), strategies.FSDPStrategy()):
+    for supported in (strategies.DDPStrategy(), strategies.FSDPStrategy(), strategies.DeepSpeedStrategy()):
         trainer.strategy = supported
         check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)
 
