@@ -34,8 +34,6 @@ It prints a ``SKIP`` line and exits when DeepSpeed or Lightning is not installed
 """
 
 import hashlib
-import json
-import logging
 import os
 import sys
 import warnings
@@ -62,6 +60,14 @@ from safeloop import ConfigError
 from safeloop.guards.reinit import initial_values
 from safeloop.lightning import SafeLoopCallback
 from tests.helpers.lightning_models import RecordingLogger, batches
+from tests.helpers.lightning_ranks import (
+    INFO,
+    callback_record,
+    leave_group,
+    logged_grad_norms,
+    same,
+    write_result,
+)
 from tests.helpers.models import classification_data
 
 warnings.filterwarnings("ignore")
@@ -146,10 +152,6 @@ def whole_state(module: pl.LightningModule) -> list[torch.Tensor]:
     return state
 
 
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
 class Watch(pl.Callback):
     """Placed after SafeLoopCallback: sees each hook once the callback's work in it is done."""
 
@@ -198,22 +200,6 @@ class Watch(pl.Callback):
                     "lr": trainer.optimizers[0].param_groups[0]["lr"],
                 }
             )
-
-
-class InfoLines(logging.Handler):
-    """Keeps safeloop's INFO lines."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-INFO = InfoLines()
-logging.getLogger("safeloop").addHandler(INFO)
-logging.getLogger("safeloop").setLevel(logging.INFO)
 
 
 def loader(name: str) -> torch.utils.data.DataLoader:
@@ -268,12 +254,6 @@ def fit(name: str, out_dir: Path) -> None:
         for tensor in whole_state(module)[: len(list(module.parameters()))]:
             sha.update(tensor.numpy().tobytes())
         digest = sha.hexdigest()
-    result = None if callback is None else callback.result
-    logged: dict = {}
-    for step, metrics in logger.logged:
-        for key, value in metrics.items():
-            if key.startswith("safeloop/grad_norm/"):
-                logged.setdefault(str(step), {})[key[len("safeloop/grad_norm/") :]] = value
     record.update(
         digest=digest,
         steps=trainer.global_step,
@@ -281,18 +261,11 @@ def fit(name: str, out_dir: Path) -> None:
         first_step=watch.first_step,
         restored=watch.restored,
         grad_norms={str(k): v for k, v in watch.grad_norms.items()},
-        logged_grad_norms=logged,
-        skipped=None if result is None else result.skipped_steps,
-        events=[] if callback is None else [[e.kind, e.step] for e in callback.events],
-        reinit=[] if callback is None else [e.detail for e in callback.events if e.kind == "reinit"],
-        rollbacks=[] if callback is None else [e.detail for e in callback.events if e.kind == "rollback"],
-        findings=[] if callback is None else sorted([f.code, list(f.params)] for f in callback.findings),
-        losses=[] if result is None else [entry["loss"] for entry in result.history],
+        logged_grad_norms=logged_grad_norms(logger.logged),
         info=list(INFO.lines),
+        **callback_record(callback),
     )
-    # one write per line (print writes the newline apart): the ranks share torchrun's stdout
-    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
-    sys.stdout.flush()
+    write_result(record)
 
 
 def main() -> None:
@@ -305,10 +278,7 @@ def main() -> None:
     ]
     for name in os.environ.get("FITS", ",".join(fits)).split(","):
         fit(name, out_dir)
-    if torch.distributed.is_initialized():
-        # every rank leaves the group together: gloo's threads can abort a process at exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_group()
 
 
 if __name__ == "__main__":

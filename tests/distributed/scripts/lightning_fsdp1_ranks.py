@@ -35,7 +35,6 @@ it reads on GPUs.
 
 import hashlib
 import json
-import logging
 import os
 import sys
 import warnings
@@ -63,6 +62,14 @@ from safeloop.checkpoint.sharded import SHARD_DIR, shard_file_name
 from safeloop.guards.reinit import initial_values
 from safeloop.lightning import SafeLoopCallback
 from tests.helpers.lightning_models import RecordingLogger, batches
+from tests.helpers.lightning_ranks import (
+    INFO,
+    callback_record,
+    leave_group,
+    logged_grad_norms,
+    same,
+    write_result,
+)
 from tests.helpers.models import classification_data
 
 warnings.filterwarnings("ignore")
@@ -151,10 +158,6 @@ def optimizer_locals(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     ]
 
 
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
 def clean(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "")
 
@@ -241,22 +244,6 @@ def file_matches(path: Path, whole: dict[str, torch.Tensor]) -> bool:
     return checked > 0
 
 
-class InfoLines(logging.Handler):
-    """Keeps safeloop's INFO lines."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-INFO = InfoLines()
-logging.getLogger("safeloop").addHandler(INFO)
-logging.getLogger("safeloop").setLevel(logging.INFO)
-
-
 def loader(name: str) -> torch.utils.data.DataLoader:
     """This process's batches (every other row, in order); a reference's lack batch 2 (step 3)."""
     inputs, targets = classification_data(n=960 if name == "rollback" else 96).tensors
@@ -303,31 +290,17 @@ def fit(name: str, out_dir: Path) -> None:
     sha = hashlib.sha256()
     for param in module.parameters():
         sha.update(local(param).numpy().tobytes())
-    result = None if callback is None else callback.result
-    logged: dict = {}
-    for step, metrics in logger.logged:
-        for key, value in metrics.items():
-            if key.startswith("safeloop/grad_norm/"):
-                logged.setdefault(str(step), {})[key[len("safeloop/grad_norm/") :]] = value
     record.update(
         digest=sha.hexdigest(),
         unchanged=watch.unchanged,
         restored=watch.restored,
         first_step=watch.first_step,
-        reinit=[] if callback is None else [e.detail for e in callback.events if e.kind == "reinit"],
         grad_norms={str(k): v for k, v in watch.grad_norms.items()},
-        logged_grad_norms=logged,
-        skipped=None if result is None else result.skipped_steps,
-        events=[] if callback is None else [[e.kind, e.step] for e in callback.events],
-        rollbacks=[] if callback is None else [e.detail for e in callback.events if e.kind == "rollback"],
-        findings=[] if callback is None else sorted([f.code, list(f.params)] for f in callback.findings),
-        losses=[] if result is None else [entry["loss"] for entry in result.history],
-        global_norms=[] if result is None else [entry["grad_norm"] for entry in result.history],
+        logged_grad_norms=logged_grad_norms(logger.logged),
         info=list(INFO.lines),
+        **callback_record(callback),
     )
-    # one write per line (print writes the newline apart): the ranks share torchrun's stdout
-    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
-    sys.stdout.flush()
+    write_result(record)
 
 
 def main() -> None:
@@ -335,10 +308,7 @@ def main() -> None:
     out_dir = Path(sys.argv[1])
     for name in os.environ.get("FITS", "nan,reference,nan-manual,zero,rollback,orig-false").split(","):
         fit(name, out_dir)
-    if torch.distributed.is_initialized():
-        # every rank leaves the group together: gloo's threads can abort a process at exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_group()
 
 
 if __name__ == "__main__":

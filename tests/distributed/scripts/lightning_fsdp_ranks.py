@@ -31,8 +31,6 @@ itself in ``configure_model``, so each process holds half the rows of every para
 """
 
 import hashlib
-import json
-import logging
 import os
 import sys
 import warnings
@@ -61,6 +59,14 @@ from safeloop.diagnostics.noise_probe_fsdp import MeasuredReduceScatter, _comms,
 from safeloop.guards.reinit import initial_values
 from safeloop.lightning import SafeLoopCallback
 from tests.helpers.lightning_models import RecordingLogger, Regression, batches, noise_record
+from tests.helpers.lightning_ranks import (
+    INFO,
+    callback_record,
+    leave_group,
+    logged_grad_norms,
+    same,
+    write_result,
+)
 from tests.helpers.models import classification_data, noisy_regression
 
 warnings.filterwarnings("ignore")
@@ -157,10 +163,6 @@ def optimizer_locals(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
                 if isinstance(value, torch.Tensor):
                     out.append(local(value))
     return out
-
-
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 class Watch(pl.Callback):
@@ -265,23 +267,6 @@ MAX_STEPS = {
 }
 
 
-class Unmeasured(logging.Handler):
-    """Keeps safeloop's "noise scale not measured" INFO lines."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "noise scale not measured" in record.getMessage():
-            self.lines.append(record.getMessage())
-
-
-UNMEASURED = Unmeasured()
-logging.getLogger("safeloop").addHandler(UNMEASURED)
-logging.getLogger("safeloop").setLevel(logging.INFO)
-
-
 class ShardedRegression(Regression):
     """``Regression`` with its ``Linear`` and the module ``fully_shard``-ed."""
 
@@ -294,7 +279,7 @@ class ShardedRegression(Regression):
 def noise_fit(steps: int = 600) -> None:
     dataset, model, true = noisy_regression(n=65536)
     callback = SafeLoopCallback(summary=False, rollback=False)
-    UNMEASURED.lines.clear()
+    INFO.lines.clear()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -311,16 +296,18 @@ def noise_fit(steps: int = 600) -> None:
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)
     trainer.fit(ShardedRegression(model), loader)
-    record = {**noise_record("noise", RANK, true, callback.result), "unmeasured": list(UNMEASURED.lines)}
-    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
-    sys.stdout.flush()
+    record = {
+        **noise_record("noise", RANK, true, callback.result),
+        "unmeasured": INFO.about("noise scale not measured"),
+    }
+    write_result(record)
 
 
 def fit(name: str, out_dir: Path) -> None:
     if name == "noise":
         noise_fit()
         return
-    UNMEASURED.lines.clear()
+    INFO.lines.clear()
     guards: dict = {"log_every": 2, "summary": False}
     if name == "zero":
         guards["log_every"] = 1
@@ -366,36 +353,24 @@ def fit(name: str, out_dir: Path) -> None:
     for param in module.parameters():
         sha.update(local(param).numpy().tobytes())
     result = None if callback is None else callback.result
-    logged = {}
-    for step, metrics in logger.logged:
-        for key, value in metrics.items():
-            if key.startswith("safeloop/grad_norm/"):
-                logged.setdefault(str(step), {})[key[len("safeloop/grad_norm/") :]] = value
     record.update(
         digest=sha.hexdigest(),
         unchanged=watch.unchanged,
         first_step=watch.first_step,
         restored=watch.restored,
         grad_norms={str(k): v for k, v in watch.grad_norms.items()},
-        logged_grad_norms=logged,
-        skipped=None if result is None else result.skipped_steps,
-        events=[] if callback is None else [[e.kind, e.step] for e in callback.events],
-        reinit=[] if callback is None else [e.detail for e in callback.events if e.kind == "reinit"],
-        rollbacks=[] if callback is None else [e.detail for e in callback.events if e.kind == "rollback"],
-        findings=[] if callback is None else sorted([f.code, list(f.params)] for f in callback.findings),
-        losses=[] if result is None else [entry["loss"] for entry in result.history],
+        logged_grad_norms=logged_grad_norms(logger.logged),
         noise=None
         if result is None or result.gradient_noise_scale is None
         else result.gradient_noise_scale.value,
+        **callback_record(callback),
         # every FSDP module's reduce-scatter goes through the measuring comm (the noise scale's)
         measuring_comm=[
             isinstance(comm, MeasuredReduceScatter) for m in fsdp2_modules(module) for comm in _comms(m)
         ],
-        unmeasured=list(UNMEASURED.lines),
+        unmeasured=INFO.about("noise scale not measured"),
     )
-    # one write per line (print writes the newline apart): the ranks share torchrun's stdout
-    sys.stdout.write("RESULT " + json.dumps(record) + "\n")
-    sys.stdout.flush()
+    write_result(record)
 
 
 def main() -> None:
@@ -406,10 +381,7 @@ def main() -> None:
         "nan,reference,nan-manual,reference-manual,nan-accumulate,reference-accumulate,zero,rollback,rollback-end,tensor-parallel,not-sharded,noise",
     ).split(","):
         fit(name, out_dir)
-    if torch.distributed.is_initialized():
-        # every rank leaves the group together: gloo's threads can abort a process at exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_group()
 
 
 if __name__ == "__main__":
