@@ -209,6 +209,8 @@ def _zero_check_off(accelerator: Accelerator, model: torch.nn.Module) -> str | N
         DTensor = None
     if DTensor is not None and all(isinstance(p, DTensor) for p in model.parameters()):
         return None
+    if DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+        return "under FSDP2 some parameters are DTensor shards and some are not (not `fully_shard`-ed)."
     if any(isinstance(p, _FLAT) for p in model.parameters()):
         # a FlatParameter holds many parameters: its zeros name none of them
         return (

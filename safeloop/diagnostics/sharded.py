@@ -49,6 +49,8 @@ __all__ = ["ShardLayout", "shard_layout", "unwrapped_name"]
 # the attribute under which FSDP1 holds the module it wraps: it stays in the parameter names of
 # modules wrapped inside the root (auto-wrap), which `unwrap_model` does not strip
 _FSDP1_PREFIX = "_fsdp_wrapped_module."
+# activation checkpointing's wrapper (FSDP1 under Lightning's `activation_checkpointing_policy`)
+_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 _OFF = (
     "per-parameter gradient norms, update ratios, weight health and the first-batch gradient-reach "
@@ -147,13 +149,15 @@ def _shard_count(param: torch.nn.Parameter) -> int:
 
 
 def unwrapped_name(name: str) -> str:
-    """``name`` without FSDP1's wrapper attributes: the name the unwrapped model gives the parameter.
+    """``name`` without FSDP1's and activation checkpointing's wrapper attributes: the model's own name.
 
     Example:
         >>> unwrapped_name("0._fsdp_wrapped_module.weight")
         '0.weight'
+        >>> unwrapped_name("0._fsdp_wrapped_module._checkpoint_wrapped_module.weight")
+        '0.weight'
     """
-    return name.replace(_FSDP1_PREFIX, "")
+    return name.replace(_FSDP1_PREFIX, "").replace(_CHECKPOINT_PREFIX, "")
 
 
 def _fsdp1_layout(params: list[torch.nn.Parameter], model: torch.nn.Module | None) -> ShardLayout:

@@ -113,10 +113,13 @@ class FlatSlices:
 
     partitioned = True
 
-    def __init__(self, slices: dict[int, _Slice], *, sharded: bool, group: Any) -> None:
+    def __init__(
+        self, slices: dict[int, _Slice], *, sharded: bool, group: Any, device: torch.device | None = None
+    ) -> None:
         self._slices = slices
         self._sharded = sharded
         self._group = group
+        self._device = device  # the collective's (with CPU offload the slices are on the CPU)
 
     def find_zero_params(
         self, named_params: Sequence[tuple[str, torch.nn.Parameter]], reached: set[str] | None = None
@@ -139,7 +142,7 @@ class FlatSlices:
         ]
         if not candidates:
             return []
-        device = candidates[0][1].device
+        device = self._device or candidates[0][1].device
         # per parameter: this slice holds a nonzero value, its gradient's squares, it has a gradient
         # (an empty slice counts as zero, with no gradient: another process holds the elements)
         stats = torch.stack(
@@ -210,4 +213,5 @@ def flat_slices(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) ->
     if len({unit.sharded for unit in units}) > 1:
         return "some FSDP1 units shard their parameters and some (`NO_SHARD`) do not"
     sharded = bool(units) and units[0].sharded
-    return FlatSlices(slices, sharded=sharded, group=units[0].group if units else None)
+    device = getattr(model, "compute_device", None)  # FSDP1's: where its own collectives run
+    return FlatSlices(slices, sharded=sharded, group=units[0].group if units else None, device=device)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from safeloop.errors import ConfigError
 from safeloop.guards.clipping import GradNorms, measure_and_clip, shard_grad_norms
 
 try:
@@ -117,7 +118,14 @@ def fsdp1_problems(strategy: Any) -> list[str]:
         `list[str]`: one sentence per problem, each with its fix; empty when supported.
     """
     if strategy.kwargs.get("use_orig_params", True):
-        return []
+        problem = fsdp1_internals_problem(strategy.model)
+        if problem is None:
+            return []
+        return [
+            f"the strategy is FSDPStrategy, but {problem} (read as torch 2.13 has them), so the "
+            "gradient norms cannot be computed as FSDP1 computes them. Fix: torch 2.13, FSDP2 through "
+            "`ModelParallelStrategy`, or remove SafeLoopCallback for this run."
+        ]
     return [
         "the strategy is FSDPStrategy with `use_orig_params=False`: FSDP1 then replaces each "
         "wrapped module's parameters by one FlatParameter, so the module's own parameters, whose "
@@ -208,29 +216,42 @@ class Fsdp1Norms:
     and under Lightning's manual optimization ``training_step`` (and the ``opt.step()`` in it) is
     that forward. So the norm is computed here the way FSDP1 computes it, bitwise: each gradient
     slice's float32 norm; the norm of those over the parameters of sharded units, in FSDP1's
-    order (its handles, then each handle's parameters), raised to the square and all-reduced over
-    the root's shard group; plus the square of the same over the rest (``NO_SHARD`` units,
-    parameters FSDP1 does not manage), which every process holds whole. Every unit ``NO_SHARD``:
-    torch's own ``clip_grad_norm_``, as FSDP1 does. The clip multiplies by the same clamped
-    coefficient (``clip_grads_with_norm_``).
+    order (its handles, then each handle's parameters), on the root's compute device (with CPU
+    offload the slices are on the CPU), raised to the square and all-reduced over the root's
+    shard group; plus the square of the same over the rest (``NO_SHARD`` units, parameters FSDP1
+    does not manage), which every process holds whole. Every unit ``NO_SHARD``: torch's own
+    ``clip_grad_norm_``, as FSDP1 does. The clip multiplies each gradient by the same clamped
+    coefficient, cast to the gradient's dtype and device first, as FSDP1 does.
 
     Args:
         root (`FullyShardedDataParallel`): the root FSDP module (``trainer.strategy.model``).
         params (`Sequence[torch.nn.Parameter]`): the module's parameters (flat slices), in the
             order the norms are returned in.
+
+    Raises:
+        ConfigError: this torch's FSDP1 does not say which parameters its units hold, or over
+            which group (``fsdp1_problems`` refuses such a fit at ``on_fit_start`` already).
     """
 
     def __init__(self, root: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
-        self.group = getattr(root, "process_group", None)
+        problem = fsdp1_internals_problem(root)
+        if problem is None and not getattr(root, "_all_handles", None):  # listed by the first forward
+            problem = (
+                "this torch's FSDP1 root does not list its units (`_all_handles`) after the first forward"
+            )
+        if problem is not None:
+            raise ConfigError(f"SafeLoopCallback cannot measure this FSDP1 fit: {problem}.")
+        self.group = root.process_group
+        self.device = getattr(root, "compute_device", None) or params[0].device
         position = {id(p): i for i, p in enumerate(params)}
         seen: set[int] = set()
         sharded: list[int] = []
         whole: list[int] = []
         # `_all_handles`, `uses_sharded_strategy` and `flat_param._params` are torch's FSDP1
         # internals (read in torch 2.13), the order its own clip_grad_norm_ sums in
-        for handle in getattr(root, "_all_handles", ()):
+        for handle in root._all_handles:  # type: ignore[union-attr]
             into = sharded if handle.uses_sharded_strategy else whole
-            for param in getattr(handle.flat_param, "_params", None) or ():
+            for param in handle.flat_param._params:
                 i = position.get(id(param))
                 if i is not None and i not in seen:
                     seen.add(i)
@@ -249,14 +270,13 @@ class Fsdp1Norms:
             max_value (`float`, *optional*): clamp for every gradient element.
 
         Returns:
-            `GradNorms`: the norms before clipping: the global one (the same on every process), and
-            those of this process's slices (0.0 for an empty slice), whose squares the log step
-            sums over processes.
+            `GradNorms`: the norms before clipping, on the compute device: the global one (the
+            same on every process), and those of this process's slices (0.0 for an empty slice),
+            whose squares the log step sums over processes.
         """
         if not self.sharded:  # every unit NO_SHARD: whole gradients, torch's clip (as FSDP1's)
             return measure_and_clip(params, max_norm=max_norm, max_value=max_value)
-        device = params[0].device
-        zero = torch.zeros((), device=device)
+        zero = torch.zeros((), device=self.device)
         norms = [
             None if p.grad is None else torch.linalg.vector_norm(p.grad.detach(), 2.0, dtype=torch.float32)
             for p in params
@@ -268,11 +288,41 @@ class Fsdp1Norms:
             squared = squared + _norm_of(norms, self.whole, zero) ** 2.0  # whole on every process
         total = squared ** (1.0 / 2.0)
         if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(list(params), max_norm, total)
+            coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for param in params:
+                if param.grad is not None:
+                    param.grad.detach().mul_(coefficient.to(param.grad.device, param.grad.dtype))
         if max_value is not None:
             torch.nn.utils.clip_grad_value_(list(params), max_value)
-        per_param = torch.stack([zero if n is None else n.to(device) for n in norms])
+        per_param = torch.stack([zero if n is None else n.to(self.device) for n in norms])
         return GradNorms(total=total, per_param=per_param)
+
+
+def fsdp1_internals_problem(root: torch.nn.Module) -> str | None:
+    """Why this torch's FSDP1 cannot be read as :class:`Fsdp1Norms` reads it, or None.
+
+    Checked at ``on_fit_start``, before FSDP1's lazy init lists the root's units (the first
+    forward): each unit's handle must say which parameters it holds and whether it shards them.
+
+    Args:
+        root (`FullyShardedDataParallel`): the root FSDP module.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if getattr(root, "process_group", None) is None:
+        return "this torch's FSDP1 root does not say over which process group it shards"
+    for module in FullyShardedDataParallel.fsdp_modules(root):
+        handle = getattr(module, "_handle", None)
+        if handle is None:  # a unit that holds no parameters of its own
+            continue
+        flat = getattr(handle, "flat_param", None)
+        if (
+            flat is None
+            or getattr(flat, "_params", None) is None
+            or not hasattr(handle, "uses_sharded_strategy")
+        ):
+            return "this torch's FSDP1 units do not say which parameters they hold (`flat_param._params`)"
+    return None
 
 
 def _norm_of(norms: list[torch.Tensor | None], indices: list[int], zero: torch.Tensor) -> torch.Tensor:

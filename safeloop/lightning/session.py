@@ -32,6 +32,7 @@ from safeloop.guards.divergence import SpikeDetector
 from safeloop.hooks import CallbackList
 from safeloop.lightning.deepspeed import ZeroStepGate, zero_of
 from safeloop.lightning.first_batch import FirstBatchChecks
+from safeloop.lightning.fsdp import is_fsdp1
 from safeloop.lightning.noise import lightning_batch_advice, noise_setting
 from safeloop.lightning.optimization_checks import ClippingAwareReporter, OptimizationChecks
 from safeloop.lightning.processes import LightningProcesses
@@ -105,7 +106,9 @@ class FitSession:
                 pl_module, prepared, optimizer, processes, self.reporter,
                 checked_loss_fn=self.diagnostics.checked_loss_fn,
                 zero_gradients_found=self.diagnostics.zero_gradients_found,
-                gradient_reach=self.diagnostics.layout.gradient_reach,
+                # FSDP1's empty slices and DeepSpeed's partitions leave `.grad` None where a
+                # gradient came (ZeRO's reach is read from hooks instead)
+                gradient_reach=not (is_fsdp1(trainer.strategy) or zero is not None),
                 reach_hooks=self.diagnostics.layout.reach_hooks,
             )  # fmt: skip
         self.gate = StepGate(optimizer, processes.scaler) if zero is None else ZeroStepGate(zero)

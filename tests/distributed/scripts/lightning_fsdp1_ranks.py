@@ -18,6 +18,8 @@ it reads on GPUs.
   the final slices. ``reference``: the same fit without the callback and without the batch of
   step 3, clipped by FSDP1 itself (the root's ``clip_grad_norm_(0.05)`` in
   ``on_before_optimizer_step``): its digest must be the guarded fit's.
+- ``nan-bf16``, ``reference-bf16``: ``nan`` and ``reference`` with ``precision="bf16-true"`` (bf16
+  parameters and gradients: FSDP1 casts its clip coefficient to bf16 before multiplying).
 - ``nan-manual``: ``nan`` in manual optimization (``manual_backward``, ``opt.step()``), where the
   root's ``clip_grad_norm_`` cannot run (``training_step`` is the root's forward): the same digest.
 - ``zero`` (``log_every=1``): ``mid.weight`` and ``mid.bias`` start all zeros (stuck: ReLU's
@@ -74,9 +76,9 @@ from tests.helpers.models import classification_data
 
 warnings.filterwarnings("ignore")
 RANK = int(os.environ.get("RANK", "0"))
-NAN_BATCH = {"nan": 2, "nan-manual": 2}  # rank 1's NaN loss: batch 2, optimizer step 3
+NAN_BATCH = {"nan": 2, "nan-manual": 2, "nan-bf16": 2}  # rank 1's NaN loss: batch 2, optimizer step 3
 POISON_AT = {"rollback": 25}  # rank 1's x1000 loss: found at the log step of 30
-MAX_STEPS = {"rollback": 30, "zero": 3, "reference": 5}
+MAX_STEPS = {"rollback": 30, "zero": 3, "reference": 5, "reference-bf16": 5}
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -261,7 +263,7 @@ def fit(name: str, out_dir: Path) -> None:
         guards["checkpoint_dir"] = str(out_dir / name)
     if name.startswith("nan"):
         guards["clip_grad_norm"] = 0.05  # the callback clips; the reference's FSDP1 clips itself
-    callback = None if name == "reference" else SafeLoopCallback(**guards)
+    callback = None if name.startswith("reference") else SafeLoopCallback(**guards)
     watch = Watch(callback)
     logger = RecordingLogger()
     trainer = pl.Trainer(
@@ -274,6 +276,7 @@ def fit(name: str, out_dir: Path) -> None:
         ),
         max_steps=MAX_STEPS.get(name, 6),
         max_epochs=-1,
+        precision="bf16-true" if name.endswith("bf16") else "32-true",
         logger=logger if name == "zero" else False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -289,7 +292,7 @@ def fit(name: str, out_dir: Path) -> None:
         record["error"] = str(error)
     sha = hashlib.sha256()
     for param in module.parameters():
-        sha.update(local(param).numpy().tobytes())
+        sha.update(local(param).view(torch.uint8).numpy().tobytes())  # the bytes, any dtype
     record.update(
         digest=sha.hexdigest(),
         unchanged=watch.unchanged,
@@ -306,7 +309,8 @@ def fit(name: str, out_dir: Path) -> None:
 def main() -> None:
     torch.set_num_threads(1)
     out_dir = Path(sys.argv[1])
-    for name in os.environ.get("FITS", "nan,reference,nan-manual,zero,rollback,orig-false").split(","):
+    fits = "nan,reference,nan-manual,nan-bf16,reference-bf16,zero,rollback,orig-false"
+    for name in os.environ.get("FITS", fits).split(","):
         fit(name, out_dir)
     leave_group()
 
