@@ -174,7 +174,7 @@ def _strategy_problems(trainer: Any, settings: Any) -> list[str]:
     if is_fsdp1(strategy):  # FSDP1 with the module's own parameters (use_orig_params=True)
         return fsdp1_problems(strategy)
     if is_deepspeed(strategy):  # the engine steps itself: SafeTrainer's ZeroEngine gates it
-        return deepspeed_problems(settings)
+        return deepspeed_problems(strategy, settings)
     # a subclass that compiles the step (XLA) is not DDP
     supported = type(strategy) is SingleDeviceStrategy or (
         isinstance(strategy, DDPStrategy) and name != "XLAStrategy"

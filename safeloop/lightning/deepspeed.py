@@ -62,16 +62,26 @@ def zero_of(trainer: Any, module: torch.nn.Module) -> ZeroEngine | None:
     return ZeroEngine(trainer.strategy.model, list(module.parameters()))
 
 
-def deepspeed_problems(settings: Any) -> list[str]:
+def deepspeed_problems(strategy: Any, settings: Any) -> list[str]:
     """What SafeLoopCallback cannot do under ``DeepSpeedStrategy`` with these settings.
 
     Args:
+        strategy (`DeepSpeedStrategy`): the trainer's strategy, its engine built.
         settings (`TrainerConfig`): the callback's settings.
 
     Returns:
         `list[str]`: one sentence per problem, each with its fix; empty when supported.
     """
     problems = []
+    managed = getattr(strategy.model, "managed_gradient_accumulation", None)
+    if callable(managed) and not managed():
+        problems.append(
+            "the DeepSpeed config sets `managed_gradient_accumulation: false`: DeepSpeed then reduces "
+            "the gradients inside its `step`, after `on_before_optimizer_step`, and says a window has "
+            "ended only while that step runs, so the callback sees neither the reduced gradients nor "
+            "the window's end. Fix: leave `managed_gradient_accumulation` at its default (true), or "
+            "remove SafeLoopCallback for this run."
+        )
     for name in ("clip_grad_norm", "clip_grad_value", "adaptive_clip"):
         value = getattr(settings, name)
         if value is not None:

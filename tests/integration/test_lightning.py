@@ -235,6 +235,27 @@ def test_a_strategy_whose_gradients_the_callback_cannot_reach_is_refused_naming_
         check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)
 
 
+@pytest.mark.parametrize("managed", [True, False])
+def test_deepspeed_without_managed_gradient_accumulation_is_refused(managed):
+    # unmanaged, DeepSpeed reduces inside its step, after the hook: nothing to measure or gate there
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from safeloop.lightning.compat import check_trainer_setup
+
+    strategy = DeepSpeedStrategy()
+    strategy.model = SimpleNamespace(managed_gradient_accumulation=lambda: managed)  # the engine's answer
+    trainer = SimpleNamespace(
+        strategy=strategy, gradient_clip_val=None, precision_plugin=object(), lightning_module=Classifier()
+    )
+    optimizers = [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)]
+    if managed:
+        check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)
+        return
+    with pytest.raises(ConfigError, match="`managed_gradient_accumulation: false`") as error:
+        check_trainer_setup(trainer, SafeLoopCallback().config, optimizers)
+    assert "Fix: leave `managed_gradient_accumulation` at its default (true)" in str(error.value)
+
+
 # -- the exact skip -----------------------------------------------------------------------------
 
 
