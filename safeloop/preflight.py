@@ -25,9 +25,6 @@ __all__ = ["check_zero_params", "run_preflight"]
 logger = logging.getLogger("safeloop")
 
 _METHOD_NAMES = {"xavier": "Xavier uniform", "normal": "a normal distribution"}
-# what `_zero_check_off` says of FSDP1 with the module's own parameters: the check runs on slices
-_FSDP1 = "fsdp1"
-
 try:
     from torch.distributed.fsdp import FlatParameter
 
@@ -171,18 +168,12 @@ def run_preflight(
     Returns:
         `set[str] | None`: the parameters left at zero; None when the check cannot run here.
     """
-    partitions: ZeroEngine | FlatSlices | None = zero_engine
-    reason = _zero_check_off(accelerator, model)
-    if reason == _FSDP1:
-        slices = None if prepared is None else flat_slices(prepared, list(model.parameters()))
-        if isinstance(slices, FlatSlices):
-            partitions, reason = slices, None
-        else:
-            reason = f"under FSDP1 {slices or 'the prepared model was not given'}."
-    if reason is not None:
+    fsdp = _fsdp_slices(accelerator, model, prepared)
+    if isinstance(fsdp, str):
         if accelerator.is_main_process:
-            logger.info("safeloop: the all-zero weight check is off: %s", reason)
+            logger.info("safeloop: the all-zero weight check is off: %s", fsdp)
         return None
+    partitions: ZeroEngine | FlatSlices | None = zero_engine if fsdp is None else fsdp
     events, findings, left_zero = check_zero_params(
         model,
         method=config.reinit_zero_params,
@@ -199,22 +190,35 @@ def run_preflight(
     return left_zero
 
 
-def _zero_check_off(accelerator: Accelerator, model: torch.nn.Module) -> str | None:
-    """Why the all-zero weight check cannot run on this run's parameters, or None when it can."""
+def _fsdp_slices(
+    accelerator: Accelerator, model: torch.nn.Module, prepared: torch.nn.Module | None
+) -> FlatSlices | str | None:
+    """FSDP1's slices to run the all-zero weight check through, or why it cannot run.
+
+    Returns:
+        `FlatSlices | str | None`: FSDP1 with the module's own parameters: their slices; a
+        sentence when the check cannot run; None where the parameters are read themselves
+        (unsharded, FSDP2's DTensors, DeepSpeed through its engine).
+    """
     if accelerator.distributed_type != DistributedType.FSDP:
         return None
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - a torch without distributed support has no FSDP
         DTensor = None
-    if DTensor is not None and all(isinstance(p, DTensor) for p in model.parameters()):
+    params = list(model.parameters())
+    dtensors = 0 if DTensor is None else sum(isinstance(p, DTensor) for p in params)
+    if dtensors == len(params):
         return None
-    if DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+    if dtensors:
         return "under FSDP2 some parameters are DTensor shards and some are not (not `fully_shard`-ed)."
-    if any(isinstance(p, _FLAT) for p in model.parameters()):
+    if any(isinstance(p, _FLAT) for p in params):
         # a FlatParameter holds many parameters: its zeros name none of them
         return (
             "under FSDP1 with `use_orig_params=False` the parameters are FlatParameters; "
             "`use_orig_params=True` or FSDP2 (`fsdp_version=2`) has it."
         )
-    return _FSDP1  # flat slices of the module's own parameters: read through FSDP1 (flat_slices.py)
+    if prepared is None:
+        return "under FSDP1 the prepared model, whose FlatParameters place the slices, was not given."
+    slices = flat_slices(prepared, params)  # flat slices of the module's own parameters
+    return slices if isinstance(slices, FlatSlices) else f"under FSDP1 {slices}."

@@ -34,11 +34,12 @@ from safeloop.findings import Reporter
 from safeloop.results import Event, Finding
 from safeloop.run_state import Progress, Stateful
 
-__all__ = ["Checkpointer", "NamedState", "build_manager"]
+__all__ = ["ENGINE_NAMES", "Checkpointer", "NamedState", "build_manager"]
 
 logger = logging.getLogger("safeloop")
 _NONE = -1
-_ENGINE_NAMES = {"fsdp2": "FSDP2", "fsdp1": "FSDP1", "deepspeed": "DeepSpeed"}
+# each sharding engine's name in messages (``sharded_engine`` gives the keys)
+ENGINE_NAMES = {"fsdp2": "FSDP2", "fsdp1": "FSDP1", "deepspeed": "DeepSpeed"}
 _SHARDED_VALUES = "optimizer_values"  # the part of state.json with a sharded optimizer's hyper-parameters
 
 
@@ -93,7 +94,7 @@ def build_manager(
     Raises:
         ConfigError: with ``checkpoint_dir`` when ``engine_problem`` says its state cannot be written.
     """
-    name = _ENGINE_NAMES.get(engine or "", engine)
+    name = ENGINE_NAMES.get(engine or "", engine)
     if config.checkpoint_dir is not None and engine_problem:
         raise ConfigError(
             f"`checkpoint_dir` is set under {name}, but {engine_problem}. Or leave "

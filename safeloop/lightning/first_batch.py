@@ -71,8 +71,8 @@ class FirstBatchChecks:
             exactly zero (``detached-params``), so that weight health does not also report the
             rows without gradient as dead units (``Diagnostics.zero_gradients_found``).
         gradient_reach (`bool`, *optional*, defaults to True): ``.grad is None`` means "no
-            gradient" on every process alike (``ShardLayout.gradient_reach``): not under FSDP1,
-            where a process whose slice of a parameter is empty holds no gradient for it.
+            gradient" on every process alike: not under FSDP1, where a process whose slice of a
+            parameter is empty holds no gradient for it, nor under DeepSpeed ZeRO.
         reach_hooks (`bool`, *optional*, defaults to False): ``.grad`` is never set, but gradient
             accumulation hooks fire for the parameters the backward reaches (DeepSpeed ZeRO,
             ``ShardLayout.reach_hooks``): the check reads them instead.

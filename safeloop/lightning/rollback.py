@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from safeloop.checkpoint.checkpointer import Checkpointer, build_manager
+from safeloop.checkpoint.checkpointer import ENGINE_NAMES, Checkpointer, build_manager
 from safeloop.checkpoint.sharded import ShardedState, dcp_support_problem
 from safeloop.checkpoint.zero_state import ZeroState, zero_checkpoint_problem
 from safeloop.config import TrainerConfig
@@ -146,8 +146,7 @@ class InPlaceRollback:
         elif self.sharded:
             engine, problem = ("fsdp1" if fsdp1 else "fsdp2"), dcp_support_problem()
             shards = ShardedState(processes.trainer.strategy.model if fsdp1 else module, optimizer)
-        self._zero_state = zero is not None
-        self._engine_name = "DeepSpeed" if zero is not None else "FSDP1" if fsdp1 else "FSDP2"
+        self._engine = engine
         # with checkpoint_dir and a torch that cannot write shards: ConfigError; without, a note
         manager, note = build_manager(config, processes, engine, problem)  # type: ignore[arg-type]
         if note is not None:
@@ -248,7 +247,7 @@ class InPlaceRollback:
         """
         target = self.checkpoints.rollback_target(divergence.start_step)
         lasting = None if target is None else self.checkpoints.lasting_path_of(target)
-        if lasting is not None and self._zero_state:
+        if lasting is not None and self._engine == "deepspeed":
             then = (
                 f"The newest healthy checkpoint before it is {lasting} (step {target}): its "
                 "shards/ folder holds the module's and optimizer's whole tensors as safetensors, each "
@@ -256,11 +255,11 @@ class InPlaceRollback:
                 "at a lower learning rate: the `model.*` tensors of every file "
                 "(`safetensors.torch.load_file`) are the module's `state_dict`, to load before `trainer.fit`."
             )
-        elif lasting is not None and self.sharded:
+        elif lasting is not None and self._engine is not None:
             then = (
                 f"The newest healthy checkpoint before it is {lasting} (step {target}): its "
                 "shards/ folder holds each process's safetensors shards of the module and optimizer "
-                f"({self._engine_name}); start a new fit from it, at a lower learning rate: "
+                f"({ENGINE_NAMES[self._engine]}); start a new fit from it, at a lower learning rate: "
                 "`torch.distributed.checkpoint.load(..., storage_reader=HuggingFaceStorageReader(...))` "
                 "into the sharded module on every process."
             )
